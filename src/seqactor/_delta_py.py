@@ -1,0 +1,370 @@
+"""Pure-Python twin of the compiled delta kernel (``_delta.pyx``): same API, same bytes.
+
+The kernel turns a user's view (columnar tables, see :mod:`seqactor._view`) straight into
+protobuf wire bytes of ``seqactor.v1.SequenceUpdate`` without building protobuf objects, and
+decodes such bytes back into plain Python data for the client.
+
+Wire layout written (field order = field number order, as the protobuf runtime writes):
+
+* ``conversations`` (1): one map entry per row: ``0a <len> [0a <klen> key] [12 <vlen> value]``;
+  ``value`` is a ``ConversationSequence`` whose fields equal to 0 are omitted;
+* ``sync_token`` (2) when non-empty, ``full`` (3) when true, ``removed`` (4) per id.
+
+Push masks (``FIELD_MAX``/``FIELD_READ``/``FIELD_MIN`` from :mod:`seqactor._view`) select which
+fields of a row a push carries; unselected fields are written as 0 = unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+_U64_MASK = (1 << 64) - 1
+
+# Result of decode_update: (conversations, sync_token, full, removed), where conversations maps
+# id -> (max_sequence, read_sequence, min_sequence, max_sequence_time_ms).
+DecodedUpdate = tuple[dict[str, tuple[int, int, int, int]], bytes, bool, list[str]]
+
+
+class DecodeError(ValueError):
+    """Bytes that are not a valid encoding of the expected protobuf message."""
+
+
+def _varint(value: int) -> bytes:
+    value &= _U64_MASK
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _put_varint(out: bytearray, value: int) -> None:
+    value &= _U64_MASK
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+class KeyTable:
+    """Interns conversation ids: id <-> small int, with the encoded map-entry key cached."""
+
+    __slots__ = ("_ids", "_keys", "_encoded")
+
+    def __init__(self) -> None:
+        self._ids: dict[str, int] = {}
+        self._keys: list[str] = []
+        self._encoded: list[bytes] = []  # b"\x0a" + varint(len) + utf-8 id
+
+    def intern(self, key: str) -> int:
+        idx = self._ids.get(key)
+        if idx is None:
+            raw = key.encode("utf-8")
+            idx = len(self._keys)
+            self._ids[key] = idx
+            self._keys.append(key)
+            self._encoded.append(b"\x0a" + _varint(len(raw)) + raw)
+        return idx
+
+    def lookup(self, key: str) -> int:
+        """Id of an already interned key, or -1."""
+        return self._ids.get(key, -1)
+
+    def key(self, idx: int) -> str:
+        return self._keys[idx]
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _put_entry(
+    out: bytearray, enc_key: bytes, max_seq: int, read_seq: int, min_seq: int, time_ms: int
+) -> None:
+    value = bytearray()
+    if max_seq:
+        value.append(0x08)
+        _put_varint(value, max_seq)
+    if read_seq:
+        value.append(0x10)
+        _put_varint(value, read_seq)
+    if min_seq:
+        value.append(0x18)
+        _put_varint(value, min_seq)
+    if time_ms:
+        value.append(0x20)
+        _put_varint(value, time_ms)
+    entry_len = len(enc_key) + 1 + len(_varint(len(value))) + len(value)
+    out.append(0x0A)
+    _put_varint(out, entry_len)
+    out += enc_key
+    out.append(0x12)
+    _put_varint(out, len(value))
+    out += value
+
+
+def _put_tail(out: bytearray, sync_token: bytes, full: bool, removed: Iterable[str]) -> None:
+    if sync_token:
+        out.append(0x12)
+        _put_varint(out, len(sync_token))
+        out += sync_token
+    if full:
+        out += b"\x18\x01"
+    for rid in removed:
+        raw = rid.encode("utf-8")
+        out.append(0x22)
+        _put_varint(out, len(raw))
+        out += raw
+
+
+def encode_snapshot(
+    keys: KeyTable, table: Any, sync_token: bytes = b"", full: bool = True,
+    removed: Sequence[str] = (),
+) -> bytes:
+    """Every row of ``table`` with all its fields."""
+    enc = keys._encoded
+    out = bytearray()
+    for k, mx, rd, mn, tm in zip(
+        table.keys, table.max_seq, table.read_seq, table.min_seq, table.time_ms, strict=True
+    ):
+        _put_entry(out, enc[k], mx, rd, mn, tm)
+    _put_tail(out, sync_token, full, removed)
+    return bytes(out)
+
+
+def encode_delta(
+    keys: KeyTable, table: Any, since: int, sync_token: bytes = b"",
+    removed: Sequence[str] = (),
+) -> bytes:
+    """Rows whose change position is after ``since``, with all their fields; ``full`` false."""
+    enc = keys._encoded
+    out = bytearray()
+    for k, mx, rd, mn, tm, ps in zip(
+        table.keys, table.max_seq, table.read_seq, table.min_seq, table.time_ms, table.pos,
+        strict=True,
+    ):
+        if ps > since:
+            _put_entry(out, enc[k], mx, rd, mn, tm)
+    _put_tail(out, sync_token, False, removed)
+    return bytes(out)
+
+
+def encode_rows(
+    keys: KeyTable, table: Any, rows: Sequence[int], masks: bytes | None = None,
+    sync_token: bytes = b"", full: bool = False, removed: Sequence[str] = (),
+) -> bytes:
+    """The listed rows; with ``masks`` (one byte per listed row) only the selected fields."""
+    enc = keys._encoded
+    kc, mxc, rdc, mnc, tmc = table.keys, table.max_seq, table.read_seq, table.min_seq, table.time_ms
+    out = bytearray()
+    for i, row in enumerate(rows):
+        if masks is None:
+            _put_entry(out, enc[kc[row]], mxc[row], rdc[row], mnc[row], tmc[row])
+        else:
+            m = masks[i]
+            _put_entry(
+                out, enc[kc[row]],
+                mxc[row] if m & 1 else 0,
+                rdc[row] if m & 2 else 0,
+                mnc[row] if m & 4 else 0,
+                tmc[row] if m & 1 else 0,
+            )
+    _put_tail(out, sync_token, full, removed)
+    return bytes(out)
+
+
+def encode_single(
+    keys: KeyTable, key_id: int, max_seq: int, read_seq: int, min_seq: int, time_ms: int,
+    sync_token: bytes = b"",
+) -> bytes:
+    """A one-conversation update (the hub's broadcast of a new max, encoded once)."""
+    out = bytearray()
+    _put_entry(out, keys._encoded[key_id], max_seq, read_seq, min_seq, time_ms)
+    _put_tail(out, sync_token, False, ())
+    return bytes(out)
+
+
+def frame_update(request_id: int, update: bytes) -> bytes:
+    """``ServerMessage{request_id, update}`` bytes around already encoded update bytes."""
+    out = bytearray()
+    if request_id:
+        out.append(0x08)
+        _put_varint(out, request_id)
+    out.append(0x1A)
+    _put_varint(out, len(update))
+    out += update
+    return bytes(out)
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def _get_varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
+    result = 0
+    shift = 0
+    while True:
+        if pos >= end:
+            raise DecodeError("truncated varint")
+        b = data[pos]
+        pos += 1
+        if shift == 63 and b > 1:
+            raise DecodeError("varint overflows 64 bits")
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise DecodeError("varint too long")
+
+
+def _skip(data: bytes, pos: int, end: int, wire: int) -> int:
+    if wire == 0:
+        return _get_varint(data, pos, end)[1]
+    if wire == 1:
+        pos += 8
+    elif wire == 2:
+        n, pos = _get_varint(data, pos, end)
+        pos += n
+    elif wire == 5:
+        pos += 4
+    else:
+        raise DecodeError(f"unsupported wire type {wire}")
+    if pos > end:
+        raise DecodeError("truncated field")
+    return pos
+
+
+def _get_len(data: bytes, pos: int, end: int) -> tuple[int, int]:
+    n, pos = _get_varint(data, pos, end)
+    if n > end - pos:
+        raise DecodeError("length-delimited field runs past the end")
+    return pos + n, pos
+
+
+def _get_str(data: bytes, start: int, stop: int) -> str:
+    try:
+        return data[start:stop].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DecodeError(f"invalid UTF-8 in string field: {exc}") from None
+
+
+def _signed64(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _decode_value(data: bytes, pos: int, end: int) -> tuple[int, int, int, int]:
+    mx = rd = mn = tm = 0
+    while pos < end:
+        tag, pos = _get_varint(data, pos, end)
+        field, wire = tag >> 3, tag & 7
+        if field == 0:
+            raise DecodeError("field number 0")
+        if wire == 0 and 1 <= field <= 4:
+            v, pos = _get_varint(data, pos, end)
+            if field == 1:
+                mx = v
+            elif field == 2:
+                rd = v
+            elif field == 3:
+                mn = v
+            else:
+                tm = _signed64(v)
+        elif 1 <= field <= 4:
+            raise DecodeError(f"wrong wire type {wire} for ConversationSequence field {field}")
+        else:
+            pos = _skip(data, pos, end, wire)
+    return mx, rd, mn, tm
+
+
+def _decode_entry(data: bytes, pos: int, end: int) -> tuple[str, tuple[int, int, int, int]]:
+    key = ""
+    value = (0, 0, 0, 0)
+    while pos < end:
+        tag, pos = _get_varint(data, pos, end)
+        field, wire = tag >> 3, tag & 7
+        if field == 0:
+            raise DecodeError("field number 0")
+        if field in (1, 2) and wire != 2:
+            raise DecodeError(f"wrong wire type {wire} for map entry field {field}")
+        if field == 1:
+            stop, start = _get_len(data, pos, end)
+            key = _get_str(data, start, stop)
+            pos = stop
+        elif field == 2:
+            stop, start = _get_len(data, pos, end)
+            value = _decode_value(data, start, stop)
+            pos = stop
+        else:
+            pos = _skip(data, pos, end, wire)
+    return key, value
+
+
+def decode_update(data: bytes) -> DecodedUpdate:
+    """Parse ``SequenceUpdate`` bytes. Raises :class:`DecodeError` on malformed input.
+
+    Later map entries with the same key replace earlier ones, as protobuf merges maps.
+    """
+    data = bytes(data)
+    conversations: dict[str, tuple[int, int, int, int]] = {}
+    token = b""
+    full = False
+    removed: list[str] = []
+    pos, end = 0, len(data)
+    while pos < end:
+        tag, pos = _get_varint(data, pos, end)
+        field, wire = tag >> 3, tag & 7
+        if field == 0:
+            raise DecodeError("field number 0")
+        if field in (1, 2, 4) and wire != 2 or field == 3 and wire != 0:
+            raise DecodeError(f"wrong wire type {wire} for SequenceUpdate field {field}")
+        if field == 1:
+            stop, start = _get_len(data, pos, end)
+            key, value = _decode_entry(data, start, stop)
+            conversations[key] = value
+            pos = stop
+        elif field == 2:
+            stop, start = _get_len(data, pos, end)
+            token = data[start:stop]
+            pos = stop
+        elif field == 3:
+            v, pos = _get_varint(data, pos, end)
+            full = v != 0
+        elif field == 4:
+            stop, start = _get_len(data, pos, end)
+            removed.append(_get_str(data, start, stop))
+            pos = stop
+        else:
+            pos = _skip(data, pos, end, wire)
+    return conversations, token, full, removed
+
+
+def split_server_message(data: bytes) -> tuple[int, int, bytes]:
+    """``ServerMessage`` bytes -> (request_id, body field number, body bytes).
+
+    Field number 0 with empty bytes means no body. The body is left for the caller to parse
+    (``decode_update`` for field 3, the protobuf runtime for the small ones).
+    """
+    data = bytes(data)
+    request_id = 0
+    body_field = 0
+    body = b""
+    pos, end = 0, len(data)
+    while pos < end:
+        tag, pos = _get_varint(data, pos, end)
+        field, wire = tag >> 3, tag & 7
+        if field == 0:
+            raise DecodeError("field number 0")
+        if field == 1:
+            if wire != 0:
+                raise DecodeError("wrong wire type for request_id")
+            request_id, pos = _get_varint(data, pos, end)
+        elif 2 <= field <= 8:
+            if wire != 2:
+                raise DecodeError(f"wrong wire type {wire} for ServerMessage field {field}")
+            stop, start = _get_len(data, pos, end)
+            body_field, body = field, data[start:stop]
+            pos = stop
+        else:
+            pos = _skip(data, pos, end, wire)
+    return request_id, body_field, body

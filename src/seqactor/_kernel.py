@@ -1,0 +1,54 @@
+"""The one place that picks the delta kernel: compiled ``_delta`` or pure-Python ``_delta_py``.
+
+``SEQACTOR_NO_EXTENSIONS=1`` forces the pure-Python twin. A failed import of the compiled
+module falls back with a warning. Everything else imports the kernel from here.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+NO_EXTENSIONS_ENV = "SEQACTOR_NO_EXTENSIONS"
+
+if os.environ.get(NO_EXTENSIONS_ENV) == "1":
+    from seqactor import _delta_py as _impl
+
+    COMPILED = False
+else:
+    try:
+        from seqactor import _delta as _impl  # type: ignore[attr-defined, no-redef, unused-ignore]
+
+        COMPILED = True
+    except ImportError as exc:  # pragma: no cover - depends on the build
+        warnings.warn(
+            f"seqactor: compiled kernel unavailable ({exc}); using the pure-Python fallback",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        from seqactor import _delta_py as _impl
+
+        COMPILED = False
+
+KeyTable = _impl.KeyTable
+DecodeError = _impl.DecodeError
+encode_snapshot = _impl.encode_snapshot
+encode_delta = _impl.encode_delta
+encode_rows = _impl.encode_rows
+encode_single = _impl.encode_single
+frame_update = _impl.frame_update
+decode_update = _impl.decode_update
+split_server_message = _impl.split_server_message
+
+__all__ = [
+    "COMPILED",
+    "DecodeError",
+    "KeyTable",
+    "decode_update",
+    "encode_delta",
+    "encode_rows",
+    "encode_single",
+    "encode_snapshot",
+    "frame_update",
+    "split_server_message",
+]

@@ -1,0 +1,1 @@
+"""Generated protobuf modules (built from proto/, never edited)."""

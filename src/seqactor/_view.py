@@ -1,0 +1,86 @@
+"""One user's view as columnar tables: the data the delta kernel encodes.
+
+Rows are stored in typed ``array.array`` columns (no per-entry Python objects besides the
+row index); conversation ids are interned once in a process-wide :class:`KeyTable` (from the
+kernel), so a group's id is one object however many members are online.
+Rows are removed by swapping the last row into the hole (order is not meaningful).
+"""
+
+from __future__ import annotations
+
+from array import array
+
+# Field masks for pushes: which fields of a row changed (0 in the frame = unchanged).
+FIELD_MAX = 1  # max_sequence and max_sequence_time_ms
+FIELD_READ = 2
+FIELD_MIN = 4
+FIELD_ALL = FIELD_MAX | FIELD_READ | FIELD_MIN
+
+
+class ViewTable:
+    """Columnar rows: key id, max, read, min, time (ms), change position."""
+
+    __slots__ = ("keys", "max_seq", "read_seq", "min_seq", "time_ms", "pos", "frozen", "_row")
+
+    def __init__(self) -> None:
+        self.keys = array("I")
+        self.max_seq = array("Q")
+        self.read_seq = array("Q")
+        self.min_seq = array("Q")
+        self.time_ms = array("q")
+        self.pos = array("Q")
+        self.frozen = bytearray()  # 1 = left with keep_history: ignores conversation changes
+        self._row: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def row_of(self, key_id: int) -> int:
+        """Row index of ``key_id``, or -1 when the conversation is not in the view."""
+        return self._row.get(key_id, -1)
+
+    def upsert(
+        self, key_id: int, max_seq: int, read_seq: int, min_seq: int, time_ms: int, pos: int,
+        frozen: bool = False,
+    ) -> int:
+        row = self._row.get(key_id, -1)
+        if row < 0:
+            row = len(self.keys)
+            self._row[key_id] = row
+            self.keys.append(key_id)
+            self.max_seq.append(max_seq)
+            self.read_seq.append(read_seq)
+            self.min_seq.append(min_seq)
+            self.time_ms.append(time_ms)
+            self.pos.append(pos)
+            self.frozen.append(1 if frozen else 0)
+            return row
+        self.max_seq[row] = max_seq
+        self.read_seq[row] = read_seq
+        self.min_seq[row] = min_seq
+        self.time_ms[row] = time_ms
+        self.pos[row] = pos
+        self.frozen[row] = 1 if frozen else 0
+        return row
+
+    def remove(self, key_id: int) -> int:
+        """Drop a row; returns the index of the row that moved into its place (or -1)."""
+        row = self._row.pop(key_id, -1)
+        if row < 0:
+            return -1
+        last = len(self.keys) - 1
+        moved = -1
+        if row != last:
+            moved_key = self.keys[last]
+            for col in (self.keys, self.max_seq, self.read_seq, self.min_seq, self.time_ms, self.pos):
+                col[row] = col[last]
+            self.frozen[row] = self.frozen[last]
+            self._row[moved_key] = row
+            moved = row
+        for col in (self.keys, self.max_seq, self.read_seq, self.min_seq, self.time_ms, self.pos):
+            col.pop()
+        self.frozen.pop()
+        return moved
+
+    def key_ids(self) -> list[int]:
+        return list(self.keys)

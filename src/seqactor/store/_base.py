@@ -1,0 +1,265 @@
+"""The store contract: what every backend (memory, SQLite, Redis) provides.
+
+The store is the durable truth behind every number seqactor serves (SPEC §1, §5):
+
+* **Positions.** Every committed operation that changes state takes the next *position*
+  (``store.position + 1``; a global, durable, gap-free counter). Operations that change
+  nothing (MarkRead at or below the current read, SetMin not raising, AddMembers of existing
+  members only, RemoveMembers of non-members) take no position, notify no listener, and return
+  ``changed=False`` with the current position.
+* **Epoch.** 16 random bytes made when the store is first created, never changed afterwards.
+  A sync token is (epoch, position): see :mod:`seqactor._token`.
+* **Listeners.** ``add_listener(fn)``: after each commit ``fn(change)`` is called synchronously,
+  once per change, in position order. The hub is the listener in the server.
+* **Durability.** An ``await`` of a write returns only after the change is committed (SQLite:
+  fsync'd, group commit). Reads (``load_view``, ``removed_since``, ``view_contains``,
+  ``conversation``) never see uncommitted state.
+
+Views (SPEC §1): a user's view = conversations they are a member of, plus those they left
+with ``keep_history`` (frozen: max, min and time fixed at the moment they left; later
+allocations and min changes do not touch the row; MarkRead still works, clamped to the frozen
+max). A row's change position is the position of the last change that altered any of its
+values (conversation max/min/time for active members, or the member's own read/join/freeze).
+"""
+
+from __future__ import annotations
+
+import abc
+from array import array
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+MAX_ID_BYTES = 128
+MAX_ALLOCATE_COUNT = 10_000
+DEFAULT_MAX_VIEW_CONVERSATIONS = 1_000_000
+DEFAULT_MAX_CONVERSATION_MEMBERS = 1_000_000
+EPOCH_BYTES = 16
+
+
+# ------------------------------------------------------------------ errors
+
+
+class StoreError(Exception):
+    """Base of every error a store raises; ``code`` names the SPEC ``Error.Code``."""
+
+    code = "INTERNAL"
+
+
+class InvalidArgument(StoreError):
+    """Bad id (empty, > 128 bytes, control characters) or other malformed argument."""
+
+    code = "BAD_REQUEST"
+
+
+class TooLarge(StoreError):
+    """A count or size above its limit (allocate count > 10 000, view or group too big)."""
+
+    code = "TOO_LARGE"
+
+
+class NotFound(StoreError):
+    """Unknown conversation (MarkRead, SetMinSequence, RemoveMembers)."""
+
+    code = "NOT_FOUND"
+
+
+class NotMember(StoreError):
+    """The user's view does not contain the conversation (server maps to FORBIDDEN)."""
+
+    code = "FORBIDDEN"
+
+
+class Unavailable(StoreError):
+    """The store cannot take writes now (failed commit, lost data guard, closed)."""
+
+    code = "UNAVAILABLE"
+
+
+class IncompatibleStore(StoreError):
+    """The database is not a seqactor store or has a newer schema: refuse to start."""
+
+    code = "UNAVAILABLE"
+
+
+def validate_id(value: object, what: str) -> str:
+    """Return ``value`` if it is a valid conversation/user id, else raise InvalidArgument."""
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{what} must be a string")
+    if not value:
+        raise InvalidArgument(f"{what} is empty")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{what} is not valid UTF-8") from None
+    if size > MAX_ID_BYTES:
+        raise InvalidArgument(f"{what} is {size} bytes; the limit is {MAX_ID_BYTES}")
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in value):
+        raise InvalidArgument(f"{what} contains a control character")
+    return value
+
+
+def normalize_count(count: int) -> int:
+    """SPEC: ``count`` 1–10000, 0 means 1."""
+    if count < 0:
+        raise InvalidArgument("count must not be negative")
+    if count == 0:
+        return 1
+    if count > MAX_ALLOCATE_COUNT:
+        raise TooLarge(f"count {count} is above the limit of {MAX_ALLOCATE_COUNT}")
+    return count
+
+
+# ------------------------------------------------------------------ change records
+
+
+@dataclass(frozen=True, slots=True)
+class Allocated:
+    conversation_id: str
+    first: int
+    last: int
+    time_ms: int
+    position: int
+    sender_user_id: str | None = None  # set when the sender is an active member (I6 applied)
+    sender_read: int = 0  # the sender's read seq after the allocation (== last when applied)
+    changed: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ReadMarked:
+    conversation_id: str
+    user_id: str
+    read_sequence: int  # effective value (I2)
+    position: int
+    changed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class MembersAdded:
+    conversation_id: str
+    user_ids: tuple[str, ...]  # the users that actually joined (already-members left out)
+    max_sequence: int  # conversation state at the join; new members' read = max_sequence
+    min_sequence: int
+    time_ms: int
+    position: int
+    changed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class MembersRemoved:
+    conversation_id: str
+    user_ids: tuple[str, ...]  # the users that actually left (non-members left out)
+    keep_history: bool
+    position: int
+    changed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class MinChanged:
+    conversation_id: str
+    min_sequence: int  # effective value
+    position: int
+    changed: bool
+
+
+Change = Allocated | ReadMarked | MembersAdded | MembersRemoved | MinChanged
+Listener = Callable[[Change], None]
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationState:
+    conversation_id: str
+    max_sequence: int
+    min_sequence: int
+    time_ms: int
+    member_count: int
+
+
+@dataclass(slots=True)
+class ViewData:
+    """A user's view as columns (row i of every column belongs to ``conversation_ids[i]``)."""
+
+    position: int  # the store position this view is consistent with
+    conversation_ids: list[str] = field(default_factory=list)
+    max_seq: array[int] = field(default_factory=lambda: array("Q"))
+    read_seq: array[int] = field(default_factory=lambda: array("Q"))
+    min_seq: array[int] = field(default_factory=lambda: array("Q"))
+    time_ms: array[int] = field(default_factory=lambda: array("q"))
+    pos: array[int] = field(default_factory=lambda: array("Q"))
+    frozen: bytearray = field(default_factory=bytearray)
+
+
+# ------------------------------------------------------------------ the interface
+
+
+class Store(abc.ABC):
+    """Async (Trio) store. Open with ``await store.open()``; close with ``await store.aclose()``."""
+
+    epoch: bytes
+    position: int
+    max_view_conversations: int = DEFAULT_MAX_VIEW_CONVERSATIONS
+    max_conversation_members: int = DEFAULT_MAX_CONVERSATION_MEMBERS
+
+    def __init__(self) -> None:
+        self._listeners: list[Listener] = []
+
+    def add_listener(self, fn: Listener) -> None:
+        self._listeners.append(fn)
+
+    def remove_listener(self, fn: Listener) -> None:
+        self._listeners.remove(fn)
+
+    def _publish(self, change: Change) -> None:
+        for fn in list(self._listeners):
+            fn(change)
+
+    @abc.abstractmethod
+    async def open(self) -> None: ...
+
+    @abc.abstractmethod
+    async def aclose(self) -> None: ...
+
+    @abc.abstractmethod
+    async def allocate(
+        self, conversation_id: str, count: int, sender_user_id: str | None = None
+    ) -> Allocated:
+        """Next ``count`` seqs (0 means 1; > 10 000: TooLarge); creates the conversation.
+
+        I6: if ``sender_user_id`` is an active member, their read seq becomes ``last`` in the
+        same durable step (non-members: nothing happens to them).
+        """
+
+    @abc.abstractmethod
+    async def add_members(self, conversation_id: str, user_ids: Sequence[str]) -> MembersAdded:
+        """Creates the conversation if new. New members (also users who left, frozen or not)
+        join with read = current max; active members are unchanged."""
+
+    @abc.abstractmethod
+    async def remove_members(
+        self, conversation_id: str, user_ids: Sequence[str], keep_history: bool
+    ) -> MembersRemoved:
+        """Unknown conversation: NotFound. Without keep_history the conversation leaves the
+        users' views (a tombstone records it for ``removed_since``); with it their rows freeze."""
+
+    @abc.abstractmethod
+    async def set_min_sequence(self, conversation_id: str, min_sequence: int) -> MinChanged:
+        """Raise min (never lower it, clamp to max). Unknown conversation: NotFound."""
+
+    @abc.abstractmethod
+    async def mark_read(self, conversation_id: str, user_id: str, read_sequence: int) -> ReadMarked:
+        """I2: effective = max(current, min(requested, max)). Unknown conversation: NotFound;
+        not in the user's view: NotMember."""
+
+    @abc.abstractmethod
+    async def load_view(self, user_id: str) -> ViewData:
+        """The user's whole view at the current position (unknown user: empty view)."""
+
+    @abc.abstractmethod
+    async def removed_since(self, user_id: str, position: int) -> list[str] | None:
+        """Conversations that left the user's view after ``position`` and are not in it now;
+        ``None`` when ``position`` is older than what the store can answer (full sync)."""
+
+    @abc.abstractmethod
+    async def view_contains(self, user_id: str, conversation_id: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def conversation(self, conversation_id: str) -> ConversationState | None: ...
