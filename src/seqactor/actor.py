@@ -1,0 +1,275 @@
+"""User actors: one per online user, owning the view, the sessions' subscriptions and pending sets.
+
+The hub hands changes to an actor synchronously (update the row, mark the change pending on
+every session that follows it, wake the actor) and never waits. The actor task's flush loop
+encodes whatever is pending for a session as one ``SequenceUpdate`` as soon as that session's
+writer is idle; changes that arrive while a send is in progress coalesce (latest wins per
+conversation) into the next frame. So a session's pending set is bounded by the number of
+conversations it follows, never by the message rate (I5).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import trio
+
+from seqactor import _kernel as kernel
+from seqactor._synctoken import make_token
+from seqactor._view import FIELD_ALL, FIELD_MAX, FIELD_MIN, FIELD_READ, ViewTable
+from seqactor.store import ViewData
+
+if TYPE_CHECKING:
+    from seqactor.hub import Hub
+
+log = logging.getLogger("seqactor.actor")
+
+
+class SessionClosed(Exception):
+    """Raised into a session's tasks when its actor ends."""
+
+
+class SessionState:
+    """Per-connection state the actor owns: subscriptions, pending changes, outbox."""
+
+    def __init__(
+        self, session_id: str, user_id: str, device_id: str, reply_queue_frames: int,
+        on_fatal: Callable[[int, str], None],
+    ) -> None:
+        self.session_id = session_id
+        self.user_id = user_id
+        self.device_id = device_id
+        self.subscribed_all = False
+        self.subscribed: set[int] = set()
+        self.background = False
+        self.pending: dict[int, int] = {}  # key id -> field mask
+        self.pending_removed: set[str] = set()
+        self.shared: tuple[bytes, bytes] | None = None  # (frame with token, without) from the hub
+        self.inflight_reads: dict[int, int] = {}
+        self.replies: deque[bytes] = deque()
+        self.reply_space = trio.Semaphore(reply_queue_frames)
+        self.push_frame: bytes | None = None
+        self.sending = False
+        self.writer_wake = trio.Event()
+        self.on_fatal = on_fatal  # (close code, reason): ends the connection
+        self.coalesced = 0  # changes merged into an already pending entry (metrics)
+
+    # ---- subscriptions
+    def follows(self, key_id: int) -> bool:
+        return self.subscribed_all or key_id in self.subscribed
+
+    @property
+    def pending_count(self) -> int:
+        return len(self.pending) + len(self.pending_removed)
+
+    def has_pending(self) -> bool:
+        return bool(self.pending) or bool(self.pending_removed)
+
+    def mark(self, key_id: int, mask: int, shared: tuple[bytes, bytes] | None = None) -> None:
+        pending = self.pending
+        old = pending.get(key_id)
+        if old is None:
+            if shared is not None and not pending and not self.pending_removed:
+                self.shared = shared
+            else:
+                self.shared = None
+            pending[key_id] = mask
+            return
+        self.coalesced += 1
+        if shared is not None and old == FIELD_MAX and mask == FIELD_MAX and len(pending) == 1:
+            self.shared = shared  # the newer shared frame supersedes the older one
+        else:
+            self.shared = None
+        pending[key_id] = old | mask
+
+    def clear_pending(self) -> None:
+        self.pending.clear()
+        self.pending_removed.clear()
+        self.shared = None
+
+    # ---- outbox
+    async def put_reply(self, frame: bytes) -> None:
+        await self.reply_space.acquire()
+        self.replies.append(frame)
+        self.writer_wake.set()
+
+    def put_reply_nowait(self, frame: bytes) -> None:
+        """For frames that must not wait (GoAway, fatal errors): may exceed the bound by one."""
+        self.replies.append(frame)
+        self.writer_wake.set()
+
+    def hand_push(self, frame: bytes) -> None:
+        self.push_frame = frame
+        self.writer_wake.set()
+
+
+class UserActor:
+    """The actor of one online user. Created and retired by the hub."""
+
+    def __init__(self, hub: Hub, user_id: str) -> None:
+        self.hub = hub
+        self.user_id = user_id
+        self.table = ViewTable()
+        self.sessions: list[SessionState] = []
+        self.loaded = False
+        self.ready = trio.Event()  # set when loading finished (or failed)
+        self.backlog: list[object] = []  # changes that arrived while the view was loading
+        self._wake = trio.Event()
+        self._cancel = trio.CancelScope()
+        self.failed: BaseException | None = None
+
+    # ---------------------------------------------------------------- loading
+    def load(self, view: ViewData) -> None:
+        keys = self.hub.keys
+        t = self.table
+        for i, cid in enumerate(view.conversation_ids):
+            t.upsert(
+                keys.intern(cid), view.max_seq[i], view.read_seq[i], view.min_seq[i],
+                view.time_ms[i], view.pos[i], bool(view.frozen[i]),
+            )
+        self.loaded = True
+
+    # ---------------------------------------------------------------- hub callbacks
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _mark_all(self, key_id: int, mask: int, shared: tuple[bytes, bytes] | None = None) -> None:
+        marked = False
+        for s in self.sessions:
+            if s.follows(key_id):
+                s.mark(key_id, mask, shared)
+                marked = True
+        if marked:
+            self._wake.set()
+
+    def on_max(
+        self, key_id: int, max_seq: int, time_ms: int, pos: int,
+        shared: tuple[bytes, bytes] | None,
+    ) -> None:
+        t = self.table
+        row = t.row_of(key_id)
+        if row < 0 or t.frozen[row]:
+            return
+        t.max_seq[row] = max_seq
+        t.time_ms[row] = time_ms
+        t.pos[row] = pos
+        self._mark_all(key_id, FIELD_MAX, shared)
+
+    def on_read(self, key_id: int, read_seq: int, pos: int) -> None:
+        t = self.table
+        row = t.row_of(key_id)
+        if row < 0:
+            return
+        t.read_seq[row] = read_seq
+        t.pos[row] = pos
+        self._mark_all(key_id, FIELD_READ)
+
+    def on_min(self, key_id: int, min_seq: int, pos: int) -> None:
+        t = self.table
+        row = t.row_of(key_id)
+        if row < 0 or t.frozen[row]:
+            return
+        t.min_seq[row] = min_seq
+        t.pos[row] = pos
+        self._mark_all(key_id, FIELD_MIN)
+
+    def on_join(
+        self, key_id: int, conversation_id: str, max_seq: int, read_seq: int, min_seq: int,
+        time_ms: int, pos: int,
+    ) -> None:
+        self.table.upsert(key_id, max_seq, read_seq, min_seq, time_ms, pos, False)
+        marked = False
+        for s in self.sessions:
+            s.pending_removed.discard(conversation_id)
+            if s.follows(key_id):
+                s.mark(key_id, FIELD_ALL)
+                marked = True
+        if marked:
+            self._wake.set()
+
+    def on_freeze(self, key_id: int, pos: int) -> None:
+        t = self.table
+        row = t.row_of(key_id)
+        if row >= 0:
+            t.frozen[row] = 1
+            t.pos[row] = pos
+
+    def on_leave(self, key_id: int, conversation_id: str) -> None:
+        self.table.remove(key_id)
+        marked = False
+        for s in self.sessions:
+            was_following = s.follows(key_id)
+            s.pending.pop(key_id, None)
+            s.subscribed.discard(key_id)
+            if was_following:
+                s.shared = None
+                s.pending_removed.add(conversation_id)
+                marked = True
+        if marked:
+            self._wake.set()
+
+    # ---------------------------------------------------------------- encoding
+    def token(self) -> bytes:
+        return make_token(self.hub.epoch, self.hub.position)
+
+    def encode_push(self, s: SessionState) -> bytes | None:
+        """The frame for everything pending on ``s`` (None: nothing sendable yet)."""
+        if s.shared is not None and len(s.pending) == 1 and not s.pending_removed:
+            frame = s.shared[0] if s.subscribed_all else s.shared[1]
+            s.clear_pending()
+            return frame
+        t = self.table
+        rows: list[int] = []
+        masks = bytearray()
+        deferred: dict[int, int] = {}
+        for key_id, mask in s.pending.items():
+            if mask == FIELD_READ and key_id in s.inflight_reads:
+                deferred[key_id] = mask  # the marking session gets the Ack instead
+                continue
+            row = t.row_of(key_id)
+            if row >= 0:
+                rows.append(row)
+                masks.append(mask)
+        removed = sorted(s.pending_removed)
+        s.pending.clear()
+        s.pending.update(deferred)
+        s.pending_removed.clear()
+        s.shared = None
+        if not rows and not removed:
+            return None
+        token = self.token() if s.subscribed_all else b""
+        payload = kernel.encode_rows(
+            self.hub.keys, t, rows, bytes(masks), sync_token=token, full=False, removed=removed
+        )
+        return kernel.frame_update(0, payload)
+
+    def flush(self) -> None:
+        for s in self.sessions:
+            if s.background or s.sending or s.push_frame is not None or not s.has_pending():
+                continue
+            frame = self.encode_push(s)
+            if frame is not None:
+                self.hub.metrics.pushes.inc()
+                s.hand_push(frame)
+
+    # ---------------------------------------------------------------- task
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with self._cancel:
+            task_status.started()
+            try:
+                while True:
+                    await self._wake.wait()
+                    self._wake = trio.Event()
+                    self.flush()
+                    await trio.lowlevel.checkpoint()
+            except Exception as exc:  # an actor's failure ends its user's sessions only
+                self.failed = exc
+                log.exception("actor for user %r failed; closing its sessions", self.user_id)
+                for s in list(self.sessions):
+                    s.on_fatal(1011, "internal error")
+
+    def retire(self) -> None:
+        self._cancel.cancel()

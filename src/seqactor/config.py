@@ -1,0 +1,60 @@
+"""Server settings. Every default is a named constant with its unit (SPEC §2, §4, §6)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+DEFAULT_STORE_URL = "sqlite:///var/seqactor.db"
+WS_PATH = "/v1"
+
+HELLO_TIMEOUT_S = 10.0
+HEARTBEAT_INTERVAL_S = 25.0
+IDLE_TIMEOUT_FACTOR = 2.5  # a session silent for 2.5 x heartbeat interval is closed
+BACKGROUND_IDLE_FACTOR = 4.0  # ... and 4x that while in background
+MAX_FRAME_BYTES = 65_536
+MAX_IDS_PER_REQUEST = 10_000
+RATE_LIMIT_OPS_PER_S = 200.0
+RATE_LIMIT_BURST_OPS = 200  # bucket size
+RATE_LIMIT_MAX_REJECTED = 100  # rejected ops in a row before close 4008
+SHUTDOWN_GRACE_S = 5.0  # open sessions get this long to take GoAway and close
+GOAWAY_RECONNECT_AFTER_MS = 1_000
+WRITE_TIMEOUT_S = 30.0  # a session whose socket takes no bytes for this long is closed
+MAX_CONNECTIONS = 20_000  # per process; beyond: HTTP 503 at the handshake
+MAX_TOKEN_LIFETIME_S = 30 * 24 * 3600  # tokens whose exp is further out are refused
+REPLY_QUEUE_FRAMES = 32  # replies waiting to be written per session (reader waits beyond)
+HANDSHAKE_TIMEOUT_S = 10.0  # TCP connect -> WebSocket upgrade done
+WS_MESSAGE_QUEUE = 8  # frames trio-websocket buffers per session before the reader waits
+
+
+@dataclass(slots=True)
+class ServerConfig:
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    store_url: str = DEFAULT_STORE_URL
+    secret: bytes = b""
+    hello_timeout_s: float = HELLO_TIMEOUT_S
+    heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S
+    max_frame_bytes: int = MAX_FRAME_BYTES
+    max_ids_per_request: int = MAX_IDS_PER_REQUEST
+    rate_limit_ops_per_s: float = RATE_LIMIT_OPS_PER_S
+    rate_limit_burst_ops: int = RATE_LIMIT_BURST_OPS
+    rate_limit_max_rejected: int = RATE_LIMIT_MAX_REJECTED
+    shutdown_grace_s: float = SHUTDOWN_GRACE_S
+    goaway_reconnect_after_ms: int = GOAWAY_RECONNECT_AFTER_MS
+    write_timeout_s: float = WRITE_TIMEOUT_S
+    max_connections: int = MAX_CONNECTIONS
+    max_token_lifetime_s: float = MAX_TOKEN_LIFETIME_S
+    reply_queue_frames: int = REPLY_QUEUE_FRAMES
+    metrics_port: int | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @property
+    def idle_timeout_s(self) -> float:
+        return self.heartbeat_interval_s * IDLE_TIMEOUT_FACTOR
+
+    @property
+    def background_idle_timeout_s(self) -> float:
+        return self.idle_timeout_s * BACKGROUND_IDLE_FACTOR

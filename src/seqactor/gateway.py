@@ -1,0 +1,249 @@
+"""The WebSocket gateway: listener, handshake, connection limit, TLS, graceful shutdown.
+
+Each TCP connection is wrapped in an activity-tracking stream (every byte received, WebSocket
+pings included, counts as traffic for the idle timeout), upgraded with trio-websocket at
+``/v1``, and handed to a :class:`~seqactor._session.Session`. Pushes are written as ready
+WebSocket frames under trio-websocket's stream lock, so the per-recipient path is one
+``send_all`` of pre-encoded bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+import trio
+import trio_websocket as tws
+
+from seqactor import _frames as frames
+from seqactor._session import CLOSE_GOING_AWAY, CLOSE_REPLACED, Session, TransportClosed
+from seqactor.config import HANDSHAKE_TIMEOUT_S, WS_MESSAGE_QUEUE, WS_PATH, ServerConfig
+from seqactor.hub import Hub
+from seqactor.metrics import Metrics
+from seqactor.store import Store
+
+log = logging.getLogger("seqactor.gateway")
+
+
+class ActivityStream(trio.abc.Stream):
+    """Wraps the connection's stream; records when bytes last arrived."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.last_rx = trio.current_time()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self.inner.receive_some(max_bytes)
+        self.last_rx = trio.current_time()
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class WebSocketTransport:
+    """A session's view of one trio-websocket connection."""
+
+    def __init__(self, conn: tws.WebSocketConnection, stream: ActivityStream) -> None:
+        self.conn = conn
+        self.stream = stream
+        # Pushes bypass wsproto's per-message framing: the frame header is written here and
+        # the bytes go out under the connection's own stream lock (no extensions are
+        # negotiated, so a binary frame is just header + payload).
+        self._lock: trio.StrictFIFOLock | None = getattr(conn, "_stream_lock", None)
+
+    @property
+    def last_rx(self) -> float:
+        return self.stream.last_rx
+
+    async def receive(self) -> bytes | str:
+        try:
+            return await self.conn.get_message()
+        except tws.ConnectionClosed as exc:
+            reason = exc.reason
+            raise TransportClosed(
+                getattr(reason, "code", None), getattr(reason, "reason", None)
+            ) from None
+
+    async def send(self, frame: bytes) -> None:
+        conn = self.conn
+        if conn.closed is not None:
+            raise TransportClosed(conn.closed.code, conn.closed.reason)
+        if self._lock is None:
+            try:
+                await conn.send_message(frame)
+            except tws.ConnectionClosed as exc:
+                raise TransportClosed(exc.reason.code, exc.reason.reason) from None
+            return
+        async with self._lock:
+            try:
+                await self.stream.send_all(frames.ws_binary_frame(frame))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise TransportClosed(1006, "connection lost") from None
+
+    async def close(self, code: int, reason: str) -> None:
+        await self.conn.aclose(code, reason[:120])
+
+
+class Server:
+    """One seqactor node: gateway + hub + actors over a store."""
+
+    def __init__(self, config: ServerConfig, store: Store, secret: bytes) -> None:
+        self.config = config
+        self.store = store
+        self.secret = secret
+        self.metrics = Metrics()
+        self.hub: Hub = None  # type: ignore[assignment]  # made in serve() once the store is open
+        self.actor_nursery: trio.Nursery = None  # type: ignore[assignment]
+        self.sessions: set[Session] = set()
+        self.devices: dict[tuple[str, str], Session] = {}
+        self.connections = 0
+        self.listeners: list[trio.SocketListener] = []
+        self.port: int = config.port
+        self.stopping = False
+        self._stop = trio.Event()
+        self._accepting = trio.CancelScope()
+        self._ssl: ssl.SSLContext | None = None
+        if config.tls_cert and config.tls_key:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(config.tls_cert, config.tls_key)
+            self._ssl = ctx
+
+    @property
+    def url(self) -> str:
+        scheme = "wss" if self._ssl else "ws"
+        return f"{scheme}://{self.config.host}:{self.port}{WS_PATH}"
+
+    # ------------------------------------------------------------------ sessions
+    def register(self, session: Session) -> None:
+        self.sessions.add(session)
+        self.metrics.sessions.set(len(self.sessions))
+        assert session.identity is not None
+        if session.device_id:
+            key = (session.identity.user_id, session.device_id)
+            old = self.devices.get(key)
+            self.devices[key] = session
+            if old is not None and old is not session:
+                old.request_close(CLOSE_REPLACED, "session replaced by a newer one")
+
+    def unregister(self, session: Session) -> None:
+        self.sessions.discard(session)
+        self.metrics.sessions.set(len(self.sessions))
+        if session.identity is not None and session.device_id:
+            key = (session.identity.user_id, session.device_id)
+            if self.devices.get(key) is session:
+                del self.devices[key]
+
+    # ------------------------------------------------------------------ serving
+    async def serve(
+        self, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+        on_listening: Callable[[str], None] | None = None,
+    ) -> None:
+        """Run until :meth:`stop`; ``task_status.started(self)`` once accepting connections."""
+        await self.store.open()
+        try:
+            self.hub = Hub(self.store, self.metrics)
+            if self.config.metrics_port is not None:
+                self.metrics.serve(self.config.metrics_port, self.config.host)
+            async with trio.open_nursery() as actors:
+                self.actor_nursery = actors
+                async with trio.open_nursery() as conns:
+                    self.listeners = await trio.open_tcp_listeners(
+                        self.config.port, host=self.config.host
+                    )
+                    self.port = self.listeners[0].socket.getsockname()[1]
+                    conns.start_soon(self._accept_loop, conns)
+                    if on_listening is not None:
+                        on_listening(self.url)
+                    task_status.started(self)
+                    await self._stop.wait()
+                    await self._shutdown(conns)
+                actors.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.store.aclose()
+
+    async def _accept_loop(self, conns: trio.Nursery) -> None:
+        with self._accepting:
+            await trio.serve_listeners(self._handle, self.listeners, handler_nursery=conns)
+
+    def stop(self) -> None:
+        """Begin a graceful stop: GoAway to every session, close 1001, then exit serve()."""
+        self._stop.set()
+
+    async def _shutdown(self, conns: trio.Nursery) -> None:
+        self.stopping = True
+        self._accepting.cancel()
+        for listener in self.listeners:
+            await listener.aclose()
+        goaway = frames.go_away("server shutting down", self.config.goaway_reconnect_after_ms)
+        for session in list(self.sessions):
+            session.request_close(CLOSE_GOING_AWAY, "server shutting down", goaway)
+        with trio.move_on_after(self.config.shutdown_grace_s):
+            while self.connections:
+                await trio.sleep(0.01)
+        conns.cancel_scope.cancel()
+
+    async def _handle(self, tcp: trio.abc.Stream) -> None:
+        self.connections += 1
+        self.metrics.connections.set(self.connections)
+        try:
+            await self._handle_connection(tcp)
+        finally:
+            self.connections -= 1
+            self.metrics.connections.set(self.connections)
+
+    async def _handle_connection(self, tcp: trio.abc.Stream) -> None:
+        peer = _peer_name(tcp)
+        stream: trio.abc.Stream = tcp
+        if self._ssl is not None:
+            stream = trio.SSLStream(tcp, self._ssl, server_side=True)
+        activity = ActivityStream(stream)
+        try:
+            async with trio.open_nursery() as nursery:
+                with trio.move_on_after(HANDSHAKE_TIMEOUT_S) as cs:
+                    request = await tws.wrap_server_stream(
+                        nursery, activity, message_queue_size=WS_MESSAGE_QUEUE,
+                        max_message_size=self.config.max_frame_bytes,
+                    )
+                    conn = await self._accept(request)
+                if cs.cancelled_caught or conn is None:
+                    nursery.cancel_scope.cancel()
+                    return
+                session = Session(self, WebSocketTransport(conn, activity), peer)
+                await session.run()
+                nursery.cancel_scope.cancel()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, tws.ConnectionClosed,
+                tws.HandshakeError, ssl.SSLError) as exc:
+            log.debug("connection from %s ended during handshake: %r", peer, exc)
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(activity)
+
+    async def _accept(self, request: tws.WebSocketRequest) -> tws.WebSocketConnection | None:
+        if request.path.split("?", 1)[0] != WS_PATH:
+            await request.reject(404, body=f"not found; the WebSocket path is {WS_PATH}\n".encode())
+            return None
+        if self.stopping:
+            await request.reject(503, body=b"server shutting down\n")
+            return None
+        if len(self.sessions) >= self.config.max_connections:
+            await request.reject(503, body=b"connection limit reached; retry later\n")
+            return None
+        return await request.accept()
+
+
+def _peer_name(stream: Any) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+        return f"{host}:{port}"
+    except (AttributeError, OSError, ValueError):
+        return "?"

@@ -1,0 +1,182 @@
+"""The hub: applies each committed change and hands it to the actors of online members.
+
+It is the store's listener (called synchronously after each commit, in position order). It
+keeps an index conversation -> online actors (active rows only; frozen rows ignore
+conversation changes) and never awaits: handing over is a row update plus a wake-up.
+A new max in a group is the same for every recipient (read seq unchanged, so omitted): its
+frame is encoded once, lazily, and the same bytes go to every session whose pending set holds
+nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import trio
+
+from seqactor import _kernel as kernel
+from seqactor._synctoken import make_token
+from seqactor.actor import UserActor
+from seqactor.metrics import Metrics
+from seqactor.store import (
+    Allocated,
+    Change,
+    MembersAdded,
+    MembersRemoved,
+    MinChanged,
+    ReadMarked,
+    Store,
+)
+
+log = logging.getLogger("seqactor.hub")
+
+
+class Hub:
+    def __init__(self, store: Store, metrics: Metrics) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.keys = kernel.KeyTable()
+        self.actors: dict[str, UserActor] = {}
+        self.index: dict[int, set[UserActor]] = {}
+        self._loading: set[UserActor] = set()
+        self.epoch = store.epoch
+        self.position = store.position
+        store.add_listener(self.apply)
+
+    # ---------------------------------------------------------------- actors
+    async def attach(self, user_id: str, nursery: trio.Nursery) -> UserActor:
+        """The user's actor, spawned (view loaded, task started) on the first session."""
+        actor = self.actors.get(user_id)
+        if actor is not None:
+            await actor.ready.wait()
+            if actor.failed is None and self.actors.get(user_id) is actor:
+                return actor
+        actor = UserActor(self, user_id)
+        self.actors[user_id] = actor
+        self._loading.add(actor)
+        try:
+            view = await self.store.load_view(user_id)
+            actor.load(view)
+            for change in actor.backlog:
+                if change.position > view.position:  # type: ignore[attr-defined]
+                    self._apply_to(actor, change)  # type: ignore[arg-type]
+            actor.backlog.clear()
+        except BaseException as exc:
+            actor.failed = exc
+            if self.actors.get(user_id) is actor:
+                del self.actors[user_id]
+            raise
+        finally:
+            self._loading.discard(actor)
+            actor.ready.set()
+        for key_id, frozen in zip(actor.table.keys, actor.table.frozen, strict=True):
+            if not frozen:
+                self.index.setdefault(key_id, set()).add(actor)
+        await nursery.start(actor.run)
+        self.metrics.actors.set(len(self.actors))
+        return actor
+
+    def detach_if_idle(self, actor: UserActor) -> None:
+        """Retire the actor after its last session closed."""
+        if actor.sessions:
+            return
+        if self.actors.get(actor.user_id) is actor:
+            del self.actors[actor.user_id]
+        for key_id in actor.table.keys:
+            members = self.index.get(key_id)
+            if members is not None:
+                members.discard(actor)
+                if not members:
+                    del self.index[key_id]
+        actor.retire()
+        self.metrics.actors.set(len(self.actors))
+
+    # ---------------------------------------------------------------- changes
+    def apply(self, change: Change) -> None:
+        """Store listener: called after each commit, in position order."""
+        self.position = max(self.position, change.position)
+        for actor in self._loading:
+            actor.backlog.append(change)
+        if isinstance(change, Allocated):
+            self._allocated(change)
+        elif isinstance(change, ReadMarked):
+            actor = self.actors.get(change.user_id)
+            if actor is not None and actor.loaded:
+                self._apply_to(actor, change)
+        elif isinstance(change, MinChanged):
+            key_id = self.keys.lookup(change.conversation_id)
+            for actor in self.index.get(key_id, ()):
+                actor.on_min(key_id, change.min_sequence, change.position)
+        elif isinstance(change, MembersAdded | MembersRemoved):
+            for actor in self._online(change.user_ids):
+                self._apply_to(actor, change, targeted=True)
+
+    def _online(self, user_ids: Iterable[str]) -> list[UserActor]:
+        found = []
+        for uid in user_ids:
+            actor = self.actors.get(uid)
+            if actor is not None and actor.loaded:
+                found.append(actor)
+        return found
+
+    def _allocated(self, change: Allocated) -> None:
+        key_id = self.keys.lookup(change.conversation_id)
+        members = self.index.get(key_id) if key_id >= 0 else None
+        if members:
+            token = make_token(self.epoch, change.position)
+            with_token = kernel.frame_update(
+                0, kernel.encode_single(self.keys, key_id, change.last, 0, 0, change.time_ms, token)
+            )
+            without = kernel.frame_update(
+                0, kernel.encode_single(self.keys, key_id, change.last, 0, 0, change.time_ms)
+            )
+            shared = (with_token, without)
+            for actor in members:
+                actor.on_max(key_id, change.last, change.time_ms, change.position, shared)
+        if change.sender_user_id is not None and change.sender_read:
+            actor = self.actors.get(change.sender_user_id)
+            if actor is not None and actor.loaded and key_id >= 0:
+                actor.on_read(key_id, change.sender_read, change.position)
+
+    def _apply_to(self, actor: UserActor, change: Change, targeted: bool = False) -> None:
+        """A change for one actor (also used to replay the backlog after loading).
+
+        ``targeted``: the caller already knows the actor's user is among the change's users.
+        """
+        cid = change.conversation_id
+        if isinstance(change, ReadMarked):
+            key_id = self.keys.lookup(cid)
+            if key_id >= 0:
+                actor.on_read(key_id, change.read_sequence, change.position)
+        elif isinstance(change, Allocated):
+            key_id = self.keys.lookup(cid)
+            if key_id >= 0:
+                actor.on_max(key_id, change.last, change.time_ms, change.position, None)
+                if change.sender_user_id == actor.user_id and change.sender_read:
+                    actor.on_read(key_id, change.sender_read, change.position)
+        elif isinstance(change, MinChanged):
+            key_id = self.keys.lookup(cid)
+            if key_id >= 0:
+                actor.on_min(key_id, change.min_sequence, change.position)
+        elif isinstance(change, MembersAdded):
+            if targeted or actor.user_id in change.user_ids:
+                key_id = self.keys.intern(cid)
+                actor.on_join(
+                    key_id, cid, change.max_sequence, change.max_sequence, change.min_sequence,
+                    change.time_ms, change.position,
+                )
+                self.index.setdefault(key_id, set()).add(actor)
+        elif isinstance(change, MembersRemoved) and (targeted or actor.user_id in change.user_ids):
+            key_id = self.keys.lookup(cid)
+            if key_id < 0:
+                return
+            members = self.index.get(key_id)
+            if members is not None:
+                members.discard(actor)
+                if not members:
+                    del self.index[key_id]
+            if change.keep_history:
+                actor.on_freeze(key_id, change.position)
+            else:
+                actor.on_leave(key_id, cid)
