@@ -155,6 +155,7 @@ class Server:
                 self.metrics.serve(self.config.metrics_port, self.config.host)
             async with trio.open_nursery() as actors:
                 self.actor_nursery = actors
+                self.hub.nursery = actors
                 async with trio.open_nursery() as conns:
                     self.listeners = await trio.open_tcp_listeners(
                         self.config.port, host=self.config.host

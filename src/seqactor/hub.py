@@ -27,6 +27,7 @@ from seqactor.store import (
     MinChanged,
     ReadMarked,
     Store,
+    StoreReset,
 )
 
 log = logging.getLogger("seqactor.hub")
@@ -42,6 +43,9 @@ class Hub:
         self._loading: set[UserActor] = set()
         self.epoch = store.epoch
         self.position = store.position
+        self.nursery: trio.Nursery | None = None  # for resyncs; set by the server
+        self._resyncing = False
+        self._resync_again = False
         store.add_listener(self.apply)
 
     # ---------------------------------------------------------------- actors
@@ -98,7 +102,9 @@ class Hub:
         self.position = max(self.position, change.position)
         for actor in self._loading:
             actor.backlog.append(change)
-        if isinstance(change, Allocated):
+        if isinstance(change, StoreReset):
+            self.request_resync()
+        elif isinstance(change, Allocated):
             self._allocated(change)
         elif isinstance(change, ReadMarked):
             actor = self.actors.get(change.user_id)
@@ -180,3 +186,69 @@ class Hub:
                 actor.on_freeze(key_id, change.position)
             else:
                 actor.on_leave(key_id, cid)
+
+    # ---------------------------------------------------------------- resync
+    def request_resync(self) -> None:
+        """Reload every online actor's view from the store (events may have been missed)."""
+        if self._resyncing:
+            self._resync_again = True
+            return
+        if self.nursery is not None:
+            self._resyncing = True
+            self.nursery.start_soon(self._resync_loop)
+
+    async def _resync_loop(self) -> None:
+        try:
+            while True:
+                self._resync_again = False
+                for actor in list(self.actors.values()):
+                    if actor.loaded and self.actors.get(actor.user_id) is actor:
+                        await self.resync_actor(actor)
+                if not self._resync_again:
+                    return
+        finally:
+            self._resyncing = False
+
+    async def resync_actor(self, actor: UserActor) -> None:
+        """Bring ``actor``'s table up to the store's view and push what differs.
+
+        Values only move forward (max, read and min never decrease), so a change that reached
+        the actor while the view was loading is never undone by the older snapshot.
+        """
+        view = await self.store.load_view(actor.user_id)
+        table = actor.table
+        keys = self.keys
+        seen: set[int] = set()
+        for i, cid in enumerate(view.conversation_ids):
+            key_id = keys.intern(cid)
+            seen.add(key_id)
+            pos = view.pos[i]
+            row = table.row_of(key_id)
+            if row < 0:
+                actor.on_join(
+                    key_id, cid, view.max_seq[i], view.read_seq[i], view.min_seq[i],
+                    view.time_ms[i], pos,
+                )
+                if view.frozen[i]:
+                    actor.on_freeze(key_id, pos)
+                else:
+                    self.index.setdefault(key_id, set()).add(actor)
+                continue
+            if view.frozen[i] and not table.frozen[row]:
+                actor.on_freeze(key_id, pos)
+                members = self.index.get(key_id)
+                if members is not None:
+                    members.discard(actor)
+            if view.max_seq[i] > table.max_seq[row] and not table.frozen[row]:
+                actor.on_max(key_id, view.max_seq[i], view.time_ms[i], pos, None)
+            if view.read_seq[i] > table.read_seq[row]:
+                actor.on_read(key_id, view.read_seq[i], pos)
+            if view.min_seq[i] > table.min_seq[row] and not table.frozen[row]:
+                actor.on_min(key_id, view.min_seq[i], pos)
+        for key_id in [k for k in table.keys if k not in seen]:
+            row = table.row_of(key_id)
+            if table.pos[row] <= view.position:  # not a join that happened after the load
+                members = self.index.get(key_id)
+                if members is not None:
+                    members.discard(actor)
+                actor.on_leave(key_id, keys.key(key_id))
