@@ -292,7 +292,7 @@ class Session:
             msg = self._decode(data)
             if msg is None:
                 return
-            if not self._limiter.allow():
+            if not service and not self._limiter.allow():
                 self._rejected += 1
                 self.server.metrics.ops.labels("any", "RATE_LIMITED").inc()
                 if self._rejected >= self.cfg.rate_limit_max_rejected:

@@ -72,6 +72,7 @@ def cmd_token(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from seqactor.auth import issue_token
+    from seqactor.store import StoreError
 
     path = Path(args.secret_file)
     if not path.exists():
@@ -79,7 +80,7 @@ def cmd_token(args: argparse.Namespace) -> int:
     secret = path.read_bytes().strip()
     try:
         print(issue_token(secret, args.user, role=args.role, ttl_s=args.ttl))
-    except ValueError as exc:
+    except (ValueError, StoreError) as exc:
         raise CliError(str(exc)) from None
     return 0
 
@@ -119,11 +120,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         trio.run(main)
-    except StoreError as exc:
-        raise CliError(f"store {args.store}: {exc}") from None
-    except OSError as exc:
-        raise CliError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    except BaseException as exc:  # noqa: BLE001 - unwrapped and re-raised below
+        inner = _unwrap(exc)
+        if isinstance(inner, StoreError):
+            raise CliError(f"store {args.store}: {inner}") from None
+        if isinstance(inner, OSError):
+            raise CliError(
+                f"cannot serve on {args.host}:{args.port}: {inner.strerror or inner}"
+            ) from None
+        raise
     return 0
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The single exception inside (nested) one-member exception groups."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 async def _stop_on_signal(server: object) -> None:

@@ -1,0 +1,176 @@
+"""Server behaviour under faults: stuck readers, failing actors, limits, TLS, metrics."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import urllib.request
+
+import trio
+import trio_websocket as tws
+import trustme
+
+from seqactor._proto import seqactor_pb2 as pb
+from seqactor.actor import UserActor
+from tests._harness import RawClient, body, raw_connect, running_server, token, update_of
+from tests.test_server import service_setup
+
+Code = pb.Error.Code
+FOLLOWED = 5
+CHANGES = 10_000
+STUCK_RCVBUF_BYTES = 4096
+
+
+async def _stuck_session(server, user: str) -> tws.WebSocketConnection:
+    """A session that subscribes to everything and then never reads again."""
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, STUCK_RCVBUF_BYTES)
+    await sock.connect(("127.0.0.1", server.port))
+    conn = await tws.wrap_client_stream(
+        server._test_nursery, trio.SocketStream(sock), "127.0.0.1", "/v1", message_queue_size=0,
+    )
+    c = RawClient(conn)
+    await c.request("hello", token=token(user))
+    await c.request("subscribe", all=True)
+    return conn
+
+
+async def test_stuck_reader_is_bounded_and_does_not_delay_others():
+    async with running_server(write_timeout_s=60) as server:
+        convs = [f"{i}-" + "g" * 120 for i in range(FOLLOWED)]  # long ids: big frames
+        for cid in convs:
+            await service_setup(server, cid, ["stuck", "live"])
+        async with trio.open_nursery() as nursery:
+            server._test_nursery = nursery
+            stuck = await _stuck_session(server, "stuck")
+            async with raw_connect(server, "live") as live, \
+                    raw_connect(server, "backend", role="service") as svc:
+                await live.request("subscribe", all=True)
+                max_pending = 0
+                for i in range(CHANGES):
+                    rid = i + 1000
+                    await svc.send(pb.ClientMessage(
+                        request_id=rid,
+                        allocate_sequences=pb.AllocateSequences(
+                            conversation_id=convs[i % FOLLOWED], count=1),
+                    ))
+                    if i % 64 == 63:
+                        # Drain the service replies so the backend itself is not the bottleneck.
+                        for _ in range(64):
+                            await svc.recv()
+                    actor = server.hub.actors["stuck"]
+                    for s in actor.sessions:
+                        max_pending = max(max_pending, s.pending_count)
+                while len([f for f in svc.frames if body(f) == "allocated"]) < CHANGES:
+                    await svc.recv()
+                # The live session is served up to the last allocation promptly.
+                expected = CHANGES // FOLLOWED
+                with trio.fail_after(5):
+                    seen: dict[str, int] = {}
+                    while not all(seen.get(c, 0) == expected for c in convs):
+                        conv, _, _, _ = update_of(await live.next_push())
+                        for cid, (mx, _rd, _mn, _tm) in conv.items():
+                            if mx:
+                                seen[cid] = mx
+                # The stuck session's backlog is bounded by what it follows (I5).
+                assert max_pending <= FOLLOWED
+                stuck_state = server.hub.actors["stuck"].sessions[0]
+                assert stuck_state.sending  # its writer really is blocked on a full socket
+                assert stuck_state.pending_count <= FOLLOWED
+                assert len(stuck_state.replies) <= server.config.reply_queue_frames
+            await stuck.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_write_timeout_closes_stuck_session():
+    async with running_server(write_timeout_s=0.5) as server:
+        await service_setup(server, "g", ["stuck"])
+        async with trio.open_nursery() as nursery:
+            server._test_nursery = nursery
+            await _stuck_session(server, "stuck")
+            async with raw_connect(server, "backend", role="service") as svc:
+                with trio.fail_after(20):
+                    while "stuck" in server.hub.actors:
+                        # Big frames fill the socket buffers quickly.
+                        await svc.request("add_members", conversation_id=f"big{len(svc.frames)}",
+                                          user_ids=["stuck"])
+                        await svc.request("allocate_sequences", conversation_id="g", count=1)
+            assert "stuck" not in server.hub.actors  # closed and retired
+            nursery.cancel_scope.cancel()
+
+
+async def test_actor_failure_closes_only_that_users_sessions(monkeypatch):
+    async with running_server() as server:
+        await service_setup(server, "g", ["victim", "bystander"])
+        original = UserActor.flush
+
+        def failing_flush(self: UserActor) -> None:
+            if self.user_id == "victim":
+                raise RuntimeError("injected actor failure")
+            original(self)
+
+        monkeypatch.setattr(UserActor, "flush", failing_flush)
+        async with raw_connect(server, "victim") as victim, \
+                raw_connect(server, "bystander") as bystander:
+            await victim.request("subscribe", all=True)
+            await bystander.request("subscribe", all=True)
+            async with raw_connect(server, "backend", role="service") as svc:
+                await svc.request("allocate_sequences", conversation_id="g", count=1)
+            closed = await victim.wait_closed()
+            assert closed.code == 1011
+            errors = [f for f in victim.pushes if body(f) == "error"]
+            assert errors and errors[0].error.code == Code.INTERNAL
+            conv, _, _, _ = update_of(await bystander.next_push())
+            assert conv["g"][0] == 1
+            r = await bystander.request("ping", client_time_ms=1)
+            assert body(r) == "pong"
+
+
+async def test_connection_limit_refuses_clearly_and_recovers():
+    async with running_server(max_connections=2) as server:
+        async with raw_connect(server, "a"), raw_connect(server, "b"):
+            try:
+                async with raw_connect(server, "c"):
+                    raise AssertionError("third connection accepted")
+            except tws.HandshakeError as exc:
+                assert "503" in repr(exc) or getattr(exc, "status_code", 503) == 503
+        async with raw_connect(server, "c") as c:  # accepted again once others left
+            assert c.welcome is not None
+
+
+async def test_metrics_endpoint_counts_sessions_and_ops():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    async with running_server(metrics_port=port) as server:
+        await service_setup(server, "g", ["alice"], allocs=3)
+        async with raw_connect(server, "alice") as c:
+            await c.request("get_sequences")
+            await c.request("mark_read", conversation_id="g", read_sequence=2)
+            text = await trio.to_thread.run_sync(
+                lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+            )
+    assert "seqactor_sessions 1.0" in text
+    assert 'seqactor_ops_total{op="allocate_sequences",result="OK"} 1.0' in text
+    assert 'seqactor_ops_total{op="mark_read",result="OK"} 1.0' in text
+    assert "seqactor_op_latency_seconds_bucket" in text
+    assert "seqactor_store_commit_seconds_count" in text
+    assert "seqactor_frames_sent_total" in text
+
+
+async def test_tls(tmp_path):
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    async with running_server(tls_cert=str(cert_file), tls_key=str(key_file)) as server:
+        assert server.url.startswith("wss://")
+        ctx = ssl.create_default_context()
+        ca.configure_trust(ctx)
+        async with tws.open_websocket_url(f"wss://127.0.0.1:{server.port}/v1", ssl_context=ctx) as conn:
+            c = RawClient(conn)
+            r = await c.request("hello", token=token("alice"))
+            assert body(r) == "welcome"
+            r = await c.request("ping", client_time_ms=5)
+            assert body(r) == "pong"
