@@ -106,6 +106,8 @@ def _put_entry(
 
 def _put_tail(out: bytearray, sync_token: bytes, full: bool, removed: Iterable[str]) -> None:
     if sync_token:
+        if type(sync_token) is not bytes:
+            sync_token = bytes(memoryview(sync_token))
         out.append(0x12)
         _put_varint(out, len(sync_token))
         out += sync_token
@@ -180,7 +182,10 @@ def encode_single(
 ) -> bytes:
     """A one-conversation update (the hub's broadcast of a new max, encoded once)."""
     out = bytearray()
-    _put_entry(out, keys._encoded[key_id], max_seq, read_seq, min_seq, time_ms)
+    _put_entry(
+        out, keys._encoded[key_id], max_seq & _U64_MASK, read_seq & _U64_MASK,
+        min_seq & _U64_MASK, time_ms & _U64_MASK,
+    )
     _put_tail(out, sync_token, False, ())
     return bytes(out)
 
@@ -188,6 +193,7 @@ def encode_single(
 def frame_update(request_id: int, update: bytes) -> bytes:
     """``ServerMessage{request_id, update}`` bytes around already encoded update bytes."""
     out = bytearray()
+    request_id &= _U64_MASK
     if request_id:
         out.append(0x08)
         _put_varint(out, request_id)
@@ -216,6 +222,17 @@ def _get_varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
         shift += 7
         if shift > 63:
             raise DecodeError("varint too long")
+
+
+def _get_tag(data: bytes, pos: int, end: int) -> tuple[int, int, int]:
+    """(field number, wire type, new pos); rejects field 0 and tags wider than 32 bits."""
+    tag, pos = _get_varint(data, pos, end)
+    if tag > 0xFFFFFFFF:
+        raise DecodeError("field number out of range")
+    field = tag >> 3
+    if field == 0:
+        raise DecodeError("field number 0")
+    return field, tag & 7, pos
 
 
 def _skip(data: bytes, pos: int, end: int, wire: int) -> int:
@@ -253,13 +270,12 @@ def _signed64(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
-def _decode_value(data: bytes, pos: int, end: int) -> tuple[int, int, int, int]:
-    mx = rd = mn = tm = 0
+def _decode_value(
+    data: bytes, pos: int, end: int, prev: tuple[int, int, int, int]
+) -> tuple[int, int, int, int]:
+    mx, rd, mn, tm = prev
     while pos < end:
-        tag, pos = _get_varint(data, pos, end)
-        field, wire = tag >> 3, tag & 7
-        if field == 0:
-            raise DecodeError("field number 0")
+        field, wire, pos = _get_tag(data, pos, end)
         if wire == 0 and 1 <= field <= 4:
             v, pos = _get_varint(data, pos, end)
             if field == 1:
@@ -277,14 +293,15 @@ def _decode_value(data: bytes, pos: int, end: int) -> tuple[int, int, int, int]:
     return mx, rd, mn, tm
 
 
-def _decode_entry(data: bytes, pos: int, end: int) -> tuple[str, tuple[int, int, int, int]]:
+def _decode_entry(
+    data: bytes, pos: int, end: int
+) -> tuple[str, tuple[int, int, int, int], bool]:
+    """(key, value, whether the entry held unknown fields)."""
     key = ""
     value = (0, 0, 0, 0)
+    unknown = False
     while pos < end:
-        tag, pos = _get_varint(data, pos, end)
-        field, wire = tag >> 3, tag & 7
-        if field == 0:
-            raise DecodeError("field number 0")
+        field, wire, pos = _get_tag(data, pos, end)
         if field in (1, 2) and wire != 2:
             raise DecodeError(f"wrong wire type {wire} for map entry field {field}")
         if field == 1:
@@ -293,17 +310,22 @@ def _decode_entry(data: bytes, pos: int, end: int) -> tuple[str, tuple[int, int,
             pos = stop
         elif field == 2:
             stop, start = _get_len(data, pos, end)
-            value = _decode_value(data, start, stop)
+            value = _decode_value(data, start, stop, value)
             pos = stop
         else:
             pos = _skip(data, pos, end, wire)
-    return key, value
+            unknown = True
+    return key, value, unknown
 
 
 def decode_update(data: bytes) -> DecodedUpdate:
     """Parse ``SequenceUpdate`` bytes. Raises :class:`DecodeError` on malformed input.
 
-    Later map entries with the same key replace earlier ones, as protobuf merges maps.
+    Later map entries with the same key replace earlier ones, as protobuf merges maps; a value
+    repeated inside one entry merges field by field. A map entry carrying unknown fields of its
+    own is left out of the map (the protobuf runtime, upb, keeps it as an unknown field).
+    Stricter than protobuf on purpose: wrong wire types for known fields, groups and varints
+    over 64 bits are errors (protobuf treats them as unknown fields / truncates).
     """
     data = bytes(data)
     conversations: dict[str, tuple[int, int, int, int]] = {}
@@ -312,16 +334,14 @@ def decode_update(data: bytes) -> DecodedUpdate:
     removed: list[str] = []
     pos, end = 0, len(data)
     while pos < end:
-        tag, pos = _get_varint(data, pos, end)
-        field, wire = tag >> 3, tag & 7
-        if field == 0:
-            raise DecodeError("field number 0")
+        field, wire, pos = _get_tag(data, pos, end)
         if field in (1, 2, 4) and wire != 2 or field == 3 and wire != 0:
             raise DecodeError(f"wrong wire type {wire} for SequenceUpdate field {field}")
         if field == 1:
             stop, start = _get_len(data, pos, end)
-            key, value = _decode_entry(data, start, stop)
-            conversations[key] = value
+            key, value, unknown = _decode_entry(data, start, stop)
+            if not unknown:  # upb keeps such an entry as an unknown field, out of the map
+                conversations[key] = value
             pos = stop
         elif field == 2:
             stop, start = _get_len(data, pos, end)
@@ -342,8 +362,10 @@ def decode_update(data: bytes) -> DecodedUpdate:
 def split_server_message(data: bytes) -> tuple[int, int, bytes]:
     """``ServerMessage`` bytes -> (request_id, body field number, body bytes).
 
-    Field number 0 with empty bytes means no body. The body is left for the caller to parse
-    (``decode_update`` for field 3, the protobuf runtime for the small ones).
+    Field number 0 with empty bytes means no body. As protobuf parses a oneof, a body field
+    repeated merges (the bodies are concatenated) and a different body field replaces it.
+    The body is left for the caller to parse (``decode_update`` for field 3, the protobuf
+    runtime for the small ones).
     """
     data = bytes(data)
     request_id = 0
@@ -351,10 +373,7 @@ def split_server_message(data: bytes) -> tuple[int, int, bytes]:
     body = b""
     pos, end = 0, len(data)
     while pos < end:
-        tag, pos = _get_varint(data, pos, end)
-        field, wire = tag >> 3, tag & 7
-        if field == 0:
-            raise DecodeError("field number 0")
+        field, wire, pos = _get_tag(data, pos, end)
         if field == 1:
             if wire != 0:
                 raise DecodeError("wrong wire type for request_id")
@@ -363,7 +382,10 @@ def split_server_message(data: bytes) -> tuple[int, int, bytes]:
             if wire != 2:
                 raise DecodeError(f"wrong wire type {wire} for ServerMessage field {field}")
             stop, start = _get_len(data, pos, end)
-            body_field, body = field, data[start:stop]
+            if field == body_field:
+                body += data[start:stop]
+            else:
+                body_field, body = field, data[start:stop]
             pos = stop
         else:
             pos = _skip(data, pos, end, wire)

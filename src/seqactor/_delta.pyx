@@ -1,0 +1,901 @@
+# cython: language_level=3
+"""Compiled delta kernel: columnar view tables -> ``seqactor.v1.SequenceUpdate`` wire bytes.
+
+Same API, semantics and output bytes as the pure-Python twin :mod:`seqactor._delta_py` (read
+that module for the reference behaviour). Encoders make two passes: the first computes the
+exact output size, the second writes varints in C straight into a preallocated ``bytes``.
+The decoder walks the buffer in C and builds the result dict and tuples directly.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.list cimport PyList_GET_SIZE
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcpy
+
+import math
+
+cdef extern from *:
+    """
+    #include <Python.h>
+    #include <limits.h>
+
+    static inline int sa_vsize(unsigned long long v) {
+        /* bytes of the varint of v: ceil(bits / 7), 1 for 0 */
+        return v < 128 ? 1 : (int)((((63 - __builtin_clzll(v)) * 9) + 73) >> 6);
+    }
+
+    static inline char *sa_put_varint(char *p, unsigned long long v) {
+        while (v >= 0x80) {
+            *p++ = (char)(v | 0x80);
+            v >>= 7;
+        }
+        *p++ = (char)v;
+        return p;
+    }
+
+    /* Borrowed access to the cached encoded keys (a list of bytes objects). */
+    static inline Py_ssize_t sa_key_len(PyObject *lst, Py_ssize_t i) {
+        return PyBytes_GET_SIZE(PyList_GET_ITEM(lst, i));
+    }
+    static inline const char *sa_key_ptr(PyObject *lst, Py_ssize_t i) {
+        return PyBytes_AS_STRING(PyList_GET_ITEM(lst, i));
+    }
+
+    /* Varint reader: NULL when truncated, longer than 10 bytes or wider than 64 bits. */
+    static inline __attribute__((always_inline)) const unsigned char *sa_get_varint(
+        const unsigned char *p, const unsigned char *end, unsigned long long *out
+    ) {
+        unsigned long long r = 0;
+        unsigned int shift = 0;
+        unsigned char b;
+        if (p < end && *p < 0x80) {
+            *out = *p;
+            return p + 1;
+        }
+        if (end - p >= 10) {
+            /* unrolled: all 10 bytes are in bounds */
+            r = p[0] & 0x7F;
+    #define SA_STEP(i)                                              \
+            b = p[i];                                               \
+            r |= (unsigned long long)(b & 0x7F) << (7 * i);         \
+            if (b < 0x80) { *out = r; return p + i + 1; }
+            SA_STEP(1) SA_STEP(2) SA_STEP(3) SA_STEP(4)
+            SA_STEP(5) SA_STEP(6) SA_STEP(7) SA_STEP(8)
+    #undef SA_STEP
+            b = p[9];
+            if (b > 1) return NULL;  /* over 64 bits, or longer than 10 bytes */
+            *out = r | ((unsigned long long)b << 63);
+            return p + 10;
+        }
+        for (;;) {
+            if (p >= end) return NULL;
+            b = *p++;
+            if (shift == 63 && b > 1) return NULL;
+            r |= (unsigned long long)(b & 0x7F) << shift;
+            if (!(b & 0x80)) {
+                *out = r;
+                return p;
+            }
+            shift += 7;
+            if (shift > 63) return NULL;
+        }
+    }
+
+    /* str from UTF-8; ASCII (the usual id) is copied straight into a new compact str.
+       NULL with UnicodeDecodeError set on invalid UTF-8. */
+    static inline PyObject *sa_str(const unsigned char *p, Py_ssize_t n) {
+        Py_ssize_t i = 0;
+        unsigned long long acc = 0, w;
+        unsigned char tail = 0;
+        PyObject *s;
+        for (; i + 8 <= n; i += 8) {
+            memcpy(&w, p + i, 8);
+            acc |= w;
+        }
+        for (; i < n; i++) tail |= p[i];
+        if ((acc & 0x8080808080808080ULL) == 0 && (tail & 0x80) == 0) {
+            s = PyUnicode_New(n, 127);
+            if (s != NULL && n) memcpy(PyUnicode_1BYTE_DATA(s), p, (size_t)n);
+            return s;
+        }
+        return PyUnicode_DecodeUTF8((const char *)p, n, NULL);
+    }
+
+    /* (max, read, min, time) as a tuple. It holds only ints, so it can never be part of a
+       reference cycle: untrack it now rather than make the cyclic GC traverse it later
+       (CPython untracks such tuples itself at the first collection). */
+    /* PyLong_FromLongLong has CPython's fast path for one-digit ints; the unsigned variant
+       counts digits first. */
+    static inline PyObject *sa_u64(unsigned long long v) {
+        return v <= (unsigned long long)LLONG_MAX ? PyLong_FromLongLong((long long)v)
+                                                  : PyLong_FromUnsignedLongLong(v);
+    }
+
+    static PyObject *sa_tuple4(unsigned long long a, unsigned long long b,
+                               unsigned long long c, long long d) {
+        PyObject *t = PyTuple_New(4), *x;
+        if (t == NULL) return NULL;
+        if ((x = sa_u64(a)) == NULL) goto fail;
+        PyTuple_SET_ITEM(t, 0, x);
+        if (b == a) {  /* read == max: everything read, the usual case; share the int */
+            x = PyTuple_GET_ITEM(t, 0);
+            Py_INCREF(x);
+        } else if ((x = sa_u64(b)) == NULL) goto fail;
+        PyTuple_SET_ITEM(t, 1, x);
+        if ((x = sa_u64(c)) == NULL) goto fail;
+        PyTuple_SET_ITEM(t, 2, x);
+        if ((x = PyLong_FromLongLong(d)) == NULL) goto fail;
+        PyTuple_SET_ITEM(t, 3, x);
+        PyObject_GC_UnTrack(t);
+        return t;
+    fail:
+        Py_DECREF(t);
+        return NULL;
+    }
+
+    /* Skips an unknown field's payload; NULL on truncation or an unsupported wire type. */
+    static inline const unsigned char *sa_skip(
+        const unsigned char *p, const unsigned char *end, int wire
+    ) {
+        unsigned long long n;
+        switch (wire) {
+        case 0:
+            return sa_get_varint(p, end, &n);
+        case 1:
+            return (end - p) >= 8 ? p + 8 : NULL;
+        case 2:
+            p = sa_get_varint(p, end, &n);
+            if (p == NULL || n > (unsigned long long)(end - p)) return NULL;
+            return p + n;
+        case 5:
+            return (end - p) >= 4 ? p + 4 : NULL;
+        default:
+            return NULL;
+        }
+    }
+
+    /* Decoding errors, mapped to DecodeError messages by sa_error_message(). */
+    enum { SA_OK = 0, SA_EVARINT, SA_ELEN, SA_EWIRE, SA_ETAG, SA_ESKIP };
+
+    static inline __attribute__((always_inline)) const unsigned char *sa_tag(
+        const unsigned char *p, const unsigned char *end, unsigned int *field, int *wire,
+        int *err
+    ) {
+        unsigned long long t;
+        if (*p < 0x80) {  /* callers guarantee p < end */
+            t = *p++;
+        } else {
+            p = sa_get_varint(p, end, &t);
+            if (p == NULL) { *err = SA_EVARINT; return NULL; }
+            if (t > 0xFFFFFFFFULL) { *err = SA_ETAG; return NULL; }
+        }
+        *field = (unsigned int)(t >> 3);
+        *wire = (int)(t & 7);
+        if (*field == 0) { *err = SA_ETAG; return NULL; }
+        return p;
+    }
+
+    static inline __attribute__((always_inline)) const unsigned char *sa_len(
+        const unsigned char *p, const unsigned char *end, Py_ssize_t *n, int *err
+    ) {
+        unsigned long long v;
+        p = sa_get_varint(p, end, &v);
+        if (p == NULL) { *err = SA_EVARINT; return NULL; }
+        if (v > (unsigned long long)(end - p)) { *err = SA_ELEN; return NULL; }
+        *n = (Py_ssize_t)v;
+        return p;
+    }
+
+    /* One ConversationSequence, merged into vals[0..3]. */
+    static inline int sa_value(
+        const unsigned char *p, const unsigned char *end, unsigned long long *vals
+    ) {
+        unsigned int field;
+        int wire, err = SA_OK;
+        while (p < end) {
+            p = sa_tag(p, end, &field, &wire, &err);
+            if (p == NULL) return err;
+            if (field <= 4) {
+                if (wire != 0) return SA_EWIRE;
+                p = sa_get_varint(p, end, &vals[field - 1]);
+                if (p == NULL) return SA_EVARINT;
+            } else {
+                p = sa_skip(p, end, wire);
+                if (p == NULL) return SA_ESKIP;
+            }
+        }
+        return SA_OK;
+    }
+
+    /* One map entry: the last key (*kp, *kn; *nkeys occurrences), the value merged into
+       vals, *unknown set when the entry holds unknown fields of its own. */
+    static int sa_entry(
+        const unsigned char *p, const unsigned char *end, const unsigned char **kp,
+        Py_ssize_t *kn, int *nkeys, int *unknown, unsigned long long *vals
+    ) {
+        unsigned int field;
+        int wire, err = SA_OK;
+        Py_ssize_t n;
+        while (p < end) {
+            if (*p == 0x0A || *p == 0x12) {
+                field = *p >> 3;
+                wire = 2;
+                p++;
+            } else {
+                p = sa_tag(p, end, &field, &wire, &err);
+                if (p == NULL) return err;
+            }
+            if (field == 1 || field == 2) {
+                if (wire != 2) return SA_EWIRE;
+                p = sa_len(p, end, &n, &err);
+                if (p == NULL) return err;
+                if (field == 1) {
+                    *kp = p;
+                    *kn = n;
+                    (*nkeys)++;
+                } else {
+                    err = sa_value(p, p + n, vals);
+                    if (err) return err;
+                }
+                p += n;
+            } else {
+                p = sa_skip(p, end, wire);
+                if (p == NULL) return SA_ESKIP;
+                *unknown = 1;
+            }
+        }
+        return SA_OK;
+    }
+
+    /* Upper bound of the map entries at the top level (stops at the first malformed tag). */
+    static Py_ssize_t sa_count_entries(const unsigned char *p, const unsigned char *end) {
+        Py_ssize_t count = 0;
+        unsigned long long tag, n;
+        while (p < end) {
+            p = sa_get_varint(p, end, &tag);
+            if (p == NULL) break;
+            if (tag == 0x0A) count++;
+            switch (tag & 7) {
+            case 0: p = sa_get_varint(p, end, &n); break;
+            case 1: p = (end - p) >= 8 ? p + 8 : NULL; break;
+            case 2:
+                p = sa_get_varint(p, end, &n);
+                if (p == NULL || n > (unsigned long long)(end - p)) return count;
+                p += n;
+                break;
+            case 5: p = (end - p) >= 4 ? p + 4 : NULL; break;
+            default: return count;
+            }
+            if (p == NULL) break;
+        }
+        return count;
+    }
+
+    """
+    int sa_vsize(unsigned long long v) noexcept nogil
+    char *sa_put_varint(char *p, unsigned long long v) noexcept nogil
+    Py_ssize_t sa_key_len(list lst, Py_ssize_t i) noexcept
+    const char *sa_key_ptr(list lst, Py_ssize_t i) noexcept
+    const unsigned char *sa_get_varint(
+        const unsigned char *p, const unsigned char *end, unsigned long long *out
+    ) noexcept nogil
+    const unsigned char *sa_skip(const unsigned char *p, const unsigned char *end, int wire) noexcept nogil
+    object sa_str(const unsigned char *p, Py_ssize_t n)
+    object sa_tuple4(unsigned long long a, unsigned long long b, unsigned long long c, long long d)
+    Py_ssize_t sa_count_entries(const unsigned char *p, const unsigned char *end) noexcept nogil
+    const unsigned char *sa_len(
+        const unsigned char *p, const unsigned char *end, Py_ssize_t *n, int *err
+    ) noexcept nogil
+    int sa_entry(
+        const unsigned char *p, const unsigned char *end, const unsigned char **kp,
+        Py_ssize_t *kn, int *nkeys, int *unknown, unsigned long long *vals
+    ) noexcept nogil
+    enum:
+        SA_OK
+        SA_EVARINT
+        SA_ELEN
+        SA_EWIRE
+        SA_ETAG
+        SA_ESKIP
+    dict _PyDict_NewPresized(Py_ssize_t minused)
+
+
+ctypedef unsigned long long u64
+
+
+class DecodeError(ValueError):
+    """Bytes that are not a valid encoding of the expected protobuf message."""
+
+
+cdef class KeyTable:
+    """Interns conversation ids: id <-> small int, with the encoded map-entry key cached."""
+
+    cdef dict _ids
+    cdef list _keys
+    cdef list _encoded  # b"\x0a" + varint(len) + utf-8 id
+
+    def __init__(self):
+        self._ids = {}
+        self._keys = []
+        self._encoded = []
+
+    def intern(self, key):
+        idx = self._ids.get(key)
+        if idx is None:
+            raw = key.encode("utf-8")
+            idx = len(self._keys)
+            self._ids[key] = idx
+            self._keys.append(key)
+            self._encoded.append(b"\x0a" + _varint(len(raw)) + raw)
+        return idx
+
+    def lookup(self, key):
+        """Id of an already interned key, or -1."""
+        return self._ids.get(key, -1)
+
+    def key(self, idx):
+        return self._keys[idx]
+
+    def __len__(self):
+        return len(self._keys)
+
+
+cdef bytes _varint(u64 v):
+    cdef char buf[10]
+    cdef char *end = sa_put_varint(buf, v)
+    return PyBytes_FromStringAndSize(buf, end - buf)
+
+
+# ---------------------------------------------------------------- encoding
+
+cdef inline Py_ssize_t _value_len(u64 mx, u64 rd, u64 mn, u64 tm) noexcept nogil:
+    cdef Py_ssize_t n = 0
+    if mx:
+        n += 1 + sa_vsize(mx)
+    if rd:
+        n += 1 + sa_vsize(rd)
+    if mn:
+        n += 1 + sa_vsize(mn)
+    if tm:
+        n += 1 + sa_vsize(tm)
+    return n
+
+
+cdef inline Py_ssize_t _entry_size(Py_ssize_t klen, Py_ssize_t vlen) noexcept nogil:
+    """Bytes of a whole ``conversations`` field: tag, length and the entry."""
+    cdef Py_ssize_t elen = klen + 1 + sa_vsize(<u64>vlen) + vlen
+    return 1 + sa_vsize(<u64>elen) + elen
+
+
+cdef inline char *_put_entry(
+    char *p, const char *kp, Py_ssize_t klen, u64 mx, u64 rd, u64 mn, u64 tm
+) noexcept nogil:
+    cdef Py_ssize_t vlen = _value_len(mx, rd, mn, tm)
+    p[0] = 0x0A
+    p = sa_put_varint(p + 1, <u64>(klen + 1 + sa_vsize(<u64>vlen) + vlen))
+    memcpy(p, kp, klen)
+    p += klen
+    p[0] = 0x12
+    p = sa_put_varint(p + 1, <u64>vlen)
+    if mx:
+        p[0] = 0x08
+        p = sa_put_varint(p + 1, mx)
+    if rd:
+        p[0] = 0x10
+        p = sa_put_varint(p + 1, rd)
+    if mn:
+        p[0] = 0x18
+        p = sa_put_varint(p + 1, mn)
+    if tm:
+        p[0] = 0x20
+        p = sa_put_varint(p + 1, tm)
+    return p
+
+
+cdef class _Tail:
+    """The fields after the map: sync_token (2), full (3), removed (4), prepared for writing."""
+
+    cdef bytes token
+    cdef bint full
+    cdef list removed  # utf-8 bytes per removed id
+    cdef Py_ssize_t size
+
+    def __init__(self, sync_token, bint full, removed):
+        cdef Py_ssize_t n
+        self.token = b""
+        self.full = full
+        self.removed = []
+        self.size = 2 if full else 0
+        if sync_token:
+            if type(sync_token) is not bytes:
+                sync_token = bytes(memoryview(sync_token))
+            self.token = sync_token
+            n = PyBytes_GET_SIZE(self.token)
+            self.size += 1 + sa_vsize(<u64>n) + n
+        for rid in removed:
+            raw = rid.encode("utf-8")
+            if type(raw) is not bytes:
+                raw = bytes(raw)
+            n = PyBytes_GET_SIZE(raw)
+            self.removed.append(raw)
+            self.size += 1 + sa_vsize(<u64>n) + n
+
+    cdef char *write(self, char *p):
+        cdef Py_ssize_t n
+        cdef bytes raw
+        n = PyBytes_GET_SIZE(self.token)
+        if n:
+            p[0] = 0x12
+            p = sa_put_varint(p + 1, <u64>n)
+            memcpy(p, PyBytes_AS_STRING(self.token), n)
+            p += n
+        if self.full:
+            p[0] = 0x18
+            p[1] = 0x01
+            p += 2
+        for raw in self.removed:
+            n = PyBytes_GET_SIZE(raw)
+            p[0] = 0x22
+            p = sa_put_varint(p + 1, <u64>n)
+            memcpy(p, PyBytes_AS_STRING(raw), n)
+            p += n
+        return p
+
+
+cdef inline void _check_len(Py_ssize_t a, Py_ssize_t b) except *:
+    if a != b:
+        raise ValueError(f"table columns differ in length ({a} != {b})")
+
+
+cdef inline void _key_error(Py_ssize_t k) except *:
+    raise IndexError(f"key id {k} not in the key table")
+
+
+def encode_snapshot(KeyTable keys not None, table, sync_token=b"", full=True, removed=()):
+    """Every row of ``table`` with all its fields."""
+    cdef const unsigned int[::1] kc = table.keys
+    cdef const unsigned long long[::1] mxc = table.max_seq
+    cdef const unsigned long long[::1] rdc = table.read_seq
+    cdef const unsigned long long[::1] mnc = table.min_seq
+    cdef const long long[::1] tmc = table.time_ms
+    cdef Py_ssize_t n = kc.shape[0]
+    _check_len(n, mxc.shape[0])
+    _check_len(n, rdc.shape[0])
+    _check_len(n, mnc.shape[0])
+    _check_len(n, tmc.shape[0])
+    cdef list enc = keys._encoded
+    cdef Py_ssize_t nkeys = PyList_GET_SIZE(enc)
+    cdef _Tail tail = _Tail(sync_token, full, removed)
+    cdef Py_ssize_t i, k, total = tail.size
+    for i in range(n):
+        k = kc[i]
+        if k >= nkeys:
+            _key_error(k)
+        total += _entry_size(
+            sa_key_len(enc, k), _value_len(mxc[i], rdc[i], mnc[i], <u64>tmc[i])
+        )
+    out = PyBytes_FromStringAndSize(NULL, total)
+    cdef char *start = PyBytes_AS_STRING(out)
+    cdef char *p = start
+    for i in range(n):
+        k = kc[i]
+        p = _put_entry(p, sa_key_ptr(enc, k), sa_key_len(enc, k),
+                       mxc[i], rdc[i], mnc[i], <u64>tmc[i])
+    p = tail.write(p)
+    assert p - start == total
+    return out
+
+
+cdef int _since_mode(since, u64 *out) except -1:
+    """0: rows with pos > *out; 1: every row; 2: no row (``since`` compared as Python does)."""
+    if not isinstance(since, int):
+        try:
+            since = math.floor(since)  # pos > x  <=>  pos > floor(x) for integer pos
+        except (ValueError, OverflowError):
+            return 1 if since < 0 else 2  # -inf: every row; +inf and NaN: none
+    if since < 0:
+        return 1
+    if since >= 0xFFFFFFFFFFFFFFFF:
+        return 2
+    out[0] = since
+    return 0
+
+
+def encode_delta(KeyTable keys not None, table, since, sync_token=b"", removed=()):
+    """Rows whose change position is after ``since``, with all their fields; ``full`` false."""
+    cdef const unsigned int[::1] kc = table.keys
+    cdef const unsigned long long[::1] mxc = table.max_seq
+    cdef const unsigned long long[::1] rdc = table.read_seq
+    cdef const unsigned long long[::1] mnc = table.min_seq
+    cdef const long long[::1] tmc = table.time_ms
+    cdef const unsigned long long[::1] psc = table.pos
+    cdef Py_ssize_t n = kc.shape[0]
+    _check_len(n, mxc.shape[0])
+    _check_len(n, rdc.shape[0])
+    _check_len(n, mnc.shape[0])
+    _check_len(n, tmc.shape[0])
+    _check_len(n, psc.shape[0])
+    cdef u64 s = 0
+    cdef int mode = _since_mode(since, &s)
+    cdef list enc = keys._encoded
+    cdef Py_ssize_t nkeys = PyList_GET_SIZE(enc)
+    cdef _Tail tail = _Tail(sync_token, False, removed)
+    cdef Py_ssize_t i, j, k, total = tail.size
+    cdef Py_ssize_t nsel = 0, cap = 0
+    cdef Py_ssize_t *sel = NULL
+    cdef Py_ssize_t *grown
+    cdef char *start
+    cdef char *p
+    if mode == 1:
+        s = 0
+    try:
+        if mode != 2:
+            cap = 256
+            sel = <Py_ssize_t *>malloc(cap * sizeof(Py_ssize_t))
+            if sel == NULL:
+                raise MemoryError()
+            with nogil:
+                for i in range(n):
+                    if psc[i] > s or mode == 1:  # mode 1 also takes pos == 0
+                        if nsel == cap:
+                            cap *= 2
+                            grown = <Py_ssize_t *>realloc(sel, cap * sizeof(Py_ssize_t))
+                            if grown == NULL:
+                                with gil:
+                                    raise MemoryError()
+                            sel = grown
+                        sel[nsel] = i
+                        nsel += 1
+        for j in range(nsel):
+            i = sel[j]
+            k = kc[i]
+            if k >= nkeys:
+                _key_error(k)
+            total += _entry_size(
+                sa_key_len(enc, k), _value_len(mxc[i], rdc[i], mnc[i], <u64>tmc[i])
+            )
+        out = PyBytes_FromStringAndSize(NULL, total)
+        start = PyBytes_AS_STRING(out)
+        p = start
+        for j in range(nsel):
+            i = sel[j]
+            k = kc[i]
+            p = _put_entry(p, sa_key_ptr(enc, k), sa_key_len(enc, k),
+                           mxc[i], rdc[i], mnc[i], <u64>tmc[i])
+        p = tail.write(p)
+        assert p - start == total
+        return out
+    finally:
+        free(sel)
+
+
+def encode_rows(KeyTable keys not None, table, rows, masks=None, sync_token=b"", full=False,
+                removed=()):
+    """The listed rows; with ``masks`` (one byte per listed row) only the selected fields."""
+    cdef const unsigned int[::1] kc = table.keys
+    cdef const unsigned long long[::1] mxc = table.max_seq
+    cdef const unsigned long long[::1] rdc = table.read_seq
+    cdef const unsigned long long[::1] mnc = table.min_seq
+    cdef const long long[::1] tmc = table.time_ms
+    cdef Py_ssize_t nrow = kc.shape[0]
+    # a row must exist in every column, as indexing each column separately requires
+    if mxc.shape[0] < nrow:
+        nrow = mxc.shape[0]
+    if rdc.shape[0] < nrow:
+        nrow = rdc.shape[0]
+    if mnc.shape[0] < nrow:
+        nrow = mnc.shape[0]
+    if tmc.shape[0] < nrow:
+        nrow = tmc.shape[0]
+    cdef list rl = rows if type(rows) is list else list(rows)
+    cdef Py_ssize_t nsel = len(rl)
+    cdef bytes mb
+    cdef const unsigned char *mp = NULL
+    if masks is not None:
+        mb = masks if type(masks) is bytes else bytes(masks)
+        if PyBytes_GET_SIZE(mb) < nsel:
+            raise IndexError("fewer masks than rows")
+        mp = <const unsigned char *>PyBytes_AS_STRING(mb)
+    cdef list enc = keys._encoded
+    cdef Py_ssize_t nkeys = PyList_GET_SIZE(enc)
+    cdef Py_ssize_t j, r, k
+    cdef Py_ssize_t *sel = <Py_ssize_t *>malloc((nsel if nsel else 1) * sizeof(Py_ssize_t))
+    cdef unsigned char m = 7
+    cdef _Tail tail
+    cdef Py_ssize_t total
+    cdef char *start
+    cdef char *p
+    if sel == NULL:
+        raise MemoryError()
+    try:
+        for j in range(nsel):
+            try:
+                r = rl[j]
+            except OverflowError:
+                raise IndexError("array index out of range") from None
+            if r < 0:
+                r += nrow
+            if r < 0 or r >= nrow:
+                raise IndexError("array index out of range")
+            sel[j] = r
+        tail = _Tail(sync_token, full, removed)
+        total = tail.size
+        for j in range(nsel):
+            r = sel[j]
+            k = kc[r]
+            if k >= nkeys:
+                _key_error(k)
+            if mp != NULL:
+                m = mp[j]
+            total += _entry_size(sa_key_len(enc, k), _value_len(
+                mxc[r] if m & 1 else 0, rdc[r] if m & 2 else 0,
+                mnc[r] if m & 4 else 0, <u64>tmc[r] if m & 1 else 0))
+        out = PyBytes_FromStringAndSize(NULL, total)
+        start = PyBytes_AS_STRING(out)
+        p = start
+        for j in range(nsel):
+            r = sel[j]
+            k = kc[r]
+            if mp != NULL:
+                m = mp[j]
+            p = _put_entry(p, sa_key_ptr(enc, k), sa_key_len(enc, k),
+                           mxc[r] if m & 1 else 0, rdc[r] if m & 2 else 0,
+                           mnc[r] if m & 4 else 0, <u64>tmc[r] if m & 1 else 0)
+        p = tail.write(p)
+        assert p - start == total
+        return out
+    finally:
+        free(sel)
+
+
+cdef inline u64 _u64(v) except? 0xFFFFFFFFFFFFFFFF:
+    """``v & (2**64 - 1)`` for any Python int (negative int64 -> two's complement)."""
+    if type(v) is int and 0 <= v <= 0xFFFFFFFFFFFFFFFF:
+        return <u64>v
+    return <u64>(v & 0xFFFFFFFFFFFFFFFF)
+
+
+def encode_single(KeyTable keys not None, key_id, max_seq, read_seq, min_seq, time_ms,
+                  sync_token=b""):
+    """A one-conversation update (the hub's broadcast of a new max, encoded once)."""
+    cdef bytes kb = keys._encoded[key_id]
+    cdef u64 mx = _u64(max_seq), rd = _u64(read_seq), mn = _u64(min_seq), tm = _u64(time_ms)
+    cdef Py_ssize_t klen = PyBytes_GET_SIZE(kb)
+    cdef Py_ssize_t tn = 0
+    if sync_token:
+        if type(sync_token) is not bytes:
+            sync_token = bytes(memoryview(sync_token))
+        tn = PyBytes_GET_SIZE(sync_token)
+    cdef Py_ssize_t total = _entry_size(klen, _value_len(mx, rd, mn, tm))
+    if tn:
+        total += 1 + sa_vsize(<u64>tn) + tn
+    out = PyBytes_FromStringAndSize(NULL, total)
+    cdef char *start = PyBytes_AS_STRING(out)
+    cdef char *p = _put_entry(start, PyBytes_AS_STRING(kb), klen, mx, rd, mn, tm)
+    if tn:
+        p[0] = 0x12
+        p = sa_put_varint(p + 1, <u64>tn)
+        memcpy(p, PyBytes_AS_STRING(sync_token), tn)
+        p += tn
+    assert p - start == total
+    return out
+
+
+def frame_update(request_id, update):
+    """``ServerMessage{request_id, update}`` bytes around already encoded update bytes."""
+    cdef u64 rid = _u64(request_id)
+    cdef bytes ub = update if type(update) is bytes else bytes(memoryview(update))
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(ub)
+    cdef Py_ssize_t total = 1 + sa_vsize(<u64>n) + n
+    if rid:
+        total += 1 + sa_vsize(rid)
+    out = PyBytes_FromStringAndSize(NULL, total)
+    cdef char *p = PyBytes_AS_STRING(out)
+    if rid:
+        p[0] = 0x08
+        p = sa_put_varint(p + 1, rid)
+    p[0] = 0x1A
+    p = sa_put_varint(p + 1, <u64>n)
+    memcpy(p, PyBytes_AS_STRING(ub), n)
+    return out
+
+
+# ---------------------------------------------------------------- decoding
+
+cdef inline const unsigned char *_tag(
+    const unsigned char *p, const unsigned char *end, unsigned int *field, int *wire
+) except NULL:
+    """Reads a tag; rejects truncation, tags over 32 bits and field number 0."""
+    cdef u64 t
+    if p[0] < 0x80:  # callers guarantee p < end
+        t = p[0]
+        p += 1
+    else:
+        p = sa_get_varint(p, end, &t)
+        if p == NULL:
+            raise DecodeError("truncated or overlong varint in a tag")
+        if t > 0xFFFFFFFF:
+            raise DecodeError("field number out of range")
+    field[0] = <unsigned int>(t >> 3)
+    wire[0] = <int>(t & 7)
+    if field[0] == 0:
+        raise DecodeError("field number 0")
+    return p
+
+
+cdef inline const unsigned char *_len(
+    const unsigned char *p, const unsigned char *end, Py_ssize_t *n
+) except NULL:
+    cdef u64 v
+    p = sa_get_varint(p, end, &v)
+    if p == NULL:
+        raise DecodeError("truncated or overlong length varint")
+    if v > <u64>(end - p):
+        raise DecodeError("length-delimited field runs past the end")
+    n[0] = <Py_ssize_t>v
+    return p
+
+
+cdef inline const unsigned char *_skip(
+    const unsigned char *p, const unsigned char *end, int wire
+) except NULL:
+    cdef const unsigned char *q = sa_skip(p, end, wire)
+    if q == NULL:
+        if wire in (0, 1, 2, 5):
+            raise DecodeError("truncated unknown field")
+        raise DecodeError(f"unsupported wire type {wire}")
+    return q
+
+
+cdef int _raise(int err, str where) except -1:
+    if err == SA_EVARINT:
+        raise DecodeError(f"truncated or overlong varint in {where}")
+    if err == SA_ELEN:
+        raise DecodeError(f"length-delimited field runs past the end of {where}")
+    if err == SA_EWIRE:
+        raise DecodeError(f"wrong wire type for a known field of {where}")
+    if err == SA_ETAG:
+        raise DecodeError(f"field number 0 or out of range in {where}")
+    raise DecodeError(f"truncated unknown field or unsupported wire type in {where}")
+
+
+cdef void _check_keys(const unsigned char *p, const unsigned char *end) except *:
+    """An entry with its key repeated: every occurrence must be valid UTF-8, as protobuf checks.
+    (The entry's structure was already validated by sa_entry.)"""
+    cdef unsigned int field
+    cdef int wire
+    cdef Py_ssize_t n
+    while p < end:
+        p = _tag(p, end, &field, &wire)
+        if wire == 2:
+            p = _len(p, end, &n)
+            if field == 1:
+                sa_str(p, n)
+            p += n
+        else:
+            p = _skip(p, end, wire)
+
+
+def decode_update(data):
+    """Parse ``SequenceUpdate`` bytes. Raises :class:`DecodeError` on malformed input.
+
+    Later map entries with the same key replace earlier ones, as protobuf merges maps; a value
+    repeated inside one entry merges field by field. A map entry carrying unknown fields of its
+    own is left out of the map (the protobuf runtime, upb, keeps it as an unknown field).
+    Stricter than protobuf on purpose: wrong wire types for known fields, groups and varints
+    over 64 bits are errors (protobuf treats them as unknown fields / truncates).
+    """
+    try:
+        return _decode_update(data if type(data) is bytes else bytes(data))
+    except UnicodeDecodeError as exc:
+        raise DecodeError(f"invalid UTF-8 in string field: {exc}") from None
+
+
+cdef tuple _decode_update(bytes buf):
+    cdef const unsigned char *base = <const unsigned char *>PyBytes_AS_STRING(buf)
+    cdef const unsigned char *p = base
+    cdef const unsigned char *end = base + PyBytes_GET_SIZE(buf)
+    cdef const unsigned char *eend
+    cdef Py_ssize_t n
+    cdef unsigned int field
+    cdef int wire, nkeys, unknown
+    cdef int err = 0
+    cdef const unsigned char *kp
+    cdef Py_ssize_t kn
+    cdef u64 v
+    cdef u64 vals[4]
+    cdef dict conversations = _PyDict_NewPresized(sa_count_entries(p, end))
+    cdef list removed = []
+    token = b""
+    cdef bint full = False
+    while p < end:
+        if p[0] == 0x0A:  # the common case: a map entry
+            field = 1
+            wire = 2
+            p += 1
+        else:
+            p = _tag(p, end, &field, &wire)
+        if field == 1:
+            if wire != 2:
+                raise DecodeError(f"wrong wire type {wire} for SequenceUpdate field 1")
+            p = sa_len(p, end, &n, &err)
+            if p == NULL:
+                _raise(err, "SequenceUpdate")
+            eend = p + n
+            vals[0] = vals[1] = vals[2] = vals[3] = 0
+            kp = NULL
+            kn = 0
+            nkeys = 0
+            unknown = 0
+            err = sa_entry(p, eend, &kp, &kn, &nkeys, &unknown, vals)
+            if err:
+                _raise(err, "a map entry")
+            if nkeys > 1:
+                _check_keys(p, eend)
+            key = sa_str(kp, kn) if nkeys else ""  # checked even when the entry is dropped
+            if not unknown:  # upb keeps such an entry as an unknown field, out of the map
+                conversations[key] = sa_tuple4(vals[0], vals[1], vals[2], <long long>vals[3])
+            p = eend
+        elif field == 2:
+            if wire != 2:
+                raise DecodeError(f"wrong wire type {wire} for SequenceUpdate field 2")
+            p = _len(p, end, &n)
+            token = PyBytes_FromStringAndSize(<const char *>p, n)
+            p += n
+        elif field == 3:
+            if wire != 0:
+                raise DecodeError(f"wrong wire type {wire} for SequenceUpdate field 3")
+            p = sa_get_varint(p, end, &v)
+            if p == NULL:
+                raise DecodeError("truncated or overlong varint")
+            full = v != 0
+        elif field == 4:
+            if wire != 2:
+                raise DecodeError(f"wrong wire type {wire} for SequenceUpdate field 4")
+            p = _len(p, end, &n)
+            removed.append(sa_str(p, n))
+            p += n
+        else:
+            p = _skip(p, end, wire)
+    return conversations, token, full, removed
+
+
+def split_server_message(data):
+    """``ServerMessage`` bytes -> (request_id, body field number, body bytes).
+
+    Field number 0 with empty bytes means no body. As protobuf parses a oneof, a body field
+    repeated merges (the bodies are concatenated) and a different body field replaces it.
+    The body is left for the caller to parse (``decode_update`` for field 3, the protobuf
+    runtime for the small ones).
+    """
+    cdef bytes buf = data if type(data) is bytes else bytes(data)
+    cdef const unsigned char *base = <const unsigned char *>PyBytes_AS_STRING(buf)
+    cdef const unsigned char *p = base
+    cdef const unsigned char *end = base + PyBytes_GET_SIZE(buf)
+    cdef Py_ssize_t n
+    cdef unsigned int field
+    cdef unsigned int body_field = 0
+    cdef int wire
+    cdef u64 request_id = 0
+    body = b""
+    while p < end:
+        p = _tag(p, end, &field, &wire)
+        if field == 1:
+            if wire != 0:
+                raise DecodeError("wrong wire type for request_id")
+            p = sa_get_varint(p, end, &request_id)
+            if p == NULL:
+                raise DecodeError("truncated or overlong varint")
+        elif 2 <= field <= 8:
+            if wire != 2:
+                raise DecodeError(f"wrong wire type {wire} for ServerMessage field {field}")
+            p = _len(p, end, &n)
+            if field == body_field:
+                body += PyBytes_FromStringAndSize(<const char *>p, n)
+            else:
+                body_field = field
+                body = PyBytes_FromStringAndSize(<const char *>p, n)
+            p += n
+        else:
+            p = _skip(p, end, wire)
+    return request_id, body_field, body
