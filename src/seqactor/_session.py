@@ -58,6 +58,7 @@ class Transport(Protocol):
 
     async def receive(self) -> bytes | str: ...
     async def send(self, frame: bytes) -> None: ...
+    async def send_raw(self, data: bytes) -> None: ...
     async def close(self, code: int, reason: str) -> None: ...
 
 
@@ -170,8 +171,9 @@ class Session:
         actor = await self.server.hub.attach(identity.user_id, self.server.actor_nursery)
         state = SessionState(
             self.session_id, identity.user_id, self.device_id, self.cfg.reply_queue_frames,
-            self._on_fatal,
+            self._on_fatal, self.server.metrics.counters,
         )
+        state.direct = getattr(self.transport, "write_nowait", None)
         self.actor, self.state = actor, state
         actor.sessions.append(state)
         self.server.register(self)
@@ -256,9 +258,13 @@ class Session:
     async def _writer(self) -> None:
         s = self.state
         assert s is not None and self.actor is not None
-        metrics = self.server.metrics
+        counters = self.server.metrics.counters
+        transport = self.transport
         while True:
-            if s.replies:
+            raw = False
+            if s.push_raw is not None:  # the rest of a direct write goes first
+                frame, s.push_raw, raw = s.push_raw, None, True
+            elif s.replies:
                 frame = s.replies.popleft()
                 s.reply_space.release()
             elif s.push_frame is not None:
@@ -270,17 +276,18 @@ class Session:
                 continue
             s.sending = True
             with trio.move_on_after(self.cfg.write_timeout_s) as cs:
-                await self.transport.send(frame)
+                if raw:
+                    await transport.send_raw(frame)
+                else:
+                    await transport.send(frame)
             s.sending = False
             if cs.cancelled_caught:
                 self._close = (CLOSE_GOING_AWAY, "write timeout", None)
                 self._scope.cancel()
                 return
-            metrics.frames_sent.inc()
-            metrics.bytes_sent.inc(len(frame))
-            if s.coalesced:
-                metrics.coalesced.inc(s.coalesced)
-                s.coalesced = 0
+            if not raw:
+                counters.frames_sent += 1
+                counters.bytes_sent += len(frame)
             if s.has_pending() and not s.background:
                 self.actor.wake()
 
@@ -389,9 +396,9 @@ class Session:
                     seen.add(key_id)
                     rows.append(table.row_of(key_id))
             return kernel.frame_update(rid, kernel.encode_rows(hub.keys, table, rows))
-        position = hub.position
+        position = hub.synced_position
         token = make_token(hub.epoch, position)
-        since = token_position(m.since, hub.epoch, position) if m.since else None
+        since = token_position(m.since, hub.epoch, hub.position) if m.since else None
         removed: list[str] | None = None
         if since is not None:
             removed = await self.server.store.removed_since(actor.user_id, since)

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 import trio
 
 from seqactor import _kernel as kernel
-from seqactor._synctoken import make_token
 from seqactor._view import FIELD_ALL, FIELD_MAX, FIELD_MIN, FIELD_READ, ViewTable
+from seqactor.metrics import HotCounters
 from seqactor.store import ViewData
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ class SessionState:
 
     def __init__(
         self, session_id: str, user_id: str, device_id: str, reply_queue_frames: int,
-        on_fatal: Callable[[int, str], None],
+        on_fatal: Callable[[int, str], None], counters: HotCounters,
     ) -> None:
         self.session_id = session_id
         self.user_id = user_id
@@ -51,11 +51,15 @@ class SessionState:
         self.inflight_reads: dict[int, int] = {}
         self.replies: deque[bytes] = deque()
         self.reply_space = trio.Semaphore(reply_queue_frames)
-        self.push_frame: bytes | None = None
+        self.push_frame: bytes | None = None  # a ServerMessage for the writer to frame and send
+        self.push_raw: bytes | None = None  # already framed bytes left over by a direct write
         self.sending = False
+        # Writes a ServerMessage at once without waiting: None = not possible now (use the
+        # writer), b"" = all written, else the framed bytes still to send. Set by the gateway.
+        self.direct: Callable[[bytes], bytes | None] | None = None
+        self.counters = counters
         self.writer_wake = trio.Event()
         self.on_fatal = on_fatal  # (close code, reason): ends the connection
-        self.coalesced = 0  # changes merged into an already pending entry (metrics)
 
     # ---- subscriptions
     def follows(self, key_id: int) -> bool:
@@ -78,7 +82,7 @@ class SessionState:
                 self.shared = None
             pending[key_id] = mask
             return
-        self.coalesced += 1
+        self.counters.coalesced += 1
         if shared is not None and old == FIELD_MAX and mask == FIELD_MAX and len(pending) == 1:
             self.shared = shared  # the newer shared frame supersedes the older one
         else:
@@ -104,6 +108,32 @@ class SessionState:
     def hand_push(self, frame: bytes) -> None:
         self.push_frame = frame
         self.writer_wake.set()
+
+    def idle(self) -> bool:
+        """Nothing queued, pending or being written, and not in background."""
+        return not (
+            self.background or self.sending or self.pending or self.pending_removed
+            or self.replies or self.push_frame is not None or self.push_raw is not None
+        )
+
+    def deliver(self, frame: bytes) -> None:
+        """Send a push now if the socket takes it without waiting, else via the writer."""
+        direct = self.direct
+        rest = None
+        if (
+            direct is not None and not self.sending and not self.replies
+            and self.push_frame is None and self.push_raw is None
+        ):
+            rest = direct(frame)
+        if rest is None:
+            self.hand_push(frame)
+            return
+        counters = self.counters
+        counters.frames_sent += 1
+        counters.bytes_sent += len(frame)
+        if rest:
+            self.push_raw = rest
+            self.writer_wake.set()
 
 
 class UserActor:
@@ -140,6 +170,12 @@ class UserActor:
         marked = False
         for s in self.sessions:
             if s.follows(key_id):
+                if shared is not None and s.idle():
+                    # The common case in a busy group: the push is the same ready bytes for
+                    # every recipient, written straight to an idle socket.
+                    s.deliver(shared[0] if s.subscribed_all else shared[1])
+                    self.hub.counters.pushes += 1
+                    continue
                 s.mark(key_id, mask, shared)
                 marked = True
         if marked:
@@ -151,29 +187,40 @@ class UserActor:
     ) -> None:
         t = self.table
         row = t.row_of(key_id)
-        if row < 0 or t.frozen[row]:
-            return
+        if row < 0 or t.frozen[row] or max_seq <= t.max_seq[row]:
+            return  # values only move forward: a late or repeated delivery changes nothing
         t.max_seq[row] = max_seq
         t.time_ms[row] = time_ms
-        t.pos[row] = pos
+        if pos > t.pos[row]:
+            t.pos[row] = pos
         self._mark_all(key_id, FIELD_MAX, shared)
 
     def on_read(self, key_id: int, read_seq: int, pos: int) -> None:
         t = self.table
         row = t.row_of(key_id)
-        if row < 0:
+        if row < 0 or read_seq <= t.read_seq[row]:
             return
         t.read_seq[row] = read_seq
-        t.pos[row] = pos
-        self._mark_all(key_id, FIELD_READ)
+        if pos > t.pos[row]:
+            t.pos[row] = pos
+        mask = FIELD_READ
+        if read_seq > t.max_seq[row] and not t.frozen[row]:
+            # The read committed after an allocation whose fan-out has not reached this
+            # actor yet: take the conversation's newest max now so read never exceeds max.
+            latest = self.hub.latest_max(key_id)
+            if latest is not None and latest[0] > t.max_seq[row]:
+                t.max_seq[row], t.time_ms[row] = latest
+                mask |= FIELD_MAX
+        self._mark_all(key_id, mask)
 
     def on_min(self, key_id: int, min_seq: int, pos: int) -> None:
         t = self.table
         row = t.row_of(key_id)
-        if row < 0 or t.frozen[row]:
+        if row < 0 or t.frozen[row] or min_seq <= t.min_seq[row]:
             return
         t.min_seq[row] = min_seq
-        t.pos[row] = pos
+        if pos > t.pos[row]:
+            t.pos[row] = pos
         self._mark_all(key_id, FIELD_MIN)
 
     def on_join(
@@ -213,7 +260,7 @@ class UserActor:
 
     # ---------------------------------------------------------------- encoding
     def token(self) -> bytes:
-        return make_token(self.hub.epoch, self.hub.position)
+        return self.hub.token()
 
     def encode_push(self, s: SessionState) -> bytes | None:
         """The frame for everything pending on ``s`` (None: nothing sendable yet)."""
@@ -248,12 +295,15 @@ class UserActor:
 
     def flush(self) -> None:
         for s in self.sessions:
-            if s.background or s.sending or s.push_frame is not None or not s.has_pending():
+            if (
+                s.background or s.sending or s.push_frame is not None or s.push_raw is not None
+                or not s.has_pending()
+            ):
                 continue
             frame = self.encode_push(s)
             if frame is not None:
-                self.hub.metrics.pushes.inc()
-                s.hand_push(frame)
+                self.hub.counters.pushes += 1
+                s.deliver(frame)
 
     # ---------------------------------------------------------------- task
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -10,6 +10,7 @@ WebSocket frames under trio-websocket's stream lock, so the per-recipient path i
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -59,6 +60,11 @@ class WebSocketTransport:
         # the bytes go out under the connection's own stream lock (no extensions are
         # negotiated, so a binary frame is just header + payload).
         self._lock: trio.StrictFIFOLock | None = getattr(conn, "_stream_lock", None)
+        # The plain TCP socket for writes that must not wait (no TLS: bytes go as they are).
+        sock = getattr(stream.inner, "socket", None)
+        self._fd = sock.fileno() if isinstance(stream.inner, trio.SocketStream) and sock else -1
+        if self._lock is None:
+            self._fd = -1
 
     @property
     def last_rx(self) -> float:
@@ -86,6 +92,32 @@ class WebSocketTransport:
         async with self._lock:
             try:
                 await self.stream.send_all(frames.ws_binary_frame(frame))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise TransportClosed(1006, "connection lost") from None
+
+    def write_nowait(self, frame: bytes) -> bytes | None:
+        """Write ``frame`` now if the socket takes it: None = not possible (use ``send``),
+        b"" = written, else the framed bytes still to go (``send_raw`` them next)."""
+        if self._fd < 0 or self.conn.closed is not None:
+            return None
+        assert self._lock is not None
+        if self._lock.locked():
+            return None
+        raw = frames.ws_binary_frame(frame)
+        try:
+            n = os.write(self._fd, raw)
+        except BlockingIOError:
+            return raw
+        except OSError:
+            return None  # the writer's send will meet the error and end the session
+        return raw[n:]
+
+    async def send_raw(self, data: bytes) -> None:
+        """Send already framed bytes (the remainder of a ``write_nowait``)."""
+        assert self._lock is not None
+        async with self._lock:
+            try:
+                await self.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 raise TransportClosed(1006, "connection lost") from None
 
@@ -156,6 +188,7 @@ class Server:
             async with trio.open_nursery() as actors:
                 self.actor_nursery = actors
                 self.hub.nursery = actors
+                actors.start_soon(self.hub.run_fanout)
                 async with trio.open_nursery() as conns:
                     self.listeners = await trio.open_tcp_listeners(
                         self.config.port, host=self.config.host

@@ -32,6 +32,9 @@ from seqactor.store import (
 
 log = logging.getLogger("seqactor.hub")
 
+FANOUT_INLINE_MEMBERS = 64  # groups up to this many online members are pushed inline
+FANOUT_BATCH_MEMBERS = 256  # a fan-out round yields to other tasks after this many members
+
 
 class Hub:
     def __init__(self, store: Store, metrics: Metrics) -> None:
@@ -41,8 +44,16 @@ class Hub:
         self.actors: dict[str, UserActor] = {}
         self.index: dict[int, set[UserActor]] = {}
         self._loading: set[UserActor] = set()
+        self.counters = metrics.counters
         self.epoch = store.epoch
         self.position = store.position
+        # Fan-out rounds for big groups (see _allocated): the newest allocation per hot
+        # conversation, the conversations waiting for a round, and per conversation the first
+        # position not yet delivered to all its online members (tokens stay below it).
+        self._latest: dict[int, Allocated] = {}
+        self._hot_queue: dict[int, None] = {}
+        self._hot_floor: dict[int, int] = {}
+        self._fanout_wake = trio.Event()
         self.nursery: trio.Nursery | None = None  # for resyncs; set by the server
         self._resyncing = False
         self._resync_again = False
@@ -126,24 +137,88 @@ class Hub:
                 found.append(actor)
         return found
 
+    # ---------------------------------------------------------------- tokens
+    @property
+    def synced_position(self) -> int:
+        """The newest position whose changes every online actor holds (the token position)."""
+        if self._hot_floor:
+            return min(self.position, min(self._hot_floor.values()) - 1)
+        return self.position
+
+    def token(self) -> bytes:
+        return make_token(self.epoch, self.synced_position)
+
+    def latest_max(self, key_id: int) -> tuple[int, int] | None:
+        """(max, time) of an allocation still being fanned out, if any."""
+        change = self._latest.get(key_id)
+        return None if change is None else (change.last, change.time_ms)
+
+    # ---------------------------------------------------------------- allocations
+    def _shared_frames(self, key_id: int, change: Allocated) -> tuple[bytes, bytes]:
+        """The push of a new max, the same for every member: (with token, without)."""
+        payload = kernel.encode_single(self.keys, key_id, change.last, 0, 0, change.time_ms)
+        token = self.token()
+        with_token = kernel.encode_single(
+            self.keys, key_id, change.last, 0, 0, change.time_ms, token
+        )
+        return kernel.frame_update(0, with_token), kernel.frame_update(0, payload)
+
     def _allocated(self, change: Allocated) -> None:
         key_id = self.keys.lookup(change.conversation_id)
-        members = self.index.get(key_id) if key_id >= 0 else None
-        if members:
-            token = make_token(self.epoch, change.position)
-            with_token = kernel.frame_update(
-                0, kernel.encode_single(self.keys, key_id, change.last, 0, 0, change.time_ms, token)
-            )
-            without = kernel.frame_update(
-                0, kernel.encode_single(self.keys, key_id, change.last, 0, 0, change.time_ms)
-            )
-            shared = (with_token, without)
+        if key_id < 0:
+            return  # no online user has ever had this conversation in view
+        sender = None
+        if change.sender_user_id is not None and change.sender_read:
+            sender = self.actors.get(change.sender_user_id)
+            if sender is not None and sender.loaded:
+                # I6 at once for the sender, max first so read never exceeds max.
+                sender.on_max(key_id, change.last, change.time_ms, change.position, None)
+                sender.on_read(key_id, change.sender_read, change.position)
+        members = self.index.get(key_id)
+        if not members:
+            return
+        if len(members) <= FANOUT_INLINE_MEMBERS or self.nursery is None:
+            shared = self._shared_frames(key_id, change)
             for actor in members:
                 actor.on_max(key_id, change.last, change.time_ms, change.position, shared)
-        if change.sender_user_id is not None and change.sender_read:
-            actor = self.actors.get(change.sender_user_id)
-            if actor is not None and actor.loaded and key_id >= 0:
-                actor.on_read(key_id, change.sender_read, change.position)
+            return
+        # A big group: the allocation costs O(1) here; a fan-out round delivers the newest
+        # max to every member, so allocations that arrive during a round coalesce.
+        self._latest[key_id] = change
+        self._hot_floor.setdefault(key_id, change.position)
+        self._hot_queue[key_id] = None
+        self._fanout_wake.set()
+
+    async def run_fanout(self) -> None:
+        """Deliver hot conversations' newest max to their members, round after round."""
+        while True:
+            await self._fanout_wake.wait()
+            self._fanout_wake = trio.Event()
+            while self._hot_queue:
+                key_id = next(iter(self._hot_queue))
+                del self._hot_queue[key_id]
+                await self._fanout_round(key_id)
+
+    async def _fanout_round(self, key_id: int) -> None:
+        change = self._latest[key_id]
+        start = change.position
+        shared = self._shared_frames(key_id, change)
+        members = list(self.index.get(key_id, ()))
+        for i, actor in enumerate(members):
+            latest = self._latest[key_id]
+            if latest is not change:  # newer max arrived mid-round: later members get it
+                change = latest
+                shared = self._shared_frames(key_id, change)
+            actor.on_max(key_id, change.last, change.time_ms, change.position, shared)
+            if i % FANOUT_BATCH_MEMBERS == FANOUT_BATCH_MEMBERS - 1:
+                await trio.sleep(0)  # let ops and other conversations run
+        if self._latest[key_id].position == start:
+            del self._latest[key_id]
+            del self._hot_floor[key_id]
+            self._hot_queue.pop(key_id, None)
+        else:  # members early in this round missed what came later: another round
+            self._hot_floor[key_id] = start + 1
+            self._hot_queue[key_id] = None
 
     def _apply_to(self, actor: UserActor, change: Change, targeted: bool = False) -> None:
         """A change for one actor (also used to replay the backlog after loading).

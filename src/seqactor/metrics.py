@@ -2,14 +2,51 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 OP_LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
+class HotCounters:
+    """Plain integers bumped on the per-recipient path (a Prometheus Counter takes a lock per
+    increment); exported as counters at scrape time."""
+
+    __slots__ = ("pushes", "frames_sent", "bytes_sent", "coalesced")
+
+    def __init__(self) -> None:
+        self.pushes = 0
+        self.frames_sent = 0
+        self.bytes_sent = 0
+        self.coalesced = 0
+
+
+class _HotCollector(Collector):
+    HELP = {
+        "pushes": "Push updates delivered to sessions",
+        "frames_sent": "WebSocket frames sent",
+        "bytes_sent": "Payload bytes sent",
+        "coalesced": "Changes merged into an already pending entry",
+    }
+    NAMES = {"coalesced": "coalesced_changes"}
+
+    def __init__(self, counters: HotCounters) -> None:
+        self.counters = counters
+
+    def collect(self) -> Iterator[Metric]:
+        for field, help_text in self.HELP.items():
+            name = f"seqactor_{self.NAMES.get(field, field)}"
+            yield CounterMetricFamily(name, help_text, value=getattr(self.counters, field))
+
+
 class Metrics:
     def __init__(self) -> None:
+        self.counters = HotCounters()
         r = self.registry = CollectorRegistry()
+        r.register(_HotCollector(self.counters))
         self.sessions = Gauge("seqactor_sessions", "Open authenticated sessions", registry=r)
         self.connections = Gauge("seqactor_connections", "Open WebSocket connections", registry=r)
         self.actors = Gauge("seqactor_actors", "Online user actors", registry=r)
@@ -19,13 +56,6 @@ class Metrics:
         self.op_latency = Histogram(
             "seqactor_op_latency_seconds", "Operation latency", ["op"],
             buckets=OP_LATENCY_BUCKETS_S, registry=r,
-        )
-        self.pushes = Counter("seqactor_pushes", "Push updates handed to sessions", registry=r)
-        self.frames_sent = Counter("seqactor_frames_sent", "WebSocket frames sent", registry=r)
-        self.bytes_sent = Counter("seqactor_bytes_sent", "Payload bytes sent", registry=r)
-        self.coalesced = Counter(
-            "seqactor_coalesced_changes", "Changes merged into an already pending entry",
-            registry=r,
         )
         self.commit_latency = Histogram(
             "seqactor_store_commit_seconds", "Store write latency as seen by operations",
