@@ -31,6 +31,9 @@ system-deps:
 
 run: install
 	mkdir -p var
+	@echo "get a token in another terminal:"
+	@echo "  $(VENV)/bin/seqactor token --secret-file $(SECRET) --user alice"
+	@echo "  $(VENV)/bin/seqactor token --secret-file $(SECRET) --user backend --role service"
 	$(VENV)/bin/seqactor serve --host $(HOST) --port $(PORT) --store $(STORE) --secret-file $(SECRET)
 
 test: install system-deps test-compiled test-fallback
