@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import trio
-
 import trio_websocket as tws
 
 from tests._harness import RawClient, body, update_of

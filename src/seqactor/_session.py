@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
 import trio
@@ -54,7 +54,9 @@ class TransportClosed(Exception):
 
 
 class Transport(Protocol):
-    last_rx: float  # trio.current_time() of the last bytes received (any frame, pings too)
+    @property
+    def last_rx(self) -> float:
+        """trio.current_time() of the last bytes received (any frame, pings too)."""
 
     async def receive(self) -> bytes | str: ...
     async def send(self, frame: bytes) -> None: ...
@@ -364,8 +366,8 @@ class Session:
             raise _OpError(Code.FORBIDDEN, f"{kind} requires a service token")
         return await op(self, rid, getattr(msg, kind))
 
-    def _check_ids(self, ids: object) -> list[str]:
-        ids = list(ids)  # type: ignore[call-overload]
+    def _check_ids(self, repeated: Iterable[str]) -> list[str]:
+        ids = list(repeated)
         if len(ids) > self.cfg.max_ids_per_request:
             raise _OpError(
                 Code.TOO_LARGE,

@@ -87,7 +87,9 @@ class WebSocketTransport:
             try:
                 await conn.send_message(frame)
             except tws.ConnectionClosed as exc:
-                raise TransportClosed(exc.reason.code, exc.reason.reason) from None
+                raise TransportClosed(
+                    getattr(exc.reason, "code", None), getattr(exc.reason, "reason", None)
+                ) from None
             return
         async with self._lock:
             try:

@@ -118,9 +118,9 @@ class Hub:
         elif isinstance(change, Allocated):
             self._allocated(change)
         elif isinstance(change, ReadMarked):
-            actor = self.actors.get(change.user_id)
-            if actor is not None and actor.loaded:
-                self._apply_to(actor, change)
+            reader = self.actors.get(change.user_id)
+            if reader is not None and reader.loaded:
+                self._apply_to(reader, change)
         elif isinstance(change, MinChanged):
             key_id = self.keys.lookup(change.conversation_id)
             for actor in self.index.get(key_id, ()):
