@@ -25,6 +25,7 @@ values (conversation max/min/time for active members, or the member's own read/j
 from __future__ import annotations
 
 import abc
+import re
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,10 @@ MAX_ALLOCATE_COUNT = 10_000
 DEFAULT_MAX_VIEW_CONVERSATIONS = 1_000_000
 DEFAULT_MAX_CONVERSATION_MEMBERS = 1_000_000
 EPOCH_BYTES = 16
+MAX_UINT64 = 2**64 - 1
+
+# C0 controls, DEL and C1 controls (same set as ``ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0``).
+_CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 # ------------------------------------------------------------------ errors
@@ -93,13 +98,15 @@ def validate_id(value: object, what: str) -> str:
         raise InvalidArgument(f"{what} is not valid UTF-8") from None
     if size > MAX_ID_BYTES:
         raise InvalidArgument(f"{what} is {size} bytes; the limit is {MAX_ID_BYTES}")
-    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in value):
+    if _CONTROL_CHARS.search(value) is not None:
         raise InvalidArgument(f"{what} contains a control character")
     return value
 
 
 def normalize_count(count: int) -> int:
     """SPEC: ``count`` 1–10000, 0 means 1."""
+    if not isinstance(count, int) or isinstance(count, bool):
+        raise InvalidArgument("count must be an integer")
     if count < 0:
         raise InvalidArgument("count must not be negative")
     if count == 0:
@@ -161,7 +168,17 @@ class MinChanged:
     changed: bool
 
 
-Change = Allocated | ReadMarked | MembersAdded | MembersRemoved | MinChanged
+@dataclass(frozen=True, slots=True)
+class StoreReset:
+    """Published by a networked store that may have missed changes (its connection dropped,
+    events were lost): listeners must reload what they hold from the store. Not a change of
+    state itself; ``position`` is the store position when it was detected."""
+
+    position: int
+    conversation_id: str = ""
+
+
+Change = Allocated | ReadMarked | MembersAdded | MembersRemoved | MinChanged | StoreReset
 Listener = Callable[[Change], None]
 
 
