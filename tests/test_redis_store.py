@@ -1,0 +1,348 @@
+"""The Redis store: the shared store suite on Redis and on a local 3-master Redis Cluster, plus
+what only a networked store has (several stores on one Redis, lost subscriptions, lost data,
+AOF restarts, the cluster's key layout)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from seqactor.store import open_store
+from seqactor.store._base import (
+    Allocated,
+    Change,
+    InvalidArgument,
+    MembersAdded,
+    Store,
+    StoreReset,
+    Unavailable,
+)
+from seqactor.store.redis import RedisStore, init_store, parse_url
+from tests import test_store as shared
+from tests._redis import (
+    RedisServer,
+    cli,
+    redis_url,
+    requires_redis,
+    shared_cluster,
+    unique_prefix,
+)
+
+pytestmark = requires_redis
+
+REDIS_BACKENDS = ["redis", "redis-cluster"]
+
+
+def redis_factory(cluster: bool) -> Any:
+    """STORE_FACTORIES entry: stores made for one test share a fresh key prefix."""
+
+    def per_test(tmp: Path) -> Any:
+        url = redis_url(unique_prefix(), cluster=cluster)
+        return lambda **kw: RedisStore(url, **kw)
+
+    return per_test
+
+
+# ------------------------------------------------------------------ the shared suite
+
+_SHARED_TESTS = [
+    name for name in dir(shared)
+    if name.startswith("test_") and callable(getattr(shared, name))
+    and name not in {
+        # SQLite only (they open the SQLite file or construct SQLiteStore)
+        "test_wal_and_full_sync", "test_incompatible_files_refused", "test_open_store_url",
+        "test_commit_failure_makes_store_unavailable", "test_uncommitted_allocation_is_invisible",
+    }
+]
+if "redis" not in shared.STORE_FACTORIES:  # not yet in the shared parametrization: run it here
+    for _name in _SHARED_TESTS:
+        globals()[_name] = getattr(shared, _name)
+
+    @pytest.fixture(params=REDIS_BACKENDS)
+    def backend(request: pytest.FixtureRequest) -> str:
+        return str(request.param)
+
+    @pytest.fixture
+    def make_store(backend: str, tmp_path: Path) -> Any:
+        return redis_factory(backend == "redis-cluster")(tmp_path)
+
+    @pytest.fixture
+    async def store(make_store: Any) -> AsyncIterator[Store]:
+        s = make_store()
+        await s.open()
+        try:
+            yield s
+        finally:
+            await s.aclose()
+
+    shared.PERSISTENT.update(REDIS_BACKENDS)
+
+
+# ------------------------------------------------------------------ helpers
+
+
+async def opened(url: str, **kw: Any) -> RedisStore:
+    s = RedisStore(url, **kw)
+    await s.open()
+    return s
+
+
+async def wait_for(pred: Any, timeout: float = 10.0) -> None:
+    with trio.fail_after(timeout):
+        while not pred():
+            await trio.sleep(0.01)
+
+
+# ------------------------------------------------------------------ URLs and layout
+
+
+def test_parse_url() -> None:
+    cfg = parse_url("redis://:pw@h:7000/3?prefix=app")
+    assert cfg["nodes"] == [("h", 7000)] and cfg["db"] == 3 and cfg["prefix"] == "app"
+    assert cfg["password"] == "pw" and cfg["username"] is None
+    cfg = parse_url("redis+cluster://a:1,b:2")
+    assert cfg["cluster"] and cfg["nodes"] == [("a", 1), ("b", 2)]
+    assert cfg["prefix"] == "sa"
+    for bad in ["redis://h:x/0", "redis://a:1,b:2/0", "redis://h:1/0?prefix={x}",
+                "redis+cluster://a:1/2", "rediss://h:1"]:
+        with pytest.raises(InvalidArgument):
+            parse_url(bad)
+    assert isinstance(open_store("redis://127.0.0.1:1/0"), RedisStore)
+    assert isinstance(open_store("redis+cluster://127.0.0.1:1"), RedisStore)
+
+
+def test_cluster_keys_of_one_step_share_a_slot() -> None:
+    from coredis._utils import hash_slot
+
+    s = RedisStore("redis+cluster://127.0.0.1:1?prefix=p")
+    for cid in ["c", "a{b}c", "}{", "{", "é", "x" * 128]:
+        ck = s.conv_key(cid)
+        slots = {hash_slot(k.encode()) for k in (ck, s.members_key(cid), s.slot_epoch_key(ck))}
+        assert len(slots) == 1, cid
+    for uid in ["u", "{u}", "}"]:
+        vk = s.view_key(uid)
+        keys = (vk, s.tomb_key(uid), s.horizon_key(uid), s.slot_epoch_key(vk))
+        assert len({hash_slot(k.encode()) for k in keys}) == 1
+    assert len({hash_slot(k.encode()) for k in s.all_slot_epoch_keys()}) == 16384
+
+
+# ------------------------------------------------------------------ several stores, one state
+
+
+@pytest.mark.parametrize("cluster", [False, True], ids=["redis", "redis-cluster"])
+async def test_changes_reach_every_store_in_order(cluster: bool) -> None:
+    """Writes through three stores (nodes) reach every store's listeners in position order,
+    each once; epoch and positions are shared."""
+    url = redis_url(unique_prefix(), cluster=cluster)
+    stores = [await opened(url) for _ in range(3)]
+    seen: list[list[Change]] = [[] for _ in stores]
+    for s, log_ in zip(stores, seen, strict=True):
+        s.add_listener(log_.append)
+    try:
+        assert len({s.epoch for s in stores}) == 1
+        await stores[0].add_members("c", ["u", "v"])
+
+        async def writer(i: int) -> None:
+            rng = random.Random(i)
+            for _ in range(15):
+                s = stores[rng.randrange(3)]
+                cid = rng.choice(["c", "d", "e"])
+                if rng.random() < 0.7:
+                    await s.allocate(cid, rng.randint(1, 3), sender_user_id="u")
+                else:
+                    await s.add_members(cid, [f"w{rng.randrange(4)}"])
+
+        async with trio.open_nursery() as n:
+            for i in range(6):
+                n.start_soon(writer, i)
+        last = max(s.position for s in stores)
+        await wait_for(lambda: all(s.position >= last for s in stores))
+        changes = [c for c in seen[0] if not isinstance(c, StoreReset)]
+        assert [c.position for c in changes] == sorted({c.position for c in changes})
+        for other in seen[1:]:
+            assert other == seen[0]
+        # seqs of each conversation: contiguous across stores
+        for cid in ["c", "d", "e"]:
+            allocs = sorted((c.first, c.last) for c in changes
+                            if isinstance(c, Allocated) and c.conversation_id == cid)
+            expected = 1
+            for first, lst in allocs:
+                assert first == expected
+                expected = lst + 1
+            st = await stores[1].conversation(cid)
+            assert st is None or st.max_sequence == expected - 1
+        v = [await s.load_view("u") for s in stores]
+        assert v[0].conversation_ids == v[1].conversation_ids == v[2].conversation_ids
+        assert list(v[0].max_seq) == list(v[2].max_seq)
+    finally:
+        for s in stores:
+            await s.aclose()
+
+
+async def test_lost_subscription_publishes_store_reset() -> None:
+    """Killing the node's Pub/Sub connection: it resubscribes and publishes StoreReset."""
+    url = redis_url(unique_prefix())
+    a, b = await opened(url), await opened(url)
+    seen: list[Change] = []
+    b.add_listener(seen.append)
+    try:
+        await a.allocate("c", 1)
+        await wait_for(lambda: b.position == 1)
+        port = parse_url(url)["nodes"][0][1]
+        cli(port, "CLIENT", "KILL", "TYPE", "pubsub")  # every subscriber, both stores
+        await a.allocate("c", 1)  # may be missed by b's subscription
+        await wait_for(lambda: any(isinstance(c, StoreReset) for c in seen))
+        await a.allocate("c", 1)
+        await wait_for(lambda: b.position >= 3)
+        assert isinstance(seen[-1], Allocated) and seen[-1].last == 3
+        assert (await b.conversation("c")).max_sequence == 3  # type: ignore[union-attr]
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+# ------------------------------------------------------------------ durability and data loss
+
+
+async def test_aof_restart_reuses_no_seq(tmp_path: Path) -> None:
+    """Redis restarted (SIGKILL) with appendfsync always: allocation continues after the last
+    acknowledged seq; the store reconnects by itself."""
+    srv = RedisServer(data_dir=tmp_path / "r", appendfsync="always").start()
+    try:
+        s = await opened(srv.url)
+        seen: list[Change] = []
+        s.add_listener(seen.append)
+        try:
+            last = 0
+            for _ in range(20):
+                last = (await s.allocate("c", 3)).last
+            epoch = s.epoch
+            srv.kill()
+            srv.start()
+            await wait_for(lambda: any(isinstance(c, StoreReset) for c in seen))
+            a = None
+            with trio.fail_after(10):
+                while a is None:
+                    try:
+                        a = await s.allocate("c", 1)
+                    except Unavailable:
+                        await trio.sleep(0.05)
+            assert a.first == last + 1 and s.epoch == epoch
+        finally:
+            await s.aclose()
+    finally:
+        srv.cleanup()
+
+
+async def test_wiped_redis_refuses_until_init_force(tmp_path: Path) -> None:
+    srv = RedisServer(data_dir=tmp_path / "r").start()
+    try:
+        s = await opened(srv.url)
+        seen: list[Change] = []
+        s.add_listener(seen.append)
+        try:
+            await s.add_members("c", ["u"])
+            await s.allocate("c", 5)
+            old_epoch, old_pos = s.epoch, s.position
+            cli(srv.port, "FLUSHALL")
+            for _ in range(2):
+                with pytest.raises(Unavailable):
+                    await s.allocate("c", 1)
+            assert s.data_lost
+            assert await init_store(srv.url, force=False) != (old_epoch, False)  # creates
+            epoch, created = await init_store(srv.url, force=True)
+            assert created and epoch != old_epoch
+            await wait_for(lambda: s.epoch == epoch and not s.data_lost)
+            a = await s.allocate("c", 1)
+            assert a.first == 1 and a.position > old_pos  # positions never go back
+            assert any(isinstance(c, StoreReset) for c in seen)
+            again, created = await init_store(srv.url, force=False)
+            assert (again, created) == (epoch, False)
+        finally:
+            await s.aclose()
+    finally:
+        srv.cleanup()
+
+
+async def test_restart_empty_is_detected_without_writes(tmp_path: Path) -> None:
+    """Redis restarted with an empty data dir: the node notices on reconnect (no write
+    needed), refuses writes, and accepts them after init --force."""
+    srv = RedisServer(data_dir=tmp_path / "r").start()
+    try:
+        s = await opened(srv.url)
+        try:
+            await s.allocate("c", 2)
+            srv.wipe()
+            srv.start()
+            await wait_for(lambda: s.data_lost)
+            with pytest.raises(Unavailable):
+                await s.allocate("c", 1)
+            epoch, _ = await init_store(srv.url, force=True)
+            await wait_for(lambda: s.epoch == epoch and not s.data_lost)
+            assert (await s.allocate("c", 1)).first == 1
+        finally:
+            await s.aclose()
+    finally:
+        srv.cleanup()
+
+
+async def test_cluster_init_force_reaches_every_slot() -> None:
+    url = redis_url(unique_prefix(), cluster=True)
+    s = await opened(url)
+    try:
+        convs = [f"c{i}" for i in range(20)]  # spread over the three masters
+        for cid in convs:
+            await s.add_members(cid, ["u"])
+        epoch, created = await init_store(url, force=True)
+        assert created
+        await wait_for(lambda: s.epoch == epoch)
+        for cid in convs:
+            a = await s.allocate(cid, 1)
+            assert a.first == 1
+        assert len((await s.load_view("u")).conversation_ids) == 20
+    finally:
+        await s.aclose()
+
+
+async def test_cluster_two_nodes_one_hot_conversation() -> None:
+    """Two nodes racing on one conversation: stale positions retry; seqs stay contiguous and
+    every node delivers the same changes in the same order."""
+    url = redis_url(unique_prefix(), cluster=True)
+    a, b = await opened(url), await opened(url)
+    seen_a: list[Change] = []
+    seen_b: list[Change] = []
+    a.add_listener(seen_a.append)
+    b.add_listener(seen_b.append)
+    try:
+        await a.add_members("hot", ["u"])
+        got: list[tuple[int, int]] = []
+
+        async def worker(s: RedisStore) -> None:
+            for _ in range(25):
+                r = await s.allocate("hot", 2, sender_user_id="u")
+                got.append((r.first, r.last))
+
+        async with trio.open_nursery() as n:
+            for s in (a, b, a, b):
+                n.start_soon(worker, s)
+        got.sort()
+        assert [f for f, _ in got] == list(range(1, 201, 2))
+        await wait_for(lambda: a.position == b.position)
+        assert seen_a == seen_b
+        maxes = [c.last for c in seen_a if isinstance(c, Allocated)]
+        assert maxes == sorted(maxes)  # position order = commit order of the conversation
+        assert isinstance(seen_a[0], MembersAdded)
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+def test_cluster_fixture_is_three_masters() -> None:
+    cl = shared_cluster()
+    out = cli(cl.nodes[0].port, "CLUSTER", "NODES")
+    assert sum(1 for line in out.splitlines() if "master" in line) == 3
