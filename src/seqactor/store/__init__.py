@@ -40,8 +40,12 @@ def open_store(url: str) -> Store:
         if not path:
             raise InvalidArgument(f"no database path in store URL {url!r}")
         return SQLiteStore(path)
+    if url.startswith(("redis://", "redis+cluster://")):
+        from seqactor.store.redis import RedisStore
+
+        return RedisStore(url)
     raise InvalidArgument(
-        f"unsupported store URL {url!r} (expected memory://, sqlite:///path or redis://host:port/db)"
+        f"unsupported store URL {url!r} (expected memory://, sqlite:///path, redis://host:port/db or redis+cluster://host:port,...)"
     )
 
 
