@@ -16,9 +16,12 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from seqactor.store import Store
 
 REDIS_SERVER = shutil.which("redis-server")
 REDIS_CLI = shutil.which("redis-cli")
@@ -217,3 +220,18 @@ def redis_url(prefix: str, *, cluster: bool = False) -> str:
     """The store URL for a prefix on the shared server or cluster."""
     base = shared_cluster().url if cluster else shared_redis().url
     return f"{base}?prefix={prefix}"
+
+
+def redis_store_factory(cluster: bool) -> Callable[[Path], Callable[..., Store]]:
+    """A ``STORE_FACTORIES`` entry (tests/test_store.py): the stores made for one test share a
+    fresh key prefix on the session's server / cluster. Skips when redis-server is missing."""
+
+    def per_test(tmp: Path) -> Callable[..., Store]:
+        if REDIS_SERVER is None or REDIS_CLI is None:
+            pytest.skip("redis-server / redis-cli not installed (make system-deps)")
+        from seqactor.store.redis import RedisStore
+
+        url = redis_url(unique_prefix(), cluster=cluster)
+        return lambda **kw: RedisStore(url, **kw)
+
+    return per_test

@@ -1,11 +1,10 @@
-"""The Redis store: the shared store suite on Redis and on a local 3-master Redis Cluster, plus
-what only a networked store has (several stores on one Redis, lost subscriptions, lost data,
-AOF restarts, the cluster's key layout)."""
+"""The Redis store beyond the shared suite (tests/test_store.py runs that on Redis and on a local
+3-master Redis Cluster): several stores on one state, lost subscriptions, lost data, AOF
+restarts, the cluster's key layout."""
 
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +17,10 @@ from seqactor.store._base import (
     Change,
     InvalidArgument,
     MembersAdded,
-    Store,
     StoreReset,
     Unavailable,
 )
 from seqactor.store.redis import RedisStore, init_store, parse_url
-from tests import test_store as shared
 from tests._redis import (
     RedisServer,
     cli,
@@ -34,54 +31,6 @@ from tests._redis import (
 )
 
 pytestmark = requires_redis
-
-REDIS_BACKENDS = ["redis", "redis-cluster"]
-
-
-def redis_factory(cluster: bool) -> Any:
-    """STORE_FACTORIES entry: stores made for one test share a fresh key prefix."""
-
-    def per_test(tmp: Path) -> Any:
-        url = redis_url(unique_prefix(), cluster=cluster)
-        return lambda **kw: RedisStore(url, **kw)
-
-    return per_test
-
-
-# ------------------------------------------------------------------ the shared suite
-
-_SHARED_TESTS = [
-    name for name in dir(shared)
-    if name.startswith("test_") and callable(getattr(shared, name))
-    and name not in {
-        # SQLite only (they open the SQLite file or construct SQLiteStore)
-        "test_wal_and_full_sync", "test_incompatible_files_refused", "test_open_store_url",
-        "test_commit_failure_makes_store_unavailable", "test_uncommitted_allocation_is_invisible",
-    }
-]
-if "redis" not in shared.STORE_FACTORIES:  # not yet in the shared parametrization: run it here
-    for _name in _SHARED_TESTS:
-        globals()[_name] = getattr(shared, _name)
-
-    @pytest.fixture(params=REDIS_BACKENDS)
-    def backend(request: pytest.FixtureRequest) -> str:
-        return str(request.param)
-
-    @pytest.fixture
-    def make_store(backend: str, tmp_path: Path) -> Any:
-        return redis_factory(backend == "redis-cluster")(tmp_path)
-
-    @pytest.fixture
-    async def store(make_store: Any) -> AsyncIterator[Store]:
-        s = make_store()
-        await s.open()
-        try:
-            yield s
-        finally:
-            await s.aclose()
-
-    shared.PERSISTENT.update(REDIS_BACKENDS)
-
 
 # ------------------------------------------------------------------ helpers
 
