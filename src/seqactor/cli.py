@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import trio
 
 from seqactor import config as C
+from seqactor._cli_store import add_store_parser, cmd_store
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _token_parser(sub)
+    add_store_parser(sub)
     return parser
 
 
@@ -146,7 +148,7 @@ async def _stop_on_signal(server: object) -> None:
             return
 
 
-COMMANDS = {"serve": cmd_serve, "token": cmd_token}
+COMMANDS = {"serve": cmd_serve, "token": cmd_token, "store": cmd_store}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
