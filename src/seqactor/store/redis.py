@@ -491,8 +491,9 @@ class RedisStore(Store):
             except (SubscriptionLost, RedisError, OSError, Unavailable) as exc:
                 if not first:
                     self._sub_down = True  # until the resync: changes may have been missed
-                log.warning("redis store: subscription to %s:%d lost (%s); reconnecting",
-                            host, port, exc)
+                level = logging.WARNING if delay == RECONNECT_MIN_S else logging.DEBUG
+                log.log(level, "redis store: subscription to %s:%d lost (%s); reconnecting",
+                        host, port, exc)
             node += 1
             await trio.sleep(delay)
             delay = min(RECONNECT_MAX_S, delay * 2)
