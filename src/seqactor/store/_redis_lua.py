@@ -65,12 +65,14 @@ end
 """
 
 OP = _COMMON + r"""
-local op, epoch, mode = ARGV[1], ARGV[2], ARGV[3]
-local cpos, ptime, deadline, channel = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
+local function run_op(K, V)
+
+local op, epoch, mode = V[1], V[2], V[3]
+local cpos, ptime, deadline, channel = tonumber(V[4]), tonumber(V[5]), tonumber(V[6]), V[7]
 local A = 8
-local bad = check_epoch(KEYS[1], epoch)
+local bad = check_epoch(K[1], epoch)
 if bad then return bad end
-local ck, mk = KEYS[3], KEYS[4]
+local ck, mk = K[3], K[4]
 
 local function getconv()
   local v = redis.call('HMGET', ck, 'mx', 'mn', 'tm', 'ps', 'ac', 'lp')
@@ -79,7 +81,7 @@ local function getconv()
           ac = tonumber(v[5]), lp = tonumber(v[6] or '0')}
 end
 local function take_pos(c)
-  if mode == 's' then return redis.call('INCR', KEYS[2]) end
+  if mode == 's' then return redis.call('INCR', K[2]) end
   if c and c.lp >= cpos then return nil, 'STALE' end
   if now_us() - ptime > deadline then return nil, 'EXPIRED' end
   return cpos
@@ -89,18 +91,18 @@ local function publish(parts)
   redis.call('PUBLISH', channel, payload)
   return {'OK', payload}
 end
-local function ukey(i, j) return KEYS[4 + 3 * (i - 1) + j] end
+local function ukey(i, j) return K[4 + 3 * (i - 1) + j] end
 -- the position a no-op answer is consistent with (standalone: the counter; cluster: the
 -- conversation's last position, combined by the caller with what it had delivered)
 local function noop(c, ...)
   local p = 0
-  if mode == 's' then p = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if mode == 's' then p = tonumber(redis.call('GET', K[2]) or '0')
   elseif c then p = c.lp end
   return {'NOOP', fmt(p), ...}
 end
 
 if op == 'alloc' then
-  local cid, count, sender = ARGV[A], tonumber(ARGV[A + 1]), ARGV[A + 2]
+  local cid, count, sender = V[A], tonumber(V[A + 1]), V[A + 2]
   local c = getconv()
   local mx = c and c.mx or 0
   if mx + count > MAXSEQ then
@@ -132,7 +134,7 @@ if op == 'alloc' then
 end
 
 if op == 'read' then
-  local cid, uid, req = ARGV[A], ARGV[A + 1], tonumber(ARGV[A + 2])
+  local cid, uid, req = V[A], V[A + 1], tonumber(V[A + 2])
   local c = getconv()
   if not c then return {'ERR', 'NOTFOUND', 'conversation not found'} end
   local m = mdecode(redis.call('HGET', mk, uid))
@@ -153,7 +155,7 @@ if op == 'read' then
 end
 
 if op == 'min' then
-  local cid, req = ARGV[A], tonumber(ARGV[A + 1])
+  local cid, req = V[A], tonumber(V[A + 1])
   local c = getconv()
   if not c then return {'ERR', 'NOTFOUND', 'conversation not found'} end
   local eff = c.mx
@@ -167,11 +169,11 @@ if op == 'min' then
 end
 
 if op == 'add' then
-  local cid, max_view, max_members = ARGV[A], tonumber(ARGV[A + 1]), tonumber(ARGV[A + 2])
+  local cid, max_view, max_members = V[A], tonumber(V[A + 1]), tonumber(V[A + 2])
   local c = getconv()
   local joiners = {}
-  for i = A + 3, #ARGV do
-    local uid = ARGV[i]
+  for i = A + 3, #V do
+    local uid = V[i]
     local m = mdecode(redis.call('HGET', mk, uid))
     if not m or m.frozen then joiners[#joiners + 1] = {uid, m, i - A - 2} end
   end
@@ -215,12 +217,12 @@ if op == 'add' then
 end
 
 if op == 'rm' then
-  local cid, keep, max_tombs = ARGV[A], ARGV[A + 1] == '1', tonumber(ARGV[A + 2])
+  local cid, keep, max_tombs = V[A], V[A + 1] == '1', tonumber(V[A + 2])
   local c = getconv()
   if not c then return {'ERR', 'NOTFOUND', 'conversation not found'} end
   local leavers = {}
-  for i = A + 3, #ARGV do
-    local uid = ARGV[i]
+  for i = A + 3, #V do
+    local uid = V[i]
     local m = mdecode(redis.call('HGET', mk, uid))
     if m and (not m.frozen or not keep) then leavers[#leavers + 1] = {uid, m, i - A - 2} end
   end
@@ -255,7 +257,27 @@ if op == 'rm' then
   return publish({'L', fmt(pos), cid, keep and '1' or '0', table.concat(users, USEP)})
 end
 
-return {'ERR', 'BADOP', op}
+return {'ERR', 'BADOP', op or ''}
+end
+
+-- 'batch' (standalone): several operations in one call, each atomic on its own.
+-- ARGV: 'batch', n, then n pairs (key count, arg count), then each op's args; KEYS: each
+-- op's keys in order. Replies: one per op.
+if ARGV[1] == 'batch' then
+  local n = tonumber(ARGV[2])
+  local out = {}
+  local ki, ai = 1, 3 + 2 * n
+  for i = 1, n do
+    local nk, na = tonumber(ARGV[1 + 2 * i]), tonumber(ARGV[2 + 2 * i])
+    local K, V = {}, {}
+    for j = 1, nk do K[j] = KEYS[ki + j - 1] end
+    for j = 1, na do V[j] = ARGV[ai + j - 1] end
+    ki, ai = ki + nk, ai + na
+    out[i] = run_op(K, V)
+  end
+  return out
+end
+return run_op(KEYS, ARGV)
 """
 
 # One row of a view: conversation values + the member's row (read-only, one slot).

@@ -100,6 +100,8 @@ CONNECT_TIMEOUT_S = 2.0
 RECONNECT_MIN_S = 0.05
 RECONNECT_MAX_S = 1.0
 MAX_CLUSTER_RETRIES = 50
+MAX_BATCH_OPS = 256  # standalone: operations sent in one script call
+MAX_INFLIGHT_BATCHES = 4  # standalone: script calls in flight; more ops wait and batch up
 CLUSTER_SLOTS = 16384
 
 SEP = "\x1f"
@@ -217,6 +219,19 @@ def parse_change(payload: bytes) -> tuple[str, int, Change | None]:
     return kind, pos, None  # "S" skip, "E" new epoch
 
 
+class _Job:
+    """A standalone write waiting for the batcher."""
+
+    __slots__ = ("keys", "argv", "reply", "error", "done")
+
+    def __init__(self, keys: list[str], argv: list[Any]) -> None:
+        self.keys = keys
+        self.argv = argv
+        self.reply: list[Any] | None = None
+        self.error: BaseException | None = None
+        self.done = trio.Event()
+
+
 class _Retry(Exception):
     """The epoch changed under an operation: it was switched; run the operation again."""
 
@@ -284,7 +299,8 @@ class RedisStore(Store):
         self._subscribed = trio.Event()
         self._wake = trio.Event()  # for the maintenance task: epoch note or gap
         self._epoch_note = False
-        self._sub_failures = 0
+        self._queue: list[_Job] = []
+        self._batch_wake = trio.Event()
 
     # ------------------------------------------------------------------ keys
 
@@ -457,6 +473,7 @@ class RedisStore(Store):
                             async with trio.open_nursery() as nursery:
                                 nursery.start_soon(self._subscriber)
                                 nursery.start_soon(self._maintenance)
+                                nursery.start_soon(self._batcher)
                         finally:
                             self._client = None
                 except (RedisError, OSError) as exc:
@@ -589,6 +606,11 @@ class RedisStore(Store):
 
     def _on_payload(self, payload: bytes) -> None:
         try:
+            if payload[:1] != b"E" and int(payload[2:payload.index(b"\x1f", 2)]) <= self.position:
+                return  # already delivered (e.g. this node's own change, from the reply)
+        except ValueError:
+            pass
+        try:
             kind, pos, change = parse_change(payload)
         except (ValueError, UnicodeDecodeError):
             log.error("redis store: malformed event %r", payload[:200])
@@ -710,14 +732,66 @@ class RedisStore(Store):
                 if op in ("add", "rm"):
                     for u in users:
                         keys += [self.view_key(u), self.tomb_key(u), self.horizon_key(u)]
-                reply = await self._check(
-                    await self._call(self._op, keys, self._argv(op, "s") + args)
-                )
-                return reply
+                return await self._check(await self._submit(keys, self._argv(op, "s") + args))
             except _Retry:
                 self._check_writable()
                 continue
         raise Unavailable("the store epoch keeps changing")
+
+    # ------------------------------------------------------------------ standalone batching
+
+    async def _submit(self, keys: list[str], argv: list[Any]) -> list[Any]:
+        """Run the op script through the batcher: while calls are in flight, concurrent
+        writes gather and go in one script call (each op still atomic on its own)."""
+        job = _Job(keys, argv)
+        self._queue.append(job)
+        self._batch_wake.set()
+        # shielded: the op may commit, its result is not thrown away (bounded wait)
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + COMMAND_TIMEOUT_S * 2):
+            await job.done.wait()
+        if job.error is not None:
+            raise job.error
+        if job.reply is None:
+            raise Unavailable("Redis: no reply")
+        return job.reply
+
+    async def _batcher(self) -> None:
+        slots = trio.Semaphore(MAX_INFLIGHT_BATCHES)
+        async with trio.open_nursery() as nursery:
+            while True:
+                await self._batch_wake.wait()
+                self._batch_wake = trio.Event()
+                while self._queue:
+                    await slots.acquire()
+                    batch = self._queue[:MAX_BATCH_OPS]
+                    del self._queue[:MAX_BATCH_OPS]
+                    nursery.start_soon(self._run_batch, batch, slots)
+
+    async def _run_batch(self, batch: list[_Job], slots: trio.Semaphore) -> None:
+        try:
+            if len(batch) == 1:
+                job = batch[0]
+                job.reply = list(await self._op(keys=job.keys, args=job.argv))
+            else:
+                keys: list[str] = []
+                head: list[Any] = ["batch", len(batch)]
+                rest: list[Any] = []
+                for job in batch:
+                    keys += job.keys
+                    head += [len(job.keys), len(job.argv)]
+                    rest += job.argv
+                replies = await self._op(keys=keys, args=head + rest)
+                for job, reply in zip(batch, replies, strict=True):
+                    job.reply = list(reply)
+        except (RedisError, OSError, trio.BrokenResourceError, ValueError) as exc:
+            for job in batch:
+                job.error = Unavailable(f"Redis: {exc}")
+        finally:
+            slots.release()
+            for job in batch:
+                if job.reply is None and job.error is None:
+                    job.error = Unavailable("the store is closing")
+                job.done.set()
 
     # ------------------------------------------------------------------ cluster writes
 
