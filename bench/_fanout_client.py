@@ -351,7 +351,8 @@ async def connect(phase: Phase, cmd: dict[str, Any], nursery: trio.Nursery) -> d
                     cmd["mode"], cmd.get("transport", "raw"), f"u{i:06d}", secret,
                     cmd.get("group", ""), record,
                 )
-    return {"connected": len(phase.conns) - len(phase.errors), "secs": time.monotonic() - t0, "errors": phase.errors[:5]}
+    return {"connected": len(phase.conns) - len(phase.errors), "secs": time.monotonic() - t0,
+            "errors": phase.errors[:5]}
 
 
 async def close(phase: Phase) -> None:
@@ -362,6 +363,14 @@ async def close(phase: Phase) -> None:
         phase.nursery.cancel_scope.cancel()
     for conn in phase.conns:
         await conn.aclose()
+
+
+async def _hold(phase: Phase, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """The phase's nursery: its sessions' tasks live here until ``close`` cancels it."""
+    async with trio.open_nursery() as n:
+        phase.nursery = n
+        task_status.started()
+        await trio.sleep_forever()
 
 
 async def main() -> None:
@@ -387,13 +396,7 @@ async def main() -> None:
             name = cmd["cmd"]
             try:
                 if name == "connect":
-                    async def hold(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-                        async with trio.open_nursery() as n:
-                            phase.nursery = n
-                            task_status.started()
-                            await trio.sleep_forever()
-
-                    await root.start(hold)
+                    await root.start(_hold, phase)
                     assert phase.nursery is not None
                     phase.group = cmd.get("group", "")
                     answer = await connect(phase, cmd, phase.nursery)

@@ -178,7 +178,9 @@ async def stop_process(proc: trio.Process, sig: int = signal.SIGTERM) -> None:
             await proc.wait()
 
 
-async def call_all(children: list[Child], objs: list[dict[str, Any]], timeout: float = 600.0) -> list[dict[str, Any]]:
+async def call_all(
+    children: list[Child], objs: list[dict[str, Any]], timeout: float = 600.0,
+) -> list[dict[str, Any]]:
     answers: list[dict[str, Any]] = [{} for _ in children]
 
     async def one(i: int) -> None:
@@ -459,7 +461,7 @@ async def seqactor_phase(
             lat = sorted(x * 1000 for t, x in backend.latency if t_start <= t <= t_end)
             out.update({
                 "allocs_sent_per_s": (sent_end - sent_start) / window,
-                "allocs_per_s_achieved": len([1 for _, t in backend.allocs if t_start <= t <= t_end]) / window,
+                "allocs_per_s_achieved": sum(t_start <= t <= t_end for _, t in backend.allocs) / window,
                 "frames_per_s": frames_per_s,
                 "deliveries_per_s": frames_per_s,
                 "deliveries_wanted_per_s": cfg.rate_per_s * cfg.members,
@@ -626,10 +628,23 @@ async def run(cfg: Config, profile: str | None) -> dict[str, Any]:
             "cpus": os.cpu_count(), "python": platform.python_version(),
             "platform": platform.platform(), "compiled_kernel": COMPILED,
             "client_processes": CLIENT_PROCESSES,
+            "git_head": _git_head(),
         },
         "profiled": bool(profile),
     }
     return result
+
+
+def _git_head() -> str:
+    """The commit measured (plus ``+dirty``: the server runs from the working tree)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
+                              capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "../src"], cwd=HERE,
+                               text=True, capture_output=True, check=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
 
 
 def table(r: dict[str, Any]) -> str:
@@ -666,7 +681,8 @@ def table(r: dict[str, Any]) -> str:
         ("server cpu s (window)", f"{s['server_cpu_s']:.1f}", ""),
         ("Allocated reply p50 / p99 ms", f"{s['alloc_reply_p50_ms']:.0f} / {s['alloc_reply_p99_ms']:.0f}",
          f"{s['allocs_unanswered_at_end']} unanswered at the window's end"),
-        ("server RSS MB (idle / under load)", f"{s['server_rss_idle_mb']:.1f} / {s['server_rss_mb']:.1f}", ""),
+        ("server RSS MB (idle / under load)",
+         f"{s['server_rss_idle_mb']:.1f} / {s['server_rss_mb']:.1f}", ""),
         ("RSS per idle session KB", f"{r['rss_per_session_kb']:.1f}",
          f"<= {GOAL_RSS_PER_SESSION_KB:g}: {ok(r['goal_rss_per_session_met'])}"),
         ("connect: sessions/s", f"{s['sessions_per_s_connect']:,.0f}",
