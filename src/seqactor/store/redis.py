@@ -372,8 +372,9 @@ class RedisStore(Store):
             with trio.fail_after(COMMAND_TIMEOUT_S):
                 await self._subscribed.wait()  # subscribed before the position is read
             self.epoch = await self._ensure_epoch()
-            self.position, wait_s = await self._read_position()
+            pos, wait_s = await self._read_position()
             await trio.sleep(wait_s)
+            self._jump_to(pos)  # changes up to ``pos`` are in Redis; later ones arrive
         except trio.TooSlowError:
             await self._shutdown()
             raise Unavailable(f"cannot subscribe to Redis at {self._where()}") from None
@@ -544,15 +545,21 @@ class RedisStore(Store):
             self._resyncing -= 1
         self._sub_down = False
         # everything up to ``pos`` is committed (or never will be) and readable in Redis
-        for p in [p for p in self._pending if p <= pos]:
-            del self._pending[p]
-        self._gap_since = None
-        if pos > self.position:
-            self.position = pos
+        self._jump_to(pos, drain=False)
         log.warning("redis store: %s; listeners reload from Redis (position %d)",
                     why, self.position)
         self._deliver(StoreReset(self.position))
         if not self._held():
+            self._drain()
+
+    def _jump_to(self, pos: int, drain: bool = True) -> None:
+        """Positions up to ``pos`` need no delivery (the caller reloads them from Redis)."""
+        if pos > self.position:
+            self.position = pos
+        for p in [p for p in self._pending if p <= self.position]:
+            del self._pending[p]
+        self._gap_since = None
+        if drain and not self._held():
             self._drain()
 
     def _held(self) -> bool:
@@ -594,12 +601,13 @@ class RedisStore(Store):
                 and not self._held()
                 and trio.current_time() - self._gap_since > self.gap_timeout_s
             ):
-                nxt = min(self._pending)
-                log.warning("redis store: positions %d..%d never arrived; resync",
-                            self.position + 1, nxt - 1)
-                self.position = nxt - 1
+                nxt = min(self._pending, default=self.position + 1)
+                if nxt > self.position + 1:
+                    log.warning("redis store: positions %d..%d never arrived; resync",
+                                self.position + 1, nxt - 1)
+                    self._jump_to(nxt - 1, drain=False)
+                    self._deliver(StoreReset(self.position))
                 self._gap_since = None
-                self._deliver(StoreReset(self.position))
                 self._drain()
 
     # ------------------------------------------------------------------ ordered delivery
