@@ -314,7 +314,10 @@ class Session:
                     frames.error(msg.request_id, Code.RATE_LIMITED, "rate limit exceeded")
                 )
                 continue
-            self._rejected = 0
+            # An allowed op pays back one rejection (not all of them): a flood far above the
+            # rate gets a token now and then, and must still reach the limit and be closed.
+            if self._rejected:
+                self._rejected -= 1
             if service:
                 await self._service_slots.acquire()
                 nursery.start_soon(self._run_op, msg, True)

@@ -271,7 +271,9 @@ class Server:
         if self.stopping:
             await request.reject(503, body=b"server shutting down\n")
             return None
-        if len(self.sessions) >= self.config.max_connections:
+        # Every open connection counts (this one included), authenticated or not: connections
+        # that never say Hello hold descriptors too.
+        if self.connections > self.config.max_connections:
             await request.reject(503, body=b"connection limit reached; retry later\n")
             return None
         return await request.accept()
