@@ -811,9 +811,12 @@ class RedisStore(Store):
             lock = trio.Lock()
         self._conv_locks[cid] = (lock, n + 1)
         try:
+            reply: list[Any] | None = None
             async with lock:
                 with trio.CancelScope(shield=True):  # a handed-out position must resolve
-                    return await self._cluster_steps(op, cid, args, users)
+                    reply = await self._cluster_steps(op, cid, args, users)
+            assert reply is not None
+            return reply
         finally:
             lock2, n2 = self._conv_locks[cid]
             if n2 <= 1:
