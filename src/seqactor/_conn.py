@@ -36,6 +36,7 @@ DEFAULT_HEARTBEAT_S = 25.0  # used until the server's Welcome says otherwise
 BACKGROUND_PING_FACTOR = 4.0  # in background the server's idle timeout is 4x: ping 4x less
 DEAD_AFTER_FACTOR = 2.5  # nothing received for 2.5 x the ping interval: the link is dead
 CLOSE_TIMEOUT_S = 1.0
+SHUTDOWN_CLOSE_TIMEOUT_S = 0.25  # closing the client: the close handshake gets this long
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # snapshots of large views exceed the server's inbound limit
 WS_QUEUE_FRAMES = 64
 
@@ -185,6 +186,13 @@ class _CountingStream(trio.abc.Stream):
         self.inner = inner
         self.stats = stats
         self.last_rx = self.last_tx = trio.current_time()
+        # trio-websocket 0.12 waits forever when the peer closes during the opening
+        # handshake: the handshake runs in a scope that this callback cancels.
+        self.on_eof: Callable[[], None] | None = None
+
+    def _eof(self) -> None:
+        if self.on_eof is not None:
+            self.on_eof()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.inner.send_all(data)
@@ -195,7 +203,13 @@ class _CountingStream(trio.abc.Stream):
         await self.inner.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        data = await self.inner.receive_some(max_bytes)
+        try:
+            data = await self.inner.receive_some(max_bytes)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._eof()
+            raise
+        if not data:
+            self._eof()
         self.stats.bytes_in += len(data)
         self.last_rx = trio.current_time()
         return data
@@ -408,8 +422,10 @@ class _Endpoint:
         waiter.sent_at = trio.current_time()
         try:
             await link.conn.send_message(data)
-        except (tws.ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError):
+        except (tws.ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             link.waiters.pop(rid, None)
+            link.alive = False  # no new request goes to this link; its tasks are ending
+            link.fail(_Closed(1006, f"send failed: {describe(exc)}"))
             raise ConnectionLost("the connection dropped before the request was sent") from None
         self.stats.frames_out += 1
         return waiter
@@ -493,10 +509,16 @@ class _Endpoint:
                     ctx = self._ssl or ssl.create_default_context()
                     stream = trio.SSLStream(counting, ctx, server_hostname=t.host)
                     await stream.do_handshake()
-                conn = await tws.wrap_client_stream(
-                    nursery, stream, t.host_header, t.resource,
-                    message_queue_size=WS_QUEUE_FRAMES, max_message_size=self.max_message_bytes,
-                )
+                with trio.CancelScope() as handshake:
+                    counting.on_eof = handshake.cancel
+                    conn = await tws.wrap_client_stream(
+                        nursery, stream, t.host_header, t.resource,
+                        message_queue_size=WS_QUEUE_FRAMES,
+                        max_message_size=self.max_message_bytes,
+                    )
+                counting.on_eof = None
+                if handshake.cancelled_caught:
+                    raise _Closed(1006, "connection closed during the WebSocket handshake")
                 try:
                     welcome = await self._hello(conn, token)
                 except BaseException:
@@ -650,7 +672,7 @@ class _Endpoint:
         self._closing = True
         link = self._link
         if link is not None:
-            with trio.move_on_after(CLOSE_TIMEOUT_S) as cs:
+            with trio.move_on_after(SHUTDOWN_CLOSE_TIMEOUT_S) as cs:
                 cs.shield = True
                 await link.conn.aclose(1000, "client closing")
         self._notify()

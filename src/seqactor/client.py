@@ -286,6 +286,7 @@ class Client(_Endpoint):
             try:
                 return await self._request(link, kind, body, meta)
             except ConnectionLost:
+                await trio.lowlevel.checkpoint()
                 continue
 
     async def wait_synced(self) -> None:

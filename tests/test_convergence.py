@@ -1,0 +1,212 @@
+"""I3 under chaos: clients behind a fault-injecting proxy converge to the server's view.
+
+A real server on a SQLite file, several clients connected through ``tests/_proxy.py`` (which
+cuts their connections at random), a backend (ServiceClient) allocating, adding and removing
+members and raising min seqs, clients marking read; midway the server is restarted on the
+same file (the proxies keep their ports and follow it). At the end every client's view must
+equal the store's view of its user, field for field.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable
+
+import pytest
+import trio
+
+from seqactor import Backoff, Client, SeqactorError, ServiceClient
+from seqactor.config import ServerConfig
+from seqactor.gateway import Server
+from seqactor.store import open_store
+from tests._harness import SECRET, token
+from tests._proxy import Proxy
+
+USERS = [f"u{i}" for i in range(6)]
+CONVERSATIONS = [f"c{i}" for i in range(20)]
+CHAOS_S = 3.0
+RESTART_AT_S = 1.4
+SETTLE_TIMEOUT_S = 15.0
+
+
+def _config(store_url: str) -> ServerConfig:
+    return ServerConfig(
+        host="127.0.0.1", port=0, store_url=store_url, secret=SECRET,
+        goaway_reconnect_after_ms=100, rate_limit_ops_per_s=100_000.0,
+        rate_limit_burst_ops=100_000, shutdown_grace_s=1.0,
+    )
+
+
+class ServerRunner:
+    """Starts a Server on the SQLite file; restart() stops it and starts a new one."""
+
+    def __init__(self, nursery: trio.Nursery, store_url: str) -> None:
+        self.nursery = nursery
+        self.store_url = store_url
+        self.server: Server | None = None
+        self._done: trio.Event | None = None
+
+    async def start(self) -> Server:
+        server = Server(_config(self.store_url), open_store(self.store_url), SECRET)
+        done = trio.Event()
+
+        async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            try:
+                await server.serve(task_status=task_status)
+            finally:
+                done.set()
+
+        await self.nursery.start(run)
+        self.server, self._done = server, done
+        return server
+
+    async def stop(self) -> None:
+        assert self.server is not None and self._done is not None
+        self.server.stop()
+        await self._done.wait()
+
+    async def restart(self) -> Server:
+        await self.stop()
+        return await self.start()
+
+
+def _expected(view) -> dict[str, tuple[int, int, int, int]]:
+    return {
+        cid: (view.max_seq[i], view.read_seq[i], view.min_seq[i], view.time_ms[i])
+        for i, cid in enumerate(view.conversation_ids)
+    }
+
+
+async def _quiet(op: Awaitable[object]) -> None:
+    try:
+        await op
+    except (SeqactorError, trio.TooSlowError):
+        pass  # a lost request or a refused op is part of the chaos
+
+
+@pytest.mark.parametrize("seed", [11, 22, 33])
+async def test_clients_converge_under_chaos(tmp_path, seed):
+    with trio.fail_after(40):
+        await _scenario(tmp_path, seed)
+
+
+async def _scenario(tmp_path, seed):
+    rng = random.Random(seed)
+    store_url = f"sqlite:///{tmp_path}/seqactor.db"
+    async with trio.open_nursery() as nursery:
+        runner = ServerRunner(nursery, store_url)
+        server = await runner.start()
+        client_proxy, backend_proxy = Proxy(server.port), Proxy(server.port)
+        await nursery.start(client_proxy.serve)
+        await nursery.start(backend_proxy.serve)
+
+        members: dict[str, set[str]] = {c: set() for c in CONVERSATIONS}
+        async with ServiceClient.connect(
+            backend_proxy.url, token("backend", "service"),
+            backoff=Backoff(0.02, 0.3, rng=random.Random(seed)), request_timeout_s=5.0,
+        ) as svc:
+            for cid in CONVERSATIONS:
+                users = rng.sample(USERS, rng.randint(2, 4))
+                members[cid].update(users)
+                await svc.add_members(cid, users)
+                await svc.allocate(cid, rng.randint(1, 5))
+
+            clients: list[Client] = []
+            async with trio.open_nursery() as cn:
+                # each user one client, u0 and u1 two devices
+                devices = [(u, "a") for u in USERS] + [("u0", "b"), ("u1", "b")]
+
+                async def run_client(user: str, device: str, ready: trio.Event) -> None:
+                    async with Client.connect(
+                        client_proxy.url, token(user), device_id=device,
+                        backoff=Backoff(0.02, 0.3, rng=random.Random(f"{seed}{user}{device}")),
+                    ) as client:
+                        clients.append(client)
+                        ready.set()
+                        await trio.sleep_forever()
+
+                for user, device in devices:
+                    ready = trio.Event()
+                    cn.start_soon(run_client, user, device, ready)
+                    await ready.wait()
+
+                work_done = trio.Event()
+
+                async def backend_worker(wrng: random.Random) -> None:
+                    while not work_done.is_set():
+                        cid = wrng.choice(CONVERSATIONS)
+                        roll = wrng.random()
+                        if roll < 0.65:
+                            sender = wrng.choice(sorted(members[cid]) + [""])
+                            await _quiet(svc.allocate(
+                                cid, wrng.randint(1, 3), sender or None))
+                        elif roll < 0.78:
+                            user = wrng.choice(USERS)
+                            members[cid].add(user)
+                            await _quiet(svc.add_members(cid, [user]))
+                        elif roll < 0.9:
+                            user = wrng.choice(USERS)
+                            members[cid].discard(user)
+                            await _quiet(svc.remove_members(
+                                cid, [user], keep_history=wrng.random() < 0.5))
+                        else:
+                            await _quiet(svc.set_min_sequence(
+                                cid, wrng.randint(0, 8)))
+                        await trio.sleep(wrng.uniform(0.001, 0.01))
+
+                async def reader(client: Client, wrng: random.Random) -> None:
+                    while not work_done.is_set():
+                        await trio.sleep(wrng.uniform(0.01, 0.05))
+                        rows = client.rows()
+                        if not rows:
+                            continue
+                        cid = wrng.choice(sorted(rows))
+                        seq = wrng.randint(0, rows[cid][0] + 1)
+                        with trio.move_on_after(1.0):
+                            await _quiet(client.mark_read(cid, seq))
+
+                async def chaos() -> None:
+                    start = trio.current_time()
+                    restarted = False
+                    while trio.current_time() - start < CHAOS_S:
+                        await trio.sleep(rng.uniform(0.02, 0.12))
+                        if not restarted and trio.current_time() - start > RESTART_AT_S:
+                            restarted = True
+                            new = await runner.restart()
+                            client_proxy.target_port = backend_proxy.target_port = new.port
+                        elif rng.random() < 0.1:
+                            client_proxy.cut_all()
+                        else:
+                            client_proxy.cut_random(rng)
+                    work_done.set()
+
+                async with trio.open_nursery() as work:
+                    for i in range(3):
+                        work.start_soon(backend_worker, random.Random(seed * 100 + i))
+                    for i, client in enumerate(clients):
+                        work.start_soon(reader, client, random.Random(seed * 1000 + i))
+                    work.start_soon(chaos)
+
+                # quiescence: every client must reach the store's exact view
+                store = runner.server.store
+                with trio.move_on_after(SETTLE_TIMEOUT_S):
+                    while True:
+                        diffs = []
+                        for client in clients:
+                            want = _expected(await store.load_view(client.user_id))
+                            if not client.connected or client.rows() != want:
+                                diffs.append(client)
+                        if not diffs:
+                            break
+                        await trio.sleep(0.05)
+                for client in clients:
+                    want = _expected(await store.load_view(client.user_id))
+                    assert client.rows() == want, f"{client.user_id}/{client.device_id} diverged"
+                    assert client.total_unread == sum(max(0, m - r) for m, r, _, _ in want.values())
+                    assert client.error is None
+                assert client_proxy.cuts > 5
+                assert sum(c.stats.connects for c in clients) > len(clients) + 5
+                assert any(not s.full and s.since_token for c in clients for s in c.syncs), \
+                    "no client resumed with a delta"
+                cn.cancel_scope.cancel()
+        nursery.cancel_scope.cancel()
