@@ -93,16 +93,6 @@ async def connect(node: Node, user: str, role: str = "user") -> AsyncIterator[Ra
         yield client
 
 
-def hub_keeps_old_epoch() -> bool:
-    """Whether the hub ignores epoch changes (it reads ``store.epoch`` only at start)."""
-    import inspect
-
-    from seqactor import hub
-
-    return "store.epoch" not in inspect.getsource(hub.Hub).split("def __init__", 1)[1].split(
-        "\n    def ", 1)[1]
-
-
 def store_init(store_url: str, force: bool) -> str:
     args = [*SEQACTOR, "store", "init", "--store", store_url] + (["--force"] if force else [])
     out = subprocess.run(args, capture_output=True, text=True, timeout=30)
@@ -302,9 +292,6 @@ async def test_redis_restart_and_wipe(redis: RedisServer, tmp_path: Path) -> Non
         assert r.allocated.first_sequence == 1  # the operator chose a new epoch
         async with connect(b, "alice") as on_b:
             reply = await on_b.request("get_sequences", since=alice.token)
-            if not reply.update.full and hub_keeps_old_epoch():
-                pytest.xfail("the hub keeps the epoch it started with; on StoreReset it must "
-                             "take store.epoch (src/seqactor/hub.py, owned by the lead)")
             assert reply.update.full, "a token of the old epoch must get a full snapshot"
 
 

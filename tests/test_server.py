@@ -30,7 +30,8 @@ def fanout_mode(request, monkeypatch):
         import seqactor.hub
 
         monkeypatch.setattr(seqactor.hub, "FANOUT_INLINE_MEMBERS", 0)
-        monkeypatch.setattr(seqactor.hub, "FANOUT_BATCH_MEMBERS", 1)
+        monkeypatch.setattr(seqactor.hub, "FANOUT_SLICE_S", 0.0)
+        monkeypatch.setattr(seqactor.hub, "FANOUT_CLOCK_EVERY", 1)
     return request.param
 
 

@@ -75,7 +75,7 @@ async def test_stuck_reader_is_bounded_and_does_not_delay_others():
                 # The stuck session's backlog is bounded by what it follows (I5).
                 assert max_pending <= FOLLOWED
                 stuck_state = server.hub.actors["stuck"].sessions[0]
-                assert stuck_state.sending  # its writer really is blocked on a full socket
+                assert stuck_state.writer_running  # its writer really is blocked on a full socket
                 assert stuck_state.pending_count <= FOLLOWED
                 assert len(stuck_state.replies) <= server.config.reply_queue_frames
             await stuck.aclose()

@@ -899,3 +899,42 @@ def split_server_message(data):
         else:
             p = _skip(p, end, wire)
     return request_id, body_field, body
+
+
+# ---------------------------------------------------------------- fan-out writes
+
+from libc.errno cimport EINTR, errno
+from posix.unistd cimport write as _posix_write
+
+
+def write_many(fds, data, results):
+    """Write the same ready bytes to many non-blocking sockets, GIL released.
+
+    ``fds`` is an ``array('i')`` of file descriptors, ``data`` the bytes (a framed WebSocket
+    message), ``results`` an ``array('q')`` of the same length that receives, per descriptor,
+    the number of bytes written or ``-errno`` (``-EAGAIN``: the socket took nothing).
+    """
+    cdef const int[:] fdv = fds
+    cdef long long[:] out = results
+    cdef const unsigned char[:] buf = data
+    cdef Py_ssize_t i, n = fdv.shape[0]
+    cdef size_t size = buf.shape[0]
+    cdef const unsigned char* p
+    cdef long r
+    if out.shape[0] < n:
+        raise ValueError("results is shorter than fds")
+    if n == 0:
+        return
+    if size == 0:
+        for i in range(n):
+            out[i] = 0
+        return
+    p = &buf[0]
+    with nogil:
+        for i in range(n):
+            while True:
+                r = _posix_write(fdv[i], p, size)
+                if r < 0 and errno == EINTR:
+                    continue
+                break
+            out[i] = r if r >= 0 else -errno

@@ -16,6 +16,7 @@ fields of a row a push carries; unselected fields are written as 0 = unchanged.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -390,3 +391,26 @@ def split_server_message(data: bytes) -> tuple[int, int, bytes]:
         else:
             pos = _skip(data, pos, end, wire)
     return request_id, body_field, body
+
+
+# ---------------------------------------------------------------- fan-out writes
+
+
+def write_many(fds: Any, data: bytes, results: Any) -> None:
+    """Write the same ready bytes to many non-blocking sockets.
+
+    ``results[i]`` receives the number of bytes written to ``fds[i]`` or ``-errno``
+    (``-EAGAIN``: the socket took nothing).
+    """
+    if len(results) < len(fds):
+        raise ValueError("results is shorter than fds")
+    for i, fd in enumerate(fds):
+        try:
+            results[i] = os.write(fd, data) if data else 0
+        except InterruptedError:
+            try:
+                results[i] = os.write(fd, data)
+            except OSError as exc:
+                results[i] = -(exc.errno or 1)
+        except OSError as exc:
+            results[i] = -(exc.errno or 1)

@@ -39,6 +39,7 @@ encode_single = _impl.encode_single
 frame_update = _impl.frame_update
 decode_update = _impl.decode_update
 split_server_message = _impl.split_server_message
+write_many = _impl.write_many
 
 __all__ = [
     "COMPILED",
@@ -51,4 +52,5 @@ __all__ = [
     "encode_snapshot",
     "frame_update",
     "split_server_message",
+    "write_many",
 ]

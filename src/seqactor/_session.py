@@ -105,6 +105,7 @@ class Session:
         self._limiter = RateLimiter(self.cfg.rate_limit_ops_per_s, self.cfg.rate_limit_burst_ops)
         self._rejected = 0
         self._service_slots = trio.Semaphore(SERVICE_INFLIGHT_OPS)
+        self._nursery: trio.Nursery | None = None
 
     # ------------------------------------------------------------------ closing
     def request_close(self, code: int, reason: str, final_frame: bytes | None = None) -> None:
@@ -175,10 +176,7 @@ class Session:
             self.session_id, identity.user_id, self.device_id, self.cfg.reply_queue_frames,
             self._on_fatal, self.server.metrics.counters,
         )
-        state.direct = getattr(self.transport, "write_nowait", None)
         self.actor, self.state = actor, state
-        actor.sessions.append(state)
-        self.server.register(self)
         log.info(
             "session open",
             extra={
@@ -187,15 +185,20 @@ class Session:
                 "platform": msg.platform[:64], "client_version": msg.client_version[:64],
             },
         )
-        await self.transport.send(
-            frames.welcome(
-                request_id, identity.user_id, self.session_id,
-                int(self.cfg.heartbeat_interval_s * 1000), self.cfg.max_frame_bytes, identity.role,
-            )
-        )
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._guard, self._writer)
-            nursery.start_soon(self._watchdog)
+            self._nursery = nursery
+            state.direct = getattr(self.transport, "write_nowait", None)
+            state.fd_now = getattr(self.transport, "fd_now", None)
+            state.start_writer = self._start_writer
+            await self.transport.send(
+                frames.welcome(
+                    request_id, identity.user_id, self.session_id,
+                    int(self.cfg.heartbeat_interval_s * 1000), self.cfg.max_frame_bytes,
+                    identity.role,
+                )
+            )
+            actor.sessions.append(state)  # only now can pushes reach it: after the Welcome
+            self.server.register(self)
             await self._guard(self._reader, nursery)
             nursery.cancel_scope.cancel()
 
@@ -243,55 +246,49 @@ class Session:
             return None
 
     # ------------------------------------------------------------------ tasks
-    async def _watchdog(self) -> None:
-        while True:
-            state = self.state
-            timeout = (
-                self.cfg.background_idle_timeout_s if state is not None and state.background
-                else self.cfg.idle_timeout_s
-            )
-            deadline = self.transport.last_rx + timeout
-            now = trio.current_time()
-            if now >= deadline:
-                self.request_close(CLOSE_NORMAL, "idle timeout")
-                return
-            await trio.sleep(min(deadline - now, self.cfg.heartbeat_interval_s) + 0.001)
+    def check_idle(self, now: float) -> None:
+        """Close the session when nothing arrived for the idle timeout (the server's watchdog
+        calls this for every session; WebSocket pings count as traffic)."""
+        state = self.state
+        timeout = (
+            self.cfg.background_idle_timeout_s if state is not None and state.background
+            else self.cfg.idle_timeout_s
+        )
+        if now - self.transport.last_rx >= timeout:
+            self.request_close(CLOSE_NORMAL, "idle timeout")
+
+    def _start_writer(self) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(self._guard, self._writer)
 
     async def _writer(self) -> None:
-        s = self.state
-        assert s is not None and self.actor is not None
+        """Drain the outbox, then end (the session starts a writer again when needed)."""
+        s, actor = self.state, self.actor
+        assert s is not None and actor is not None
         counters = self.server.metrics.counters
         transport = self.transport
-        while True:
-            raw = False
-            if s.push_raw is not None:  # the rest of a direct write goes first
-                frame, s.push_raw, raw = s.push_raw, None, True
-            elif s.replies:
-                frame = s.replies.popleft()
-                s.reply_space.release()
-            elif s.push_frame is not None:
-                frame = s.push_frame
-                s.push_frame = None
-            else:
-                await s.writer_wake.wait()
-                s.writer_wake = trio.Event()
-                continue
-            s.sending = True
-            with trio.move_on_after(self.cfg.write_timeout_s) as cs:
-                if raw:
-                    await transport.send_raw(frame)
-                else:
-                    await transport.send(frame)
-            s.sending = False
-            if cs.cancelled_caught:
-                self._close = (CLOSE_GOING_AWAY, "write timeout", None)
-                self._scope.cancel()
-                return
-            if not raw:
-                counters.frames_sent += 1
-                counters.bytes_sent += len(frame)
-            if s.has_pending() and not s.background:
-                self.actor.wake()
+        try:
+            while True:
+                item = s.next_frame()
+                if item is None:
+                    return
+                frame, raw = item
+                with trio.move_on_after(self.cfg.write_timeout_s) as cs:
+                    if raw:
+                        await transport.send_raw(frame)
+                    else:
+                        await transport.send(frame)
+                if cs.cancelled_caught:
+                    self._close = (CLOSE_GOING_AWAY, "write timeout", None)
+                    self._scope.cancel()
+                    return
+                if not raw:
+                    counters.frames_sent += 1
+                    counters.bytes_sent += len(frame)
+                if s.has_pending() and not s.background:
+                    actor.wake()
+        finally:
+            s.writer_running = False
 
     async def _reader(self, nursery: trio.Nursery) -> None:
         assert self.identity is not None and self.state is not None

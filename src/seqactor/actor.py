@@ -11,6 +11,7 @@ conversations it follows, never by the message rate (I5).
 from __future__ import annotations
 
 import logging
+from array import array
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -28,12 +29,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("seqactor.actor")
 
 
-class SessionClosed(Exception):
-    """Raised into a session's tasks when its actor ends."""
-
-
 class SessionState:
-    """Per-connection state the actor owns: subscriptions, pending changes, outbox."""
+    """Per-connection state the actor owns: subscriptions, pending changes, outbox.
+
+    Output goes straight to the socket when nothing else is queued and the socket takes it
+    without waiting (``direct``); otherwise into the outbox (``push_raw`` — the rest of a direct
+    write —, then ``replies``, then ``push_frame``), which a writer task drains. The writer is
+    started on demand (``start_writer``) and ends when the outbox is empty, so an idle session
+    holds no writer task.
+    """
 
     def __init__(
         self, session_id: str, user_id: str, device_id: str, reply_queue_frames: int,
@@ -53,12 +57,14 @@ class SessionState:
         self.reply_space = trio.Semaphore(reply_queue_frames)
         self.push_frame: bytes | None = None  # a ServerMessage for the writer to frame and send
         self.push_raw: bytes | None = None  # already framed bytes left over by a direct write
-        self.sending = False
-        # Writes a ServerMessage at once without waiting: None = not possible now (use the
-        # writer), b"" = all written, else the framed bytes still to send. Set by the gateway.
+        self.writer_running = False
+        # Set by the session: write a ServerMessage without waiting (None = not possible now,
+        # b"" = all written, else the framed bytes still to send); the socket's descriptor when
+        # a direct write is possible now (else -1); start the writer task.
         self.direct: Callable[[bytes], bytes | None] | None = None
+        self.fd_now: Callable[[], int] | None = None
+        self.start_writer: Callable[[], None] = _no_writer
         self.counters = counters
-        self.writer_wake = trio.Event()
         self.on_fatal = on_fatal  # (close code, reason): ends the connection
 
     # ---- subscriptions
@@ -95,45 +101,107 @@ class SessionState:
         self.shared = None
 
     # ---- outbox
-    async def put_reply(self, frame: bytes) -> None:
-        await self.reply_space.acquire()
-        self.replies.append(frame)
-        self.writer_wake.set()
-
-    def put_reply_nowait(self, frame: bytes) -> None:
-        """For frames that must not wait (GoAway, fatal errors): may exceed the bound by one."""
-        self.replies.append(frame)
-        self.writer_wake.set()
-
-    def hand_push(self, frame: bytes) -> None:
-        self.push_frame = frame
-        self.writer_wake.set()
-
     def idle(self) -> bool:
-        """Nothing queued, pending or being written, and not in background."""
+        """Nothing pending or being written, and not in background: a push may go out now."""
         return not (
-            self.background or self.sending or self.pending or self.pending_removed
-            or self.replies or self.push_frame is not None or self.push_raw is not None
+            self.writer_running or self.background or self.pending or self.pending_removed
         )
 
-    def deliver(self, frame: bytes) -> None:
-        """Send a push now if the socket takes it without waiting, else via the writer."""
+    def kick(self) -> None:
+        """Make sure a writer drains the outbox."""
+        if not self.writer_running:
+            self.writer_running = True
+            self.start_writer()
+
+    def _write_now(self, frame: bytes) -> bool:
+        """Write ``frame`` without waiting if nothing is queued before it; True when done
+        (written, or its unsent rest queued first in line)."""
         direct = self.direct
-        rest = None
-        if (
-            direct is not None and not self.sending and not self.replies
-            and self.push_frame is None and self.push_raw is None
-        ):
-            rest = direct(frame)
+        if direct is None or self.writer_running:
+            return False
+        rest = direct(frame)
         if rest is None:
-            self.hand_push(frame)
-            return
-        counters = self.counters
-        counters.frames_sent += 1
-        counters.bytes_sent += len(frame)
+            return False
+        self.counters.frames_sent += 1
+        self.counters.bytes_sent += len(frame)
         if rest:
             self.push_raw = rest
-            self.writer_wake.set()
+            self.kick()
+        return True
+
+    def wrote_raw(self, raw: bytes, written: int) -> None:
+        """Account for a batch write of ``raw`` (``written`` bytes, or -errno) by the hub."""
+        if written == len(raw):
+            self.counters.frames_sent += 1
+            self.counters.bytes_sent += len(raw)
+            return
+        # The socket took part or nothing (or failed: the writer meets the error and ends
+        # the session): the rest goes first through the writer.
+        self.push_raw = raw[written:] if written > 0 else raw
+        self.kick()
+
+    def deliver(self, frame: bytes) -> None:
+        """A push: now if the socket takes it without waiting, else through the writer."""
+        if not self._write_now(frame):
+            self.push_frame = frame
+            self.kick()
+
+    async def put_reply(self, frame: bytes) -> None:
+        """A reply: now if possible, else queued (waits while the reply queue is full)."""
+        if self._write_now(frame):
+            return
+        await self.reply_space.acquire()
+        self.replies.append(frame)
+        self.kick()
+
+    def next_frame(self) -> tuple[bytes, bool] | None:
+        """For the writer: the next (frame, already framed), or None when the outbox is empty."""
+        if self.push_raw is not None:
+            frame, self.push_raw = self.push_raw, None
+            return frame, True
+        if self.replies:
+            self.reply_space.release()
+            return self.replies.popleft(), False
+        if self.push_frame is not None:
+            frame, self.push_frame = self.push_frame, None
+            return frame, False
+        return None
+
+
+def _no_writer() -> None:
+    raise RuntimeError("session has no writer attached")
+
+
+class FanoutBatch:
+    """Idle sessions collected by a fan-out round, written together with ``write_many``."""
+
+    __slots__ = ("fds", "sessions")
+
+    def __init__(self) -> None:
+        self.fds = (array("i"), array("i"))  # (with token, without)
+        self.sessions: tuple[list[SessionState], list[SessionState]] = ([], [])
+
+    def add(self, session: SessionState, fd: int, with_token: bool) -> None:
+        i = 0 if with_token else 1
+        self.fds[i].append(fd)
+        self.sessions[i].append(session)
+
+    def write(self, raw: tuple[bytes, bytes]) -> int:
+        """Write ``raw[0]`` to the with-token sockets and ``raw[1]`` to the others; returns
+        how many sessions were served. The rest of a partial write goes through the writer."""
+        served = 0
+        for fds, sessions, data in zip(self.fds, self.sessions, raw, strict=True):
+            n = len(fds)
+            if not n:
+                continue
+            results = array("q", bytes(8 * n))
+            kernel.write_many(fds, data, results)
+            for session, written in zip(sessions, results, strict=True):
+                session.wrote_raw(data, written)
+            served += n
+            del fds[:]
+            sessions.clear()
+        return served
 
 
 class UserActor:
@@ -194,6 +262,38 @@ class UserActor:
         if pos > t.pos[row]:
             t.pos[row] = pos
         self._mark_all(key_id, FIELD_MAX, shared)
+
+    def fan_max(
+        self, key_id: int, max_seq: int, time_ms: int, pos: int, shared: tuple[bytes, bytes],
+        batch: FanoutBatch,
+    ) -> None:
+        """``on_max`` for a fan-out round: idle sessions join ``batch`` (one write of the ready
+        bytes to many sockets, done by the hub) instead of being written one by one."""
+        t = self.table
+        row = t.row_of(key_id)
+        if row < 0 or t.frozen[row] or max_seq <= t.max_seq[row]:
+            return
+        t.max_seq[row] = max_seq
+        t.time_ms[row] = time_ms
+        if pos > t.pos[row]:
+            t.pos[row] = pos
+        marked = False
+        for s in self.sessions:
+            if s.subscribed_all:
+                with_token = True
+            elif key_id in s.subscribed:
+                with_token = False
+            else:
+                continue
+            if s.idle() and s.fd_now is not None:
+                fd = s.fd_now()
+                if fd >= 0:
+                    batch.add(s, fd, with_token)
+                    continue
+            s.mark(key_id, FIELD_MAX, shared)
+            marked = True
+        if marked:
+            self._wake.set()
 
     def on_read(self, key_id: int, read_seq: int, pos: int) -> None:
         t = self.table
@@ -295,10 +395,7 @@ class UserActor:
 
     def flush(self) -> None:
         for s in self.sessions:
-            if (
-                s.background or s.sending or s.push_frame is not None or s.push_raw is not None
-                or not s.has_pending()
-            ):
+            if s.background or s.writer_running or not s.has_pending():
                 continue
             frame = self.encode_push(s)
             if frame is not None:

@@ -27,6 +27,9 @@ from seqactor.store import Store
 
 log = logging.getLogger("seqactor.gateway")
 
+WATCHDOG_TICK_S = 1.0  # how often idle sessions are looked for (at most)
+WATCHDOG_MIN_TICK_S = 0.01
+
 
 class ActivityStream(trio.abc.Stream):
     """Wraps the connection's stream; records when bytes last arrived."""
@@ -61,10 +64,12 @@ class WebSocketTransport:
         # negotiated, so a binary frame is just header + payload).
         self._lock: trio.StrictFIFOLock | None = getattr(conn, "_stream_lock", None)
         # The plain TCP socket for writes that must not wait (no TLS: bytes go as they are).
-        sock = getattr(stream.inner, "socket", None)
-        self._fd = sock.fileno() if isinstance(stream.inner, trio.SocketStream) and sock else -1
+        # Its descriptor is read at every write: a closed socket answers -1, so a number
+        # the kernel has since given to another connection is never written to.
+        inner = stream.inner
+        self._sock = inner.socket if isinstance(inner, trio.SocketStream) else None
         if self._lock is None:
-            self._fd = -1
+            self._sock = None
 
     @property
     def last_rx(self) -> float:
@@ -97,17 +102,22 @@ class WebSocketTransport:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 raise TransportClosed(1006, "connection lost") from None
 
+    def fd_now(self) -> int:
+        """The socket's descriptor if a direct write is possible right now, else -1."""
+        sock, lock = self._sock, self._lock
+        if sock is None or lock is None or lock.locked() or self.conn.closed is not None:
+            return -1
+        return sock.fileno()
+
     def write_nowait(self, frame: bytes) -> bytes | None:
         """Write ``frame`` now if the socket takes it: None = not possible (use ``send``),
         b"" = written, else the framed bytes still to go (``send_raw`` them next)."""
-        if self._fd < 0 or self.conn.closed is not None:
-            return None
-        assert self._lock is not None
-        if self._lock.locked():
+        fd = self.fd_now()
+        if fd < 0:
             return None
         raw = frames.ws_binary_frame(frame)
         try:
-            n = os.write(self._fd, raw)
+            n = os.write(fd, raw)
         except BlockingIOError:
             return raw
         except OSError:
@@ -197,6 +207,7 @@ class Server:
                     )
                     self.port = self.listeners[0].socket.getsockname()[1]
                     conns.start_soon(self._accept_loop, conns)
+                    conns.start_soon(self._watchdog)
                     if on_listening is not None:
                         on_listening(self.url)
                     task_status.started(self)
@@ -210,6 +221,15 @@ class Server:
     async def _accept_loop(self, conns: trio.Nursery) -> None:
         with self._accepting:
             await trio.serve_listeners(self._handle, self.listeners, handler_nursery=conns)
+
+    async def _watchdog(self) -> None:
+        """One task for every session's idle timeout (cheaper than a task per session)."""
+        tick = max(WATCHDOG_MIN_TICK_S, min(WATCHDOG_TICK_S, self.config.heartbeat_interval_s / 4))
+        while True:
+            await trio.sleep(tick)
+            now = trio.current_time()
+            for session in list(self.sessions):
+                session.check_idle(now)
 
     def stop(self) -> None:
         """Begin a graceful stop: GoAway to every session, close 1001, then exit serve()."""

@@ -11,13 +11,15 @@ nothing else.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 
 import trio
 
 from seqactor import _kernel as kernel
 from seqactor._synctoken import make_token
-from seqactor.actor import UserActor
+from seqactor import _frames as frames
+from seqactor.actor import FanoutBatch, UserActor
 from seqactor.metrics import Metrics
 from seqactor.store import (
     Allocated,
@@ -33,7 +35,8 @@ from seqactor.store import (
 log = logging.getLogger("seqactor.hub")
 
 FANOUT_INLINE_MEMBERS = 64  # groups up to this many online members are pushed inline
-FANOUT_BATCH_MEMBERS = 256  # a fan-out round yields to other tasks after this many members
+FANOUT_SLICE_S = 0.002  # a fan-out round yields to other tasks after this long
+FANOUT_CLOCK_EVERY = 16  # members between looks at the clock
 
 
 class Hub:
@@ -57,6 +60,7 @@ class Hub:
         self.nursery: trio.Nursery | None = None  # for resyncs; set by the server
         self._resyncing = False
         self._resync_again = False
+        self._reset_floor: int | None = None  # token ceiling while a resync is running
         store.add_listener(self.apply)
 
     # ---------------------------------------------------------------- actors
@@ -110,12 +114,19 @@ class Hub:
     # ---------------------------------------------------------------- changes
     def apply(self, change: Change) -> None:
         """Store listener: called after each commit, in position order."""
+        if isinstance(change, StoreReset):
+            # The store may have missed changes (or started a new epoch): reload every online
+            # view. Until that is done, tokens stay at what the actors are known to hold.
+            if self._reset_floor is None:
+                self._reset_floor = self.position
+            self.epoch = self.store.epoch
+            self.position = max(self.position, change.position)
+            self.request_resync()
+            return
         self.position = max(self.position, change.position)
         for actor in self._loading:
             actor.backlog.append(change)
-        if isinstance(change, StoreReset):
-            self.request_resync()
-        elif isinstance(change, Allocated):
+        if isinstance(change, Allocated):
             self._allocated(change)
         elif isinstance(change, ReadMarked):
             reader = self.actors.get(change.user_id)
@@ -141,9 +152,12 @@ class Hub:
     @property
     def synced_position(self) -> int:
         """The newest position whose changes every online actor holds (the token position)."""
+        position = self.position
+        if self._reset_floor is not None:
+            position = min(position, self._reset_floor)
         if self._hot_floor:
-            return min(self.position, min(self._hot_floor.values()) - 1)
-        return self.position
+            position = min(position, min(self._hot_floor.values()) - 1)
+        return position
 
     def token(self) -> bytes:
         return make_token(self.epoch, self.synced_position)
@@ -200,18 +214,33 @@ class Hub:
                 await self._fanout_round(key_id)
 
     async def _fanout_round(self, key_id: int) -> None:
+        """One pass over the conversation's online members with its newest max.
+
+        Work is done in time slices of ``FANOUT_SLICE_S``: the members of a slice get their
+        row updated, idle sockets are collected and then written together (``write_many``:
+        one C loop of non-blocking writes of the same ready bytes), busy sessions get the
+        change pending. Between slices the round yields, so ops keep flowing.
+        """
         change = self._latest[key_id]
         start = change.position
-        shared = self._shared_frames(key_id, change)
         members = list(self.index.get(key_id, ()))
-        for i, actor in enumerate(members):
-            latest = self._latest[key_id]
-            if latest is not change:  # newer max arrived mid-round: later members get it
-                change = latest
-                shared = self._shared_frames(key_id, change)
-            actor.on_max(key_id, change.last, change.time_ms, change.position, shared)
-            if i % FANOUT_BATCH_MEMBERS == FANOUT_BATCH_MEMBERS - 1:
-                await trio.sleep(0)  # let ops and other conversations run
+        batch = FanoutBatch()
+        counters = self.counters
+        clock = time.perf_counter
+        i, n = 0, len(members)
+        while i < n:
+            change = self._latest[key_id]  # newer max arrived meanwhile: the rest get it
+            shared = self._shared_frames(key_id, change)
+            raw = (frames.ws_binary_frame(shared[0]), frames.ws_binary_frame(shared[1]))
+            last, time_ms, pos = change.last, change.time_ms, change.position
+            deadline = clock() + FANOUT_SLICE_S
+            while i < n:
+                members[i].fan_max(key_id, last, time_ms, pos, shared, batch)
+                i += 1
+                if not i % FANOUT_CLOCK_EVERY and clock() > deadline:
+                    break
+            counters.pushes += batch.write(raw)
+            await trio.sleep(0)  # let ops and other conversations run
         if self._latest[key_id].position == start:
             del self._latest[key_id]
             del self._hot_floor[key_id]
@@ -276,11 +305,14 @@ class Hub:
         try:
             while True:
                 self._resync_again = False
+                target = self.position
                 for actor in list(self.actors.values()):
                     if actor.loaded and self.actors.get(actor.user_id) is actor:
                         await self.resync_actor(actor)
                 if not self._resync_again:
+                    self._reset_floor = None  # every view is now at least at ``target``
                     return
+                self._reset_floor = min(self._reset_floor or target, target)
         finally:
             self._resyncing = False
 
