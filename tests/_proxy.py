@@ -31,6 +31,8 @@ class Proxy:
         self.cuts = 0
         self.accepted = 0
         self._listener: trio.SocketListener | None = None
+        self._flowing = trio.Event()  # cleared while paused: bytes are held, not forwarded
+        self._flowing.set()
 
     @property
     def url(self) -> str:
@@ -62,15 +64,22 @@ class Proxy:
             await trio.aclose_forcefully(client)
             await trio.aclose_forcefully(upstream)
 
-    @staticmethod
+    def pause(self) -> None:
+        """Hold every byte in flight (a stalled network) until :meth:`resume`."""
+        self._flowing = trio.Event()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
     async def _pump(
-        src: trio.SocketStream, dst: trio.SocketStream, scope: trio.CancelScope
+        self, src: trio.SocketStream, dst: trio.SocketStream, scope: trio.CancelScope
     ) -> None:
         try:
             while True:
                 data = await src.receive_some(BUFFER_BYTES)
                 if not data:
                     break
+                await self._flowing.wait()
                 await dst.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass

@@ -453,8 +453,12 @@ class _Endpoint:
             err: BaseException | None = None
             try:
                 await self._connect_once()
-            except Exception as exc:  # every failure of one link lands here, once
+            except BaseException as exc:  # every failure of one link lands here, once
+                if self._closing:
+                    return
                 err = unwrap(exc)
+                if not isinstance(err, Exception):
+                    raise  # cancelled (or KeyboardInterrupt): not ours to handle
             if self._closing:
                 return
             now = trio.current_time()
@@ -554,8 +558,8 @@ class _Endpoint:
                     cs.shield = True
                     await conn.aclose()
                 nursery.cancel_scope.cancel()
-            if link.error is not None:
-                raise link.error
+        if link.error is not None:
+            raise link.error
 
     async def _guard(self, link: Link, fn: Callable[[Link], Awaitable[None]], arg: Link) -> None:
         try:

@@ -1,0 +1,459 @@
+"""The Python SDK against a real in-process server: view, pushes, cache, reconnect, errors."""
+
+from __future__ import annotations
+
+import logging
+import random
+import statistics
+
+import msgpack
+import pytest
+import trio
+
+from seqactor import (
+    AuthenticationError,
+    Backoff,
+    Client,
+    ConnectError,
+    ConnectionLost,
+    ErrorCode,
+    Forbidden,
+    NotFound,
+    ServiceClient,
+    SessionReplaced,
+)
+from seqactor.config import ServerConfig
+from seqactor.gateway import Server
+from seqactor.store import open_store
+from tests._harness import SECRET, running_server, token
+from tests._proxy import running_proxy
+
+FAST = dict(backoff_base=0.02, backoff_cap=0.2)
+
+
+def fast_backoff(seed: int = 0) -> Backoff:
+    return Backoff(0.02, 0.2, rng=random.Random(seed))
+
+
+async def setup(url: str, convs: dict[str, list[str]], allocs: int = 0) -> None:
+    async with ServiceClient.connect(url, token("backend", "service")) as svc:
+        for cid, users in convs.items():
+            await svc.add_members(cid, users)
+            if allocs:
+                await svc.allocate(cid, allocs)
+
+
+def rows_of(view) -> dict[str, tuple[int, int, int, int]]:
+    return {
+        cid: (view.max_seq[i], view.read_seq[i], view.min_seq[i], view.time_ms[i])
+        for i, cid in enumerate(view.conversation_ids)
+    }
+
+
+# ---------------------------------------------------------------------------- backoff
+
+
+def test_backoff_full_jitter_bounded_spread_and_reset():
+    b = Backoff(base_s=0.1, cap_s=2.0, stable_after_s=5.0, rng=random.Random(7))
+    ceilings = []
+    for _ in range(12):
+        ceiling = b.ceiling()
+        ceilings.append(ceiling)
+        delay = b.next_delay()
+        assert 0.0 <= delay <= ceiling <= 2.0
+    assert ceilings[:5] == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6])
+    assert ceilings[5:] == [2.0] * 7  # capped
+    # spread: at the cap, 200 delays cover the range rather than clustering
+    delays = [b.next_delay() for _ in range(200)]
+    assert min(delays) < 0.2 and max(delays) > 1.8
+    assert statistics.pstdev(delays) > 0.4
+    # a short-lived connection does not reset; a stable one does
+    b.connected(100.0)
+    b.disconnected(101.0)
+    assert b.ceiling() == 2.0
+    b.connected(200.0)
+    b.disconnected(205.0)
+    assert b.attempt == 0 and b.ceiling() == pytest.approx(0.1)
+    # GoAway: never earlier than asked, a little spread
+    waits = [b.goaway_delay(1.0) for _ in range(50)]
+    assert all(1.0 <= w <= 1.25 for w in waits) and len(set(waits)) > 40
+
+
+def test_backoff_rejects_bad_bounds():
+    with pytest.raises(ValueError):
+        Backoff(base_s=0, cap_s=1)
+    with pytest.raises(ValueError):
+        Backoff(base_s=2, cap_s=1)
+
+
+# ---------------------------------------------------------------------------- view & pushes
+
+
+async def test_snapshot_pushes_changes_and_total_unread():
+    async with running_server() as server:
+        await setup(server.url, {"g1": ["alice", "bob"], "g2": ["alice"]}, allocs=2)
+        async with ServiceClient.connect(server.url, token("backend", "service")) as svc:
+            async with Client.connect(server.url, token("alice")) as alice:
+                assert alice.user_id == "alice"
+                assert alice.last_sync.full and not alice.last_sync.since_token
+                assert set(alice.view) == {"g1", "g2"}
+                # members added before the allocations: 2 unread in each
+                assert alice.total_unread == 4 and alice.get("g2").unread == 2
+                assert alice.get("g1").max_sequence == 2 and alice.get("nope") is None
+                stream = alice.changes()
+                await svc.allocate("g1", 3, sender_user_id="bob")
+                with trio.fail_after(5):
+                    batch = await stream.__anext__()
+                (change,) = batch.changes
+                assert change.conversation_id == "g1"
+                assert change.old.max_sequence == 2 and change.new.max_sequence == 5
+                assert change.new.read_sequence == 0 and change.new.unread == 5
+                assert batch.total_unread == alice.total_unread == 7
+                # MarkRead: the Ack's effective value (clamped to max) is applied
+                assert await alice.mark_read("g1", 99) == 5
+                assert alice.get("g1").read_sequence == 5 and alice.total_unread == 2
+                with trio.fail_after(5):
+                    batch = await stream.__anext__()
+                assert batch.changes[0].new.read_sequence == 5 and batch.total_unread == 2
+                # a conversation joining and leaving the view
+                await svc.add_members("g3", ["alice"])
+                await svc.allocate("g3", 4)
+                with trio.fail_after(5):
+                    while "g3" not in alice or alice.get("g3").max_sequence != 4:
+                        await stream.__anext__()
+                # a new member's read starts at the max of the join; 4 allocated after it
+                assert alice.get("g3").unread == 4 and alice.total_unread == 6
+                stream = alice.changes()  # a fresh stream: only what happens from here
+                await svc.remove_members("g3", ["alice"])
+                with trio.fail_after(5):
+                    batch = await stream.__anext__()
+                gone = [c for c in batch.changes if c.conversation_id == "g3"]
+                assert gone and gone[0].new is None and gone[0].old.max_sequence == 4
+                assert "g3" not in alice and alice.total_unread == 2
+                # pushes for an `all` subscription move the resume point
+                assert alice.sync_token
+                # explicit GetSequences: ids outside the view are simply absent
+                got = await alice.fetch(["g1", "g3", "elsewhere"])
+                assert set(got) == {"g1"}
+                with pytest.raises(Forbidden) as info:
+                    await alice.mark_read("elsewhere", 1)
+                assert info.value.code == ErrorCode.FORBIDDEN
+
+
+async def test_multi_device_read_sync_and_background():
+    async with running_server() as server:
+        await setup(server.url, {"d": ["carol", "dave"]})
+        async with ServiceClient.connect(server.url, token("backend", "service")) as svc, \
+                Client.connect(server.url, token("carol"), device_id="phone") as phone, \
+                Client.connect(server.url, token("carol"), device_id="laptop") as laptop:
+            await svc.allocate("d", 6)
+            with trio.fail_after(5):
+                while phone.total_unread != 6 or laptop.total_unread != 6:
+                    await trio.sleep(0.01)
+            await laptop.set_background(True)
+            await phone.mark_read("d", 4)
+            await svc.allocate("d", 1)
+            await trio.sleep(0.2)
+            assert laptop.get("d").max_sequence == 6  # held while in background
+            await laptop.set_background(False)
+            with trio.fail_after(5):
+                while laptop.get("d") != phone.get("d"):
+                    await trio.sleep(0.01)
+            assert laptop.get("d").read_sequence == 4 and laptop.total_unread == 3
+
+
+# ---------------------------------------------------------------------------- cache
+
+
+async def test_cache_restart_resumes_with_a_delta(tmp_path):
+    cache = tmp_path / "alice.cache"
+    async with running_server() as server:
+        convs = {f"c{i:02}": ["alice"] for i in range(50)}
+        await setup(server.url, convs, allocs=1)
+        async with Client.connect(server.url, token("alice"), cache_path=cache) as c:
+            assert c.last_sync.full and c.last_sync.conversations == 50
+        assert cache.exists()
+        async with ServiceClient.connect(server.url, token("backend", "service")) as svc:
+            await svc.allocate("c07", 2)
+            await svc.allocate("c31", 1)
+            await svc.remove_members("c40", ["alice"])
+        async with Client.connect(server.url, token("alice"), cache_path=cache) as c:
+            # before the sync reply arrived the cached view was already there; the server
+            # answered the cached token with a delta of just what changed
+            sync = c.last_sync
+            assert sync.since_token and not sync.full
+            assert sync.conversations == 2 and sync.removed == 1
+            assert c.get("c07").max_sequence == 3 and "c40" not in c and len(c) == 49
+            assert c.rows() == rows_of(await server.store.load_view("alice"))
+
+
+@pytest.mark.parametrize("content", [
+    b"\x00garbage\xff" * 10,
+    msgpack.packb({"some": "other app's file"}),
+    b'{"json": true}',
+    b"",
+])
+async def test_corrupt_or_foreign_cache_is_ignored(tmp_path, caplog, content):
+    cache = tmp_path / "c.cache"
+    cache.write_bytes(content)
+    async with running_server() as server:
+        await setup(server.url, {"x": ["alice"]}, allocs=3)
+        with caplog.at_level(logging.WARNING, logger="seqactor.client"):
+            async with Client.connect(server.url, token("alice"), cache_path=cache) as c:
+                assert c.last_sync.full and not c.last_sync.since_token
+                assert c.get("x").max_sequence == 3
+        assert "ignored" in caplog.text
+    # the next start finds a valid cache again
+    from seqactor import _cache
+
+    assert _cache.load(cache).user == "alice"
+
+
+async def test_cache_of_another_user_is_not_resumed(tmp_path, caplog):
+    cache = tmp_path / "shared.cache"
+    async with running_server() as server:
+        await setup(server.url, {"a1": ["alice"], "b1": ["bob"]}, allocs=1)
+        async with Client.connect(server.url, token("alice"), cache_path=cache):
+            pass
+        with caplog.at_level(logging.WARNING, logger="seqactor.client"):
+            async with Client.connect(server.url, token("bob"), cache_path=cache) as c:
+                assert c.last_sync.full and set(c.view) == {"b1"}
+        assert "belongs to user 'alice'" in caplog.text
+
+
+# ---------------------------------------------------------------------------- heartbeat
+
+
+async def test_ping_only_when_idle():
+    async with running_server(heartbeat_interval_s=0.1) as server:
+        await setup(server.url, {"p": ["erin"]}, allocs=1)
+        async with Client.connect(server.url, token("erin")) as idle:
+            before = idle.stats.pings_sent
+            await trio.sleep(0.75)
+            idle_pings = idle.stats.pings_sent - before
+            assert 5 <= idle_pings <= 8  # about one per interval, no more
+            # with the client's own traffic flowing, no pings at all
+            before = idle.stats.pings_sent
+            for _ in range(25):
+                await idle.mark_read("p", 1)
+                await trio.sleep(0.03)
+            assert idle.stats.pings_sent - before == 0
+            assert idle.connected and idle.stats.connects == 1  # the server never timed us out
+
+
+async def test_background_pings_less_often():
+    async with running_server(heartbeat_interval_s=0.05) as server:
+        async with Client.connect(server.url, token("fred")) as c:
+            await c.set_background(True)
+            before = c.stats.pings_sent
+            await trio.sleep(0.6)
+            assert 1 <= c.stats.pings_sent - before <= 4  # every 4 x 0.05 s
+            assert c.stats.connects == 1
+
+
+# ---------------------------------------------------------------------------- reconnects
+
+
+def _server(store_url: str = "memory://", **kw) -> Server:
+    cfg = ServerConfig(host="127.0.0.1", port=0, store_url=store_url, secret=SECRET, **kw)
+    return Server(cfg, open_store(store_url), SECRET)
+
+
+async def test_goaway_is_honoured_and_resume_is_a_delta(tmp_path):
+    db = f"sqlite:///{tmp_path}/g.db"
+    async with trio.open_nursery() as nursery:
+        first = _server(db, goaway_reconnect_after_ms=400)
+        await nursery.start(first.serve)
+        await setup(first.url, {"k": ["gina"], "l": ["gina"]}, allocs=2)
+        async with running_proxy(first.port) as proxy:
+            async with Client.connect(proxy.url, token("gina"), backoff=fast_backoff()) as c:
+                done = trio.Event()
+
+                async def stop_first() -> None:
+                    first.stop()
+                    done.set()
+
+                # the replacement must exist before the old one says GoAway
+                await trio.sleep(0)
+                c_before = c.stats.connects
+                started = trio.current_time()
+                nursery.start_soon(stop_first)
+                with trio.fail_after(5):
+                    while c.stats.goaways == 0:
+                        await trio.sleep(0.005)
+                seen = trio.current_time()
+                second = _server(db, goaway_reconnect_after_ms=400)
+                await nursery.start(second.serve)
+                proxy.target_port = second.port
+                with trio.fail_after(5):
+                    while c.stats.connects == c_before or not c.connected:
+                        await trio.sleep(0.005)
+                waited = trio.current_time() - seen
+                assert waited >= 0.4 - 0.02, waited
+                assert trio.current_time() - started < 2.0
+                # same SQLite file: same epoch, the token resumes with an empty delta
+                assert not c.last_sync.full and c.last_sync.since_token
+                assert c.last_sync.conversations == 0
+                second.stop()
+        nursery.cancel_scope.cancel()
+
+
+async def test_reconnects_after_cuts_and_full_snapshot_replaces_on_new_epoch():
+    async with trio.open_nursery() as nursery:
+        first = _server()
+        await nursery.start(first.serve)
+        await setup(first.url, {"old": ["hank"], "both": ["hank"]}, allocs=1)
+        async with running_proxy(first.port) as proxy:
+            async with Client.connect(proxy.url, token("hank"), backoff=fast_backoff()) as c:
+                assert set(c.view) == {"old", "both"}
+                for _ in range(3):
+                    proxy.cut_all()
+                    with trio.fail_after(5):
+                        while not c.connected or c.stats.connects < 2:
+                            await trio.sleep(0.01)
+                assert c.stats.connects >= 2
+                # a new store (memory://: new epoch): the token is unusable -> full snapshot
+                second = _server()
+                await nursery.start(second.serve)
+                await setup(second.url, {"both": ["hank"], "new": ["hank"]}, allocs=5)
+                proxy.target_port = second.port
+                first.stop()
+                with trio.fail_after(5):
+                    while set(c.view) != {"both", "new"}:
+                        await trio.sleep(0.01)
+                assert c.last_sync.full and c.last_sync.since_token
+                assert c.get("both").max_sequence == 5
+                second.stop()
+        nursery.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------------------- fatal errors
+
+
+async def test_bad_token_surfaces_authentication_error():
+    async with running_server() as server:
+        with pytest.raises(AuthenticationError, match="authentication failed"):
+            async with Client.connect(server.url, "not-a-token"):
+                pass
+        with pytest.raises(AuthenticationError):
+            async with ServiceClient.connect(server.url, token("svc", ttl=-5)):
+                pass
+
+
+async def test_auth_failure_on_reconnect_stops_and_raises():
+    tokens = [token("ivy"), "expired-garbage", "expired-garbage", token("ivy")]
+    calls = []
+
+    def provider() -> str:
+        calls.append(1)
+        return tokens[min(len(calls) - 1, len(tokens) - 1)]
+
+    async with running_server() as server, running_proxy(server.port) as proxy:
+        with pytest.raises(AuthenticationError):
+            async with Client.connect(proxy.url, provider, backoff=fast_backoff()) as c:
+                proxy.cut_all()
+                with trio.fail_after(5):
+                    await trio.sleep_forever()
+        # one retry with a fresh token from the provider, then no more attempts
+        assert len(calls) == 3
+        assert isinstance(c.error, AuthenticationError)
+
+
+async def test_session_replaced_stops_and_raises():
+    async with running_server() as server:
+        with pytest.raises(SessionReplaced):
+            async with Client.connect(server.url, token("jo"), device_id="tab") as first:
+                async with Client.connect(server.url, token("jo"), device_id="tab"):
+                    with trio.fail_after(5):
+                        await trio.sleep_forever()
+        assert first.stats.connects == 1
+
+
+async def test_first_connect_errors_are_clear():
+    with pytest.raises(ConnectError, match="connection refused"):
+        async with Client.connect("ws://127.0.0.1:1/v1", "t"):
+            pass
+    with pytest.raises(ConnectError, match="bad URL"):
+        async with Client.connect("http://example.com/v1", "t"):
+            pass
+    async with running_server() as server:
+        with pytest.raises(ConnectError, match="HTTP 404"):
+            async with Client.connect(f"ws://127.0.0.1:{server.port}/nope", token("k")):
+                pass
+
+
+async def test_offline_ok_starts_from_cache_and_connects_later(tmp_path):
+    cache = tmp_path / "o.cache"
+    async with trio.open_nursery() as nursery:
+        server = _server()
+        await nursery.start(server.serve)
+        await setup(server.url, {"o": ["lena"]}, allocs=2)
+        async with running_proxy(server.port) as proxy:
+            async with Client.connect(proxy.url, token("lena"), cache_path=cache):
+                pass
+            proxy.target_port = 1  # nothing listens there: connections fail
+            async with Client.connect(
+                proxy.url, token("lena"), cache_path=cache, offline_ok=True,
+                backoff=fast_backoff(),
+            ) as c:
+                assert not c.connected and c.get("o").max_sequence == 2
+                await trio.sleep(0.1)
+                assert c.last_error
+                proxy.target_port = server.port
+                with trio.fail_after(5):
+                    await c.wait_synced()
+                assert not c.last_sync.full
+        server.stop()
+        nursery.cancel_scope.cancel()
+
+
+# ---------------------------------------------------------------------------- service client
+
+
+async def test_service_requests_in_flight_concurrently():
+    async with running_server() as server:
+        async with ServiceClient.connect(server.url, token("backend", "service")) as svc:
+            await svc.add_members("room", ["mia"])
+            results = []
+
+            async def one() -> None:
+                results.append(await svc.allocate("room", 2))
+
+            async with trio.open_nursery() as n:
+                for _ in range(60):
+                    n.start_soon(one)
+            ranges = sorted((a.first_sequence, a.last_sequence) for a in results)
+            assert ranges == [(1 + 2 * i, 2 + 2 * i) for i in range(60)]
+            with pytest.raises(NotFound) as info:
+                await svc.remove_members("no-such-room", ["mia"])
+            assert info.value.code == ErrorCode.NOT_FOUND
+            await svc.set_min_sequence("room", 10)
+        async with ServiceClient.connect(server.url, token("mia")) as not_service:
+            with pytest.raises(Forbidden):
+                await not_service.allocate("room")
+
+
+async def test_service_request_in_flight_fails_on_drop_then_reconnects():
+    async with running_server() as server, running_proxy(server.port) as proxy:
+        async with ServiceClient.connect(
+            proxy.url, token("backend", "service"), backoff=fast_backoff()
+        ) as svc:
+            await svc.allocate("z")
+            proxy.pause()
+            failures = []
+
+            async def doomed() -> None:
+                with pytest.raises(ConnectionLost) as info:
+                    await svc.allocate("z")
+                failures.append(info.value)
+
+            async with trio.open_nursery() as n:
+                for _ in range(3):
+                    n.start_soon(doomed)
+                await trio.sleep(0.1)
+                proxy.cut_all()
+                proxy.resume()
+            assert len(failures) == 3 and "in flight" in str(failures[0])
+            with trio.fail_after(5):
+                a = await svc.allocate("z")
+            assert a.first_sequence >= 2
