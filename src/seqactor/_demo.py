@@ -1,0 +1,89 @@
+"""``seqactor demo``: a server on memory:// plus synthetic IM traffic to watch."""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from pathlib import Path
+
+import trio
+
+from seqactor.auth import issue_token, load_or_create_secret
+from seqactor.client import Client, ServiceClient
+from seqactor.config import ServerConfig
+from seqactor.gateway import Server
+from seqactor.store import open_store
+
+READ_PROBABILITY = 0.6  # a simulated user reads a conversation when a message arrives
+
+
+def plan(users: int, groups: int, rng: random.Random) -> dict[str, list[str]]:
+    """Conversation -> members: a direct chat between user1 and each other user, and groups."""
+    names = [f"user{i}" for i in range(1, users + 1)]
+    convs: dict[str, list[str]] = {}
+    for other in names[1:]:
+        convs[f"dm-user1-{other}"] = ["user1", other]
+    for g in range(1, groups + 1):
+        size = rng.randint(min(3, users), users)
+        members = set(rng.sample(names, size)) | {"user1"}
+        convs[f"group-{g}"] = sorted(members)
+    return convs
+
+
+async def run_demo(
+    host: str, port: int, users: int, groups: int, rate: float, duration: float | None,
+    secret_file: str | None, seed: int | None,
+) -> None:
+    rng = random.Random(seed)
+    if secret_file is None:
+        secret_file = str(Path(tempfile.mkdtemp(prefix="seqactor-demo-")) / "secret")
+    secret, _created = load_or_create_secret(secret_file)
+    cfg = ServerConfig(host=host, port=port, store_url="memory://", secret=secret)
+    server = Server(cfg, open_store("memory://"), secret)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        url = server.url
+        convs = plan(users, groups, rng)
+        service = issue_token(secret, "demo-backend", role="service")
+        print(f"seqactor demo: server on {url} (memory://), {users} users, {len(convs)} "
+              f"conversations, {rate:g} messages/s", flush=True)
+        print("watch it live:", flush=True)
+        print(f"  seqactor watch --url {url} --user user1 --secret-file {secret_file}", flush=True)
+        print("send a message yourself:", flush=True)
+        print(f"  seqactor send --url {url} --secret-file {secret_file} group-1 --sender user2",
+              flush=True)
+        print("Ctrl-C stops the demo.", flush=True)
+        async with ServiceClient.connect(url, service) as svc:
+            for cid, members in convs.items():
+                await svc.add_members(cid, members)
+            async with trio.open_nursery() as traffic:
+                for i in range(2, users + 1):
+                    user = f"user{i}"
+                    tok = issue_token(secret, user)
+                    traffic.start_soon(_reader, url, tok, random.Random(rng.random()))
+                traffic.start_soon(_sender, svc, convs, rate, rng)
+                if duration is not None:
+                    await trio.sleep(duration)
+                    traffic.cancel_scope.cancel()
+        server.stop()
+
+
+async def _sender(
+    svc: ServiceClient, convs: dict[str, list[str]], rate: float, rng: random.Random
+) -> None:
+    ids = sorted(convs)
+    while True:
+        await trio.sleep(rng.expovariate(rate) if rate > 0 else 3600)
+        cid = rng.choice(ids)
+        await svc.allocate(cid, 1, sender_user_id=rng.choice(convs[cid]))
+
+
+async def _reader(url: str, token: str, rng: random.Random) -> None:
+    """A simulated user who reads some of what arrives, a little later."""
+    async with Client.connect(url, token, device_id="demo") as client:
+        async for batch in client.changes():
+            for change in batch.changes:
+                new = change.new
+                if new is not None and new.unread and rng.random() < READ_PROBABILITY:
+                    await trio.sleep(rng.uniform(0.2, 2.0))
+                    await client.mark_read(new.id, new.max_sequence)
