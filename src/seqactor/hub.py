@@ -37,6 +37,18 @@ log = logging.getLogger("seqactor.hub")
 FANOUT_INLINE_MEMBERS = 64  # groups up to this many online members are pushed inline
 FANOUT_SLICE_S = 0.002  # a fan-out round yields to other tasks after this long
 FANOUT_CLOCK_EVERY = 16  # members between looks at the clock
+FANOUT_YIELD_PASSES = 4  # scheduler passes given to other tasks between slices
+
+
+async def _yield_to_others() -> None:
+    """Give other tasks ``FANOUT_YIELD_PASSES`` scheduler passes before the next slice.
+
+    One pass is not enough: a request goes through several tasks (the WebSocket reader, the
+    session reader, the op) and each hop needs a pass, so a round that took back the CPU after
+    a single pass would let a backend's requests through at one hop per slice.
+    """
+    for _ in range(FANOUT_YIELD_PASSES):
+        await trio.sleep(0)
 
 
 class Hub:
@@ -240,7 +252,7 @@ class Hub:
                 if not i % FANOUT_CLOCK_EVERY and clock() > deadline:
                     break
             counters.pushes += batch.write(raw)
-            await trio.sleep(0)  # let ops and other conversations run
+            await _yield_to_others()
         if self._latest[key_id].position == start:
             del self._latest[key_id]
             del self._hot_floor[key_id]
