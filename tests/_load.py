@@ -321,6 +321,16 @@ class Crowd:
                 if not c.connected or c.rows() != expected.get(u, {})]
 
 
+async def wait_reconnected(crowd: Crowd, connects_before: dict[str, int], timeout: float) -> float:
+    """Seconds until every client made a new connection (after a drop) and is synced."""
+    start = trio.current_time()
+    with trio.fail_after(timeout):
+        while not all(c.connected and c.stats.connects > connects_before[u]
+                      for u, c in crowd.clients.items()):
+            await trio.sleep(0.02)
+    return trio.current_time() - start
+
+
 def jittered(base_s: float, cap_s: float, seed: int = 0) -> Callable[[int], Backoff]:
     return lambda i: Backoff(base_s, cap_s, rng=random.Random(seed * 1_000_003 + i))
 

@@ -84,7 +84,8 @@ OP_FIELDS = {
 class FakeTransport:
     """Feeds ``frames``; once they are consumed and the server is idle, the peer leaves."""
 
-    def __init__(self, frames: Sequence[bytes | str]) -> None:
+    def __init__(self, frames: Sequence[bytes | str], vanish_at_send: int | None = None) -> None:
+        self.vanish_at_send = vanish_at_send  # the peer is gone when the server sends this frame
         self.inbox = list(frames)
         self.consumed = 0
         self.sent: list[bytes] = []
@@ -109,6 +110,9 @@ class FakeTransport:
         if self.close_code is not None:
             raise TransportClosed(self.close_code, self.close_reason)
         await trio.lowlevel.checkpoint()
+        if self.vanish_at_send is not None and len(self.sent) >= self.vanish_at_send:
+            self.close_code, self.close_reason = 1006, "peer vanished"
+            raise TransportClosed(1006, "peer vanished")
         self.sent.append(frame)
 
     async def send_raw(self, data: bytes) -> None:  # only after write_nowait, which we lack
@@ -129,10 +133,11 @@ class Outcome:
     role: str = ""
 
 
-async def drive(server, frames: Sequence[bytes | str]) -> Outcome:
+async def drive(server, frames: Sequence[bytes | str],
+                vanish_at_send: int | None = None) -> Outcome:
     """One session over :class:`FakeTransport`; an exception out of it would have crashed
-    the connection's task in the real gateway."""
-    transport = FakeTransport(frames)
+    the connection's task in the real gateway (and with it the server)."""
+    transport = FakeTransport(frames, vanish_at_send)
     session = Session(server, transport, "fuzz")
     with trio.fail_after(30):
         await session.run()

@@ -32,6 +32,7 @@ from seqactor.store.memory import MemoryStore
 from tests._harness import SECRET, Closed, body, raw_connect, running_server, token, update_of
 from tests._load import ServerProcess, free_port, serve_argv, write_secret
 from tests.fuzz_session import (
+    CLOSE_CODES,
     UINT64_MAX,
     check_outcome,
     check_server,
@@ -153,6 +154,20 @@ async def test_fuzzed_sessions_never_crash_never_corrupt(sessions):
             check_outcome(out)
             outcomes.append(out)
         await check_server(server, outcomes)
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(sessions=sessions_st, vanish=st.lists(st.integers(0, 6), min_size=3, max_size=3))
+async def test_peer_vanishing_at_any_send_is_not_a_crash(sessions, vanish):
+    """The peer disappears just as the server writes its n-th frame (Welcome included)."""
+    async with running_server(**FUZZ_CONFIG) as server:
+        await setup(server)
+        for (hello, frames), at in zip(sessions, vanish, strict=False):
+            out = await drive(server, [hello, *frames], vanish_at_send=at)
+            assert out.close_code in (None, 1006, *CLOSE_CODES), out.close_code
+        assert not server.sessions  # every session ended and was unregistered
+        await check_server(server)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -32,6 +32,7 @@ from tests._load import (
     token,
     view_rows,
     wait_converged,
+    wait_reconnected,
     write_secret,
 )
 
@@ -218,6 +219,7 @@ async def test_reconnect_storm_all_sessions_back_memory_returns(tmp_path: Path):
             rss_before = server.rss_kb()
 
             peak = rss_before
+            connects = {u: c.stats.connects for u, c in crowd.clients.items()}
             dropped = crowd.drop_all()
             assert dropped == STORM_USERS
             with trio.fail_after(CONVERGE_TIMEOUT_S):
@@ -232,7 +234,7 @@ async def test_reconnect_storm_all_sessions_back_memory_returns(tmp_path: Path):
                             await trio.sleep(0.02)
 
                     storm.start_soon(sample)
-                    await trio.sleep(0.5)
+                    await wait_reconnected(crowd, connects, CONVERGE_TIMEOUT_S)
                     await wait_converged(crowd, model.views, CONVERGE_TIMEOUT_S)
                     storm.cancel_scope.cancel()
             assert server.alive()

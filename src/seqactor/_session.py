@@ -185,18 +185,21 @@ class Session:
                 "platform": msg.platform[:64], "client_version": msg.client_version[:64],
             },
         )
+        # Sent before the nursery opens: a peer gone by now raises TransportClosed, which
+        # _guard turns into a quiet end. Inside the nursery it would arrive wrapped in an
+        # ExceptionGroup, pass _guard, and take the whole server down.
+        await self.transport.send(
+            frames.welcome(
+                request_id, identity.user_id, self.session_id,
+                int(self.cfg.heartbeat_interval_s * 1000), self.cfg.max_frame_bytes,
+                identity.role,
+            )
+        )
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             state.direct = getattr(self.transport, "write_nowait", None)
             state.fd_now = getattr(self.transport, "fd_now", None)
             state.start_writer = self._start_writer
-            await self.transport.send(
-                frames.welcome(
-                    request_id, identity.user_id, self.session_id,
-                    int(self.cfg.heartbeat_interval_s * 1000), self.cfg.max_frame_bytes,
-                    identity.role,
-                )
-            )
             actor.sessions.append(state)  # only now can pushes reach it: after the Welcome
             self.server.register(self)
             await self._guard(self._reader, nursery)
