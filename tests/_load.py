@@ -391,11 +391,7 @@ async def _serve_main(args: argparse.Namespace) -> None:
     from seqactor.store import open_store
 
     config = json.loads(args.config)
-    limits = {k: config.pop(k) for k in ("max_view_conversations", "max_conversation_members")
-              if k in config}
     store = open_store(args.store)
-    for k, v in limits.items():
-        setattr(store, k, v)
     cfg = ServerConfig(host="127.0.0.1", port=args.port, store_url=args.store, secret=SECRET,
                        **config)
     server = Server(cfg, store, SECRET)

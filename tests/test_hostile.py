@@ -183,7 +183,8 @@ async def test_fuzzed_service_ops_keep_the_store_consistent(ops):
 
 def test_atheris_short_run(tmp_path):
     """A bounded libFuzzer run over the same session harness (tests/fuzz_session.py)."""
-    pytest.importorskip("atheris")
+    import atheris  # noqa: F401  (dev extra: the harness below needs it)
+
     from tests.fuzz_session import seed_corpus
 
     harness = Path(__file__).with_name("fuzz_session.py")
@@ -539,8 +540,9 @@ async def test_fd_exhaustion_is_survived_and_accept_resumes(tmp_path):
 
 
 async def test_view_and_group_size_limits_are_enforced():
-    store = MemoryStore(max_view_conversations=3, max_conversation_members=4)
-    cfg = ServerConfig(host="127.0.0.1", port=0, store_url="memory://", secret=SECRET)
+    store = MemoryStore()
+    cfg = ServerConfig(host="127.0.0.1", port=0, store_url="memory://", secret=SECRET,
+                       max_view_conversations=3, max_conversation_members=4)
     server = Server(cfg, store, SECRET)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve)

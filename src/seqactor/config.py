@@ -22,6 +22,8 @@ SHUTDOWN_GRACE_S = 5.0  # open sessions get this long to take GoAway and close
 GOAWAY_RECONNECT_AFTER_MS = 1_000
 WRITE_TIMEOUT_S = 30.0  # a session whose socket takes no bytes for this long is closed
 MAX_CONNECTIONS = 20_000  # per process; beyond: HTTP 503 at the handshake
+MAX_VIEW_CONVERSATIONS = 1_000_000  # SPEC §4 limits
+MAX_CONVERSATION_MEMBERS = 1_000_000
 MAX_TOKEN_LIFETIME_S = 30 * 24 * 3600  # tokens whose exp is further out are refused
 REPLY_QUEUE_FRAMES = 32  # replies waiting to be written per session (reader waits beyond)
 HANDSHAKE_TIMEOUT_S = 10.0  # TCP connect -> WebSocket upgrade done
@@ -47,6 +49,8 @@ class ServerConfig:
     max_connections: int = MAX_CONNECTIONS
     max_token_lifetime_s: float = MAX_TOKEN_LIFETIME_S
     reply_queue_frames: int = REPLY_QUEUE_FRAMES
+    max_view_conversations: int = MAX_VIEW_CONVERSATIONS
+    max_conversation_members: int = MAX_CONVERSATION_MEMBERS
     metrics_port: int | None = None
     tls_cert: str | None = None
     tls_key: str | None = None

@@ -143,6 +143,8 @@ class Server:
     def __init__(self, config: ServerConfig, store: Store, secret: bytes) -> None:
         self.config = config
         self.store = store
+        store.max_view_conversations = config.max_view_conversations
+        store.max_conversation_members = config.max_conversation_members
         self.secret = secret
         self.metrics = Metrics()
         self.hub: Hub = None  # type: ignore[assignment]  # made in serve() once the store is open
