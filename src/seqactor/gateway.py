@@ -255,6 +255,8 @@ class Server:
         self.metrics.connections.set(self.connections)
         try:
             await self._handle_connection(tcp)
+        except Exception:  # last resort: one connection's bug must not end the server
+            log.exception("connection handler failed; the connection is dropped")
         finally:
             self.connections -= 1
             self.metrics.connections.set(self.connections)

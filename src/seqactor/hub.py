@@ -223,7 +223,13 @@ class Hub:
             while self._hot_queue:
                 key_id = next(iter(self._hot_queue))
                 del self._hot_queue[key_id]
-                await self._fanout_round(key_id)
+                try:
+                    await self._fanout_round(key_id)
+                except Exception:  # keep serving other conversations; resync this one's members
+                    log.exception("fan-out round failed; resyncing online views")
+                    self._latest.pop(key_id, None)
+                    self._hot_floor.pop(key_id, None)
+                    self.request_resync()
 
     async def _fanout_round(self, key_id: int) -> None:
         """One pass over the conversation's online members with its newest max.
