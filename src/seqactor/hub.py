@@ -305,6 +305,11 @@ class Hub:
                 if not members:
                     del self.index[key_id]
             if change.keep_history:
+                latest = self._latest.get(key_id)
+                if latest is not None:
+                    # A fan-out round has not reached this member yet: the frozen row must
+                    # hold the max at the moment of leaving, as the store does.
+                    actor.on_max(key_id, latest.last, latest.time_ms, latest.position, None)
                 actor.on_freeze(key_id, change.position)
             else:
                 actor.on_leave(key_id, cid)

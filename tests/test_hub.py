@@ -1,0 +1,87 @@
+"""The hub without sockets: a real memory store, actors attached, fan-out rounds held back.
+
+A round that has not run yet is the state a big group is in for a few milliseconds after each
+allocation; these tests freeze the hub in that state and check what users could observe.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import seqactor.hub
+from seqactor.hub import Hub
+from seqactor.metrics import Metrics
+from seqactor.store.memory import MemoryStore
+
+
+@pytest.fixture
+async def hub_with_rounds(monkeypatch, nursery):
+    """A hub whose big-group allocations queue a round that only runs when the test says."""
+    monkeypatch.setattr(seqactor.hub, "FANOUT_INLINE_MEMBERS", 0)
+    store = MemoryStore()
+    await store.open()
+    hub = Hub(store, Metrics())
+    hub.nursery = nursery  # rounds are queued, but run_fanout is not started
+    return hub
+
+
+def row_values(hub: Hub, user: str, cid: str) -> tuple[int, int, int]:
+    actor = hub.actors[user]
+    row = actor.table.row_of(hub.keys.lookup(cid))
+    t = actor.table
+    return t.max_seq[row], t.read_seq[row], int(t.frozen[row])
+
+
+async def store_values(hub: Hub, user: str, cid: str) -> tuple[int, int, int]:
+    view = await hub.store.load_view(user)
+    i = view.conversation_ids.index(cid)
+    return view.max_seq[i], view.read_seq[i], view.frozen[i]
+
+
+async def test_freeze_during_a_pending_round_keeps_the_max_at_leaving(hub_with_rounds, nursery):
+    hub = hub_with_rounds
+    await hub.store.add_members("g", ["alice", "bob"])
+    await hub.attach("alice", nursery)
+    await hub.store.allocate("g", 3)  # round queued, not run: alice's row still says 0
+    assert row_values(hub, "alice", "g")[0] == 0
+    await hub.store.remove_members("g", ["alice"], keep_history=True)
+    await hub.store.allocate("g", 2)
+    assert row_values(hub, "alice", "g") == await store_values(hub, "alice", "g") == (3, 0, 1)
+
+
+async def test_tokens_stay_below_an_undelivered_round(hub_with_rounds, nursery):
+    hub = hub_with_rounds
+    await hub.store.add_members("g", ["alice"])
+    await hub.attach("alice", nursery)
+    before = hub.synced_position
+    change = await hub.store.allocate("g", 1)
+    assert hub.position == change.position
+    assert hub.synced_position < change.position  # alice has not been given seq 1 yet
+    assert hub.synced_position >= before
+    await hub._fanout_round(hub.keys.lookup("g"))
+    assert row_values(hub, "alice", "g")[0] == 1
+    assert hub.synced_position == hub.position
+
+
+async def test_read_after_a_pending_round_never_exceeds_max(hub_with_rounds, nursery):
+    hub = hub_with_rounds
+    await hub.store.add_members("g", ["alice", "bob"])
+    await hub.attach("alice", nursery)
+    await hub.store.allocate("g", 4)
+    await hub.store.mark_read("g", "alice", 4)  # commits against the store's max of 4
+    max_seq, read_seq, _ = row_values(hub, "alice", "g")
+    assert read_seq == 4 and max_seq == 4
+
+
+async def test_round_delivers_the_newest_max_once(hub_with_rounds, nursery):
+    hub = hub_with_rounds
+    await hub.store.add_members("g", [f"u{i}" for i in range(5)])
+    for i in range(5):
+        await hub.attach(f"u{i}", nursery)
+    for _ in range(10):
+        await hub.store.allocate("g", 1)
+    assert len(hub._hot_queue) == 1  # ten allocations, one round
+    await hub._fanout_round(hub.keys.lookup("g"))
+    assert not hub._hot_queue and not hub._latest
+    for i in range(5):
+        assert row_values(hub, f"u{i}", "g")[0] == 10
