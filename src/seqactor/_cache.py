@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import msgpack
+import msgpack  # type: ignore[import-untyped, unused-ignore]
 
 log = logging.getLogger("seqactor.client")
 
@@ -35,7 +35,7 @@ class CacheData:
 
 
 def encode(data: CacheData) -> bytes:
-    return msgpack.packb(
+    raw: bytes = msgpack.packb(
         {
             "format": CACHE_FORMAT, "version": CACHE_VERSION, "user": data.user,
             "url": data.url, "token": data.token,
@@ -43,6 +43,7 @@ def encode(data: CacheData) -> bytes:
         },
         use_bin_type=True,
     )
+    return raw
 
 
 def decode(raw: bytes) -> CacheData:

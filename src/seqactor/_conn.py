@@ -276,8 +276,16 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLError):
         return f"TLS error ({exc.reason or exc})"
     if isinstance(exc, tws.ConnectionClosed):
-        return f"connection closed ({exc.reason.code} {exc.reason.reason or ''})".strip()
+        code, reason = close_info(exc)
+        return f"connection closed ({code} {reason})".strip()
     return str(exc) or type(exc).__name__
+
+
+def close_info(exc: tws.ConnectionClosed) -> tuple[int | None, str]:
+    reason = exc.reason
+    if reason is None:
+        return None, ""
+    return reason.code, reason.reason or ""
 
 
 def unwrap(exc: BaseException) -> BaseException:
@@ -581,7 +589,7 @@ class _Endpoint:
             try:
                 data = await conn.get_message()
             except tws.ConnectionClosed as exc:
-                raise self._closed_error(exc.reason.code, exc.reason.reason) from None
+                raise self._closed_error(*close_info(exc)) from None
             if isinstance(data, str):
                 continue
             self.stats.frames_in += 1
@@ -590,7 +598,7 @@ class _Endpoint:
                 return pb.Welcome.FromString(body)
             if field == F_ERROR:
                 err = pb.Error.FromString(body)
-                if err.code == ErrorCode.UNAUTHENTICATED:
+                if int(err.code) == int(ErrorCode.UNAUTHENTICATED):
                     raise AuthenticationError(f"authentication failed: {err.message}")
                 raise server_error(err.code, err.message)
             if field == F_GOAWAY:
@@ -615,7 +623,7 @@ class _Endpoint:
             try:
                 data = await conn.get_message()
             except tws.ConnectionClosed as exc:
-                raise self._closed_error(exc.reason.code, exc.reason.reason) from None
+                raise self._closed_error(*close_info(exc)) from None
             if isinstance(data, str):
                 continue
             self.stats.frames_in += 1

@@ -452,10 +452,10 @@ class Client(_Endpoint):
                 view[cid] = new
                 changed[cid] = (old, new)
         for cid in removed:
-            old = view.pop(cid, None)
-            if old is not None:
+            dropped = view.pop(cid, None)
+            if dropped is not None:
                 prev = changed.get(cid)
-                changed[cid] = (prev[0] if prev is not None else old, None)
+                changed[cid] = (prev[0] if prev is not None else dropped, None)
         if token:
             if token != self._token_bytes:
                 self._dirty = True
@@ -463,8 +463,8 @@ class Client(_Endpoint):
         if not changed:
             return
         total = self._total_unread
-        for old, new in changed.values():
-            total += _unread(new) - _unread(old)
+        for before, after in changed.values():
+            total += _unread(after) - _unread(before)
         self._total_unread = total
         self._dirty = True
         for stream in list(self._streams):
