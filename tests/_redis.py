@@ -28,10 +28,11 @@ REDIS_CLI = shutil.which("redis-cli")
 START_TIMEOUT_S = 10.0
 CLUSTER_BUS_PORT_OFFSET = 10_000  # Redis Cluster's bus listens on port + 10000
 
-requires_redis = pytest.mark.skipif(
-    REDIS_SERVER is None or REDIS_CLI is None,
-    reason="redis-server / redis-cli not installed (make system-deps)",
-)
+
+def require_redis() -> None:
+    """redis-server is a test dependency (``make test`` installs it): missing is a failure."""
+    if REDIS_SERVER is None or REDIS_CLI is None:
+        pytest.fail("redis-server / redis-cli not installed: run `make system-deps`")
 
 _prefixes = itertools.count(1)
 
@@ -101,6 +102,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
+        require_redis()
         assert REDIS_SERVER is not None
         self.data_dir.mkdir(parents=True, exist_ok=True)
         args = [
@@ -227,8 +229,7 @@ def redis_store_factory(cluster: bool) -> Callable[[Path], Callable[..., Store]]
     fresh key prefix on the session's server / cluster. Skips when redis-server is missing."""
 
     def per_test(tmp: Path) -> Callable[..., Store]:
-        if REDIS_SERVER is None or REDIS_CLI is None:
-            pytest.skip("redis-server / redis-cli not installed (make system-deps)")
+        require_redis()
         from seqactor.store.redis import RedisStore
 
         url = redis_url(unique_prefix(), cluster=cluster)

@@ -21,9 +21,9 @@ import trio_websocket as tws
 from seqactor._proto import seqactor_pb2 as pb
 from seqactor.store.redis import RedisStore
 from tests._harness import SECRET, RawClient, body, token, update_of
-from tests._redis import RedisServer, requires_redis, unique_prefix
+from tests._redis import RedisServer, unique_prefix
 
-pytestmark = [requires_redis, pytest.mark.slow]
+pytestmark = [pytest.mark.slow]
 
 SEQACTOR = [sys.executable, "-m", "seqactor.cli"]
 NODE_START_TIMEOUT_S = 20.0

@@ -25,12 +25,9 @@ from tests._redis import (
     RedisServer,
     cli,
     redis_url,
-    requires_redis,
     shared_cluster,
     unique_prefix,
 )
-
-pytestmark = requires_redis
 
 # ------------------------------------------------------------------ helpers
 

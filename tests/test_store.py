@@ -429,11 +429,11 @@ async def test_concurrent_listeners_see_only_committed_state(
         db.close()
 
 
+# The memory store commits at once and Redis in one script: only SQLite has a window.
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 async def test_uncommitted_allocation_is_invisible(
     store: Store, backend: str, tmp_path: Path
 ) -> None:
-    if backend != "sqlite":
-        pytest.skip("the memory store commits at once; Redis commits in one script")
     await store.add_members("c", ["u"])
     seen: list[Change] = []
     store.add_listener(seen.append)
@@ -724,9 +724,8 @@ async def test_concurrent_allocations_many_conversations_and_reads(store: Store)
 # ------------------------------------------------------------------ persistence (SQLite)
 
 
+@pytest.mark.parametrize("backend", sorted(PERSISTENT), indirect=True)
 async def test_reopen_keeps_everything(make_store: StoreFactory, backend: str) -> None:
-    if backend not in PERSISTENT:
-        pytest.skip("not persistent")
     store = make_store()
     await store.open()
     model = Model()
@@ -755,11 +754,10 @@ async def test_reopen_keeps_everything(make_store: StoreFactory, backend: str) -
         await again.aclose()
 
 
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)  # a SQLite failure mode
 async def test_commit_failure_makes_store_unavailable(
     store: Store, backend: str, tmp_path: Path
 ) -> None:
-    if backend != "sqlite":
-        pytest.skip("SQLite failure mode")
     await store.add_members("c", ["u"])
     a = await store.allocate("c", 3)
     # another connection makes every later write of conversations fail (a real SQLite error)
