@@ -85,3 +85,37 @@ async def test_round_delivers_the_newest_max_once(hub_with_rounds, nursery):
     assert not hub._hot_queue and not hub._latest
     for i in range(5):
         assert row_values(hub, f"u{i}", "g")[0] == 10
+
+
+async def test_push_while_own_read_is_held_back_carries_no_token(nursery):
+    from seqactor._kernel import decode_update, split_server_message
+    from seqactor.actor import SessionState
+    from seqactor.store import ReadMarked
+
+    store = MemoryStore()
+    await store.open()
+    hub = Hub(store, Metrics())
+    await store.add_members("a", ["alice"])
+    await store.add_members("b", ["alice"])
+    await store.allocate("a", 5)
+    await store.allocate("b", 5)
+    actor = await hub.attach("alice", nursery)
+    s = SessionState("s1", "alice", "phone", 8, lambda code, reason: None, hub.counters)
+    s.subscribed_all = True
+    s.background = True  # changes stay pending; the test encodes them itself
+    actor.sessions.append(s)
+    key_a = hub.keys.lookup("a")
+    s.inflight_reads[key_a] = 1  # this session's MarkRead on "a" awaits its Ack
+    result = await store.mark_read("a", "alice", 3)
+    assert isinstance(result, ReadMarked) and result.changed
+    await store.allocate("b", 1)  # something else to push meanwhile
+    frame = actor.encode_push(s)
+    assert frame is not None
+    _, _, body = split_server_message(frame)
+    conversations, token, _, _ = decode_update(body)
+    assert set(conversations) == {"b"} and token == b""
+    assert s.pending == {key_a: 2}  # the read stays pending until the Ack settles it
+    s.inflight_reads.clear()
+    _, _, body = split_server_message(actor.encode_push(s))
+    conversations, token, _, _ = decode_update(body)
+    assert conversations["a"][1] == 3 and token  # with nothing held back, a token again

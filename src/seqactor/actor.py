@@ -156,15 +156,17 @@ class SessionState:
 
     def next_frame(self) -> tuple[bytes, bool] | None:
         """For the writer: the next (frame, already framed), or None when the outbox is empty."""
+        # Encode order: a push frame is only handed over while the outbox is empty, so it
+        # (and the rest of a direct write) came before any reply queued behind it.
         if self.push_raw is not None:
             frame, self.push_raw = self.push_raw, None
             return frame, True
-        if self.replies:
-            self.reply_space.release()
-            return self.replies.popleft(), False
         if self.push_frame is not None:
             frame, self.push_frame = self.push_frame, None
             return frame, False
+        if self.replies:
+            self.reply_space.release()
+            return self.replies.popleft(), False
         return None
 
 
@@ -387,7 +389,9 @@ class UserActor:
         s.shared = None
         if not rows and not removed:
             return None
-        token = self.token() if s.subscribed_all else b""
+        # A read held back for the marking session's Ack is not in this frame: a token here
+        # would cover it, and a resume from the token would never bring the read back.
+        token = self.token() if s.subscribed_all and not deferred else b""
         payload = kernel.encode_rows(
             self.hub.keys, t, rows, bytes(masks), sync_token=token, full=False, removed=removed
         )
