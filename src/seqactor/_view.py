@@ -20,7 +20,7 @@ FIELD_ALL = FIELD_MAX | FIELD_READ | FIELD_MIN
 class ViewTable:
     """Columnar rows: key id, max, read, min, time (ms), change position."""
 
-    __slots__ = ("keys", "max_seq", "read_seq", "min_seq", "time_ms", "pos", "frozen", "_row")
+    __slots__ = ("keys", "max_seq", "read_seq", "min_seq", "time_ms", "pos", "frozen", "rows")
 
     def __init__(self) -> None:
         self.keys = array("I")
@@ -30,23 +30,23 @@ class ViewTable:
         self.time_ms = array("q")
         self.pos = array("Q")
         self.frozen = bytearray()  # 1 = left with keep_history: ignores conversation changes
-        self._row: dict[int, int] = {}
+        self.rows: dict[int, int] = {}  # key id -> row index (read-only outside this class)
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def row_of(self, key_id: int) -> int:
         """Row index of ``key_id``, or -1 when the conversation is not in the view."""
-        return self._row.get(key_id, -1)
+        return self.rows.get(key_id, -1)
 
     def upsert(
         self, key_id: int, max_seq: int, read_seq: int, min_seq: int, time_ms: int, pos: int,
         frozen: bool = False,
     ) -> int:
-        row = self._row.get(key_id, -1)
+        row = self.rows.get(key_id, -1)
         if row < 0:
             row = len(self.keys)
-            self._row[key_id] = row
+            self.rows[key_id] = row
             self.keys.append(key_id)
             self.max_seq.append(max_seq)
             self.read_seq.append(read_seq)
@@ -65,7 +65,7 @@ class ViewTable:
 
     def remove(self, key_id: int) -> int:
         """Drop a row; returns the index of the row that moved into its place (or -1)."""
-        row = self._row.pop(key_id, -1)
+        row = self.rows.pop(key_id, -1)
         if row < 0:
             return -1
         last = len(self.keys) - 1
@@ -75,7 +75,7 @@ class ViewTable:
             for col in (self.keys, self.max_seq, self.read_seq, self.min_seq, self.time_ms, self.pos):
                 col[row] = col[last]
             self.frozen[row] = self.frozen[last]
-            self._row[moved_key] = row
+            self.rows[moved_key] = row
             moved = row
         for col in (self.keys, self.max_seq, self.read_seq, self.min_seq, self.time_ms, self.pos):
             col.pop()

@@ -198,8 +198,15 @@ class FanoutBatch:
                 continue
             results = array("q", bytes(8 * n))
             kernel.write_many(fds, data, results)
-            for session, written in zip(sessions, results, strict=True):
-                session.wrote_raw(data, written)
+            size = len(data)
+            written_all = results.count(size)
+            if written_all != n:
+                for session, written in zip(sessions, results, strict=True):
+                    if written != size:
+                        session.wrote_raw(data, written)
+            counters = sessions[0].counters
+            counters.frames_sent += written_all
+            counters.bytes_sent += written_all * size
             served += n
             del fds[:]
             sessions.clear()
