@@ -16,9 +16,9 @@ from collections.abc import Iterable
 
 import trio
 
+from seqactor import _frames as frames
 from seqactor import _kernel as kernel
 from seqactor._synctoken import make_token
-from seqactor import _frames as frames
 from seqactor.actor import FanoutBatch, UserActor
 from seqactor.metrics import Metrics
 from seqactor.store import (
