@@ -37,7 +37,8 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--host", default=C.DEFAULT_HOST)
     p.add_argument("--port", type=int, default=C.DEFAULT_PORT)
     p.add_argument("--store", default=C.DEFAULT_STORE_URL,
-                   help="memory://, sqlite:///path (default %(default)s)")
+                   help="memory://, sqlite:///path, redis://host:port/db or "
+                   "redis+cluster://host:port,... (default %(default)s)")
     p.add_argument("--secret-file", required=True,
                    help="HS256 secret; created (random, mode 0600) when missing")
     p.add_argument("--hello-timeout", type=float, default=C.HELLO_TIMEOUT_S, metavar="S")
