@@ -13,6 +13,7 @@ from pathlib import Path
 import trio
 import trio_websocket as tws
 
+from seqactor._proto import seqactor_pb2 as pb
 from tests._harness import RawClient, body, update_of
 
 SEQACTOR = [sys.executable, "-m", "seqactor.cli"]
@@ -29,10 +30,10 @@ def run_token(secret_file: Path, user: str, *extra: str) -> str:
     return lines[0]
 
 
-async def start_serve(tmp_path: Path, store: str) -> tuple[trio.Process, str]:
+async def start_serve(tmp_path: Path, store: str, *extra: str) -> tuple[trio.Process, str]:
     proc = await trio.lowlevel.open_process(
         [*SEQACTOR, "serve", "--port", "0", "--store", store,
-         "--secret-file", str(tmp_path / "secret"), "--heartbeat-interval", "5"],
+         "--secret-file", str(tmp_path / "secret"), "--heartbeat-interval", "5", *extra],
         stdout=subprocess.PIPE, stderr=open(tmp_path / "stderr.log", "wb"),
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
@@ -116,3 +117,24 @@ def test_token_errors_are_one_line(tmp_path):
         capture_output=True, text=True, timeout=30,
     )
     assert out.returncode != 0 and "Traceback" not in out.stderr
+
+
+async def test_serve_limit_flags_are_enforced(tmp_path):
+    proc, url = await start_serve(
+        tmp_path, "memory://", "--max-view-conversations", "2", "--max-ids-per-request", "3",
+    )
+    try:
+        svc_token = run_token(tmp_path / "secret", "backend", "--role", "service")
+        async with tws.open_websocket_url(url) as conn:
+            svc = RawClient(conn)
+            assert body(await svc.request("hello", token=svc_token)) == "welcome"
+            for cid in ("a", "b"):
+                r = await svc.request("add_members", conversation_id=cid, user_ids=["alice"])
+                assert body(r) == "ack"
+            r = await svc.request("add_members", conversation_id="c", user_ids=["alice"])
+            assert r.error.code == pb.Error.Code.TOO_LARGE  # her view is full
+            r = await svc.request("add_members", conversation_id="d", user_ids=["x", "y", "z", "w"])
+            assert r.error.code == pb.Error.Code.TOO_LARGE  # more ids than one request may hold
+    finally:
+        proc.kill()
+        await proc.wait()

@@ -48,6 +48,20 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--tls-cert", default=None, metavar="F")
     p.add_argument("--tls-key", default=None, metavar="F")
     p.add_argument("--log-level", default="INFO")
+    limits = p.add_argument_group("limits (SPEC §4 defaults)")
+    limits.add_argument("--max-ids-per-request", type=int, default=C.MAX_IDS_PER_REQUEST,
+                        metavar="N")
+    limits.add_argument("--max-view-conversations", type=int, default=C.MAX_VIEW_CONVERSATIONS,
+                        metavar="N")
+    limits.add_argument("--max-conversation-members", type=int,
+                        default=C.MAX_CONVERSATION_MEMBERS, metavar="N")
+    limits.add_argument("--rate-limit", type=float, default=C.RATE_LIMIT_OPS_PER_S,
+                        metavar="OPS_PER_S", help="per user session (default %(default)s)")
+    limits.add_argument("--max-connections", type=int, default=C.MAX_CONNECTIONS, metavar="N",
+                        help="per process; beyond: HTTP 503 (default %(default)s)")
+    limits.add_argument("--write-timeout", type=float, default=C.WRITE_TIMEOUT_S, metavar="S",
+                        help="close a session whose socket takes nothing this long "
+                        "(default %(default)s)")
 
 
 def _token_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -195,6 +209,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         hello_timeout_s=args.hello_timeout, heartbeat_interval_s=args.heartbeat_interval,
         max_frame_bytes=args.max_frame_bytes, metrics_port=args.metrics_port,
         tls_cert=args.tls_cert, tls_key=args.tls_key,
+        max_ids_per_request=args.max_ids_per_request,
+        max_view_conversations=args.max_view_conversations,
+        max_conversation_members=args.max_conversation_members,
+        rate_limit_ops_per_s=args.rate_limit, max_connections=args.max_connections,
+        write_timeout_s=args.write_timeout,
     )
     try:
         store = open_store(args.store)
