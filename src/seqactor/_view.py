@@ -81,6 +81,3 @@ class ViewTable:
             col.pop()
         self.frozen.pop()
         return moved
-
-    def key_ids(self) -> list[int]:
-        return list(self.keys)
