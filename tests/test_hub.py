@@ -119,3 +119,28 @@ async def test_push_while_own_read_is_held_back_carries_no_token(nursery):
     _, _, body = split_server_message(actor.encode_push(s))
     conversations, token, _, _ = decode_update(body)
     assert conversations["a"][1] == 3 and token  # with nothing held back, a token again
+
+
+async def test_a_session_joins_its_actor_in_the_attach_step(nursery):
+    """Another session closing right after attach must not retire the actor under it."""
+    from seqactor.actor import SessionState
+
+    store = MemoryStore()
+    await store.open()
+    hub = Hub(store, Metrics())
+    await store.add_members("g", ["u"])
+
+    def state(name: str) -> SessionState:
+        return SessionState(name, "u", name, 8, lambda code, reason: None, hub.counters)
+
+    first, second = state("first"), state("second")
+    actor = await hub.attach("u", nursery, first)
+    assert actor.sessions == [first]
+    assert await hub.attach("u", nursery, second) is actor
+    assert actor.sessions == [first, second]
+    actor.sessions.remove(first)  # the first session closes
+    hub.detach_if_idle(actor)
+    assert hub.actors["u"] is actor and hub.index[hub.keys.lookup("g")] == {actor}
+    actor.sessions.remove(second)
+    hub.detach_if_idle(actor)
+    assert "u" not in hub.actors and not hub.index

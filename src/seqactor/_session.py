@@ -171,12 +171,18 @@ class Session:
             return
         self.identity = identity
         self.device_id = msg.device_id[:128]
-        actor = await self.server.hub.attach(identity.user_id, self.server.actor_nursery)
         state = SessionState(
             self.session_id, identity.user_id, self.device_id, self.cfg.reply_queue_frames,
             self._on_fatal, self.server.metrics.counters,
         )
-        self.actor, self.state = actor, state
+        state.direct = getattr(self.transport, "write_nowait", None)
+        state.fd_now = getattr(self.transport, "fd_now", None)
+        state.start_writer = self._start_writer
+        self.state = state
+        # The hub adds the state to the actor as part of attaching, so the actor cannot be
+        # retired by another session closing in between. It follows nothing until Subscribe.
+        actor = await self.server.hub.attach(identity.user_id, self.server.actor_nursery, state)
+        self.actor = actor
         log.info(
             "session open",
             extra={
@@ -197,10 +203,6 @@ class Session:
         )
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            state.direct = getattr(self.transport, "write_nowait", None)
-            state.fd_now = getattr(self.transport, "fd_now", None)
-            state.start_writer = self._start_writer
-            actor.sessions.append(state)  # only now can pushes reach it: after the Welcome
             self.server.register(self)
             await self._guard(self._reader, nursery)
             nursery.cancel_scope.cancel()

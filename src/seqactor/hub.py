@@ -19,7 +19,7 @@ import trio
 from seqactor import _frames as frames
 from seqactor import _kernel as kernel
 from seqactor._synctoken import make_token
-from seqactor.actor import FanoutBatch, UserActor
+from seqactor.actor import FanoutBatch, SessionState, UserActor
 from seqactor.metrics import Metrics
 from seqactor.store import (
     Allocated,
@@ -76,12 +76,20 @@ class Hub:
         store.add_listener(self.apply)
 
     # ---------------------------------------------------------------- actors
-    async def attach(self, user_id: str, nursery: trio.Nursery) -> UserActor:
-        """The user's actor, spawned (view loaded, task started) on the first session."""
+    async def attach(
+        self, user_id: str, nursery: trio.Nursery, session: SessionState | None = None
+    ) -> UserActor:
+        """The user's actor, spawned (view loaded, task started) on the first session.
+
+        ``session`` joins the actor's sessions in the same step as the actor is found or made
+        ready, so no other session's closing can retire the actor in between.
+        """
         actor = self.actors.get(user_id)
         if actor is not None:
             await actor.ready.wait()
             if actor.failed is None and self.actors.get(user_id) is actor:
+                if session is not None:
+                    actor.sessions.append(session)
                 return actor
         actor = UserActor(self, user_id)
         self.actors[user_id] = actor
@@ -104,6 +112,8 @@ class Hub:
         for key_id, frozen in zip(actor.table.keys, actor.table.frozen, strict=True):
             if not frozen:
                 self.index.setdefault(key_id, set()).add(actor)
+        if session is not None:
+            actor.sessions.append(session)
         await nursery.start(actor.run)
         self.metrics.actors.set(len(self.actors))
         return actor
