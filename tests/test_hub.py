@@ -144,3 +144,42 @@ async def test_a_session_joins_its_actor_in_the_attach_step(nursery):
     actor.sessions.remove(second)
     hub.detach_if_idle(actor)
     assert "u" not in hub.actors and not hub.index
+
+
+@pytest.mark.parametrize("rounds", [False, True])
+async def test_one_users_failure_never_stops_the_others_pushes(monkeypatch, nursery, rounds):
+    """A session that cannot take output any more (here: starting its writer fails) ends its
+    own user's sessions; every other member still gets the change."""
+    from seqactor.actor import SessionState
+
+    if rounds:
+        monkeypatch.setattr(seqactor.hub, "FANOUT_INLINE_MEMBERS", 0)
+    store = MemoryStore()
+    await store.open()
+    hub = Hub(store, Metrics())
+    hub.nursery = nursery
+    users = ["bad", "good1", "good2"]
+    await store.add_members("g", users)
+    closed: list[tuple[str, int]] = []
+    states = {}
+    for u in users:
+        s = SessionState(u, u, u, 8, lambda code, reason, u=u: closed.append((u, code)),
+                         hub.counters)
+        s.subscribed_all = True
+        states[u] = s
+        await hub.attach(u, nursery, s)
+
+    def broken_writer() -> None:
+        raise RuntimeError("Nursery is closed to new arrivals")
+
+    states["bad"].start_writer = broken_writer
+    for u in ("good1", "good2"):
+        states[u].start_writer = lambda: None  # a writer that will drain later
+    await store.allocate("g", 1)
+    if rounds:
+        await hub._fanout_round(hub.keys.lookup("g"))
+    for u in ("good1", "good2"):
+        s = states[u]
+        assert s.push_frame is not None or s.pending, f"{u} got nothing"
+        assert row_values(hub, u, "g")[0] == 1
+    assert closed == [("bad", 1011)]

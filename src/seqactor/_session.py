@@ -141,11 +141,13 @@ class Session:
             with self._scope:
                 await self._guard(self._run)
         finally:
+            # Leave the actor first: from here on no push may reach this session (its
+            # nursery is gone, so it could not start a writer any more).
+            self._detach()
             if self._peer_gone is not None and self._close is None:
                 code, reason = self._peer_gone
             elif self._close is not None:
                 code, reason = await self._finish()
-            self._detach()
             self.server.metrics.closes.labels(str(code)).inc()
             log.info(
                 "session closed",
@@ -201,11 +203,14 @@ class Session:
                 identity.role,
             )
         )
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            self.server.register(self)
-            await self._guard(self._reader, nursery)
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self.server.register(self)
+                await self._guard(self._reader, nursery)
+                nursery.cancel_scope.cancel()
+        finally:
+            self._nursery = None
 
     def _on_fatal(self, code: int, reason: str) -> None:
         self.request_close(code, reason, frames.error(0, Code.INTERNAL, reason))
@@ -263,7 +268,10 @@ class Session:
             self.request_close(CLOSE_NORMAL, "idle timeout")
 
     def _start_writer(self) -> None:
-        assert self._nursery is not None
+        if self._nursery is None:
+            # The session is ending: output is dropped, and ``writer_running`` stays set so
+            # nothing else tries to write to it either.
+            return
         self._nursery.start_soon(self._guard, self._writer)
 
     async def _writer(self) -> None:

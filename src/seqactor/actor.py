@@ -424,10 +424,17 @@ class UserActor:
                     self.flush()
                     await trio.lowlevel.checkpoint()
             except Exception as exc:  # an actor's failure ends its user's sessions only
-                self.failed = exc
-                log.exception("actor for user %r failed; closing its sessions", self.user_id)
-                for s in list(self.sessions):
-                    s.on_fatal(1011, "internal error")
+                self.fail(exc)
+
+    def fail(self, exc: BaseException) -> None:
+        """Log the failure and end this user's sessions (Error INTERNAL, close 1011)."""
+        self.failed = exc
+        log.error(
+            "actor for user %r failed; closing its sessions", self.user_id,
+            exc_info=(type(exc), exc, exc.__traceback__),
+        )
+        for s in list(self.sessions):
+            s.on_fatal(1011, "internal error")
 
     def retire(self) -> None:
         self._cancel.cancel()

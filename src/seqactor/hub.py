@@ -153,14 +153,23 @@ class Hub:
         elif isinstance(change, ReadMarked):
             reader = self.actors.get(change.user_id)
             if reader is not None and reader.loaded:
-                self._apply_to(reader, change)
+                try:
+                    self._apply_to(reader, change)
+                except Exception as exc:
+                    reader.fail(exc)
         elif isinstance(change, MinChanged):
             key_id = self.keys.lookup(change.conversation_id)
-            for actor in self.index.get(key_id, ()):
-                actor.on_min(key_id, change.min_sequence, change.position)
+            for actor in list(self.index.get(key_id, ())):
+                try:
+                    actor.on_min(key_id, change.min_sequence, change.position)
+                except Exception as exc:
+                    actor.fail(exc)
         elif isinstance(change, MembersAdded | MembersRemoved):
             for actor in self._online(change.user_ids):
-                self._apply_to(actor, change, targeted=True)
+                try:
+                    self._apply_to(actor, change, targeted=True)
+                except Exception as exc:
+                    actor.fail(exc)
 
     def _online(self, user_ids: Iterable[str]) -> list[UserActor]:
         found = []
@@ -208,15 +217,21 @@ class Hub:
             sender = self.actors.get(change.sender_user_id)
             if sender is not None and sender.loaded:
                 # I6 at once for the sender, max first so read never exceeds max.
-                sender.on_max(key_id, change.last, change.time_ms, change.position, None)
-                sender.on_read(key_id, change.sender_read, change.position)
+                try:
+                    sender.on_max(key_id, change.last, change.time_ms, change.position, None)
+                    sender.on_read(key_id, change.sender_read, change.position)
+                except Exception as exc:
+                    sender.fail(exc)
         members = self.index.get(key_id)
         if not members:
             return
         if len(members) <= FANOUT_INLINE_MEMBERS or self.nursery is None:
             shared = self._shared_frames(key_id, change)
-            for actor in members:
-                actor.on_max(key_id, change.last, change.time_ms, change.position, shared)
+            for actor in list(members):
+                try:
+                    actor.on_max(key_id, change.last, change.time_ms, change.position, shared)
+                except Exception as exc:  # one user's failure never stops the others' pushes
+                    actor.fail(exc)
             return
         # A big group: the allocation costs O(1) here; a fan-out round delivers the newest
         # max to every member, so allocations that arrive during a round coalesce.
@@ -263,8 +278,12 @@ class Hub:
             last, time_ms, pos = change.last, change.time_ms, change.position
             deadline = clock() + FANOUT_SLICE_S
             while i < n:
-                members[i].fan_max(key_id, last, time_ms, pos, shared, batch)
+                actor = members[i]
                 i += 1
+                try:
+                    actor.fan_max(key_id, last, time_ms, pos, shared, batch)
+                except Exception as exc:  # one user's failure never stops the others' pushes
+                    actor.fail(exc)
                 if not i % FANOUT_CLOCK_EVERY and clock() > deadline:
                     break
             counters.pushes += batch.write(raw)
