@@ -115,8 +115,8 @@ class FakeTransport:
             raise TransportClosed(1006, "peer vanished")
         self.sent.append(frame)
 
-    async def send_raw(self, data: bytes) -> None:  # only after write_nowait, which we lack
-        raise AssertionError("send_raw without write_nowait")
+    async def flush(self) -> None:  # only after write_nowait, which we lack
+        raise AssertionError("flush without write_nowait")
 
     async def close(self, code: int, reason: str) -> None:
         await trio.lowlevel.checkpoint()

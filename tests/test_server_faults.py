@@ -178,3 +178,39 @@ async def test_tls(tmp_path):
             assert body(r) == "welcome"
             r = await c.request("ping", client_time_ms=5)
             assert body(r) == "pong"
+
+
+async def test_pings_while_a_frame_is_half_written_never_corrupt_the_stream():
+    """A slow reader that sends WebSocket pings: the server's pongs must not land inside a
+    push frame the socket took only in part. Once it reads again, every frame decodes and the
+    last max arrives."""
+    cid = "p-" + "x" * 120
+    changes = 3000
+    async with running_server(write_timeout_s=60) as server:
+        await service_setup(server, cid, ["slow"])
+        async with trio.open_nursery() as nursery:
+            server._test_nursery = nursery
+            conn = await _stuck_session(server, "slow")
+            async with raw_connect(server, "backend", role="service") as svc:
+                for i in range(changes):
+                    await svc.send(pb.ClientMessage(
+                        request_id=i + 1,
+                        allocate_sequences=pb.AllocateSequences(conversation_id=cid, count=1)))
+                    if i % 50 == 0:
+                        nursery.start_soon(conn.ping)  # answered once the client reads again
+                    if i % 64 == 63:
+                        for _ in range(64):
+                            await svc.recv()
+                while len([f for f in svc.frames if body(f) == "allocated"]) < changes:
+                    await svc.recv()
+            state = server.hub.actors["slow"].sessions[0]
+            assert state.writer_running  # the socket was full: the server had to wait
+            c = RawClient(conn)
+            with trio.fail_after(20):
+                last = 0
+                while last < changes:
+                    conv, _, _, _ = update_of(await c.next_push())
+                    last = max(last, conv[cid][0])
+            assert conn.closed is None  # no protocol error on the way
+            await conn.aclose()
+            nursery.cancel_scope.cancel()

@@ -60,7 +60,7 @@ class Transport(Protocol):
 
     async def receive(self) -> bytes | str: ...
     async def send(self, frame: bytes) -> None: ...
-    async def send_raw(self, data: bytes) -> None: ...
+    async def flush(self) -> None: ...
     async def close(self, code: int, reason: str) -> None: ...
 
 
@@ -179,6 +179,7 @@ class Session:
         )
         state.direct = getattr(self.transport, "write_nowait", None)
         state.fd_now = getattr(self.transport, "fd_now", None)
+        state.hold = getattr(self.transport, "hold", None)
         state.start_writer = self._start_writer
         self.state = state
         # The hub adds the state to the actor as part of attaching, so the actor cannot be
@@ -288,7 +289,7 @@ class Session:
                 frame, raw = item
                 with trio.move_on_after(self.cfg.write_timeout_s) as cs:
                     if raw:
-                        await transport.send_raw(frame)
+                        await transport.flush()  # the held rest of a direct write
                     else:
                         await transport.send(frame)
                 if cs.cancelled_caught:

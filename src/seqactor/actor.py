@@ -33,10 +33,10 @@ class SessionState:
     """Per-connection state the actor owns: subscriptions, pending changes, outbox.
 
     Output goes straight to the socket when nothing else is queued and the socket takes it
-    without waiting (``direct``); otherwise into the outbox (``push_raw`` — the rest of a direct
-    write —, then ``replies``, then ``push_frame``), which a writer task drains. The writer is
-    started on demand (``start_writer``) and ends when the outbox is empty, so an idle session
-    holds no writer task.
+    without waiting (``direct``); otherwise into the outbox (the unsent rest of a direct write,
+    held by the transport and flushed first; then ``push_frame``; then ``replies``), which a
+    writer task drains. The writer is started on demand (``start_writer``) and ends when the
+    outbox is empty, so an idle session holds no writer task.
     """
 
     def __init__(
@@ -56,13 +56,14 @@ class SessionState:
         self.replies: deque[bytes] = deque()
         self.reply_space = trio.Semaphore(reply_queue_frames)
         self.push_frame: bytes | None = None  # a ServerMessage for the writer to frame and send
-        self.push_raw: bytes | None = None  # already framed bytes left over by a direct write
+        self.rest_held = False  # the transport holds the unsent rest of a direct write
         self.writer_running = False
         # Set by the session: write a ServerMessage without waiting (None = not possible now,
         # b"" = all written, else the framed bytes still to send); the socket's descriptor when
         # a direct write is possible now (else -1); start the writer task.
         self.direct: Callable[[bytes], bytes | None] | None = None
         self.fd_now: Callable[[], int] | None = None
+        self.hold: Callable[[bytes], None] | None = None  # give the transport a rest to keep
         self.start_writer: Callable[[], None] = _no_writer
         self.counters = counters
         self.on_fatal = on_fatal  # (close code, reason): ends the connection
@@ -124,8 +125,8 @@ class SessionState:
             return False
         self.counters.frames_sent += 1
         self.counters.bytes_sent += len(frame)
-        if rest:
-            self.push_raw = rest
+        if rest:  # the transport keeps it and sends it before anything else
+            self.rest_held = True
             self.kick()
         return True
 
@@ -136,8 +137,10 @@ class SessionState:
             self.counters.bytes_sent += len(raw)
             return
         # The socket took part or nothing (or failed: the writer meets the error and ends
-        # the session): the rest goes first through the writer.
-        self.push_raw = raw[written:] if written > 0 else raw
+        # the session): the transport keeps the rest, to go out before any other byte.
+        assert self.hold is not None  # batch writes only pick sessions whose transport can
+        self.hold(raw[written:] if written > 0 else raw)
+        self.rest_held = True
         self.kick()
 
     def deliver(self, frame: bytes) -> None:
@@ -155,12 +158,12 @@ class SessionState:
         self.kick()
 
     def next_frame(self) -> tuple[bytes, bool] | None:
-        """For the writer: the next (frame, already framed), or None when the outbox is empty."""
+        """For the writer: the next (frame, is the held rest), or None when the outbox is empty."""
         # Encode order: a push frame is only handed over while the outbox is empty, so it
         # (and the rest of a direct write) came before any reply queued behind it.
-        if self.push_raw is not None:
-            frame, self.push_raw = self.push_raw, None
-            return frame, True
+        if self.rest_held:
+            self.rest_held = False
+            return b"", True
         if self.push_frame is not None:
             frame, self.push_frame = self.push_frame, None
             return frame, False

@@ -37,6 +37,10 @@ class ActivityStream(trio.abc.Stream):
     def __init__(self, inner: trio.abc.Stream) -> None:
         self.inner = inner
         self.last_rx = trio.current_time()
+        # The unsent rest of a frame written directly to the socket: it goes out before any
+        # other byte, whoever writes next (our writer, or trio-websocket answering a ping),
+        # so frames never interleave on the wire.
+        self.held: bytes | None = None
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         data = await self.inner.receive_some(max_bytes)
@@ -44,7 +48,12 @@ class ActivityStream(trio.abc.Stream):
         return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.inner.send_all(data)
+        held = self.held
+        if held is not None:
+            self.held = None
+            await self.inner.send_all(held)
+        if data:
+            await self.inner.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.inner.wait_send_all_might_not_block()
@@ -105,13 +114,21 @@ class WebSocketTransport:
     def fd_now(self) -> int:
         """The socket's descriptor if a direct write is possible right now, else -1."""
         sock, lock = self._sock, self._lock
-        if sock is None or lock is None or lock.locked() or self.conn.closed is not None:
+        if (
+            sock is None or lock is None or lock.locked() or self.stream.held is not None
+            or self.conn.closed is not None
+        ):
             return -1
         return sock.fileno()
 
+    def hold(self, rest: bytes) -> None:
+        """Keep the unsent rest of a direct write; it goes out before anything else."""
+        assert self.stream.held is None
+        self.stream.held = rest
+
     def write_nowait(self, frame: bytes) -> bytes | None:
         """Write ``frame`` now if the socket takes it: None = not possible (use ``send``),
-        b"" = written, else the framed bytes still to go (``send_raw`` them next)."""
+        b"" = written, else the framed bytes still to go (held: ``flush`` sends them)."""
         fd = self.fd_now()
         if fd < 0:
             return None
@@ -119,17 +136,20 @@ class WebSocketTransport:
         try:
             n = os.write(fd, raw)
         except BlockingIOError:
-            return raw
+            n = 0
         except OSError:
             return None  # the writer's send will meet the error and end the session
-        return raw[n:]
+        rest = raw[n:]
+        if rest:
+            self.hold(rest)
+        return rest
 
-    async def send_raw(self, data: bytes) -> None:
-        """Send already framed bytes (the remainder of a ``write_nowait``)."""
+    async def flush(self) -> None:
+        """Send the held rest of a direct write (if trio-websocket has not already)."""
         assert self._lock is not None
         async with self._lock:
             try:
-                await self.stream.send_all(data)
+                await self.stream.send_all(b"")
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 raise TransportClosed(1006, "connection lost") from None
 
