@@ -424,6 +424,22 @@ async def test_idle_timeout_closes_and_ping_keeps_alive():
             assert body(r) == "pong"
 
 
+async def test_background_sessions_get_four_times_the_idle_timeout():
+    async with running_server(heartbeat_interval_s=0.2) as server:  # idle timeout 0.5 s
+        async with raw_connect(server, "alice") as fg, raw_connect(server, "bob") as bg:
+            assert body(await bg.request("set_background", background=True)) == "ack"
+            started = trio.current_time()
+            closed = await fg.wait_closed(3)
+            assert closed.code == 1000 and "idle" in (closed.reason or "")
+            await trio.sleep(1.0 - (trio.current_time() - started))
+            r = await bg.request("ping", client_time_ms=1)  # silent 1 s, limit 2 s: still open
+            assert body(r) == "pong"
+            await trio.sleep(0.5)
+            assert body(await bg.request("set_background", background=False)) == "ack"
+            closed = await bg.wait_closed(3)  # foreground again: 0.5 s of silence ends it
+            assert closed.code == 1000
+
+
 async def test_websocket_ping_frames_count_as_traffic():
     async with running_server(heartbeat_interval_s=0.2) as server:
         async with raw_connect(server, "alice") as c:
