@@ -586,13 +586,7 @@ class _Endpoint:
         await conn.send_message(hello.SerializeToString())
         self.stats.frames_out += 1
         while True:
-            try:
-                data = await conn.get_message()
-            except tws.ConnectionClosed as exc:
-                raise self._closed_error(*close_info(exc)) from None
-            if isinstance(data, str):
-                continue
-            self.stats.frames_in += 1
+            data = await self._next_frame(conn)
             _rid, field, body = kernel.split_server_message(data)
             if field == F_WELCOME:
                 return pb.Welcome.FromString(body)
@@ -603,6 +597,18 @@ class _Endpoint:
                 raise server_error(err.code, err.message)
             if field == F_GOAWAY:
                 self._goaway(pb.GoAway.FromString(body))
+
+    async def _next_frame(self, conn: tws.WebSocketConnection) -> bytes:
+        """The next binary frame (text frames are not part of the protocol and are skipped);
+        a closed connection raises the error its close code means."""
+        while True:
+            try:
+                data = await conn.get_message()
+            except tws.ConnectionClosed as exc:
+                raise self._closed_error(*close_info(exc)) from None
+            if isinstance(data, bytes):
+                self.stats.frames_in += 1
+                return data
 
     def _closed_error(self, code: int | None, reason: str | None) -> Exception:
         if code == CLOSE_AUTH_FAILED:
@@ -620,13 +626,7 @@ class _Endpoint:
     async def _read_loop(self, link: Link) -> None:
         conn = link.conn
         while True:
-            try:
-                data = await conn.get_message()
-            except tws.ConnectionClosed as exc:
-                raise self._closed_error(*close_info(exc)) from None
-            if isinstance(data, str):
-                continue
-            self.stats.frames_in += 1
+            data = await self._next_frame(conn)
             rid, field, body = kernel.split_server_message(data)
             size = len(data) + ws_header_len(len(data))
             if rid == 0:
