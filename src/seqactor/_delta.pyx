@@ -938,3 +938,120 @@ def write_many(fds, data, results):
                     continue
                 break
             out[i] = r if r >= 0 else -errno
+
+
+# ---------------------------------------------------------------- fan-out rounds
+
+from cpython.array cimport array as _carray, resize_smart as _resize_smart
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
+from cpython.ref cimport PyObject
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+
+cdef extern from "Python.h":
+    PyObject *PyDict_GetItemWithError(object d, object key) except? NULL
+
+
+cdef inline double _monotonic() noexcept:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
+
+
+cdef inline _carray _column(object col, char typecode, Py_ssize_t row):
+    """A view-table column as a C array, checked: its type code and that ``row`` is inside."""
+    cdef _carray a = <_carray?>col
+    if a.ob_descr.typecode != typecode:
+        raise TypeError(f"view column has type code {chr(a.ob_descr.typecode)!r}")
+    if row >= len(a):
+        raise IndexError("view row out of range")
+    return a
+
+
+cdef inline void _push_fd(_carray fds, int fd) except *:
+    cdef Py_ssize_t n = len(fds)
+    _resize_smart(fds, n + 1)
+    fds.data.as_ints[n] = fd
+
+
+cdef int _fan_one(
+    object actor, object key_id, u64 max_seq, long long time_ms, u64 pos, object mask,
+    object shared, _carray fd0, list s0, _carray fd1, list s1,
+) except -1:
+    t = actor.table
+    cdef PyObject *ro = PyDict_GetItemWithError(t.rows, key_id)
+    if ro == NULL:
+        return 0
+    cdef Py_ssize_t row = <object>ro
+    cdef bytearray frozen = t.frozen
+    if row < 0 or row >= PyByteArray_GET_SIZE(frozen):
+        raise IndexError("view row out of range")
+    if PyByteArray_AS_STRING(frozen)[row]:
+        return 0
+    cdef _carray mx = _column(t.max_seq, c'Q', row)
+    if max_seq <= mx.data.as_ulonglongs[row]:
+        return 0
+    cdef _carray tm = _column(t.time_ms, c'q', row)
+    cdef _carray ps = _column(t.pos, c'Q', row)
+    mx.data.as_ulonglongs[row] = max_seq
+    tm.data.as_longlongs[row] = time_ms
+    if pos > ps.data.as_ulonglongs[row]:
+        ps.data.as_ulonglongs[row] = pos
+    cdef list sessions = actor.sessions
+    cdef bint with_token, marked = False
+    cdef int fd
+    for s in sessions:
+        if s.subscribed_all:
+            with_token = True
+        elif key_id in s.subscribed:
+            with_token = False
+        else:
+            continue
+        if not (s.writer_running or s.background or s.pending or s.pending_removed):
+            fd = s.fd
+            if fd >= 0:
+                if with_token:
+                    _push_fd(fd0, fd)
+                    s0.append(s)
+                else:
+                    _push_fd(fd1, fd)
+                    s1.append(s)
+                continue
+        s.mark(key_id, mask, shared)
+        marked = True
+    if marked:
+        actor.wake()
+    return 0
+
+
+def fan_slice(list members not None, Py_ssize_t start, key_id, max_seq, time_ms, pos, mask,
+              shared, tuple fds not None, tuple sessions not None, double slice_s,
+              Py_ssize_t clock_every):
+    """One time slice of a fan-out round (see the pure-Python twin for the contract).
+
+    The per-member loop runs in C: the row update goes straight into the view's typed
+    columns, and the only Python calls left are for sessions that are not idle."""
+    cdef Py_ssize_t i = start, n = len(members)
+    cdef double deadline = _monotonic() + slice_s
+    cdef u64 mxv = _u64(max_seq), psv = _u64(pos)
+    cdef long long tmv = time_ms
+    cdef _carray fd0 = <_carray?>fds[0]
+    cdef _carray fd1 = <_carray?>fds[1]
+    cdef list s0 = sessions[0]
+    cdef list s1 = sessions[1]
+    if fd0.ob_descr.typecode != c'i' or fd1.ob_descr.typecode != c'i':
+        raise TypeError("fds must be array('i')")
+    if clock_every < 1:
+        raise ValueError("clock_every must be >= 1")
+    failures = None
+    while i < n:
+        actor = members[i]
+        i += 1
+        try:
+            _fan_one(actor, key_id, mxv, tmv, psv, mask, shared, fd0, s0, fd1, s1)
+        except Exception as exc:  # one member's failure never stops the others' pushes
+            if failures is None:
+                failures = []
+            failures.append((actor, exc))
+        if i % clock_every == 0 and _monotonic() > deadline:
+            break
+    return i, failures

@@ -17,6 +17,7 @@ fields of a row a push carries; unselected fields are written as 0 = unchanged.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -414,3 +415,68 @@ def write_many(fds: Any, data: bytes, results: Any) -> None:
                 results[i] = -(exc.errno or 1)
         except OSError as exc:
             results[i] = -(exc.errno or 1)
+
+
+def fan_slice(
+    members: Sequence[Any], start: int, key_id: int, max_seq: int, time_ms: int, pos: int,
+    mask: int, shared: Any, fds: tuple[Any, Any], sessions: tuple[list[Any], list[Any]],
+    slice_s: float, clock_every: int,
+) -> tuple[int, list[tuple[Any, Exception]] | None]:
+    """One time slice of a fan-out round: a conversation's new max for ``members[start:]``.
+
+    Duck-typed over the server's actors (``table``: a ViewTable, ``sessions``, ``wake()``) and
+    session states (``subscribed_all``, ``subscribed``, ``writer_running``, ``background``,
+    ``pending``, ``pending_removed``, ``fd``, ``mark()``). Per member whose row moves forward
+    (not frozen, max greater): the row takes ``max_seq``/``time_ms``/``pos``; each session
+    following the conversation is either idle with a direct-write descriptor — its ``fd`` and
+    itself are appended to ``fds[0]``/``sessions[0]`` (it follows all: the frame with the
+    token) or ``fds[1]``/``sessions[1]`` — or gets the change marked pending (``mark(key_id,
+    mask, shared)``) and its actor woken. Stops after ``slice_s`` seconds (the clock is read
+    every ``clock_every`` members). Returns (index of the next member, failures): a member
+    whose handling raised is reported as (actor, exception) and the slice goes on.
+    """
+    i, n = start, len(members)
+    deadline = time.perf_counter() + slice_s
+    failures: list[tuple[Any, Exception]] | None = None
+    fd0, fd1 = fds
+    s0, s1 = sessions
+    while i < n:
+        actor = members[i]
+        i += 1
+        try:
+            t = actor.table
+            row = t.rows.get(key_id, -1)
+            if row >= 0 and not t.frozen[row] and max_seq > t.max_seq[row]:
+                t.max_seq[row] = max_seq
+                t.time_ms[row] = time_ms
+                if pos > t.pos[row]:
+                    t.pos[row] = pos
+                marked = False
+                for s in actor.sessions:
+                    if s.subscribed_all:
+                        with_token = True
+                    elif key_id in s.subscribed:
+                        with_token = False
+                    else:
+                        continue
+                    if not (s.writer_running or s.background or s.pending or s.pending_removed):
+                        fd = s.fd
+                        if fd >= 0:
+                            if with_token:
+                                fd0.append(fd)
+                                s0.append(s)
+                            else:
+                                fd1.append(fd)
+                                s1.append(s)
+                            continue
+                    s.mark(key_id, mask, shared)
+                    marked = True
+                if marked:
+                    actor.wake()
+        except Exception as exc:  # one member's failure never stops the others' pushes
+            if failures is None:
+                failures = []
+            failures.append((actor, exc))
+        if not i % clock_every and time.perf_counter() > deadline:
+            break
+    return i, failures

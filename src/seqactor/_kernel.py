@@ -40,6 +40,7 @@ frame_update = _impl.frame_update
 decode_update = _impl.decode_update
 split_server_message = _impl.split_server_message
 write_many = _impl.write_many
+fan_slice = _impl.fan_slice
 
 __all__ = [
     "COMPILED",
@@ -50,6 +51,7 @@ __all__ = [
     "encode_rows",
     "encode_single",
     "encode_snapshot",
+    "fan_slice",
     "frame_update",
     "split_server_message",
     "write_many",

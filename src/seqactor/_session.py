@@ -178,8 +178,12 @@ class Session:
             self._on_fatal, self.server.metrics.counters,
         )
         state.direct = getattr(self.transport, "write_nowait", None)
-        state.fd_now = getattr(self.transport, "fd_now", None)
         state.hold = getattr(self.transport, "hold", None)
+        if state.direct is not None and getattr(self.transport, "fd_now", None) is not None:
+            # The stream publishes its direct-write descriptor into ``state.fd`` (-1 = not now).
+            stream = self.transport.stream  # type: ignore[attr-defined]
+            stream.attach(state)
+            state.wire = stream  # keeps the socket alive as long as the state can name its fd
         state.start_writer = self._start_writer
         self.state = state
         # The hub adds the state to the actor as part of attaching, so the actor cannot be

@@ -59,10 +59,13 @@ class SessionState:
         self.rest_held = False  # the transport holds the unsent rest of a direct write
         self.writer_running = False
         # Set by the session: write a ServerMessage without waiting (None = not possible now,
-        # b"" = all written, else the framed bytes still to send); the socket's descriptor when
-        # a direct write is possible now (else -1); start the writer task.
+        # b"" = all written, else the framed bytes still to send); start the writer task.
         self.direct: Callable[[bytes], bytes | None] | None = None
-        self.fd_now: Callable[[], int] | None = None
+        # Published by the connection's stream: the socket's descriptor while a direct write
+        # is possible (nothing being sent, no rest held, open), else -1. ``wire`` is that
+        # stream, kept so the socket lives as long as this state can name its descriptor.
+        self.fd = -1
+        self.wire: object | None = None
         self.hold: Callable[[bytes], None] | None = None  # give the transport a rest to keep
         self.start_writer: Callable[[], None] = _no_writer
         self.counters = counters
@@ -178,18 +181,14 @@ def _no_writer() -> None:
 
 
 class FanoutBatch:
-    """Idle sessions collected by a fan-out round, written together with ``write_many``."""
+    """Idle sessions collected by a fan-out round (``kernel.fan_slice`` fills ``fds`` and
+    ``sessions``), written together with ``write_many``."""
 
     __slots__ = ("fds", "sessions")
 
     def __init__(self) -> None:
         self.fds = (array("i"), array("i"))  # (with token, without)
         self.sessions: tuple[list[SessionState], list[SessionState]] = ([], [])
-
-    def add(self, session: SessionState, fd: int, with_token: bool) -> None:
-        i = 0 if with_token else 1
-        self.fds[i].append(fd)
-        self.sessions[i].append(session)
 
     def write(self, raw: tuple[bytes, bytes]) -> int:
         """Write ``raw[0]`` to the with-token sockets and ``raw[1]`` to the others; returns
@@ -274,38 +273,6 @@ class UserActor:
         if pos > t.pos[row]:
             t.pos[row] = pos
         self._mark_all(key_id, FIELD_MAX, shared)
-
-    def fan_max(
-        self, key_id: int, max_seq: int, time_ms: int, pos: int, shared: tuple[bytes, bytes],
-        batch: FanoutBatch,
-    ) -> None:
-        """``on_max`` for a fan-out round: idle sessions join ``batch`` (one write of the ready
-        bytes to many sockets, done by the hub) instead of being written one by one."""
-        t = self.table
-        row = t.row_of(key_id)
-        if row < 0 or t.frozen[row] or max_seq <= t.max_seq[row]:
-            return
-        t.max_seq[row] = max_seq
-        t.time_ms[row] = time_ms
-        if pos > t.pos[row]:
-            t.pos[row] = pos
-        marked = False
-        for s in self.sessions:
-            if s.subscribed_all:
-                with_token = True
-            elif key_id in s.subscribed:
-                with_token = False
-            else:
-                continue
-            if s.idle() and s.fd_now is not None:
-                fd = s.fd_now()
-                if fd >= 0:
-                    batch.add(s, fd, with_token)
-                    continue
-            s.mark(key_id, FIELD_MAX, shared)
-            marked = True
-        if marked:
-            self._wake.set()
 
     def on_read(self, key_id: int, read_seq: int, pos: int) -> None:
         t = self.table

@@ -13,7 +13,7 @@ import logging
 import os
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 import trio_websocket as tws
@@ -29,10 +29,26 @@ log = logging.getLogger("seqactor.gateway")
 
 WATCHDOG_TICK_S = 1.0  # how often idle sessions are looked for (at most)
 WATCHDOG_MIN_TICK_S = 0.01
+CLOSE_FRAME_FIRST_BYTE = 0x88  # FIN + opcode 8: a server's unmasked Close frame starts with it
+
+
+class DirectSink(Protocol):
+    """Where the stream publishes its direct-write descriptor (the session's state)."""
+
+    fd: int
 
 
 class ActivityStream(trio.abc.Stream):
-    """Wraps the connection's stream; records when bytes last arrived."""
+    """Wraps the connection's stream: records when bytes last arrived, and publishes the
+    descriptor a push may be written to directly.
+
+    Every byte the server sends goes through :meth:`send_all` (ours and trio-websocket's:
+    pongs, Close), always under the connection's send lock, and the socket is only ever closed
+    through :meth:`aclose`. So ``fd`` — the plain TCP socket's descriptor while nothing is
+    being sent, no unsent rest is held, no Close frame has gone out and the stream is open,
+    else -1 — is exact without asking the lock, wsproto or the socket on every push. It is
+    copied to ``sink.fd`` (the session's state), which the fan-out reads per recipient.
+    """
 
     def __init__(self, inner: trio.abc.Stream) -> None:
         self.inner = inner
@@ -41,6 +57,28 @@ class ActivityStream(trio.abc.Stream):
         # other byte, whoever writes next (our writer, or trio-websocket answering a ping),
         # so frames never interleave on the wire.
         self.held: bytes | None = None
+        # Direct writes need the plain socket (TLS bytes go through the SSL stream).
+        self._fd_open = inner.socket.fileno() if isinstance(inner, trio.SocketStream) else -1
+        self._sending = False
+        self._closing = False  # a Close frame went out (or the stream closed): no more frames
+        self.fd = self._fd_open
+        self.sink: DirectSink | None = None
+
+    def _publish(self) -> None:
+        fd = -1 if self._sending or self._closing or self.held is not None else self._fd_open
+        self.fd = fd
+        if self.sink is not None:
+            self.sink.fd = fd
+
+    def attach(self, sink: DirectSink) -> None:
+        self.sink = sink
+        sink.fd = self.fd
+
+    def hold(self, rest: bytes) -> None:
+        """Keep the unsent rest of a direct write; it goes out before anything else."""
+        assert self.held is None
+        self.held = rest
+        self._publish()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         data = await self.inner.receive_some(max_bytes)
@@ -48,17 +86,28 @@ class ActivityStream(trio.abc.Stream):
         return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        held = self.held
-        if held is not None:
-            self.held = None
-            await self.inner.send_all(held)
-        if data:
-            await self.inner.send_all(data)
+        if data and data[0] == CLOSE_FRAME_FIRST_BYTE:
+            self._closing = True  # wsproto sends each event as its own send_all
+        self._sending = True
+        self._publish()
+        try:
+            held = self.held
+            if held is not None:
+                self.held = None
+                await self.inner.send_all(held)
+            if data:
+                await self.inner.send_all(data)
+        finally:
+            self._sending = False
+            self._publish()
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.inner.wait_send_all_might_not_block()
 
     async def aclose(self) -> None:
+        self._fd_open = -1  # before the descriptor can be closed and its number reused
+        self._closing = True
+        self._publish()
         await self.inner.aclose()
 
 
@@ -72,13 +121,6 @@ class WebSocketTransport:
         # the bytes go out under the connection's own stream lock (no extensions are
         # negotiated, so a binary frame is just header + payload).
         self._lock: trio.StrictFIFOLock | None = getattr(conn, "_stream_lock", None)
-        # The plain TCP socket for writes that must not wait (no TLS: bytes go as they are).
-        # Its descriptor is read at every write: a closed socket answers -1, so a number
-        # the kernel has since given to another connection is never written to.
-        inner = stream.inner
-        self._sock = inner.socket if isinstance(inner, trio.SocketStream) else None
-        if self._lock is None:
-            self._sock = None
 
     @property
     def last_rx(self) -> float:
@@ -113,24 +155,17 @@ class WebSocketTransport:
 
     def fd_now(self) -> int:
         """The socket's descriptor if a direct write is possible right now, else -1."""
-        sock, lock = self._sock, self._lock
-        if (
-            sock is None or lock is None or lock.locked() or self.stream.held is not None
-            or self.conn.closed is not None
-        ):
-            return -1
-        return sock.fileno()
+        return self.stream.fd if self._lock is not None else -1
 
     def hold(self, rest: bytes) -> None:
         """Keep the unsent rest of a direct write; it goes out before anything else."""
-        assert self.stream.held is None
-        self.stream.held = rest
+        self.stream.hold(rest)
 
     def write_nowait(self, frame: bytes) -> bytes | None:
         """Write ``frame`` now if the socket takes it: None = not possible (use ``send``),
         b"" = written, else the framed bytes still to go (held: ``flush`` sends them)."""
         fd = self.fd_now()
-        if fd < 0:
+        if fd < 0 or self.conn.closed is not None:
             return None
         raw = frames.ws_binary_frame(frame)
         try:

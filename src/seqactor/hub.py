@@ -11,7 +11,6 @@ nothing else.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable
 
 import trio
@@ -19,6 +18,7 @@ import trio
 from seqactor import _frames as frames
 from seqactor import _kernel as kernel
 from seqactor._synctoken import make_token
+from seqactor._view import FIELD_MAX
 from seqactor.actor import FanoutBatch, SessionState, UserActor
 from seqactor.metrics import Metrics
 from seqactor.store import (
@@ -259,34 +259,30 @@ class Hub:
     async def _fanout_round(self, key_id: int) -> None:
         """One pass over the conversation's online members with its newest max.
 
-        Work is done in time slices of ``FANOUT_SLICE_S``: the members of a slice get their
-        row updated, idle sockets are collected and then written together (``write_many``:
-        one C loop of non-blocking writes of the same ready bytes), busy sessions get the
-        change pending. Between slices the round yields, so ops keep flowing.
+        Work is done in time slices of ``FANOUT_SLICE_S`` (``kernel.fan_slice``: the
+        per-member loop in C): the members of a slice get their row updated, idle sockets
+        are collected and then written together (``write_many``: one C loop of non-blocking
+        writes of the same ready bytes), busy sessions get the change pending. Between
+        slices the round yields, so ops keep flowing.
         """
         change = self._latest[key_id]
         start = change.position
         members = list(self.index.get(key_id, ()))
         batch = FanoutBatch()
         counters = self.counters
-        clock = time.perf_counter
         i, n = 0, len(members)
         while i < n:
             change = self._latest[key_id]  # newer max arrived meanwhile: the rest get it
             shared = self._shared_frames(key_id, change)
             raw = (frames.ws_binary_frame(shared[0]), frames.ws_binary_frame(shared[1]))
-            last, time_ms, pos = change.last, change.time_ms, change.position
-            deadline = clock() + FANOUT_SLICE_S
-            while i < n:
-                actor = members[i]
-                i += 1
-                try:
-                    actor.fan_max(key_id, last, time_ms, pos, shared, batch)
-                except Exception as exc:  # one user's failure never stops the others' pushes
-                    actor.fail(exc)
-                if not i % FANOUT_CLOCK_EVERY and clock() > deadline:
-                    break
+            i, failures = kernel.fan_slice(
+                members, i, key_id, change.last, change.time_ms, change.position, FIELD_MAX,
+                shared, batch.fds, batch.sessions, FANOUT_SLICE_S, FANOUT_CLOCK_EVERY,
+            )
             counters.pushes += batch.write(raw)
+            if failures:
+                for actor, exc in failures:  # one user's failure never stops the others
+                    actor.fail(exc)
             await _yield_to_others()
         if self._latest[key_id].position == start:
             del self._latest[key_id]
