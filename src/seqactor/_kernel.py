@@ -31,6 +31,7 @@ else:
         COMPILED = False
 
 KeyTable = _impl.KeyTable
+ConversationSeqs = _impl.ConversationSeqs
 DecodeError = _impl.DecodeError
 encode_snapshot = _impl.encode_snapshot
 encode_delta = _impl.encode_delta
@@ -43,6 +44,7 @@ write_many = _impl.write_many
 
 __all__ = [
     "COMPILED",
+    "ConversationSeqs",
     "DecodeError",
     "KeyTable",
     "decode_update",
