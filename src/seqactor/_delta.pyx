@@ -11,7 +11,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.list cimport PyList_GET_SIZE
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy
-from cpython.number cimport PyNumber_Index
+from cpython.number cimport PyNumber_AsSsize_t, PyNumber_Index
 from cpython.object cimport PyObject_RichCompare
 
 cimport cython
@@ -329,7 +329,7 @@ cdef class ConversationSeqs:
         cdef Py_ssize_t i
         if isinstance(index, slice):
             return _seqs_tuple(self)[index]
-        i = index
+        i = PyNumber_AsSsize_t(index, IndexError)  # as tuple: ints only, IndexError past ssize_t
         if i < 0:
             i += 4
         if i == 0:
