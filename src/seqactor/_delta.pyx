@@ -4,7 +4,8 @@
 Same API, semantics and output bytes as the pure-Python twin :mod:`seqactor._delta_py` (read
 that module for the reference behaviour). Encoders make two passes: the first computes the
 exact output size, the second writes varints in C straight into a preallocated ``bytes``.
-The decoder walks the buffer in C and builds the result dict and tuples directly.
+The decoder walks the buffer in C and builds the result dict and ``ConversationSeqs`` records
+directly.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE

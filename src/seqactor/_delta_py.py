@@ -92,11 +92,6 @@ class ConversationSeqs(tuple[int, int, int, int]):
         return ConversationSeqs, (self[0], self[1], self[2], self[3])
 
 
-def _new_seqs(value: tuple[int, int, int, int]) -> ConversationSeqs:
-    """The decoder's constructor: the values are in range by construction."""
-    return tuple.__new__(ConversationSeqs, value)
-
-
 # Result of decode_update: (conversations, sync_token, full, removed), where conversations maps
 # id -> ConversationSeqs (max_sequence, read_sequence, min_sequence, max_sequence_time_ms).
 DecodedUpdate = tuple[dict[str, ConversationSeqs], bytes, bool, list[str]]
@@ -404,6 +399,7 @@ def decode_update(data: bytes) -> DecodedUpdate:
     token = b""
     full = False
     removed: list[str] = []
+    new_seqs = tuple.__new__
     pos, end = 0, len(data)
     while pos < end:
         field, wire, pos = _get_tag(data, pos, end)
@@ -413,7 +409,8 @@ def decode_update(data: bytes) -> DecodedUpdate:
             stop, start = _get_len(data, pos, end)
             key, value, unknown = _decode_entry(data, start, stop)
             if not unknown:  # upb keeps such an entry as an unknown field, out of the map
-                conversations[key] = _new_seqs(value)
+                # tuple.__new__ skips the checks: the values are in range by construction
+                conversations[key] = new_seqs(ConversationSeqs, value)
             pos = stop
         elif field == 2:
             stop, start = _get_len(data, pos, end)
