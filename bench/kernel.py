@@ -11,8 +11,9 @@ best-of-N wall times (``time.perf_counter``) of one call.
   from plain Python data (dict id -> (max, read, min, time)), builds the message with the
   runtime and serializes it — what the server would do without the kernel.
 * delta 1M 1%: ``encode_delta`` over a 1 000 000-row view where 1% of rows changed after ``since``.
-* decode 10k: bytes -> dict id -> tuple; the protobuf baseline is ``ParseFromString`` plus the
-  conversion of the map into the same dict of tuples.
+* decode 10k: bytes -> dict id -> (max, read, min, time): ``decode_update`` returns
+  ``ConversationSeqs`` records, which compare equal to those tuples (checked); the protobuf
+  baseline is ``ParseFromString`` plus the conversion of the map into a dict of tuples.
 """
 
 from __future__ import annotations

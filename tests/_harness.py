@@ -15,7 +15,7 @@ from typing import Any
 import trio
 import trio_websocket as tws
 
-from seqactor._kernel import decode_update
+from seqactor._kernel import ConversationSeqs, decode_update
 from seqactor._proto import seqactor_pb2 as pb
 from seqactor.auth import issue_token
 from seqactor.config import ServerConfig
@@ -138,7 +138,7 @@ async def raw_connect(
         yield client
 
 
-def update_of(msg: pb.ServerMessage) -> tuple[dict[str, tuple[int, int, int, int]], bytes, bool, list[str]]:
+def update_of(msg: pb.ServerMessage) -> tuple[dict[str, ConversationSeqs], bytes, bool, list[str]]:
     assert msg.WhichOneof("body") == "update", f"expected an update, got {msg}"
     return decode_update(msg.update.SerializeToString())
 

@@ -172,6 +172,8 @@ async def test_cache_restart_resumes_with_a_delta(tmp_path):
         await setup(server.url, convs, allocs=1)
         async with Client.connect(server.url, token("alice"), cache_path=cache) as c:
             assert c.last_sync.full and c.last_sync.conversations == 50
+            # the decoder's records are stored as plain tuples (what rows() promises)
+            assert {type(row) for row in c.rows().values()} == {tuple}
         assert cache.exists()
         async with ServiceClient.connect(server.url, token("backend", "service")) as svc:
             await svc.allocate("c07", 2)
@@ -185,6 +187,7 @@ async def test_cache_restart_resumes_with_a_delta(tmp_path):
             assert sync.conversations == 2 and sync.removed == 1
             assert c.get("c07").max_sequence == 3 and "c40" not in c and len(c) == 49
             assert c.rows() == rows_of(await server.store.load_view("alice"))
+            assert {type(row) for row in c.rows().values()} == {tuple}
 
 
 @pytest.mark.parametrize("content", [

@@ -3,10 +3,12 @@ against the official protobuf runtime (the contract is the wire format, not our 
 
 from __future__ import annotations
 
+import copy
 import os
+import pickle
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -487,6 +489,137 @@ def test_decode_duplicates_like_protobuf() -> None:
     )
     assert decode_all(data) == pb_result(data) == ({"a": (2, 0, 0, 0), "b": (5, 6, 0, 0)},
                                                    b"y", False, [])
+
+
+# ------------------------------------------------------------------ ConversationSeqs
+
+SEQS_FIELDS = ("max_sequence", "read_sequence", "min_sequence", "max_sequence_time_ms")
+
+
+def one_entry(mx: int, rd: int, mn: int, tm: int) -> bytes:
+    msg = pb.SequenceUpdate()
+    cs = msg.conversations["c"]
+    cs.max_sequence, cs.read_sequence, cs.min_sequence = mx, rd, mn
+    cs.max_sequence_time_ms = tm
+    return msg.SerializeToString()
+
+
+@MORE
+@given(u64, u64, u64, i64)
+def test_seqs_is_its_tuple(mx: int, rd: int, mn: int, tm: int) -> None:
+    t = (mx, rd, mn, tm)
+    records = []
+    for impl in IMPLS:
+        decoded = impl.decode_update(one_entry(*t))[0]["c"]
+        built = impl.ConversationSeqs(*t)
+        for rec in (decoded, built):
+            assert type(rec) is impl.ConversationSeqs
+            assert (rec.max_sequence, rec.read_sequence, rec.min_sequence,
+                    rec.max_sequence_time_ms) == t
+            a, b, c, d = rec
+            assert (a, b, c, d) == t
+            assert [rec[i] for i in range(4)] == list(t)
+            assert [rec[i] for i in range(-4, 0)] == list(t)
+            assert rec.astuple() == t and type(rec.astuple()) is tuple
+            assert rec == t and t == rec and not rec != t and not t != rec
+            assert hash(rec) == hash(t)
+            records.append(rec)
+    for x in records:  # compiled and pure-Python records, decoded and built: all equal
+        for y in records:
+            assert x == y and not x != y and hash(x) == hash(y)
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=["compiled", "python"])
+def test_seqs_behaves_as_a_tuple(impl: Any) -> None:
+    seqs = impl.ConversationSeqs
+    rec = seqs(7, 5, 2, -3)
+    assert len(rec) == 4
+    assert rec[0] == 7 and rec[-1] == -3 and rec[-4] == 7
+    assert rec[1:3] == (5, 2) and rec[::-1] == (-3, 2, 5, 7) and rec[:] == (7, 5, 2, -3)
+    for bad in (4, -5, 1 << 70):
+        with pytest.raises(IndexError):
+            rec[bad]
+    for wrong in ("max_sequence", 1.0, None):
+        with pytest.raises(TypeError):
+            rec[wrong]
+    assert list(rec) == [7, 5, 2, -3] and list(reversed(rec)) == [-3, 2, 5, 7]
+    assert 5 in rec and 6 not in rec
+    assert rec.count(5) == 1 and rec.index(2) == 2
+    with pytest.raises(ValueError):
+        rec.index(6)
+    # equality and order with tuples both ways, and with records
+    assert rec == (7, 5, 2, -3) and (7, 5, 2, -3) == rec
+    assert rec != (7, 5, 2, -4) and (7, 5, 2, -4) != rec
+    assert rec != (7, 5, 2) and (7, 5, 2, -3, 0) != rec
+    assert rec != [7, 5, 2, -3] and rec != "x" and rec != None  # noqa: E711
+    assert rec == seqs(7, 5, 2, -3) and rec != seqs(7, 5, 2, 3)
+    assert rec < (7, 5, 3, 0) and (7, 5, 3, 0) > rec and rec > seqs(7, 5, 2, -4)
+    assert sorted([seqs(2, 0, 0, 0), (1, 9, 9, 9), seqs(1, 0, 0, 0)]) == [
+        (1, 0, 0, 0), (1, 9, 9, 9), (2, 0, 0, 0)]
+    with pytest.raises(TypeError):
+        _ = rec < [7, 5, 2, -3]
+    assert hash(rec) == hash((7, 5, 2, -3))
+    assert {rec: 1}[(7, 5, 2, -3)] == 1 and {(7, 5, 2, -3): 1}[rec] == 1
+    assert repr(rec) == (
+        "ConversationSeqs(max_sequence=7, read_sequence=5, min_sequence=2, "
+        "max_sequence_time_ms=-3)")
+    assert seqs.__match_args__ == SEQS_FIELDS
+    match rec:
+        case seqs(mx, rd, mn, tm):
+            assert (mx, rd, mn, tm) == (7, 5, 2, -3)
+        case _:
+            pytest.fail("no positional match")
+    assert isinstance(rec, Sequence)
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=["compiled", "python"])
+def test_seqs_is_immutable_and_checked(impl: Any) -> None:
+    seqs = impl.ConversationSeqs
+    rec = seqs(1, 2, 3, 4)
+    for name in SEQS_FIELDS:
+        with pytest.raises(AttributeError):
+            setattr(rec, name, 9)
+    with pytest.raises(AttributeError):
+        rec.other = 1
+    with pytest.raises(TypeError):
+        rec[0] = 9
+    assert rec == (1, 2, 3, 4)
+    top = seqs(U64, U64, U64, -(1 << 63))
+    assert top == (U64, U64, U64, -(1 << 63)) and top.max_sequence == U64
+    assert seqs(0, 0, 0, (1 << 63) - 1).max_sequence_time_ms == (1 << 63) - 1
+    assert type(seqs(True, 0, 0, 0)[0]) is int
+    for args in ((-1, 0, 0, 0), (0, U64 + 1, 0, 0), (0, 0, -1, 0), (0, 0, 0, 1 << 63),
+                 (0, 0, 0, -(1 << 63) - 1)):
+        with pytest.raises(OverflowError):
+            seqs(*args)
+    for args in ((1.0, 0, 0, 0), (0, "1", 0, 0), (0, 0, None, 0), (0, 0, 0, 2.5)):
+        with pytest.raises(TypeError):
+            seqs(*args)
+    with pytest.raises(TypeError):
+        seqs(1, 2, 3)
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=["compiled", "python"])
+def test_seqs_extremes_round_trip(impl: Any) -> None:
+    t = (U64, U64 - 1, 1 << 63, -(1 << 63))
+    convs, token, full, removed = impl.decode_update(one_entry(*t))
+    rec = convs["c"]
+    assert rec == t and rec.astuple() == t and tuple(rec) == t
+    assert (token, full, removed) == (b"", False, [])
+    assert pickle.loads(pickle.dumps(rec)) == t
+    assert type(pickle.loads(pickle.dumps(rec))) is impl.ConversationSeqs
+    assert copy.copy(rec) == t and copy.deepcopy(rec) == t
+    neg = impl.decode_update(one_entry(0, 0, 0, -1))[0]["c"]
+    assert neg.max_sequence_time_ms == -1 and neg == (0, 0, 0, -1)
+
+
+def test_kernel_exports_the_record_type() -> None:
+    from seqactor import _kernel
+
+    assert "ConversationSeqs" in _kernel.__all__
+    impl = C if _kernel.COMPILED else P
+    assert _kernel.ConversationSeqs is impl.ConversationSeqs
+    assert type(_kernel.decode_update(one_entry(1, 2, 3, 4))[0]["c"]) is _kernel.ConversationSeqs
 
 
 # ------------------------------------------------------------------ ServerMessage

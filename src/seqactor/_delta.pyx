@@ -4,15 +4,21 @@
 Same API, semantics and output bytes as the pure-Python twin :mod:`seqactor._delta_py` (read
 that module for the reference behaviour). Encoders make two passes: the first computes the
 exact output size, the second writes varints in C straight into a preallocated ``bytes``.
-The decoder walks the buffer in C and builds the result dict and tuples directly.
+The decoder walks the buffer in C and builds the result dict and ``ConversationSeqs`` records
+directly.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.list cimport PyList_GET_SIZE
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy
+from cpython.number cimport PyNumber_AsSsize_t, PyNumber_Index
+from cpython.object cimport PyObject_RichCompare
+
+cimport cython
 
 import math
+from collections.abc import Sequence
 
 cdef extern from *:
     """
@@ -101,9 +107,6 @@ cdef extern from *:
         return PyUnicode_DecodeUTF8((const char *)p, n, NULL);
     }
 
-    /* (max, read, min, time) as a tuple. It holds only ints, so it can never be part of a
-       reference cycle: untrack it now rather than make the cyclic GC traverse it later
-       (CPython untracks such tuples itself at the first collection). */
     /* PyLong_FromLongLong has CPython's fast path for one-digit ints; the unsigned variant
        counts digits first. */
     static inline PyObject *sa_u64(unsigned long long v) {
@@ -111,26 +114,9 @@ cdef extern from *:
                                                   : PyLong_FromUnsignedLongLong(v);
     }
 
-    static PyObject *sa_tuple4(unsigned long long a, unsigned long long b,
-                               unsigned long long c, long long d) {
-        PyObject *t = PyTuple_New(4), *x;
-        if (t == NULL) return NULL;
-        if ((x = sa_u64(a)) == NULL) goto fail;
-        PyTuple_SET_ITEM(t, 0, x);
-        if (b == a) {  /* read == max: everything read, the usual case; share the int */
-            x = PyTuple_GET_ITEM(t, 0);
-            Py_INCREF(x);
-        } else if ((x = sa_u64(b)) == NULL) goto fail;
-        PyTuple_SET_ITEM(t, 1, x);
-        if ((x = sa_u64(c)) == NULL) goto fail;
-        PyTuple_SET_ITEM(t, 2, x);
-        if ((x = PyLong_FromLongLong(d)) == NULL) goto fail;
-        PyTuple_SET_ITEM(t, 3, x);
-        PyObject_GC_UnTrack(t);
-        return t;
-    fail:
-        Py_DECREF(t);
-        return NULL;
+    /* A new, uninitialised instance of a non-GC type, without calling its __cinit__. */
+    static inline PyObject *sa_alloc(PyTypeObject *t) {
+        return t->tp_alloc(t, 0);
     }
 
     /* Skips an unknown field's payload; NULL on truncation or an unsupported wire type. */
@@ -281,7 +267,8 @@ cdef extern from *:
     ) noexcept nogil
     const unsigned char *sa_skip(const unsigned char *p, const unsigned char *end, int wire) noexcept nogil
     object sa_str(const unsigned char *p, Py_ssize_t n)
-    object sa_tuple4(unsigned long long a, unsigned long long b, unsigned long long c, long long d)
+    object sa_u64(unsigned long long v)
+    object sa_alloc(type t)
     Py_ssize_t sa_count_entries(const unsigned char *p, const unsigned char *end) noexcept nogil
     const unsigned char *sa_len(
         const unsigned char *p, const unsigned char *end, Py_ssize_t *n, int *err
@@ -305,6 +292,108 @@ ctypedef unsigned long long u64
 
 class DecodeError(ValueError):
     """Bytes that are not a valid encoding of the expected protobuf message."""
+
+
+@cython.final
+cdef class ConversationSeqs:
+    """One decoded ``ConversationSequence``: an immutable record that behaves as the tuple
+    ``(max_sequence, read_sequence, min_sequence, max_sequence_time_ms)``.
+
+    It unpacks, indexes, compares and hashes like that tuple (``record == tuple`` both ways).
+    The four values are C fields, so the decoder builds one small object per entry instead of
+    a tuple and up to four ints, and the cyclic GC never tracks it.
+    """
+
+    cdef readonly u64 max_sequence
+    cdef readonly u64 read_sequence
+    cdef readonly u64 min_sequence
+    cdef readonly long long max_sequence_time_ms
+
+    __match_args__ = ("max_sequence", "read_sequence", "min_sequence", "max_sequence_time_ms")
+
+    def __cinit__(self, max_sequence, read_sequence, min_sequence, max_sequence_time_ms):
+        # Ints only (floats are refused, as by operator.index); OverflowError out of range.
+        # The decoder allocates instances with sa_alloc and does not come through here.
+        self.max_sequence = PyNumber_Index(max_sequence)
+        self.read_sequence = PyNumber_Index(read_sequence)
+        self.min_sequence = PyNumber_Index(min_sequence)
+        self.max_sequence_time_ms = PyNumber_Index(max_sequence_time_ms)
+
+    def astuple(self):
+        """The plain tuple ``(max_sequence, read_sequence, min_sequence, max_sequence_time_ms)``."""
+        return _seqs_tuple(self)
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        cdef Py_ssize_t i
+        if isinstance(index, slice):
+            return _seqs_tuple(self)[index]
+        i = PyNumber_AsSsize_t(index, IndexError)  # as tuple: ints only, IndexError past ssize_t
+        if i < 0:
+            i += 4
+        if i == 0:
+            return sa_u64(self.max_sequence)
+        if i == 1:
+            return sa_u64(self.read_sequence)
+        if i == 2:
+            return sa_u64(self.min_sequence)
+        if i == 3:
+            return self.max_sequence_time_ms
+        raise IndexError("ConversationSeqs index out of range")
+
+    def __iter__(self):
+        return iter(_seqs_tuple(self))
+
+    def __contains__(self, value):
+        return value in _seqs_tuple(self)
+
+    def __reversed__(self):
+        return reversed(_seqs_tuple(self))
+
+    def count(self, value):
+        return _seqs_tuple(self).count(value)
+
+    def index(self, value, start=0, stop=4):
+        return _seqs_tuple(self).index(value, start, stop)
+
+    def __richcmp__(self, other, int op):
+        if type(other) is ConversationSeqs:
+            return PyObject_RichCompare(_seqs_tuple(self), _seqs_tuple(other), op)
+        if isinstance(other, tuple):
+            return PyObject_RichCompare(_seqs_tuple(self), other, op)
+        return NotImplemented
+
+    def __hash__(self):
+        return hash(_seqs_tuple(self))
+
+    def __repr__(self):
+        return (
+            f"ConversationSeqs(max_sequence={self.max_sequence}, "
+            f"read_sequence={self.read_sequence}, min_sequence={self.min_sequence}, "
+            f"max_sequence_time_ms={self.max_sequence_time_ms})"
+        )
+
+    def __reduce__(self):
+        return ConversationSeqs, _seqs_tuple(self)
+
+
+Sequence.register(ConversationSeqs)
+
+
+cdef inline tuple _seqs_tuple(ConversationSeqs s):
+    return (sa_u64(s.max_sequence), sa_u64(s.read_sequence), sa_u64(s.min_sequence),
+            s.max_sequence_time_ms)
+
+
+cdef inline ConversationSeqs _new_seqs(u64 mx, u64 rd, u64 mn, long long tm):
+    cdef ConversationSeqs s = <ConversationSeqs>sa_alloc(ConversationSeqs)
+    s.max_sequence = mx
+    s.read_sequence = rd
+    s.min_sequence = mn
+    s.max_sequence_time_ms = tm
+    return s
 
 
 cdef class KeyTable:
@@ -834,7 +923,7 @@ cdef tuple _decode_update(bytes buf):
                 _check_keys(p, eend)
             key = sa_str(kp, kn) if nkeys else ""  # checked even when the entry is dropped
             if not unknown:  # upb keeps such an entry as an unknown field, out of the map
-                conversations[key] = sa_tuple4(vals[0], vals[1], vals[2], <long long>vals[3])
+                conversations[key] = _new_seqs(vals[0], vals[1], vals[2], <long long>vals[3])
             p = eend
         elif field == 2:
             if wire != 2:

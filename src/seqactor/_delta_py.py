@@ -16,20 +16,86 @@ fields of a row a push carries; unselected fields are written as 0 = unchanged.
 
 from __future__ import annotations
 
+import operator
 import os
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, SupportsIndex
 
 _U64_MASK = (1 << 64) - 1
-
-# Result of decode_update: (conversations, sync_token, full, removed), where conversations maps
-# id -> (max_sequence, read_sequence, min_sequence, max_sequence_time_ms).
-DecodedUpdate = tuple[dict[str, tuple[int, int, int, int]], bytes, bool, list[str]]
+_U64_MAX = _U64_MASK
+_I64_MIN = -(1 << 63)
+_I64_MAX = (1 << 63) - 1
 
 
 class DecodeError(ValueError):
     """Bytes that are not a valid encoding of the expected protobuf message."""
+
+
+def _index_in(value: SupportsIndex, lo: int, hi: int) -> int:
+    v = int(operator.index(value))  # int() drops bool and int subclasses
+    if not lo <= v <= hi:
+        raise OverflowError(f"{v} out of range [{lo}, {hi}]")
+    return v
+
+
+class ConversationSeqs(tuple[int, int, int, int]):
+    """One decoded ``ConversationSequence``: an immutable record that is (here, literally) the
+    tuple ``(max_sequence, read_sequence, min_sequence, max_sequence_time_ms)``.
+
+    The compiled kernel's class of the same name holds the values as C fields and behaves as
+    this tuple: it unpacks, indexes, compares and hashes alike (``record == tuple`` both ways).
+    The constructor takes ints only (``TypeError`` otherwise) and raises ``OverflowError``
+    outside uint64 (the seqs) or int64 (the time), as the compiled one does.
+    """
+
+    __slots__ = ()
+    __match_args__ = ("max_sequence", "read_sequence", "min_sequence", "max_sequence_time_ms")
+
+    def __new__(
+        cls, max_sequence: SupportsIndex, read_sequence: SupportsIndex,
+        min_sequence: SupportsIndex, max_sequence_time_ms: SupportsIndex,
+    ) -> ConversationSeqs:
+        return tuple.__new__(cls, (
+            _index_in(max_sequence, 0, _U64_MAX),
+            _index_in(read_sequence, 0, _U64_MAX),
+            _index_in(min_sequence, 0, _U64_MAX),
+            _index_in(max_sequence_time_ms, _I64_MIN, _I64_MAX),
+        ))
+
+    def astuple(self) -> tuple[int, int, int, int]:
+        """The plain tuple ``(max_sequence, read_sequence, min_sequence, max_sequence_time_ms)``."""
+        return (self[0], self[1], self[2], self[3])
+
+    @property
+    def max_sequence(self) -> int:
+        return self[0]
+
+    @property
+    def read_sequence(self) -> int:
+        return self[1]
+
+    @property
+    def min_sequence(self) -> int:
+        return self[2]
+
+    @property
+    def max_sequence_time_ms(self) -> int:
+        return self[3]
+
+    def __repr__(self) -> str:
+        return (
+            f"ConversationSeqs(max_sequence={self[0]}, read_sequence={self[1]}, "
+            f"min_sequence={self[2]}, max_sequence_time_ms={self[3]})"
+        )
+
+    def __reduce__(self) -> tuple[type[ConversationSeqs], tuple[int, int, int, int]]:
+        return ConversationSeqs, (self[0], self[1], self[2], self[3])
+
+
+# Result of decode_update: (conversations, sync_token, full, removed), where conversations maps
+# id -> ConversationSeqs (max_sequence, read_sequence, min_sequence, max_sequence_time_ms).
+DecodedUpdate = tuple[dict[str, ConversationSeqs], bytes, bool, list[str]]
 
 
 def _varint(value: int) -> bytes:
@@ -330,10 +396,11 @@ def decode_update(data: bytes) -> DecodedUpdate:
     over 64 bits are errors (protobuf treats them as unknown fields / truncates).
     """
     data = bytes(data)
-    conversations: dict[str, tuple[int, int, int, int]] = {}
+    conversations: dict[str, ConversationSeqs] = {}
     token = b""
     full = False
     removed: list[str] = []
+    new_seqs = tuple.__new__
     pos, end = 0, len(data)
     while pos < end:
         field, wire, pos = _get_tag(data, pos, end)
@@ -343,7 +410,8 @@ def decode_update(data: bytes) -> DecodedUpdate:
             stop, start = _get_len(data, pos, end)
             key, value, unknown = _decode_entry(data, start, stop)
             if not unknown:  # upb keeps such an entry as an unknown field, out of the map
-                conversations[key] = value
+                # tuple.__new__ skips the checks: the values are in range by construction
+                conversations[key] = new_seqs(ConversationSeqs, value)
             pos = stop
         elif field == 2:
             stop, start = _get_len(data, pos, end)

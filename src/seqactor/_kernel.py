@@ -31,6 +31,7 @@ else:
         COMPILED = False
 
 KeyTable = _impl.KeyTable
+ConversationSeqs = _impl.ConversationSeqs
 DecodeError = _impl.DecodeError
 encode_snapshot = _impl.encode_snapshot
 encode_delta = _impl.encode_delta
@@ -44,6 +45,7 @@ fan_slice = _impl.fan_slice
 
 __all__ = [
     "COMPILED",
+    "ConversationSeqs",
     "DecodeError",
     "KeyTable",
     "decode_update",

@@ -405,7 +405,7 @@ class Client(_Endpoint):
             read = pb.Ack.FromString(body).read_sequence
             row = self._view.get(meta[1])
             if row is not None and read > row[1]:
-                self._apply({meta[1]: (0, read, 0, 0)}, b"", False, [])
+                self._apply({meta[1]: kernel.ConversationSeqs(0, read, 0, 0)}, b"", False, [])
         elif what == "sync" and field == F_UPDATE:
             convs, token, full, removed = kernel.decode_update(body)
             self._apply(convs, token, full, removed)
@@ -427,7 +427,8 @@ class Client(_Endpoint):
 
     # ------------------------------------------------------------------ applying updates
     def _apply(
-        self, convs: dict[str, Row], token: bytes, full: bool, removed: list[str]
+        self, convs: dict[str, kernel.ConversationSeqs], token: bytes, full: bool,
+        removed: list[str],
     ) -> None:
         """Apply one update. Fields equal to 0 leave values as they are; ``removed`` drops;
         ``full`` replaces. Outside a snapshot, seqs only move forward (a conversation's max,
@@ -437,11 +438,12 @@ class Client(_Endpoint):
         if full:
             for cid in [c for c in view if c not in convs]:
                 changed[cid] = (view.pop(cid), None)
-        for cid, (mx, rd, mn, tm) in convs.items():
+        for cid, seqs in convs.items():
             old = view.get(cid)
             if old is None or full:
-                new = (mx, rd, mn, tm)
+                new = seqs.astuple()  # the view holds plain tuples
             else:
+                mx, rd, mn, tm = seqs.astuple()
                 omx, ord_, omn, otm = old
                 if mx >= omx and mx:
                     nmx, ntm = mx, (tm or otm)
