@@ -39,6 +39,14 @@ class SessionState:
     outbox is empty, so an idle session holds no writer task.
     """
 
+    # Slots: no per-instance dict, and the fan-out reads these once per recipient.
+    __slots__ = (
+        "session_id", "user_id", "device_id", "subscribed_all", "subscribed", "background",
+        "pending", "pending_removed", "shared", "inflight_reads", "replies", "reply_space",
+        "push_frame", "rest_held", "writer_running", "direct", "fd", "wire", "hold",
+        "start_writer", "counters", "on_fatal",
+    )
+
     def __init__(
         self, session_id: str, user_id: str, device_id: str, reply_queue_frames: int,
         on_fatal: Callable[[int, str], None], counters: HotCounters,
@@ -217,6 +225,11 @@ class FanoutBatch:
 
 class UserActor:
     """The actor of one online user. Created and retired by the hub."""
+
+    __slots__ = (
+        "hub", "user_id", "table", "sessions", "loaded", "ready", "backlog", "_wake", "_cancel",
+        "failed",
+    )
 
     def __init__(self, hub: Hub, user_id: str) -> None:
         self.hub = hub
