@@ -1,0 +1,212 @@
+"""The fan-out kernel: ``fan_slice`` (compiled and pure Python against each other, on the
+server's real actor and session-state objects) and ``write_many`` on real sockets."""
+
+from __future__ import annotations
+
+import errno
+import socket
+from array import array
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from seqactor import _delta as C
+from seqactor import _delta_py as P
+from seqactor._view import FIELD_MAX, FIELD_READ
+from seqactor.actor import SessionState, UserActor
+from seqactor.metrics import HotCounters
+
+IMPLS = [C, P]
+KEY = 7
+OTHER_KEY = 8
+SHARED = (b"with-token", b"without")
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+class _Hub:
+    """The two things an actor asks of its hub outside the calls under test."""
+
+    def __init__(self) -> None:
+        self.counters = HotCounters()
+
+
+def _fatal(code: int, reason: str) -> None:
+    raise AssertionError(f"unexpected fatal {code} {reason}")
+
+
+# One session: (subscription: "all" | "key" | "other", busy: "" | "writer" | "background" |
+# "pending" | "removed", fd or -1)
+session_st = st.tuples(
+    st.sampled_from(["all", "key", "other"]),
+    st.sampled_from(["", "", "", "writer", "background", "pending", "removed"]),
+    st.sampled_from([-1, 3, 40, 1000, 65_000]),
+)
+# One member: (row: None | (max, frozen), sessions)
+member_st = st.tuples(
+    st.none() | st.tuples(st.integers(0, 30), st.booleans()),
+    st.lists(session_st, max_size=3),
+)
+
+
+def _build(spec: list[Any]) -> list[UserActor]:
+    hub = _Hub()
+    members = []
+    for n, (row, sessions) in enumerate(spec):
+        actor = UserActor(hub, f"u{n}")  # type: ignore[arg-type]
+        actor.table.upsert(OTHER_KEY, 5, 5, 0, 1, 1)
+        if row is not None:
+            actor.table.upsert(KEY, row[0], 0, 0, 100, 10, row[1])
+        for m, (sub, busy, fd) in enumerate(sessions):
+            s = SessionState(f"s{n}.{m}", actor.user_id, "", 4, _fatal, hub.counters)
+            if sub == "all":
+                s.subscribed_all = True
+            elif sub == "key":
+                s.subscribed.add(KEY)
+            else:
+                s.subscribed.add(OTHER_KEY)
+            s.writer_running = busy == "writer"
+            s.background = busy == "background"
+            if busy == "pending":
+                s.pending[OTHER_KEY] = FIELD_READ
+            if busy == "removed":
+                s.pending_removed.add("gone")
+            s.fd = fd
+            actor.sessions.append(s)
+        members.append(actor)
+    return members
+
+
+def _observe(members: list[UserActor], out: tuple[Any, ...]) -> Any:
+    """Everything a fan-out slice may change, as plain data."""
+    i, failures, fds, sessions = out
+    names = {id(s): s.session_id for a in members for s in a.sessions}
+    state = []
+    for a in members:
+        t = a.table
+        row = t.row_of(KEY)
+        state.append((
+            None if row < 0 else (t.max_seq[row], t.time_ms[row], t.pos[row]),
+            a._wake.is_set(),
+            [(dict(s.pending), s.shared) for s in a.sessions],
+        ))
+    return (
+        i,
+        None if failures is None else [(a.user_id, type(e).__name__) for a, e in failures],
+        [list(f) for f in fds],
+        [[names[id(s)] for s in lst] for lst in sessions],
+        state,
+    )
+
+
+def _run(impl: Any, spec: list[Any], start: int, slice_s: float, every: int) -> Any:
+    members = _build(spec)
+    fds = (array("i"), array("i"))
+    sessions: tuple[list[SessionState], list[SessionState]] = ([], [])
+    i, failures = impl.fan_slice(
+        members, start, KEY, 20, 777, 50, FIELD_MAX, SHARED, fds, sessions, slice_s, every,
+    )
+    return _observe(members, (i, failures, fds, sessions))
+
+
+@SETTINGS
+@given(st.lists(member_st, max_size=12), st.data())
+def test_fan_slice_compiled_equals_python(spec: list[Any], data: st.DataObject) -> None:
+    start = data.draw(st.integers(0, len(spec)))
+    every = data.draw(st.integers(1, 5))
+    for slice_s in (60.0, -1.0):  # all of them; stop at the first look at the clock
+        got = _run(C, spec, start, slice_s, every)
+        assert got == _run(P, spec, start, slice_s, every)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fan_slice_what_each_member_gets(impl: Any) -> None:
+    spec = [
+        ((10, False), [("all", "", 40), ("key", "", 41), ("other", "", 42)]),  # idle: batch
+        ((10, False), [("all", "writer", 43)]),  # busy: pending, actor woken
+        ((10, True), [("all", "", 44)]),  # frozen: nothing
+        ((25, False), [("all", "", 45)]),  # already newer: nothing
+        (None, [("all", "", 46)]),  # not in the view: nothing
+        ((10, False), [("key", "", -1)]),  # no direct write now: pending
+    ]
+    i, failures, fds, sessions, state = _run(impl, spec, 0, 60.0, 16)
+    assert i == len(spec) and failures is None
+    assert fds == [[40], [41]]
+    assert sessions == [["s0.0"], ["s0.1"]]
+    assert state[0] == ((20, 777, 50), False, [({}, None), ({}, None), ({}, None)])
+    assert state[1] == ((20, 777, 50), True, [({KEY: FIELD_MAX}, SHARED)])
+    assert state[2] == ((10, 100, 10), False, [({}, None)])
+    assert state[3] == ((25, 100, 10), False, [({}, None)])
+    assert state[4] == (None, False, [({}, None)])
+    assert state[5] == ((20, 777, 50), True, [({KEY: FIELD_MAX}, SHARED)])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fan_slice_stops_at_the_deadline(impl: Any) -> None:
+    spec = [((1, False), [("all", "", 10 + n)]) for n in range(10)]
+    i, _, fds, _, state = _run(impl, spec, 2, -1.0, 3)  # deadline already passed
+    assert i == 3  # the clock is read when i % 3 == 0
+    assert fds == [[12], []]
+    assert [s[0] is not None and s[0][0] == 20 for s in state] == [False, False, True] + [False] * 7
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fan_slice_reports_a_failing_member_and_goes_on(impl: Any) -> None:
+    members = _build([((1, False), [("all", "", 10)]), ((1, False), [("all", "", 11)])])
+    members.insert(1, object())  # type: ignore[arg-type]  # no table: raises AttributeError
+    fds = (array("i"), array("i"))
+    sessions: tuple[list[Any], list[Any]] = ([], [])
+    i, failures = impl.fan_slice(
+        members, 0, KEY, 20, 777, 50, FIELD_MAX, SHARED, fds, sessions, 60.0, 16)
+    assert i == 3
+    assert [(a is members[1], type(e)) for a, e in failures] == [(True, AttributeError)]
+    assert list(fds[0]) == [10, 11]
+
+
+def test_fan_slice_rejects_bad_arguments() -> None:
+    members = _build([((1, False), [("all", "", 10)])])
+    with pytest.raises(TypeError):
+        C.fan_slice(members, 0, KEY, 20, 1, 1, FIELD_MAX, SHARED, (array("q"), array("i")),
+                    ([], []), 1.0, 16)
+    with pytest.raises(ValueError):
+        C.fan_slice(members, 0, KEY, 20, 1, 1, FIELD_MAX, SHARED, (array("i"), array("i")),
+                    ([], []), 1.0, 0)
+    # a view column of the wrong type is an error for that member, not a wrong write
+    members[0].table.max_seq = array("d", [1.0, 1.0])  # type: ignore[assignment]
+    _, failures = C.fan_slice(members, 0, KEY, 20, 1, 1, FIELD_MAX, SHARED,
+                              (array("i"), array("i")), ([], []), 1.0, 16)
+    assert failures is not None and isinstance(failures[0][1], TypeError)
+
+
+# ------------------------------------------------------------------ write_many
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_write_many_real_sockets(impl: Any) -> None:
+    pairs = [socket.socketpair() for _ in range(3)]
+    try:
+        for a, _ in pairs:
+            a.setblocking(False)
+        full = pairs[2][0]
+        try:  # fill the third socket's buffer completely
+            while True:
+                full.send(b"x" * 65536)
+        except BlockingIOError:
+            pass
+        r, w = socket.socketpair()
+        bad = w.fileno()
+        w.close()  # a descriptor that is closed now
+        r.close()
+        fds = array("i", [pairs[0][0].fileno(), pairs[1][0].fileno(), full.fileno(), bad])
+        results = array("q", bytes(8 * len(fds)))
+        impl.write_many(fds, b"frame", results)
+        assert list(results) == [5, 5, -errno.EAGAIN, -errno.EBADF]
+        assert pairs[0][1].recv(100) == b"frame"
+        assert pairs[1][1].recv(100) == b"frame"
+        with pytest.raises(ValueError):
+            impl.write_many(fds, b"frame", array("q", bytes(8)))
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
