@@ -20,7 +20,8 @@ FIELD_ALL = FIELD_MAX | FIELD_READ | FIELD_MIN
 class ViewTable:
     """Columnar rows: key id, max, read, min, time (ms), change position."""
 
-    __slots__ = ("keys", "max_seq", "read_seq", "min_seq", "time_ms", "pos", "frozen", "rows")
+    # The first five are what a fan-out round reads per member: kept together.
+    __slots__ = ("rows", "frozen", "max_seq", "time_ms", "pos", "keys", "read_seq", "min_seq")
 
     def __init__(self) -> None:
         self.keys = array("I")

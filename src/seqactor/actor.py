@@ -39,11 +39,12 @@ class SessionState:
     outbox is empty, so an idle session holds no writer task.
     """
 
-    # Slots: no per-instance dict, and the fan-out reads these once per recipient.
+    # Slots: no per-instance dict. The first seven are what the fan-out reads per recipient:
+    # kept together, they share the object's first cache lines.
     __slots__ = (
-        "session_id", "user_id", "device_id", "subscribed_all", "subscribed", "background",
-        "pending", "pending_removed", "shared", "inflight_reads", "replies", "reply_space",
-        "push_frame", "rest_held", "writer_running", "direct", "fd", "wire", "hold",
+        "subscribed_all", "fd", "writer_running", "background", "pending", "pending_removed",
+        "subscribed", "session_id", "user_id", "device_id", "shared", "inflight_reads",
+        "replies", "reply_space", "push_frame", "rest_held", "direct", "wire", "hold",
         "start_writer", "counters", "on_fatal",
     )
 
@@ -226,8 +227,8 @@ class FanoutBatch:
 class UserActor:
     """The actor of one online user. Created and retired by the hub."""
 
-    __slots__ = (
-        "hub", "user_id", "table", "sessions", "loaded", "ready", "backlog", "_wake", "_cancel",
+    __slots__ = (  # the fan-out reads the first two per member
+        "table", "sessions", "hub", "user_id", "loaded", "ready", "backlog", "_wake", "_cancel",
         "failed",
     )
 
