@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from array import array
-from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -39,6 +38,13 @@ class SessionState:
     outbox is empty, so an idle session holds no writer task.
     """
 
+    __slots__ = (
+        "session_id", "user_id", "device_id", "subscribed_all", "subscribed", "background",
+        "pending", "pending_removed", "shared", "inflight_reads", "replies", "reply_queue_frames",
+        "_reply_space", "push_frame", "rest_held", "writer_running", "direct", "fd_now", "hold",
+        "start_writer", "counters", "on_fatal",
+    )
+
     def __init__(
         self, session_id: str, user_id: str, device_id: str, reply_queue_frames: int,
         on_fatal: Callable[[int, str], None], counters: HotCounters,
@@ -53,8 +59,12 @@ class SessionState:
         self.pending_removed: set[str] = set()
         self.shared: tuple[bytes, bytes] | None = None  # (frame with token, without) from the hub
         self.inflight_reads: dict[int, int] = {}
-        self.replies: deque[bytes] = deque()
-        self.reply_space = trio.Semaphore(reply_queue_frames)
+        # Replies waiting for the writer, at most ``reply_queue_frames`` (a short list: popping
+        # its head is cheaper than a deque's 600-byte block per session). The semaphore that
+        # bounds it is made when the first reply has to queue: most sessions never need it.
+        self.replies: list[bytes] = []
+        self.reply_queue_frames = reply_queue_frames
+        self._reply_space: trio.Semaphore | None = None
         self.push_frame: bytes | None = None  # a ServerMessage for the writer to frame and send
         self.rest_held = False  # the transport holds the unsent rest of a direct write
         self.writer_running = False
@@ -153,7 +163,10 @@ class SessionState:
         """A reply: now if possible, else queued (waits while the reply queue is full)."""
         if self._write_now(frame):
             return
-        await self.reply_space.acquire()
+        space = self._reply_space
+        if space is None:
+            space = self._reply_space = trio.Semaphore(self.reply_queue_frames)
+        await space.acquire()
         self.replies.append(frame)
         self.kick()
 
@@ -168,8 +181,9 @@ class SessionState:
             frame, self.push_frame = self.push_frame, None
             return frame, False
         if self.replies:
-            self.reply_space.release()
-            return self.replies.popleft(), False
+            assert self._reply_space is not None  # made by the put_reply that queued it
+            self._reply_space.release()
+            return self.replies.pop(0), False
         return None
 
 
@@ -219,16 +233,23 @@ class FanoutBatch:
 class UserActor:
     """The actor of one online user. Created and retired by the hub."""
 
+    __slots__ = (
+        "hub", "user_id", "table", "sessions", "loaded", "ready", "backlog", "_wake", "_retired",
+        "failed",
+    )
+
     def __init__(self, hub: Hub, user_id: str) -> None:
         self.hub = hub
         self.user_id = user_id
         self.table = ViewTable()
         self.sessions: list[SessionState] = []
         self.loaded = False
-        self.ready = trio.Event()  # set when loading finished (or failed)
+        # Set when loading finished (or failed), then dropped: None = ready (an idle online
+        # user holds no Event for it).
+        self.ready: trio.Event | None = trio.Event()
         self.backlog: list[object] = []  # changes that arrived while the view was loading
         self._wake = trio.Event()
-        self._cancel = trio.CancelScope()
+        self._retired = False  # the task ends at its next wake-up (no cancel scope per actor)
         self.failed: BaseException | None = None
 
     # ---------------------------------------------------------------- loading
@@ -418,16 +439,20 @@ class UserActor:
 
     # ---------------------------------------------------------------- task
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        with self._cancel:
-            task_status.started()
-            try:
-                while True:
-                    await self._wake.wait()
-                    self._wake = trio.Event()
-                    self.flush()
-                    await trio.lowlevel.checkpoint()
-            except Exception as exc:  # an actor's failure ends its user's sessions only
-                self.fail(exc)
+        task_status.started()
+        # The status object holds the nursery ``start`` used (closed by now, with its cancel
+        # status): keeping it in this frame for the actor's lifetime would cost ~1 KB a user.
+        del task_status
+        try:
+            while True:
+                await self._wake.wait()
+                if self._retired:
+                    return
+                self._wake = trio.Event()
+                self.flush()
+                await trio.lowlevel.checkpoint()
+        except Exception as exc:  # an actor's failure ends its user's sessions only
+            self.fail(exc)
 
     def fail(self, exc: BaseException) -> None:
         """Log the failure and end this user's sessions (Error INTERNAL, close 1011)."""
@@ -440,4 +465,6 @@ class UserActor:
             s.on_fatal(1011, "internal error")
 
     def retire(self) -> None:
-        self._cancel.cancel()
+        """End the task: it returns at its next wake-up, before flushing anything."""
+        self._retired = True
+        self._wake.set()
