@@ -130,6 +130,29 @@ async def test_actor_failure_closes_only_that_users_sessions(monkeypatch):
             assert body(r) == "pong"
 
 
+async def test_websocket_reader_failure_drops_only_that_connection(monkeypatch):
+    """trio-websocket's reader runs in the server's connection nursery: a bug there must end
+    that connection (logged), never the server or other sessions."""
+    async def broken_ping(self, event):
+        raise RuntimeError("reader bug")
+
+    async with running_server() as server, raw_connect(server, "bob") as other:
+        # The reader binds its handlers when it starts: patch before the victim connects
+        # (its client side never receives a ping, so only the server's reader meets it).
+        monkeypatch.setattr(tws.WebSocketConnection, "_handle_ping_event", broken_ping)
+        async with raw_connect(server, "alice") as victim:
+            monkeypatch.undo()
+            with trio.move_on_after(2):
+                await victim.conn.ping(b"boom")  # never answered: the server drops it
+            closed = await victim.wait_closed()
+            assert closed.code == 1006
+        r = await other.request("ping", client_time_ms=1)
+        assert body(r) == "pong"
+        with trio.fail_after(2):
+            while server.connections != 1:  # the victim's handler ended too
+                await trio.sleep(0.01)
+
+
 async def test_connection_limit_refuses_clearly_and_recovers():
     async with running_server(max_connections=2) as server:
         async with raw_connect(server, "a"), raw_connect(server, "b"):

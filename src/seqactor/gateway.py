@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 import os
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import trio
 import trio_websocket as tws
+from wsproto import ConnectionType, WSConnection
 
 from seqactor import _frames as frames
 from seqactor._session import CLOSE_GOING_AWAY, CLOSE_REPLACED, Session, TransportClosed
@@ -33,6 +34,8 @@ WATCHDOG_MIN_TICK_S = 0.01
 
 class ActivityStream(trio.abc.Stream):
     """Wraps the connection's stream; records when bytes last arrived."""
+
+    __slots__ = ("inner", "last_rx", "held")
 
     def __init__(self, inner: trio.abc.Stream) -> None:
         self.inner = inner
@@ -64,6 +67,8 @@ class ActivityStream(trio.abc.Stream):
 
 class WebSocketTransport:
     """A session's view of one trio-websocket connection."""
+
+    __slots__ = ("conn", "stream", "_lock", "_sock")
 
     def __init__(self, conn: tws.WebSocketConnection, stream: ActivityStream) -> None:
         self.conn = conn
@@ -177,6 +182,7 @@ class Server:
         self.stopping = False
         self._stop = trio.Event()
         self._accepting = trio.CancelScope()
+        self._conns: trio.Nursery | None = None  # connection handlers and WebSocket readers
         self._ssl: ssl.SSLContext | None = None
         if config.tls_cert and config.tls_key:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -224,6 +230,7 @@ class Server:
                 self.hub.nursery = actors
                 actors.start_soon(self.hub.run_fanout)
                 async with trio.open_nursery() as conns:
+                    self._conns = conns
                     self.listeners = await trio.open_tcp_listeners(
                         self.config.port, host=self.config.host
                     )
@@ -271,56 +278,114 @@ class Server:
         conns.cancel_scope.cancel()
 
     async def _handle(self, tcp: trio.abc.Stream) -> None:
+        """One connection, in the task trio's listener started for it.
+
+        Per-session memory is mostly trio's and trio-websocket's per-connection objects, so
+        this path keeps them few: no nursery of its own (trio-websocket's reader runs in the
+        server's connection nursery, guarded), the session's nursery doubles as its cancel
+        scope, and the handshake's objects are dropped once the connection is open.
+        """
         self.connections += 1
         self.metrics.connections.set(self.connections)
-        try:
-            await self._handle_connection(tcp)
-        except Exception:  # last resort: one connection's bug must not end the server
-            log.exception("connection handler failed; the connection is dropped")
-        finally:
-            self.connections -= 1
-            self.metrics.connections.set(self.connections)
-
-    async def _handle_connection(self, tcp: trio.abc.Stream) -> None:
         peer = _peer_name(tcp)
         stream: trio.abc.Stream = tcp
         if self._ssl is not None:
             stream = trio.SSLStream(tcp, self._ssl, server_side=True)
         activity = ActivityStream(stream)
         try:
-            async with trio.open_nursery() as nursery:
-                with trio.move_on_after(HANDSHAKE_TIMEOUT_S) as cs:
-                    request = await tws.wrap_server_stream(
-                        nursery, activity, message_queue_size=WS_MESSAGE_QUEUE,
-                        max_message_size=self.config.max_frame_bytes,
-                    )
-                    conn = await self._accept(request)
-                if cs.cancelled_caught or conn is None:
-                    nursery.cancel_scope.cancel()
-                    return
-                session = Session(self, WebSocketTransport(conn, activity), peer)
-                await session.run()
-                nursery.cancel_scope.cancel()
+            conn = await self._upgrade(activity)
+            if conn is not None:
+                await Session(self, WebSocketTransport(conn, activity), peer).run()
         except (trio.BrokenResourceError, trio.ClosedResourceError, tws.ConnectionClosed,
                 tws.HandshakeError, ssl.SSLError) as exc:
             log.debug("connection from %s ended during handshake: %r", peer, exc)
+        except Exception:  # last resort: one connection's bug must not end the server
+            log.exception("connection handler failed; the connection is dropped")
         finally:
+            # Also ends trio-websocket's reader task: its receive_some fails on a closed stream.
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(activity)
+            self.connections -= 1
+            self.metrics.connections.set(self.connections)
 
-    async def _accept(self, request: tws.WebSocketRequest) -> tws.WebSocketConnection | None:
+    async def _upgrade(self, activity: ActivityStream) -> tws.WebSocketConnection | None:
+        """The WebSocket handshake (what ``tws.wrap_server_stream`` does, with the reader task
+        in the server's connection nursery); None when refused or timed out."""
+        conn = tws.WebSocketConnection(
+            activity, WSConnection(ConnectionType.SERVER), message_queue_size=WS_MESSAGE_QUEUE,
+            max_message_size=self.config.max_frame_bytes,
+        )
+        assert self._conns is not None
+        self._conns.start_soon(_ws_reader, conn)
+        with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
+            request = await conn._get_request()  # noqa: SLF001 - as wrap_server_stream does
+            if await self._accept(request):
+                _release_handshake(conn)
+                return conn
+        return None
+
+    async def _accept(self, request: tws.WebSocketRequest) -> bool:
         if request.path.split("?", 1)[0] != WS_PATH:
             await request.reject(404, body=f"not found; the WebSocket path is {WS_PATH}\n".encode())
-            return None
+            return False
         if self.stopping:
             await request.reject(503, body=b"server shutting down\n")
-            return None
+            return False
         # Every open connection counts (this one included), authenticated or not: connections
         # that never say Hello hold descriptors too.
         if self.connections > self.config.max_connections:
             await request.reject(503, body=b"connection limit reached; retry later\n")
-            return None
-        return await request.accept()
+            return False
+        await request.accept()
+        return True
+
+
+async def _ws_reader(conn: tws.WebSocketConnection) -> None:
+    """trio-websocket's reader task for one connection, in the server's connection nursery.
+
+    It ends by itself when the stream is closed (the connection's handler closes it when it
+    ends). An unexpected error must not end the server: it is logged and the connection
+    closed (the session then sees the connection closed, as when the peer goes away).
+    """
+    try:
+        await conn._reader_task()  # noqa: SLF001 - as wrap_server_stream starts it
+    except Exception:
+        log.exception("WebSocket reader failed; the connection is dropped")
+        await trio.aclose_forcefully(conn._stream)  # noqa: SLF001
+
+
+class _OpenHandshake:
+    """Stands in for wsproto's handshake object once the connection is open.
+
+    ``WSConnection`` asks its handshake for events on every ``events()`` call; once open, the
+    handshake has none left (the upgrade request was taken before the accept, and bytes that
+    followed it went to the connection with the accept), and nothing else of it is used.
+    """
+
+    __slots__ = ()
+
+    def events(self) -> Iterator[object]:
+        return iter(())
+
+
+_OPEN_HANDSHAKE = _OpenHandshake()
+_SET_EVENT = trio.Event()
+_SET_EVENT.set()
+
+
+def _release_handshake(conn: tws.WebSocketConnection) -> None:
+    """Drop what only the handshake needed (~2.5 KB a connection: wsproto's h11 machinery and
+    its event queue, two trio Events). Checked against trio-websocket 0.11-0.12 and wsproto 1.x
+    (the versions pyproject allows): once the server has accepted, ``_open_handshake`` is only
+    waited on by client-side connects, ``_for_testing_peer_closed_connection`` is only set
+    (never waited on) by the library, and the handshake object only yields events.
+    """
+    ws = conn._wsproto  # noqa: SLF001
+    if ws.connection is None or not conn._open_handshake.is_set():  # noqa: SLF001
+        return  # not open after all: leave everything as the library made it
+    ws.handshake = _OPEN_HANDSHAKE  # type: ignore[assignment]
+    conn._open_handshake = _SET_EVENT  # noqa: SLF001
+    conn._for_testing_peer_closed_connection = _SET_EVENT  # noqa: SLF001
 
 
 def _peer_name(stream: Any) -> str:
