@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import socket
 import ssl
+import struct
 import urllib.request
 
+import pytest
 import trio
+import trio.testing
 import trio_websocket as tws
 import trustme
 
@@ -237,3 +240,54 @@ async def test_pings_while_a_frame_is_half_written_never_corrupt_the_stream():
             assert conn.closed is None  # no protocol error on the way
             await conn.aclose()
             nursery.cancel_scope.cancel()
+
+
+async def test_activity_stream_reads_like_trio_socket_stream():
+    """The gateway's direct read path: data, EOF, a reset, and closing while a read waits
+    behave as trio.SocketStream's receive_some (what trio-websocket's reader expects)."""
+    from seqactor.gateway import ActivityStream
+
+    a, b = trio.socket.socketpair()
+    ours = ActivityStream(trio.SocketStream(a))
+    peer = trio.SocketStream(b)
+    before = ours.last_rx
+    await peer.send_all(b"hello")
+    assert await ours.receive_some(3) == b"hel"
+    assert await ours.receive_some() == b"lo" and ours.last_rx >= before
+    with pytest.raises(ValueError):
+        await ours.receive_some(0)
+    async with trio.open_nursery() as n:
+        n.start_soon(peer.send_all, b"late")  # arrives while the read waits
+        assert await ours.receive_some(100) == b"late"
+    await peer.aclose()
+    assert await ours.receive_some(100) == b""  # EOF
+    got: list[BaseException] = []
+
+    async def reader() -> None:
+        try:
+            await ours.receive_some(100)
+        except trio.ClosedResourceError as exc:
+            got.append(exc)
+
+    c, d = trio.socket.socketpair()
+    ours = ActivityStream(trio.SocketStream(c))
+    async with trio.open_nursery() as n:
+        n.start_soon(reader)
+        await trio.testing.wait_all_tasks_blocked()
+        await ours.aclose()  # closed while the read waits
+    assert len(got) == 1
+    with pytest.raises(trio.ClosedResourceError):
+        await ours.receive_some(100)  # and after
+    d.close()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    client = socket.create_connection(listener.getsockname())
+    server_side, _ = listener.accept()
+    listener.close()
+    ours = ActivityStream(trio.SocketStream(trio.socket.from_stdlib_socket(server_side)))
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()  # SO_LINGER 0: the peer resets the connection
+    with pytest.raises(trio.BrokenResourceError):
+        await ours.receive_some(100)
+    await ours.aclose()
