@@ -140,15 +140,15 @@ async def test_websocket_reader_failure_drops_only_that_connection(monkeypatch):
         raise RuntimeError("reader bug")
 
     async with running_server() as server, raw_connect(server, "bob") as other:
-        # The reader binds its handlers when it starts: patch before the victim connects
-        # (its client side never receives a ping, so only the server's reader meets it).
-        monkeypatch.setattr(tws.WebSocketConnection, "_handle_ping_event", broken_ping)
         async with raw_connect(server, "alice") as victim:
-            monkeypatch.undo()
+            # Only a server-side reader meets it: clients never receive pings (and
+            # trio-websocket's own client reader bound its handlers when it started).
+            monkeypatch.setattr(tws.WebSocketConnection, "_handle_ping_event", broken_ping)
             with trio.move_on_after(2):
                 await victim.conn.ping(b"boom")  # never answered: the server drops it
             closed = await victim.wait_closed()
             assert closed.code == 1006
+            monkeypatch.undo()
         r = await other.request("ping", client_time_ms=1)
         assert body(r) == "pong"
         with trio.fail_after(2):

@@ -159,7 +159,9 @@ class Session:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 try:
-                    await self._run(nursery)
+                    if await self._open():
+                        self.server.register(self)
+                        await self._reader(nursery)
                 except TransportClosed as exc:
                     self._peer_closed(exc)
                 nursery.cancel_scope.cancel()
@@ -183,10 +185,12 @@ class Session:
                 },
             )
 
-    async def _run(self, nursery: trio.Nursery) -> None:
+    async def _open(self) -> bool:
+        """Hello -> Welcome: authenticate and attach to the user's actor; False when the
+        session ends here. (Its own frame: the Hello is not kept for the session's life.)"""
         hello = await self._receive_hello()
         if hello is None:
-            return
+            return False
         request_id, msg = hello
         try:
             identity = verify_token(
@@ -194,7 +198,7 @@ class Session:
             )
         except AuthError as exc:
             self._fail(request_id, Code.UNAUTHENTICATED, str(exc), CLOSE_AUTH_FAILED)
-            return
+            return False
         self.identity = identity
         self.device_id = msg.device_id[:128]
         state = SessionState(
@@ -225,8 +229,7 @@ class Session:
                 identity.role,
             )
         )
-        self.server.register(self)
-        await self._reader(nursery)
+        return True
 
     def _on_fatal(self, code: int, reason: str) -> None:
         self.request_close(code, reason, frames.error(0, Code.INTERNAL, reason))
@@ -324,9 +327,10 @@ class Session:
         service = self.identity.is_service
         # Concurrent service ops (a user session runs one op at a time and needs none).
         slots = trio.Semaphore(SERVICE_INFLIGHT_OPS) if service else None
+        msg: pb.ClientMessage | None = None
         while True:
-            data = await self.transport.receive()
-            msg = self._decode(data)
+            msg = None  # the last message is not kept while waiting for the next one
+            msg = self._decode(await self.transport.receive())
             if msg is None:
                 return
             if not service and not self._limiter.allow():

@@ -19,6 +19,9 @@ from typing import Any
 import trio
 import trio_websocket as tws
 from wsproto import ConnectionType, WSConnection
+from wsproto import events as wsevents
+from wsproto.connection import ConnectionState as WSState
+from wsproto.utilities import RemoteProtocolError
 
 from seqactor import _frames as frames
 from seqactor._session import CLOSE_GOING_AWAY, CLOSE_REPLACED, Session, TransportClosed
@@ -380,15 +383,64 @@ class Server:
         return True
 
 
-async def _ws_reader(conn: tws.WebSocketConnection) -> None:
-    """trio-websocket's reader task for one connection, in the server's connection nursery.
+# trio-websocket's reader dispatch: event type -> the connection's handler method's name.
+_WS_HANDLERS: dict[type[wsevents.Event], str] = {
+    wsevents.AcceptConnection: "_handle_accept_connection_event",
+    wsevents.BytesMessage: "_handle_message_event",
+    wsevents.CloseConnection: "_handle_close_connection_event",
+    wsevents.Ping: "_handle_ping_event",
+    wsevents.Pong: "_handle_pong_event",
+    wsevents.RejectConnection: "_handle_reject_connection_event",
+    wsevents.RejectData: "_handle_reject_data_event",
+    wsevents.Request: "_handle_request_event",
+    wsevents.TextMessage: "_handle_message_event",
+}
 
-    It ends by itself when the stream is closed (the connection's handler closes it when it
-    ends). An unexpected error must not end the server: it is logged and the connection
-    closed (the session then sees the connection closed, as when the peer goes away).
+
+async def _ws_reader(conn: tws.WebSocketConnection) -> None:
+    """trio-websocket's reader task for one server connection, in the server's connection
+    nursery.
+
+    The loop of ``WebSocketConnection._reader_task`` (trio-websocket 0.11-0.12), step for step,
+    minus its per-connection dict of nine bound handler methods (~1 KB a connection, held for
+    the connection's life): handlers are looked up per event. It ends by itself when the
+    stream is closed (the connection's handler closes it when it ends). An unexpected error
+    must not end the server: it is logged and the connection closed (the session then sees
+    the connection closed, as when the peer goes away).
     """
+    # noqa: SLF001 throughout: trio-websocket's own reader uses these the same way.
+    ws = conn._wsproto  # noqa: SLF001
     try:
-        await conn._reader_task()  # noqa: SLF001 - as wrap_server_stream starts it
+        async with conn._send_channel:  # noqa: SLF001 - closed: get_message ends
+            while conn._reader_running:  # noqa: SLF001
+                for event in ws.events():
+                    name = _WS_HANDLERS.get(type(event))
+                    if name is None:
+                        log.warning("%s received unknown event type: %r", conn, type(event))
+                        continue
+                    try:
+                        await getattr(conn, name)(event)
+                    except tws.ConnectionClosed:
+                        conn._reader_running = False  # noqa: SLF001
+                        break
+                try:
+                    data = await conn._stream.receive_some(  # noqa: SLF001
+                        conn._receive_buffer_size  # noqa: SLF001
+                    )
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    await conn._abort_web_socket()  # noqa: SLF001
+                    break
+                if not data:  # TCP closed (before the WebSocket did: an abnormal closure)
+                    if ws.state != WSState.CLOSED:
+                        await conn._abort_web_socket()  # noqa: SLF001
+                    break
+                if ws.state != WSState.CLOSED:
+                    try:
+                        ws.receive_data(data if isinstance(data, bytes) else bytes(data))
+                    except RemoteProtocolError as err:
+                        if err.event_hint:
+                            await conn._send(err.event_hint)  # noqa: SLF001
+                        await conn._close_stream()  # noqa: SLF001
     except Exception:
         log.exception("WebSocket reader failed; the connection is dropped")
         await trio.aclose_forcefully(conn._stream)  # noqa: SLF001
