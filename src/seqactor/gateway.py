@@ -65,19 +65,17 @@ class ActivityStream(trio.abc.Stream):
             size = DEFAULT_RECEIVE_BYTES if max_bytes is None else max_bytes
             if size < 1:
                 raise ValueError("max_bytes must be >= 1")
+            # (Never waits inside an ``except`` block: the exception and its traceback would
+            # be held for as long as the connection is idle.)
             await trio.lowlevel.checkpoint_if_cancelled()
-            try:
-                data = _read(tcp.fileno(), size)
-            except BlockingIOError:
-                while True:
+            got = _read(tcp.fileno(), size)
+            if got is None:
+                while got is None:
                     await trio.lowlevel.wait_readable(tcp.fileno())
-                    try:
-                        data = _read(tcp.fileno(), size)
-                        break
-                    except BlockingIOError:
-                        pass
+                    got = _read(tcp.fileno(), size)
             else:
                 await trio.lowlevel.cancel_shielded_checkpoint()
+            data = got
         self.last_rx = trio.current_time()
         return data
 
@@ -96,12 +94,13 @@ class ActivityStream(trio.abc.Stream):
         await self.inner.aclose()
 
 
-def _read(fd: int, size: int) -> bytes:
-    """One non-blocking read, errors as trio's streams report them."""
+def _read(fd: int, size: int) -> bytes | None:
+    """One non-blocking read (None: nothing to read yet), errors as trio's streams report
+    them."""
     try:
         return os.read(fd, size)
     except BlockingIOError:
-        raise
+        return None
     except OSError as exc:
         if exc.errno == errno.EBADF:
             raise trio.ClosedResourceError("this socket was already closed") from None
