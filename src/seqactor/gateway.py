@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import ssl
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -477,6 +478,41 @@ def _release_handshake(conn: tws.WebSocketConnection) -> None:
     ws.handshake = _OPEN_HANDSHAKE  # type: ignore[assignment]
     conn._open_handshake = _SET_EVENT  # noqa: SLF001
     conn._for_testing_peer_closed_connection = _SET_EVENT  # noqa: SLF001
+    _slim_queues(conn)
+
+
+class _SmallQueue(list[Any]):
+    """A FIFO for queues that stay short, without a deque's 64-slot block (~0.7 KB each).
+
+    It has what the two queues below are used with (append, popleft, len, truth, clear);
+    popping the head of a short list costs less than the memory a deque holds per queue.
+    """
+
+    __slots__ = ()
+
+    def popleft(self) -> Any:
+        return self.pop(0)
+
+
+def _slim_queues(conn: tws.WebSocketConnection) -> None:
+    """Swap the open connection's two deques for :class:`_SmallQueue` (contents kept).
+
+    * wsproto's ``Connection._events``: only ``append``, truth and ``popleft`` (wsproto 1.x);
+      it holds nothing but an abnormal-closure event (frames are parsed lazily in
+      ``events()``, whose generator re-reads the attribute on every step).
+    * trio's memory channel buffer (``MemoryChannelState.data``, trio 0.25+): ``append``,
+      ``popleft``, ``len``, truth, ``clear``; at most ``WS_MESSAGE_QUEUE`` messages.
+
+    A queue that is not the expected deque (another library version) is left alone.
+    """
+    connection = conn._wsproto.connection  # noqa: SLF001
+    events = getattr(connection, "_events", None)
+    if type(events) is deque:
+        connection._events = _SmallQueue(events)  # type: ignore[union-attr]  # noqa: SLF001
+    state = getattr(conn._recv_channel, "_state", None)  # noqa: SLF001
+    data = getattr(state, "data", None)
+    if type(data) is deque:
+        state.data = _SmallQueue(data)  # type: ignore[union-attr]
 
 
 def _peer_name(stream: Any) -> str:
