@@ -291,3 +291,42 @@ async def test_activity_stream_reads_like_trio_socket_stream():
     with pytest.raises(trio.BrokenResourceError):
         await ours.receive_some(100)
     await ours.aclose()
+
+
+async def test_no_task_outlives_its_connection(tmp_path):
+    """trio-websocket's reader runs in the server's connection nursery: however a connection
+    ends (client close, abrupt drop, server close, refused handshake; plain and TLS), its
+    tasks end with it."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    for tls in (False, True):
+        overrides = {"tls_cert": str(cert_file), "tls_key": str(key_file)} if tls else {}
+        async with running_server(**overrides) as server:
+            base = len(server._conns.child_tasks)  # the accept loop and the watchdog
+            url = f"{'wss' if tls else 'ws'}://127.0.0.1:{server.port}"
+            kw = {"ssl_context": ctx} if tls else {}
+            async with tws.open_websocket_url(url + "/v1", **kw) as conn:  # client closes
+                r = await RawClient(conn).request("hello", token=token("alice"))
+                assert body(r) == "welcome"
+                assert len(server._conns.child_tasks) == base + 2  # its handler and reader
+            async with trio.open_nursery() as n:  # abrupt drop
+                conn = await tws.connect_websocket_url(n, url + "/v1", **kw)
+                r = await RawClient(conn).request("hello", token=token("bob"))
+                assert body(r) == "welcome"
+                await trio.aclose_forcefully(conn._stream)
+                n.cancel_scope.cancel()
+            async with tws.open_websocket_url(url + "/v1", **kw) as conn:  # server closes
+                c = RawClient(conn)
+                await c.send(pb.ClientMessage(request_id=1, ping=pb.Ping()))  # before Hello
+                assert (await c.wait_closed()).code == 4001
+            with pytest.raises(tws.HandshakeError):  # refused at the handshake
+                async with tws.open_websocket_url(url + "/nowhere", **kw):
+                    pass
+            with trio.fail_after(3):
+                while server.connections or len(server._conns.child_tasks) != base:
+                    await trio.sleep(0.01)
