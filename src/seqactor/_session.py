@@ -153,9 +153,9 @@ class Session:
         code, reason = CLOSE_NORMAL, "closed"
         try:
             # The session's one nursery: its body reads (Hello, then ops), the writer and
-            # service ops are its children, and cancelling it ends the session. Nothing may
-            # leave the body but cancellation: an exception would come out of the nursery
-            # wrapped in an ExceptionGroup.
+            # service ops are its children, and cancelling it ends the session. The peer
+            # going away is handled in the body (and in the writer): out of the nursery it
+            # would come wrapped in an ExceptionGroup, not a quiet end.
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 try:

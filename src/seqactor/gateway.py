@@ -331,11 +331,12 @@ class Server:
         self.connections += 1
         self.metrics.connections.set(self.connections)
         peer = _peer_name(tcp)
-        stream: trio.abc.Stream = tcp
-        if self._ssl is not None:
-            stream = trio.SSLStream(tcp, self._ssl, server_side=True)
-        activity = ActivityStream(stream)
+        activity: trio.abc.Stream = tcp  # closed at the end (the wrapper once it exists)
         try:
+            stream: trio.abc.Stream = tcp
+            if self._ssl is not None:
+                stream = trio.SSLStream(tcp, self._ssl, server_side=True)
+            activity = ActivityStream(stream)
             conn = await self._upgrade(activity)
             if conn is not None:
                 await Session(self, WebSocketTransport(conn, activity), peer).run()
