@@ -88,7 +88,7 @@ def _observe(members: list[UserActor], out: tuple[Any, ...]) -> Any:
         row = t.row_of(KEY)
         state.append((
             None if row < 0 else (t.max_seq[row], t.time_ms[row], t.pos[row]),
-            a._wake.is_set(),
+            a._woken,
             [(dict(s.pending), s.shared) for s in a.sessions],
         ))
     return (

@@ -183,3 +183,37 @@ async def test_one_users_failure_never_stops_the_others_pushes(monkeypatch, nurs
         assert s.push_frame is not None or s.pending, f"{u} got nothing"
         assert row_values(hub, u, "g")[0] == 1
     assert closed == [("bad", 1011)]
+
+
+async def test_the_reply_queue_is_bounded_with_its_semaphore_made_on_demand():
+    """A session's reply queue takes ``reply_queue_frames`` replies, then put_reply waits until
+    the writer takes one; an idle session holds no semaphore for it."""
+    import trio
+
+    from seqactor.actor import SessionState
+
+    store = MemoryStore()
+    await store.open()
+    hub = Hub(store, Metrics())
+    limit = 4
+    s = SessionState("s1", "alice", "phone", limit, lambda code, reason: None, hub.counters)
+    s.start_writer = lambda: None  # a writer that is stuck: nothing drains the queue
+    assert s._reply_space is None  # never needed yet: not made
+    for i in range(limit):
+        with trio.fail_after(1):
+            await s.put_reply(b"r%d" % i)
+    assert len(s.replies) == limit and s.writer_running
+    done = trio.Event()
+
+    async def one_more() -> None:
+        await s.put_reply(b"late")
+        done.set()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(one_more)
+        await trio.sleep(0.05)
+        assert not done.is_set() and len(s.replies) == limit  # waits for room
+        assert s.next_frame() == (b"r0", False)
+        with trio.fail_after(1):
+            await done.wait()
+    assert s.replies == [b"r1", b"r2", b"r3", b"late"]

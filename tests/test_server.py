@@ -451,6 +451,38 @@ async def test_websocket_ping_frames_count_as_traffic():
             assert body(r) == "pong"
 
 
+async def test_an_open_connection_drops_its_handshake_and_still_works():
+    """Memory per idle session: wsproto's handshake machinery is released once the connection
+    is open; WebSocket pings are still answered, ops still flow, closing still handshakes."""
+    from seqactor.config import WS_MESSAGE_QUEUE
+    from seqactor.gateway import _OPEN_HANDSHAKE, _SmallQueue
+
+    async with running_server() as server:
+        async with raw_connect(server, "alice") as c:
+            (session,) = server.sessions
+            conn = session.transport.conn
+            assert conn._wsproto.handshake is _OPEN_HANDSHAKE
+            assert type(conn._wsproto.connection._events) is _SmallQueue
+            assert type(conn._recv_channel._state.data) is _SmallQueue
+            with trio.fail_after(2):
+                await c.conn.ping(b"still answered")
+            r = await c.request("ping", client_time_ms=2)
+            assert body(r) == "pong"
+            # A burst beyond the message queue: every op answered, in order.
+            burst = 6 * WS_MESSAGE_QUEUE
+            for i in range(burst):
+                await c.send(pb.ClientMessage(request_id=100 + i, ping=pb.Ping(client_time_ms=i)))
+            for i in range(burst):
+                r = await c.recv()
+                assert body(r) == "pong" and r.request_id == 100 + i
+            with trio.fail_after(2):
+                await c.conn.aclose(1000, "bye")
+            assert c.conn.closed is not None and c.conn.closed.code == 1000
+        with trio.fail_after(2):
+            while server.sessions or server.connections:
+                await trio.sleep(0.01)
+
+
 async def test_rate_limit_errors_then_4008():
     async with running_server(rate_limit_ops_per_s=5, rate_limit_burst_ops=5,
                               rate_limit_max_rejected=20) as server:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import socket
 import ssl
+import struct
 import urllib.request
 
+import pytest
 import trio
+import trio.testing
 import trio_websocket as tws
 import trustme
 
@@ -130,6 +133,29 @@ async def test_actor_failure_closes_only_that_users_sessions(monkeypatch):
             assert body(r) == "pong"
 
 
+async def test_websocket_reader_failure_drops_only_that_connection(monkeypatch):
+    """trio-websocket's reader runs in the server's connection nursery: a bug there must end
+    that connection (logged), never the server or other sessions."""
+    async def broken_ping(self, event):
+        raise RuntimeError("reader bug")
+
+    async with running_server() as server, raw_connect(server, "bob") as other:
+        async with raw_connect(server, "alice") as victim:
+            # Only a server-side reader meets it: clients never receive pings (and
+            # trio-websocket's own client reader bound its handlers when it started).
+            monkeypatch.setattr(tws.WebSocketConnection, "_handle_ping_event", broken_ping)
+            with trio.move_on_after(2):
+                await victim.conn.ping(b"boom")  # never answered: the server drops it
+            closed = await victim.wait_closed()
+            assert closed.code == 1006
+            monkeypatch.undo()
+        r = await other.request("ping", client_time_ms=1)
+        assert body(r) == "pong"
+        with trio.fail_after(2):
+            while server.connections != 1:  # the victim's handler ended too
+                await trio.sleep(0.01)
+
+
 async def test_connection_limit_refuses_clearly_and_recovers():
     async with running_server(max_connections=2) as server:
         async with raw_connect(server, "a"), raw_connect(server, "b"):
@@ -214,3 +240,93 @@ async def test_pings_while_a_frame_is_half_written_never_corrupt_the_stream():
             assert conn.closed is None  # no protocol error on the way
             await conn.aclose()
             nursery.cancel_scope.cancel()
+
+
+async def test_activity_stream_reads_like_trio_socket_stream():
+    """The gateway's direct read path: data, EOF, a reset, and closing while a read waits
+    behave as trio.SocketStream's receive_some (what trio-websocket's reader expects)."""
+    from seqactor.gateway import ActivityStream
+
+    a, b = trio.socket.socketpair()
+    ours = ActivityStream(trio.SocketStream(a))
+    peer = trio.SocketStream(b)
+    before = ours.last_rx
+    await peer.send_all(b"hello")
+    assert await ours.receive_some(3) == b"hel"
+    assert await ours.receive_some() == b"lo" and ours.last_rx >= before
+    with pytest.raises(ValueError):
+        await ours.receive_some(0)
+    async with trio.open_nursery() as n:
+        n.start_soon(peer.send_all, b"late")  # arrives while the read waits
+        assert await ours.receive_some(100) == b"late"
+    await peer.aclose()
+    assert await ours.receive_some(100) == b""  # EOF
+    got: list[BaseException] = []
+
+    async def reader() -> None:
+        try:
+            await ours.receive_some(100)
+        except trio.ClosedResourceError as exc:
+            got.append(exc)
+
+    c, d = trio.socket.socketpair()
+    ours = ActivityStream(trio.SocketStream(c))
+    async with trio.open_nursery() as n:
+        n.start_soon(reader)
+        await trio.testing.wait_all_tasks_blocked()
+        await ours.aclose()  # closed while the read waits
+    assert len(got) == 1
+    with pytest.raises(trio.ClosedResourceError):
+        await ours.receive_some(100)  # and after
+    d.close()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    client = socket.create_connection(listener.getsockname())
+    server_side, _ = listener.accept()
+    listener.close()
+    ours = ActivityStream(trio.SocketStream(trio.socket.from_stdlib_socket(server_side)))
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.close()  # SO_LINGER 0: the peer resets the connection
+    with pytest.raises(trio.BrokenResourceError):
+        await ours.receive_some(100)
+    await ours.aclose()
+
+
+async def test_no_task_outlives_its_connection(tmp_path):
+    """trio-websocket's reader runs in the server's connection nursery: however a connection
+    ends (client close, abrupt drop, server close, refused handshake; plain and TLS), its
+    tasks end with it."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    for tls in (False, True):
+        overrides = {"tls_cert": str(cert_file), "tls_key": str(key_file)} if tls else {}
+        async with running_server(**overrides) as server:
+            base = len(server._conns.child_tasks)  # the accept loop and the watchdog
+            url = f"{'wss' if tls else 'ws'}://127.0.0.1:{server.port}"
+            kw = {"ssl_context": ctx} if tls else {}
+            async with tws.open_websocket_url(url + "/v1", **kw) as conn:  # client closes
+                r = await RawClient(conn).request("hello", token=token("alice"))
+                assert body(r) == "welcome"
+                assert len(server._conns.child_tasks) == base + 2  # its handler and reader
+            async with trio.open_nursery() as n:  # abrupt drop
+                conn = await tws.connect_websocket_url(n, url + "/v1", **kw)
+                r = await RawClient(conn).request("hello", token=token("bob"))
+                assert body(r) == "welcome"
+                await trio.aclose_forcefully(conn._stream)
+                n.cancel_scope.cancel()
+            async with tws.open_websocket_url(url + "/v1", **kw) as conn:  # server closes
+                c = RawClient(conn)
+                await c.send(pb.ClientMessage(request_id=1, ping=pb.Ping()))  # before Hello
+                assert (await c.wait_closed()).code == 4001
+            with pytest.raises(tws.HandshakeError):  # refused at the handshake
+                async with tws.open_websocket_url(url + "/nowhere", **kw):
+                    pass
+            with trio.fail_after(3):
+                while server.connections or len(server._conns.child_tasks) != base:
+                    await trio.sleep(0.01)

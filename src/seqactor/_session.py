@@ -67,6 +67,8 @@ class Transport(Protocol):
 class RateLimiter:
     """Token bucket: ``rate`` ops/s with a burst of ``burst``."""
 
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
     def __init__(self, rate: float, burst: int) -> None:
         self.rate = rate
         self.burst = float(burst)
@@ -88,6 +90,11 @@ def _store_error_code(exc: StoreError) -> int:
 
 
 class Session:
+    __slots__ = (
+        "server", "cfg", "transport", "peer", "identity", "state", "actor", "session_id",
+        "device_id", "opened", "_close", "_peer_gone", "_limiter", "_rejected", "_nursery",
+    )
+
     def __init__(self, server: Server, transport: Transport, peer: str) -> None:
         self.server = server
         self.cfg = server.config
@@ -99,12 +106,12 @@ class Session:
         self.session_id = secrets.token_hex(8)
         self.device_id = ""
         self.opened = time.monotonic()
-        self._scope = trio.CancelScope()
         self._close: tuple[int, str, bytes | None] | None = None
         self._peer_gone: tuple[int, str] | None = None
         self._limiter = RateLimiter(self.cfg.rate_limit_ops_per_s, self.cfg.rate_limit_burst_ops)
         self._rejected = 0
-        self._service_slots = trio.Semaphore(SERVICE_INFLIGHT_OPS)
+        # The session's nursery while it runs (writer, service ops); its cancel scope is the
+        # session's: cancelling it ends the session.
         self._nursery: trio.Nursery | None = None
 
     # ------------------------------------------------------------------ closing
@@ -112,7 +119,11 @@ class Session:
         """End the session: optionally write ``final_frame``, then close with ``code``."""
         if self._close is None:
             self._close = (code, reason, final_frame)
-        self._scope.cancel()
+        self._cancel()
+
+    def _cancel(self) -> None:
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
 
     async def _finish(self) -> tuple[int, str]:
         code, reason, final = self._close or (CLOSE_NORMAL, "closed", None)
@@ -127,22 +138,37 @@ class Session:
         return code, reason
 
     # ------------------------------------------------------------------ main
-    async def _guard(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
-        """Run a session task; the peer going away ends the whole session quietly."""
+    def _peer_closed(self, exc: TransportClosed) -> None:
+        """The peer going away ends the whole session quietly."""
+        self._peer_gone = (exc.code or 1006, exc.reason or "peer closed")
+        self._cancel()
+
+    async def _guarded_writer(self) -> None:
         try:
-            await fn(*args)
+            await self._writer()
         except TransportClosed as exc:
-            self._peer_gone = (exc.code or 1006, exc.reason or "peer closed")
-            self._scope.cancel()
+            self._peer_closed(exc)
 
     async def run(self) -> None:
         code, reason = CLOSE_NORMAL, "closed"
         try:
-            with self._scope:
-                await self._guard(self._run)
+            # The session's one nursery: its body reads (Hello, then ops), the writer and
+            # service ops are its children, and cancelling it ends the session. The peer
+            # going away is handled in the body (and in the writer): out of the nursery it
+            # would come wrapped in an ExceptionGroup, not a quiet end.
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                try:
+                    if await self._open():
+                        self.server.register(self)
+                        await self._reader(nursery)
+                except TransportClosed as exc:
+                    self._peer_closed(exc)
+                nursery.cancel_scope.cancel()
         finally:
             # Leave the actor first: from here on no push may reach this session (its
             # nursery is gone, so it could not start a writer any more).
+            self._nursery = None
             self._detach()
             if self._peer_gone is not None and self._close is None:
                 code, reason = self._peer_gone
@@ -159,10 +185,12 @@ class Session:
                 },
             )
 
-    async def _run(self) -> None:
+    async def _open(self) -> bool:
+        """Hello -> Welcome: authenticate and attach to the user's actor; False when the
+        session ends here. (Its own frame: the Hello is not kept for the session's life.)"""
         hello = await self._receive_hello()
         if hello is None:
-            return
+            return False
         request_id, msg = hello
         try:
             identity = verify_token(
@@ -170,7 +198,7 @@ class Session:
             )
         except AuthError as exc:
             self._fail(request_id, Code.UNAUTHENTICATED, str(exc), CLOSE_AUTH_FAILED)
-            return
+            return False
         self.identity = identity
         self.device_id = msg.device_id[:128]
         state = SessionState(
@@ -198,9 +226,6 @@ class Session:
                 "platform": msg.platform[:64], "client_version": msg.client_version[:64],
             },
         )
-        # Sent before the nursery opens: a peer gone by now raises TransportClosed, which
-        # _guard turns into a quiet end. Inside the nursery it would arrive wrapped in an
-        # ExceptionGroup, pass _guard, and take the whole server down.
         await self.transport.send(
             frames.welcome(
                 request_id, identity.user_id, self.session_id,
@@ -208,14 +233,7 @@ class Session:
                 identity.role,
             )
         )
-        try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                self.server.register(self)
-                await self._guard(self._reader, nursery)
-                nursery.cancel_scope.cancel()
-        finally:
-            self._nursery = None
+        return True
 
     def _on_fatal(self, code: int, reason: str) -> None:
         self.request_close(code, reason, frames.error(0, Code.INTERNAL, reason))
@@ -277,7 +295,7 @@ class Session:
             # The session is ending: output is dropped, and ``writer_running`` stays set so
             # nothing else tries to write to it either.
             return
-        self._nursery.start_soon(self._guard, self._writer)
+        self._nursery.start_soon(self._guarded_writer)
 
     async def _writer(self) -> None:
         """Drain the outbox, then end (the session starts a writer again when needed)."""
@@ -298,7 +316,7 @@ class Session:
                         await transport.send(frame)
                 if cs.cancelled_caught:
                     self._close = (CLOSE_GOING_AWAY, "write timeout", None)
-                    self._scope.cancel()
+                    self._cancel()
                     return
                 if not raw:
                     counters.frames_sent += 1
@@ -311,9 +329,12 @@ class Session:
     async def _reader(self, nursery: trio.Nursery) -> None:
         assert self.identity is not None and self.state is not None
         service = self.identity.is_service
+        # Concurrent service ops (a user session runs one op at a time and needs none).
+        slots = trio.Semaphore(SERVICE_INFLIGHT_OPS) if service else None
+        msg: pb.ClientMessage | None = None
         while True:
-            data = await self.transport.receive()
-            msg = self._decode(data)
+            msg = None  # the last message is not kept while waiting for the next one
+            msg = self._decode(await self.transport.receive())
             if msg is None:
                 return
             if not service and not self._limiter.allow():
@@ -333,14 +354,14 @@ class Session:
             # rate gets a token now and then, and must still reach the limit and be closed.
             if self._rejected:
                 self._rejected -= 1
-            if service:
-                await self._service_slots.acquire()
-                nursery.start_soon(self._run_op, msg, True)
+            if slots is not None:
+                await slots.acquire()
+                nursery.start_soon(self._run_op, msg, slots)
             else:
-                await self._run_op(msg, False)
+                await self._run_op(msg, None)
 
     # ------------------------------------------------------------------ ops
-    async def _run_op(self, msg: pb.ClientMessage, release_slot: bool) -> None:
+    async def _run_op(self, msg: pb.ClientMessage, slots: trio.Semaphore | None) -> None:
         state = self.state
         assert state is not None
         kind = msg.WhichOneof("body") or "none"
@@ -361,8 +382,8 @@ class Session:
             reply = frames.error(rid, Code.INTERNAL, "internal error")
             result = "INTERNAL"
         finally:
-            if release_slot:
-                self._service_slots.release()
+            if slots is not None:
+                slots.release()
         m = self.server.metrics
         m.ops.labels(kind, result).inc()
         m.op_latency.labels(kind).observe(time.perf_counter() - started)

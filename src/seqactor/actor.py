@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from array import array
-from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -44,8 +43,8 @@ class SessionState:
     __slots__ = (
         "subscribed_all", "fd", "writer_running", "background", "pending", "pending_removed",
         "subscribed", "session_id", "user_id", "device_id", "shared", "inflight_reads",
-        "replies", "reply_space", "push_frame", "rest_held", "direct", "wire", "hold",
-        "start_writer", "counters", "on_fatal",
+        "replies", "reply_queue_frames", "_reply_space", "push_frame", "rest_held", "direct",
+        "wire", "hold", "start_writer", "counters", "on_fatal",
     )
 
     def __init__(
@@ -62,8 +61,12 @@ class SessionState:
         self.pending_removed: set[str] = set()
         self.shared: tuple[bytes, bytes] | None = None  # (frame with token, without) from the hub
         self.inflight_reads: dict[int, int] = {}
-        self.replies: deque[bytes] = deque()
-        self.reply_space = trio.Semaphore(reply_queue_frames)
+        # Replies waiting for the writer, at most ``reply_queue_frames`` (a short list: popping
+        # its head is cheaper than a deque's 600-byte block per session). The semaphore that
+        # bounds it is made when the first reply has to queue: most sessions never need it.
+        self.replies: list[bytes] = []
+        self.reply_queue_frames = reply_queue_frames
+        self._reply_space: trio.Semaphore | None = None
         self.push_frame: bytes | None = None  # a ServerMessage for the writer to frame and send
         self.rest_held = False  # the transport holds the unsent rest of a direct write
         self.writer_running = False
@@ -165,7 +168,10 @@ class SessionState:
         """A reply: now if possible, else queued (waits while the reply queue is full)."""
         if self._write_now(frame):
             return
-        await self.reply_space.acquire()
+        space = self._reply_space
+        if space is None:
+            space = self._reply_space = trio.Semaphore(self.reply_queue_frames)
+        await space.acquire()
         self.replies.append(frame)
         self.kick()
 
@@ -180,8 +186,9 @@ class SessionState:
             frame, self.push_frame = self.push_frame, None
             return frame, False
         if self.replies:
-            self.reply_space.release()
-            return self.replies.popleft(), False
+            assert self._reply_space is not None  # made by the put_reply that queued it
+            self._reply_space.release()
+            return self.replies.pop(0), False
         return None
 
 
@@ -228,8 +235,8 @@ class UserActor:
     """The actor of one online user. Created and retired by the hub."""
 
     __slots__ = (  # the fan-out reads the first two per member
-        "table", "sessions", "hub", "user_id", "loaded", "ready", "backlog", "_wake", "_cancel",
-        "failed",
+        "table", "sessions", "hub", "user_id", "loaded", "ready", "backlog", "_woken", "_parked",
+        "_retired", "failed",
     )
 
     def __init__(self, hub: Hub, user_id: str) -> None:
@@ -238,10 +245,15 @@ class UserActor:
         self.table = ViewTable()
         self.sessions: list[SessionState] = []
         self.loaded = False
-        self.ready = trio.Event()  # set when loading finished (or failed)
+        # Set when loading finished (or failed), then dropped: None = ready (an idle online
+        # user holds no Event for it).
+        self.ready: trio.Event | None = trio.Event()
         self.backlog: list[object] = []  # changes that arrived while the view was loading
-        self._wake = trio.Event()
-        self._cancel = trio.CancelScope()
+        # Wake-ups without a trio.Event (an Event, its set and Event.wait's frame and closure
+        # cost ~0.6 KB per online user): the task parks itself and wake() reschedules it.
+        self._woken = False  # a wake-up is due: the task runs its loop once more
+        self._parked: trio.lowlevel.Task | None = None  # the task, while parked
+        self._retired = False  # the task ends at its next wake-up (no cancel scope per actor)
         self.failed: BaseException | None = None
 
     # ---------------------------------------------------------------- loading
@@ -257,7 +269,18 @@ class UserActor:
 
     # ---------------------------------------------------------------- hub callbacks
     def wake(self) -> None:
-        self._wake.set()
+        if self._woken:
+            return
+        self._woken = True
+        task = self._parked
+        if task is not None:
+            self._parked = None
+            trio.lowlevel.reschedule(task)
+
+    def _unpark(self, raise_cancel: object) -> trio.lowlevel.Abort:
+        """Cancelled while parked (the server is stopping)."""
+        self._parked = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
     def _mark_all(self, key_id: int, mask: int, shared: tuple[bytes, bytes] | None = None) -> None:
         marked = False
@@ -272,7 +295,7 @@ class UserActor:
                 s.mark(key_id, mask, shared)
                 marked = True
         if marked:
-            self._wake.set()
+            self.wake()
 
     def on_max(
         self, key_id: int, max_seq: int, time_ms: int, pos: int,
@@ -328,7 +351,7 @@ class UserActor:
                 s.mark(key_id, FIELD_ALL)
                 marked = True
         if marked:
-            self._wake.set()
+            self.wake()
 
     def on_freeze(self, key_id: int, pos: int) -> None:
         t = self.table
@@ -349,7 +372,7 @@ class UserActor:
                 s.pending_removed.add(conversation_id)
                 marked = True
         if marked:
-            self._wake.set()
+            self.wake()
 
     # ---------------------------------------------------------------- encoding
     def token(self) -> bytes:
@@ -399,16 +422,22 @@ class UserActor:
 
     # ---------------------------------------------------------------- task
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        with self._cancel:
-            task_status.started()
-            try:
-                while True:
-                    await self._wake.wait()
-                    self._wake = trio.Event()
-                    self.flush()
-                    await trio.lowlevel.checkpoint()
-            except Exception as exc:  # an actor's failure ends its user's sessions only
-                self.fail(exc)
+        task_status.started()
+        # The status object holds the nursery ``start`` used (closed by now, with its cancel
+        # status): keeping it in this frame for the actor's lifetime would cost ~1 KB a user.
+        del task_status
+        try:
+            while True:
+                if not self._woken:
+                    self._parked = trio.lowlevel.current_task()
+                    await trio.lowlevel.wait_task_rescheduled(self._unpark)
+                self._woken = False
+                if self._retired:
+                    return
+                self.flush()
+                await trio.lowlevel.checkpoint()
+        except Exception as exc:  # an actor's failure ends its user's sessions only
+            self.fail(exc)
 
     def fail(self, exc: BaseException) -> None:
         """Log the failure and end this user's sessions (Error INTERNAL, close 1011)."""
@@ -421,4 +450,6 @@ class UserActor:
             s.on_fatal(1011, "internal error")
 
     def retire(self) -> None:
-        self._cancel.cancel()
+        """End the task: it returns at its next wake-up, before flushing anything."""
+        self._retired = True
+        self.wake()

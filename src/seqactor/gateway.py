@@ -9,14 +9,20 @@ WebSocket frames under trio-websocket's stream lock, so the per-recipient path i
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import ssl
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import trio
 import trio_websocket as tws
+from wsproto import ConnectionType, WSConnection
+from wsproto import events as wsevents
+from wsproto.connection import ConnectionState as WSState
+from wsproto.utilities import RemoteProtocolError
 
 from seqactor import _frames as frames
 from seqactor._session import CLOSE_GOING_AWAY, CLOSE_REPLACED, Session, TransportClosed
@@ -30,6 +36,7 @@ log = logging.getLogger("seqactor.gateway")
 WATCHDOG_TICK_S = 1.0  # how often idle sessions are looked for (at most)
 WATCHDOG_MIN_TICK_S = 0.01
 CLOSE_FRAME_FIRST_BYTE = 0x88  # FIN + opcode 8: a server's unmasked Close frame starts with it
+DEFAULT_RECEIVE_BYTES = 65_536  # a read without a size asks for this many (trio's default)
 
 
 class DirectSink(Protocol):
@@ -50,6 +57,10 @@ class ActivityStream(trio.abc.Stream):
     copied to ``sink.fd`` (the session's state), which the fan-out reads per recipient.
     """
 
+    __slots__ = (
+        "inner", "last_rx", "held", "_tcp", "_fd_open", "_sending", "_closing", "fd", "sink",
+    )
+
     def __init__(self, inner: trio.abc.Stream) -> None:
         self.inner = inner
         self.last_rx = trio.current_time()
@@ -57,8 +68,10 @@ class ActivityStream(trio.abc.Stream):
         # other byte, whoever writes next (our writer, or trio-websocket answering a ping),
         # so frames never interleave on the wire.
         self.held: bytes | None = None
+        # A plain TCP stream's trio socket: read here directly (see receive_some).
+        self._tcp = inner.socket if isinstance(inner, trio.SocketStream) else None
         # Direct writes need the plain socket (TLS bytes go through the SSL stream).
-        self._fd_open = inner.socket.fileno() if isinstance(inner, trio.SocketStream) else -1
+        self._fd_open = self._tcp.fileno() if self._tcp is not None else -1
         self._sending = False
         self._closing = False  # a Close frame went out (or the stream closed): no more frames
         self.fd = self._fd_open
@@ -81,7 +94,29 @@ class ActivityStream(trio.abc.Stream):
         self._publish()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        data = await self.inner.receive_some(max_bytes)
+        tcp = self._tcp
+        if tcp is None:
+            data: bytes | bytearray = await self.inner.receive_some(max_bytes)
+        else:
+            # What trio.SocketStream.receive_some does (try now, else wait until readable;
+            # the same checkpoints and error translation), in this one frame: every idle
+            # connection waits here, and trio's path holds four more frames and a context
+            # manager while waiting (~1 KB a connection). The descriptor is read at every
+            # attempt: a closed socket answers -1 (EBADF), never a reused number.
+            size = DEFAULT_RECEIVE_BYTES if max_bytes is None else max_bytes
+            if size < 1:
+                raise ValueError("max_bytes must be >= 1")
+            # (Never waits inside an ``except`` block: the exception and its traceback would
+            # be held for as long as the connection is idle.)
+            await trio.lowlevel.checkpoint_if_cancelled()
+            got = _read(tcp.fileno(), size)
+            if got is None:
+                while got is None:
+                    await trio.lowlevel.wait_readable(tcp.fileno())
+                    got = _read(tcp.fileno(), size)
+            else:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            data = got
         self.last_rx = trio.current_time()
         return data
 
@@ -111,8 +146,23 @@ class ActivityStream(trio.abc.Stream):
         await self.inner.aclose()
 
 
+def _read(fd: int, size: int) -> bytes | None:
+    """One non-blocking read (None: nothing to read yet), errors as trio's streams report
+    them."""
+    try:
+        return os.read(fd, size)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.EBADF:
+            raise trio.ClosedResourceError("this socket was already closed") from None
+        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+
+
 class WebSocketTransport:
     """A session's view of one trio-websocket connection."""
+
+    __slots__ = ("conn", "stream", "_lock")
 
     def __init__(self, conn: tws.WebSocketConnection, stream: ActivityStream) -> None:
         self.conn = conn
@@ -212,6 +262,7 @@ class Server:
         self.stopping = False
         self._stop = trio.Event()
         self._accepting = trio.CancelScope()
+        self._conns: trio.Nursery | None = None  # connection handlers and WebSocket readers
         self._ssl: ssl.SSLContext | None = None
         if config.tls_cert and config.tls_key:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -259,6 +310,7 @@ class Server:
                 self.hub.nursery = actors
                 actors.start_soon(self.hub.run_fanout)
                 async with trio.open_nursery() as conns:
+                    self._conns = conns
                     self.listeners = await trio.open_tcp_listeners(
                         self.config.port, host=self.config.host
                     )
@@ -306,56 +358,199 @@ class Server:
         conns.cancel_scope.cancel()
 
     async def _handle(self, tcp: trio.abc.Stream) -> None:
+        """One connection, in the task trio's listener started for it.
+
+        Per-session memory is mostly trio's and trio-websocket's per-connection objects, so
+        this path keeps them few: no nursery of its own (trio-websocket's reader runs in the
+        server's connection nursery, guarded), the session's nursery doubles as its cancel
+        scope, and the handshake's objects are dropped once the connection is open.
+        """
         self.connections += 1
         self.metrics.connections.set(self.connections)
-        try:
-            await self._handle_connection(tcp)
-        except Exception:  # last resort: one connection's bug must not end the server
-            log.exception("connection handler failed; the connection is dropped")
-        finally:
-            self.connections -= 1
-            self.metrics.connections.set(self.connections)
-
-    async def _handle_connection(self, tcp: trio.abc.Stream) -> None:
         peer = _peer_name(tcp)
-        stream: trio.abc.Stream = tcp
-        if self._ssl is not None:
-            stream = trio.SSLStream(tcp, self._ssl, server_side=True)
-        activity = ActivityStream(stream)
+        activity: trio.abc.Stream = tcp  # closed at the end (the wrapper once it exists)
         try:
-            async with trio.open_nursery() as nursery:
-                with trio.move_on_after(HANDSHAKE_TIMEOUT_S) as cs:
-                    request = await tws.wrap_server_stream(
-                        nursery, activity, message_queue_size=WS_MESSAGE_QUEUE,
-                        max_message_size=self.config.max_frame_bytes,
-                    )
-                    conn = await self._accept(request)
-                if cs.cancelled_caught or conn is None:
-                    nursery.cancel_scope.cancel()
-                    return
-                session = Session(self, WebSocketTransport(conn, activity), peer)
-                await session.run()
-                nursery.cancel_scope.cancel()
+            stream: trio.abc.Stream = tcp
+            if self._ssl is not None:
+                stream = trio.SSLStream(tcp, self._ssl, server_side=True)
+            activity = ActivityStream(stream)
+            conn = await self._upgrade(activity)
+            if conn is not None:
+                await Session(self, WebSocketTransport(conn, activity), peer).run()
         except (trio.BrokenResourceError, trio.ClosedResourceError, tws.ConnectionClosed,
                 tws.HandshakeError, ssl.SSLError) as exc:
             log.debug("connection from %s ended during handshake: %r", peer, exc)
+        except Exception:  # last resort: one connection's bug must not end the server
+            log.exception("connection handler failed; the connection is dropped")
         finally:
+            # Also ends trio-websocket's reader task: its receive_some fails on a closed stream.
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(activity)
+            self.connections -= 1
+            self.metrics.connections.set(self.connections)
 
-    async def _accept(self, request: tws.WebSocketRequest) -> tws.WebSocketConnection | None:
+    async def _upgrade(self, activity: ActivityStream) -> tws.WebSocketConnection | None:
+        """The WebSocket handshake (what ``tws.wrap_server_stream`` does, with the reader task
+        in the server's connection nursery); None when refused or timed out."""
+        conn = tws.WebSocketConnection(
+            activity, WSConnection(ConnectionType.SERVER), message_queue_size=WS_MESSAGE_QUEUE,
+            max_message_size=self.config.max_frame_bytes,
+        )
+        assert self._conns is not None
+        self._conns.start_soon(_ws_reader, conn)
+        with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
+            request = await conn._get_request()  # noqa: SLF001 - as wrap_server_stream does
+            if await self._accept(request):
+                _release_handshake(conn)
+                return conn
+        return None
+
+    async def _accept(self, request: tws.WebSocketRequest) -> bool:
         if request.path.split("?", 1)[0] != WS_PATH:
             await request.reject(404, body=f"not found; the WebSocket path is {WS_PATH}\n".encode())
-            return None
+            return False
         if self.stopping:
             await request.reject(503, body=b"server shutting down\n")
-            return None
+            return False
         # Every open connection counts (this one included), authenticated or not: connections
         # that never say Hello hold descriptors too.
         if self.connections > self.config.max_connections:
             await request.reject(503, body=b"connection limit reached; retry later\n")
-            return None
-        return await request.accept()
+            return False
+        await request.accept()
+        return True
+
+
+# trio-websocket's reader dispatch: event type -> the connection's handler method's name.
+_WS_HANDLERS: dict[type[wsevents.Event], str] = {
+    wsevents.AcceptConnection: "_handle_accept_connection_event",
+    wsevents.BytesMessage: "_handle_message_event",
+    wsevents.CloseConnection: "_handle_close_connection_event",
+    wsevents.Ping: "_handle_ping_event",
+    wsevents.Pong: "_handle_pong_event",
+    wsevents.RejectConnection: "_handle_reject_connection_event",
+    wsevents.RejectData: "_handle_reject_data_event",
+    wsevents.Request: "_handle_request_event",
+    wsevents.TextMessage: "_handle_message_event",
+}
+
+
+async def _ws_reader(conn: tws.WebSocketConnection) -> None:
+    """trio-websocket's reader task for one server connection, in the server's connection
+    nursery.
+
+    The loop of ``WebSocketConnection._reader_task`` (trio-websocket 0.11-0.12), step for step,
+    minus its per-connection dict of nine bound handler methods (~1 KB a connection, held for
+    the connection's life): handlers are looked up per event. It ends by itself when the
+    stream is closed (the connection's handler closes it when it ends). An unexpected error
+    must not end the server: it is logged and the connection closed (the session then sees
+    the connection closed, as when the peer goes away).
+    """
+    # noqa: SLF001 throughout: trio-websocket's own reader uses these the same way.
+    ws = conn._wsproto  # noqa: SLF001
+    try:
+        async with conn._send_channel:  # noqa: SLF001 - closed: get_message ends
+            while conn._reader_running:  # noqa: SLF001
+                for event in ws.events():
+                    name = _WS_HANDLERS.get(type(event))
+                    if name is None:
+                        log.warning("%s received unknown event type: %r", conn, type(event))
+                        continue
+                    try:
+                        await getattr(conn, name)(event)
+                    except tws.ConnectionClosed:
+                        conn._reader_running = False  # noqa: SLF001
+                        break
+                try:
+                    data = await conn._stream.receive_some(  # noqa: SLF001
+                        conn._receive_buffer_size  # noqa: SLF001
+                    )
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    await conn._abort_web_socket()  # noqa: SLF001
+                    break
+                if not data:  # TCP closed (before the WebSocket did: an abnormal closure)
+                    if ws.state != WSState.CLOSED:
+                        await conn._abort_web_socket()  # noqa: SLF001
+                    break
+                if ws.state != WSState.CLOSED:
+                    try:
+                        ws.receive_data(data if isinstance(data, bytes) else bytes(data))
+                    except RemoteProtocolError as err:
+                        if err.event_hint:
+                            await conn._send(err.event_hint)  # noqa: SLF001
+                        await conn._close_stream()  # noqa: SLF001
+    except Exception:
+        log.exception("WebSocket reader failed; the connection is dropped")
+        await trio.aclose_forcefully(conn._stream)  # noqa: SLF001
+
+
+class _OpenHandshake:
+    """Stands in for wsproto's handshake object once the connection is open.
+
+    ``WSConnection`` asks its handshake for events on every ``events()`` call; once open, the
+    handshake has none left (the upgrade request was taken before the accept, and bytes that
+    followed it went to the connection with the accept), and nothing else of it is used.
+    """
+
+    __slots__ = ()
+
+    def events(self) -> Iterator[object]:
+        return iter(())
+
+
+_OPEN_HANDSHAKE = _OpenHandshake()
+_SET_EVENT = trio.Event()
+_SET_EVENT.set()
+
+
+def _release_handshake(conn: tws.WebSocketConnection) -> None:
+    """Drop what only the handshake needed (~2.5 KB a connection: wsproto's h11 machinery and
+    its event queue, two trio Events). Checked against trio-websocket 0.11-0.12 and wsproto 1.x
+    (the versions pyproject allows): once the server has accepted, ``_open_handshake`` is only
+    waited on by client-side connects, ``_for_testing_peer_closed_connection`` is only set
+    (never waited on) by the library, and the handshake object only yields events.
+    """
+    ws = conn._wsproto  # noqa: SLF001
+    if ws.connection is None or not conn._open_handshake.is_set():  # noqa: SLF001
+        return  # not open after all: leave everything as the library made it
+    ws.handshake = _OPEN_HANDSHAKE  # type: ignore[assignment]
+    conn._open_handshake = _SET_EVENT  # noqa: SLF001
+    conn._for_testing_peer_closed_connection = _SET_EVENT  # noqa: SLF001
+    _slim_queues(conn)
+
+
+class _SmallQueue(list[Any]):
+    """A FIFO for queues that stay short, without a deque's 64-slot block (~0.7 KB each).
+
+    It has what the two queues below are used with (append, popleft, len, truth, clear);
+    popping the head of a short list costs less than the memory a deque holds per queue.
+    """
+
+    __slots__ = ()
+
+    def popleft(self) -> Any:
+        return self.pop(0)
+
+
+def _slim_queues(conn: tws.WebSocketConnection) -> None:
+    """Swap the open connection's two deques for :class:`_SmallQueue` (contents kept).
+
+    * wsproto's ``Connection._events``: only ``append``, truth and ``popleft`` (wsproto 1.x);
+      it holds nothing but an abnormal-closure event (frames are parsed lazily in
+      ``events()``, whose generator re-reads the attribute on every step).
+    * trio's memory channel buffer (``MemoryChannelState.data``, trio 0.25+): ``append``,
+      ``popleft``, ``len``, truth, ``clear``; at most ``WS_MESSAGE_QUEUE`` messages.
+
+    A queue that is not the expected deque (another library version) is left alone.
+    """
+    connection = conn._wsproto.connection  # noqa: SLF001
+    events = getattr(connection, "_events", None)
+    if type(events) is deque:
+        connection._events = _SmallQueue(events)  # type: ignore[union-attr]  # noqa: SLF001
+    state = getattr(conn._recv_channel, "_state", None)  # noqa: SLF001
+    data = getattr(state, "data", None)
+    if type(data) is deque:
+        state.data = _SmallQueue(data)  # type: ignore[union-attr]
 
 
 def _peer_name(stream: Any) -> str:

@@ -86,7 +86,10 @@ class Hub:
         """
         actor = self.actors.get(user_id)
         if actor is not None:
-            await actor.ready.wait()
+            if actor.ready is not None:
+                await actor.ready.wait()
+            else:
+                await trio.lowlevel.checkpoint()
             if actor.failed is None and self.actors.get(user_id) is actor:
                 if session is not None:
                     actor.sessions.append(session)
@@ -108,7 +111,9 @@ class Hub:
             raise
         finally:
             self._loading.discard(actor)
-            actor.ready.set()
+            ready, actor.ready = actor.ready, None
+            assert ready is not None
+            ready.set()
         for key_id, frozen in zip(actor.table.keys, actor.table.frozen, strict=True):
             if not frozen:
                 self.index.setdefault(key_id, set()).add(actor)

@@ -1,0 +1,319 @@
+"""Memory per idle session (issue #4): server RSS per session, and what one session holds.
+
+Usage (from the repo root)::
+
+    .venv/bin/python bench/memory.py [--sessions N] [--top K] [--out FILE]
+
+N users are added to one group by a service connection (``AddMembers``), then each opens a
+session (Hello, GetSequences snapshot, Subscribe{all}) from client processes
+(``bench/_fanout_client.py``, the fan-out benchmark's; client memory never counts). Two runs:
+
+* **RSS**: a ``seqactor serve`` subprocess (``memory://`` store), measured exactly as
+  ``bench/fanout.py`` does: (VmRSS with N idle sessions - VmRSS before they connected) / N,
+  each read after a settle pause.
+* **tracemalloc**: the server in this process with ``tracemalloc`` on; a snapshot before the
+  sessions connect and one after (both after ``gc.collect()``), compared by allocation line.
+  The difference / N is the Python-heap bytes one idle session holds, by file:line (top K)
+  and by component (the file's package: trio-websocket, wsproto, h11, trio, seqactor ...).
+  The driver's own connections are made before the first snapshot, so they do not count.
+
+The two figures differ by what the allocator keeps around: freed blocks (handshake buffers,
+transient objects) that stay in pymalloc arenas or malloc's free lists count in RSS only.
+
+Prints a table and writes ``bench/results/memory.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import trio
+import trio_websocket as tws
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fanout import (  # noqa: E402 - the fan-out benchmark's process helpers
+    ADD_MEMBERS_CHUNK,
+    CLIENT,
+    GOAL_RSS_PER_SESSION_KB,
+    GROUP,
+    HEARTBEAT_INTERVAL_S,
+    SERVER_START_TIMEOUT_S,
+    Backend,
+    Child,
+    call_all,
+    rss_kb,
+    stop_process,
+    user_ranges,
+)
+
+from seqactor._kernel import COMPILED  # noqa: E402
+from seqactor._proto import seqactor_pb2 as pb  # noqa: E402
+from seqactor.auth import issue_token  # noqa: E402
+from seqactor.config import ServerConfig  # noqa: E402
+from seqactor.gateway import Server  # noqa: E402
+from seqactor.store import open_store  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "memory.json"
+
+DEFAULT_SESSIONS = 2_000
+DEFAULT_TOP = 25
+CLIENT_PROCESSES = 2
+CONNECT_CONCURRENCY = 200  # handshakes in flight, all client processes together
+NO_SAMPLING = 1 << 30  # sample_every for the clients: no session records pushes
+SETTLE_S = 2.0  # pause before each RSS read / snapshot
+TRACE_FRAMES = 1  # frames per traceback: group by the allocating line
+CONNECT_TIMEOUT_S = 600.0
+
+
+async def _backend(
+    nursery: trio.Nursery, port: int, secret: bytes, members: int,
+) -> Backend:
+    """A service connection that added ``members`` users to the group."""
+    conn = await tws.connect_websocket(
+        nursery, "127.0.0.1", port, "/v1", use_ssl=False, message_queue_size=4096,
+    )
+    backend = Backend(conn)
+    nursery.start_soon(backend.reader)
+    tok = issue_token(secret, "backend", role="service", ttl_s=3600)
+    r = await backend.request(pb.ClientMessage(hello=pb.Hello(token=tok)))
+    assert r.WhichOneof("body") == "welcome", r
+    for first in range(0, members, ADD_MEMBERS_CHUNK):
+        ids = [f"u{i:06d}" for i in range(first, min(members, first + ADD_MEMBERS_CHUNK))]
+        r = await backend.request(pb.ClientMessage(
+            add_members=pb.AddMembers(conversation_id=GROUP, user_ids=ids)))
+        assert r.WhichOneof("body") == "ack", r
+    return backend
+
+
+async def _connect_sessions(
+    clients: list[Child], port: int, members: int, secret_file: Path,
+) -> float:
+    t0 = time.monotonic()
+    answers = await call_all(clients, [
+        {"cmd": "connect", "mode": "seqactor", "port": port, "users": list(r_),
+         "transport": "raw", "concurrency": CONNECT_CONCURRENCY // len(clients),
+         "sample_every": NO_SAMPLING, "group": GROUP, "secret_file": str(secret_file)}
+        for r_ in user_ranges(members, len(clients))
+    ], CONNECT_TIMEOUT_S)
+    connected = sum(a["connected"] for a in answers)
+    if connected != members:
+        raise RuntimeError(f"only {connected}/{members} sessions: {answers}")
+    return time.monotonic() - t0
+
+
+async def rss_run(n: int, clients: list[Child], tmp: Path) -> dict[str, Any]:
+    """RSS per idle session of a ``seqactor serve`` subprocess (as bench/fanout.py reads it)."""
+    secret_file = tmp / "secret"
+    secret_file.write_text(secrets.token_hex(32))
+    secret = secret_file.read_bytes().strip()
+    server_log = open(tmp / "server.log", "wb")
+    server = await Child.start(
+        [str(Path(sys.executable).with_name("seqactor")), "serve", "--host", "127.0.0.1",
+         "--port", "0", "--store", "memory://", "--secret-file", str(secret_file),
+         "--heartbeat-interval", str(HEARTBEAT_INTERVAL_S), "--log-level", "WARNING"],
+        "server", stderr=server_log,
+    )
+    try:
+        line = await server.readline(SERVER_START_TIMEOUT_S)
+        if not line.startswith("listening on ws://"):
+            raise RuntimeError(f"server said {line!r}")
+        port = int(line.rsplit(":", 1)[1].split("/", 1)[0])
+        async with trio.open_nursery() as nursery:
+            await _backend(nursery, port, secret, n)
+            await trio.sleep(SETTLE_S)
+            before = rss_kb(server.pid)
+            connect_s = await _connect_sessions(clients, port, n, secret_file)
+            await trio.sleep(SETTLE_S)
+            idle = rss_kb(server.pid)
+            await call_all(clients, [{"cmd": "close"}] * len(clients))
+            nursery.cancel_scope.cancel()
+    finally:
+        await stop_process(server.proc)
+        server_log.close()
+    return {
+        "server_rss_before_sessions_mb": before / 1024,
+        "server_rss_idle_mb": idle / 1024,
+        "rss_per_session_kb": (idle - before) / n,
+        "connect_s": connect_s,
+    }
+
+
+def _component(filename: str) -> str:
+    """The package an allocation's file belongs to (seqactor: the module)."""
+    if filename.startswith("<attrs generated"):  # attrs' generated __init__ etc.
+        return filename.split()[-1].split(".", 1)[0]
+    parts = Path(filename).parts
+    for i, part in enumerate(parts):
+        if part == "site-packages" and i + 1 < len(parts):
+            return parts[i + 1].removesuffix(".py")
+        if part == "seqactor" and i + 1 < len(parts):
+            return "seqactor/" + parts[i + 1]
+    if "python3" in filename:
+        return "stdlib/" + Path(filename).name
+    return filename
+
+
+def _short(filename: str) -> str:
+    parts = Path(filename).parts
+    for i, part in enumerate(parts):
+        if part in ("site-packages", "src"):
+            return "/".join(parts[i + 1:])
+    if "python3" in filename:
+        return "stdlib/" + Path(filename).name
+    return filename
+
+
+async def trace_run(n: int, clients: list[Child], tmp: Path, top: int) -> dict[str, Any]:
+    """What one idle session holds on the Python heap (server in this process)."""
+    secret = secrets.token_hex(32).encode()
+    secret_file = tmp / "secret-trace"
+    secret_file.write_bytes(secret)
+    cfg = ServerConfig(host="127.0.0.1", port=0, store_url="memory://", secret=secret,
+                       heartbeat_interval_s=HEARTBEAT_INTERVAL_S)
+    server = Server(cfg, open_store("memory://"), secret)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        await _backend(nursery, server.port, secret, n)
+        await trio.sleep(SETTLE_S)
+        tracemalloc.start(TRACE_FRAMES)
+        try:
+            gc.collect()
+            before = tracemalloc.take_snapshot()
+            await _connect_sessions(clients, server.port, n, secret_file)
+            await trio.sleep(SETTLE_S)
+            if len(server.sessions) != n + 1:  # + the backend's
+                raise RuntimeError(f"{len(server.sessions)} sessions on the server, want {n + 1}")
+            gc.collect()
+            after = tracemalloc.take_snapshot()
+        finally:
+            tracemalloc.stop()
+        await call_all(clients, [{"cmd": "close"}] * len(clients))
+        server.stop()
+    filters = [tracemalloc.Filter(False, tracemalloc.__file__)]
+    before, after = before.filter_traces(filters), after.filter_traces(filters)
+    stats = after.compare_to(before, "lineno")
+    total = sum(s.size_diff for s in stats)
+    lines = [
+        {"where": f"{_short(s.traceback[0].filename)}:{s.traceback[0].lineno}",
+         "bytes_per_session": s.size_diff / n, "blocks_per_session": s.count_diff / n}
+        for s in sorted(stats, key=lambda s: -s.size_diff)[:top]
+    ]
+    by_component: dict[str, int] = {}
+    for s in stats:
+        key = _component(s.traceback[0].filename)
+        by_component[key] = by_component.get(key, 0) + s.size_diff
+    components = sorted(
+        ({"component": k, "bytes_per_session": v / n} for k, v in by_component.items()),
+        key=lambda c: -c["bytes_per_session"],
+    )
+    return {
+        "python_heap_per_session_kb": total / n / 1024,
+        "blocks_per_session": sum(s.count_diff for s in stats) / n,
+        "components": components,
+        "top": lines,
+    }
+
+
+async def run(n: int, top: int) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="seqactor-memory-"))
+    clients: list[Child] = []
+    try:
+        for i in range(CLIENT_PROCESSES):
+            clients.append(await Child.start([sys.executable, str(CLIENT)], f"client {i}"))
+        print(f"RSS: {n} idle sessions on a seqactor serve subprocess ...", flush=True)
+        rss = await rss_run(n, clients, tmp)
+        print(f"tracemalloc: {n} idle sessions on an in-process server ...", flush=True)
+        trace = await trace_run(n, clients, tmp, top)
+        for c in clients:
+            await c.send({"cmd": "exit"})
+        for c in clients:
+            with trio.move_on_after(10):
+                await c.proc.wait()
+    finally:
+        for c in clients:
+            c.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "sessions": n,
+        **rss,
+        "goal_rss_per_session_kb": GOAL_RSS_PER_SESSION_KB,
+        "goal_rss_per_session_met": rss["rss_per_session_kb"] <= GOAL_RSS_PER_SESSION_KB,
+        **trace,
+        "rss_minus_python_heap_per_session_kb":
+            rss["rss_per_session_kb"] - trace["python_heap_per_session_kb"],
+        "machine": {"python": platform.python_version(), "platform": platform.platform(),
+                    "compiled_kernel": COMPILED, "git_head": _git_head()},
+    }
+
+
+def _git_head() -> str:
+    try:
+        import subprocess
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
+                              capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "../src"], cwd=HERE,
+                               text=True, capture_output=True, check=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+
+
+def table(r: dict[str, Any]) -> str:
+    met = "met" if r["goal_rss_per_session_met"] else "MISSED"
+    out = [
+        f"{r['sessions']} idle sessions (Hello, snapshot, Subscribe{{all}}), one group",
+        f"  server RSS before / idle MB     {r['server_rss_before_sessions_mb']:8.1f} / "
+        f"{r['server_rss_idle_mb']:.1f}",
+        f"  RSS per idle session KB        {r['rss_per_session_kb']:8.1f}   "
+        f"goal <= {r['goal_rss_per_session_kb']:g}: {met}",
+        f"  Python heap per session KB     {r['python_heap_per_session_kb']:8.1f}   "
+        f"({r['blocks_per_session']:.0f} blocks; tracemalloc)",
+        f"  RSS - Python heap KB           {r['rss_minus_python_heap_per_session_kb']:8.1f}",
+        "",
+        "by component (bytes per session)",
+    ]
+    out += [f"  {c['component']:<34} {c['bytes_per_session']:8.0f}"
+            for c in r["components"] if abs(c["bytes_per_session"]) >= 1]
+    out += ["", f"top {len(r['top'])} allocation lines (bytes / blocks per session)"]
+    out += [f"  {t['where']:<52} {t['bytes_per_session']:7.0f} {t['blocks_per_session']:6.2f}"
+            for t in r["top"]]
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sessions", type=int, default=DEFAULT_SESSIONS,
+                    help="idle sessions (default %(default)s)")
+    ap.add_argument("--top", type=int, default=DEFAULT_TOP,
+                    help="allocation lines listed (default %(default)s)")
+    ap.add_argument("--out", default=str(RESULTS), help="results JSON (default %(default)s)")
+    args = ap.parse_args()
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    t0 = time.monotonic()
+    result = trio.run(run, args.sessions, args.top)
+    result["total_s"] = time.monotonic() - t0
+    print()
+    print(table(result))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}  ({result['total_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
