@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import trio
 import trio_websocket as tws
+import wsproto
 from wsproto import ConnectionType, WSConnection
 from wsproto import events as wsevents
 from wsproto.connection import ConnectionState as WSState
@@ -541,16 +542,33 @@ def _slim_queues(conn: tws.WebSocketConnection) -> None:
     * trio's memory channel buffer (``MemoryChannelState.data``, trio 0.25+): ``append``,
       ``popleft``, ``len``, truth, ``clear``; at most ``WS_MESSAGE_QUEUE`` messages.
 
-    A queue that is not the expected deque (another library version) is left alone.
+    Only for the library versions whose code was read (a newer one may use other deque
+    methods: it keeps its deque and costs the memory, never correctness); a queue that is not
+    the expected deque is left alone too.
     """
-    connection = conn._wsproto.connection  # noqa: SLF001
-    events = getattr(connection, "_events", None)
-    if type(events) is deque:
-        connection._events = _SmallQueue(events)  # type: ignore[union-attr]  # noqa: SLF001
-    state = getattr(conn._recv_channel, "_state", None)  # noqa: SLF001
-    data = getattr(state, "data", None)
-    if type(data) is deque:
-        state.data = _SmallQueue(data)  # type: ignore[union-attr]
+    if _WSPROTO_QUEUES_CHECKED:
+        connection = conn._wsproto.connection  # noqa: SLF001
+        events = getattr(connection, "_events", None)
+        if type(events) is deque:
+            connection._events = _SmallQueue(events)  # type: ignore[union-attr]  # noqa: SLF001
+    if _TRIO_QUEUES_CHECKED:
+        state = getattr(conn._recv_channel, "_state", None)  # noqa: SLF001
+        data = getattr(state, "data", None)
+        if type(data) is deque:
+            state.data = _SmallQueue(data)  # type: ignore[union-attr]
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    parts = (version.split(".") + ["0", "0"])[:2]
+    try:
+        return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+    except ValueError:
+        return (-1, -1)
+
+
+# The versions whose queue usage _slim_queues was checked against.
+_TRIO_QUEUES_CHECKED = (0, 25) <= _major_minor(trio.__version__) <= (0, 35)
+_WSPROTO_QUEUES_CHECKED = _major_minor(wsproto.__version__)[0] == 1
 
 
 def _peer_name(stream: Any) -> str:
