@@ -29,6 +29,7 @@ import argparse
 import gc
 import json
 import platform
+import resource
 import secrets
 import shutil
 import sys
@@ -69,6 +70,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "memory.json"
 
 DEFAULT_SESSIONS = 2_000
+QUICK_SESSIONS = 1_000  # --quick (make bench-quick): about 10 s
 DEFAULT_TOP = 25
 CLIENT_PROCESSES = 2
 CONNECT_CONCURRENCY = 200  # handshakes in flight, all client processes together
@@ -295,17 +297,19 @@ def table(r: dict[str, Any]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sessions", type=int, default=DEFAULT_SESSIONS,
-                    help="idle sessions (default %(default)s)")
+    ap.add_argument("--sessions", type=int, default=None,
+                    help=f"idle sessions (default {DEFAULT_SESSIONS})")
+    ap.add_argument("--quick", action="store_true", help=f"{QUICK_SESSIONS} sessions")
     ap.add_argument("--top", type=int, default=DEFAULT_TOP,
                     help="allocation lines listed (default %(default)s)")
     ap.add_argument("--out", default=str(RESULTS), help="results JSON (default %(default)s)")
     args = ap.parse_args()
-    import resource
+    sessions = args.sessions or (QUICK_SESSIONS if args.quick else DEFAULT_SESSIONS)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     t0 = time.monotonic()
-    result = trio.run(run, args.sessions, args.top)
+    result = trio.run(run, sessions, args.top)
+    result["quick"] = args.quick
     result["total_s"] = time.monotonic() - t0
     print()
     print(table(result))
