@@ -53,6 +53,7 @@ from fanout import (  # noqa: E402 - the fan-out benchmark's process helpers
     SERVER_START_TIMEOUT_S,
     Backend,
     Child,
+    _git_head,
     call_all,
     rss_kb,
     stop_process,
@@ -259,18 +260,6 @@ async def run(n: int, top: int) -> dict[str, Any]:
         "machine": {"python": platform.python_version(), "platform": platform.platform(),
                     "compiled_kernel": COMPILED, "git_head": _git_head()},
     }
-
-
-def _git_head() -> str:
-    try:
-        import subprocess
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
-                              capture_output=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "../src"], cwd=HERE,
-                               text=True, capture_output=True, check=True).stdout.strip()
-        return head + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "?"
 
 
 def table(r: dict[str, Any]) -> str:
