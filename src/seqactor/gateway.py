@@ -440,7 +440,7 @@ async def _ws_reader(conn: tws.WebSocketConnection) -> None:
     """trio-websocket's reader task for one server connection, in the server's connection
     nursery.
 
-    The loop of ``WebSocketConnection._reader_task`` (trio-websocket 0.11-0.12), step for step,
+    The loop of ``WebSocketConnection._reader_task`` (trio-websocket 0.12), step for step,
     minus its per-connection dict of nine bound handler methods (~1 KB a connection, held for
     the connection's life): handlers are looked up per event. It ends by itself when the
     stream is closed (the connection's handler closes it when it ends). An unexpected error
@@ -506,7 +506,7 @@ _SET_EVENT.set()
 
 def _release_handshake(conn: tws.WebSocketConnection) -> None:
     """Drop what only the handshake needed (~2.5 KB a connection: wsproto's h11 machinery and
-    its event queue, two trio Events). Checked against trio-websocket 0.11-0.12 and wsproto 1.x
+    its event queue, two trio Events). Checked against trio-websocket 0.12 and wsproto 1.x
     (the versions pyproject allows): once the server has accepted, ``_open_handshake`` is only
     waited on by client-side connects, ``_for_testing_peer_closed_connection`` is only set
     (never waited on) by the library, and the handshake object only yields events.
