@@ -49,6 +49,8 @@ import sys
 import tempfile
 import time
 from array import array
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -360,9 +362,20 @@ def typical_push() -> bytes:
     ).SerializeToString()
 
 
-async def seqactor_phase(
-    cfg: Config, clients: list[Child], tmp: Path, profile: str | None,
-) -> dict[str, Any]:
+@dataclass
+class Served:
+    """A ``seqactor serve`` child on the memory store (see :func:`serve_memory`)."""
+
+    child: Child
+    port: int
+    secret: bytes
+    secret_file: Path
+
+
+@asynccontextmanager
+async def serve_memory(tmp: Path) -> AsyncIterator[Served]:
+    """Start ``seqactor serve --store memory://`` as a child process, wait until it listens,
+    and stop it on exit (its log tail is printed if the body fails)."""
     secret_file = tmp / "secret"
     secret_file.write_text(secrets.token_hex(32))
     secret = secret_file.read_bytes().strip()
@@ -373,13 +386,29 @@ async def seqactor_phase(
          "--heartbeat-interval", str(HEARTBEAT_INTERVAL_S), "--log-level", "WARNING"],
         "server", stderr=server_log,
     )
-    out: dict[str, Any] = {}
     try:
         line = await server.readline(SERVER_START_TIMEOUT_S)
         if not line.startswith("listening on ws://"):
             raise RuntimeError(f"server said {line!r}")
         port = int(line.rsplit(":", 1)[1].split("/", 1)[0])
-        pid = server.pid
+        yield Served(server, port, secret, secret_file)
+    except BaseException:
+        server_log.flush()
+        tail = (tmp / "server.log").read_bytes()[-3000:].decode(errors="replace")
+        print(f"server log (tail):\n{tail}", file=sys.stderr)
+        raise
+    finally:
+        await stop_process(server.proc)
+        server_log.close()
+
+
+async def seqactor_phase(
+    cfg: Config, clients: list[Child], tmp: Path, profile: str | None,
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    async with serve_memory(tmp) as served:
+        port, pid = served.port, served.child.pid
+        secret, secret_file = served.secret, served.secret_file
         async with trio.open_nursery() as nursery:
             conn = await tws.connect_websocket(
                 nursery, "127.0.0.1", port, "/v1", use_ssl=False, message_queue_size=4096,
@@ -493,14 +522,6 @@ async def seqactor_phase(
             })
             await call_all(clients, [{"cmd": "close"}] * len(clients))
             nursery.cancel_scope.cancel()
-    except BaseException:
-        server_log.flush()
-        tail = (tmp / "server.log").read_bytes()[-3000:].decode(errors="replace")
-        print(f"server log (tail):\n{tail}", file=sys.stderr)
-        raise
-    finally:
-        await stop_process(server.proc)
-        server_log.close()
     return out
 
 

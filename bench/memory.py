@@ -50,13 +50,12 @@ from fanout import (  # noqa: E402 - the fan-out benchmark's process helpers
     GOAL_RSS_PER_SESSION_KB,
     GROUP,
     HEARTBEAT_INTERVAL_S,
-    SERVER_START_TIMEOUT_S,
     Backend,
     Child,
     _git_head,
     call_all,
     rss_kb,
-    stop_process,
+    serve_memory,
     user_ranges,
 )
 
@@ -119,33 +118,15 @@ async def _connect_sessions(
 
 async def rss_run(n: int, clients: list[Child], tmp: Path) -> dict[str, Any]:
     """RSS per idle session of a ``seqactor serve`` subprocess (as bench/fanout.py reads it)."""
-    secret_file = tmp / "secret"
-    secret_file.write_text(secrets.token_hex(32))
-    secret = secret_file.read_bytes().strip()
-    server_log = open(tmp / "server.log", "wb")
-    server = await Child.start(
-        [str(Path(sys.executable).with_name("seqactor")), "serve", "--host", "127.0.0.1",
-         "--port", "0", "--store", "memory://", "--secret-file", str(secret_file),
-         "--heartbeat-interval", str(HEARTBEAT_INTERVAL_S), "--log-level", "WARNING"],
-        "server", stderr=server_log,
-    )
-    try:
-        line = await server.readline(SERVER_START_TIMEOUT_S)
-        if not line.startswith("listening on ws://"):
-            raise RuntimeError(f"server said {line!r}")
-        port = int(line.rsplit(":", 1)[1].split("/", 1)[0])
-        async with trio.open_nursery() as nursery:
-            await _backend(nursery, port, secret, n)
-            await trio.sleep(SETTLE_S)
-            before = rss_kb(server.pid)
-            connect_s = await _connect_sessions(clients, port, n, secret_file)
-            await trio.sleep(SETTLE_S)
-            idle = rss_kb(server.pid)
-            await call_all(clients, [{"cmd": "close"}] * len(clients))
-            nursery.cancel_scope.cancel()
-    finally:
-        await stop_process(server.proc)
-        server_log.close()
+    async with serve_memory(tmp) as served, trio.open_nursery() as nursery:
+        await _backend(nursery, served.port, served.secret, n)
+        await trio.sleep(SETTLE_S)
+        before = rss_kb(served.child.pid)
+        connect_s = await _connect_sessions(clients, served.port, n, served.secret_file)
+        await trio.sleep(SETTLE_S)
+        idle = rss_kb(served.child.pid)
+        await call_all(clients, [{"cmd": "close"}] * len(clients))
+        nursery.cancel_scope.cancel()
     return {
         "server_rss_before_sessions_mb": before / 1024,
         "server_rss_idle_mb": idle / 1024,
