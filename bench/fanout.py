@@ -362,6 +362,25 @@ def typical_push() -> bytes:
     ).SerializeToString()
 
 
+@asynccontextmanager
+async def client_processes(n: int = CLIENT_PROCESSES) -> AsyncIterator[list[Child]]:
+    """``n`` client processes (bench/_fanout_client.py); asked to exit at the end, killed if
+    they do not (or if the body fails)."""
+    clients: list[Child] = []
+    try:
+        for i in range(n):
+            clients.append(await Child.start([sys.executable, str(CLIENT)], f"client {i}"))
+        yield clients
+        for c in clients:
+            await c.send({"cmd": "exit"})
+        for c in clients:
+            with trio.move_on_after(10):
+                await c.proc.wait()
+    finally:
+        for c in clients:
+            c.kill()
+
+
 @dataclass
 class Served:
     """A ``seqactor serve`` child on the memory store (see :func:`serve_memory`)."""
@@ -601,25 +620,18 @@ async def finish_profiler(spy: trio.Process) -> None:
 async def run(cfg: Config, profile: str | None) -> dict[str, Any]:
     load_at_start = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="seqactor-fanout-"))
-    clients: list[Child] = []
     try:
-        for i in range(CLIENT_PROCESSES):
-            clients.append(await Child.start([sys.executable, str(CLIENT)], f"client {i}"))
-        print(f"seqactor: {cfg.members} members, {cfg.rate_per_s:g} allocations/s", flush=True)
-        seq = await seqactor_phase(cfg, clients, tmp, profile)
-        payload = typical_push()
-        print(f"naive baseline: trio-websocket send_message, {cfg.members} connections", flush=True)
-        naive = await baseline_phase("naive", cfg, clients, payload)
-        print(f"raw-socket ceiling: socket.send of ready frames, {cfg.members} connections", flush=True)
-        raw = await baseline_phase("raw", cfg, clients, payload)
-        for c in clients:
-            await c.send({"cmd": "exit"})
-        for c in clients:
-            with trio.move_on_after(10):
-                await c.proc.wait()
+        async with client_processes() as clients:
+            print(f"seqactor: {cfg.members} members, {cfg.rate_per_s:g} allocations/s", flush=True)
+            seq = await seqactor_phase(cfg, clients, tmp, profile)
+            payload = typical_push()
+            print(f"naive baseline: trio-websocket send_message, {cfg.members} connections",
+                  flush=True)
+            naive = await baseline_phase("naive", cfg, clients, payload)
+            print(f"raw-socket ceiling: socket.send of ready frames, {cfg.members} connections",
+                  flush=True)
+            raw = await baseline_phase("raw", cfg, clients, payload)
     finally:
-        for c in clients:
-            c.kill()
         shutil.rmtree(tmp, ignore_errors=True)
     result: dict[str, Any] = {
         "mode": cfg.mode,

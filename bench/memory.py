@@ -46,7 +46,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fanout import (  # noqa: E402 - the fan-out benchmark's process helpers
     ADD_MEMBERS_CHUNK,
-    CLIENT,
     GOAL_RSS_PER_SESSION_KB,
     GROUP,
     HEARTBEAT_INTERVAL_S,
@@ -54,6 +53,7 @@ from fanout import (  # noqa: E402 - the fan-out benchmark's process helpers
     Child,
     _git_head,
     call_all,
+    client_processes,
     rss_kb,
     serve_memory,
     user_ranges,
@@ -213,22 +213,13 @@ async def trace_run(n: int, clients: list[Child], tmp: Path, top: int) -> dict[s
 
 async def run(n: int, top: int) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="seqactor-memory-"))
-    clients: list[Child] = []
     try:
-        for i in range(CLIENT_PROCESSES):
-            clients.append(await Child.start([sys.executable, str(CLIENT)], f"client {i}"))
-        print(f"RSS: {n} idle sessions on a seqactor serve subprocess ...", flush=True)
-        rss = await rss_run(n, clients, tmp)
-        print(f"tracemalloc: {n} idle sessions on an in-process server ...", flush=True)
-        trace = await trace_run(n, clients, tmp, top)
-        for c in clients:
-            await c.send({"cmd": "exit"})
-        for c in clients:
-            with trio.move_on_after(10):
-                await c.proc.wait()
+        async with client_processes() as clients:
+            print(f"RSS: {n} idle sessions on a seqactor serve subprocess ...", flush=True)
+            rss = await rss_run(n, clients, tmp)
+            print(f"tracemalloc: {n} idle sessions on an in-process server ...", flush=True)
+            trace = await trace_run(n, clients, tmp, top)
     finally:
-        for c in clients:
-            c.kill()
         shutil.rmtree(tmp, ignore_errors=True)
     return {
         "sessions": n,
