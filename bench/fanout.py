@@ -362,6 +362,27 @@ def typical_push() -> bytes:
     ).SerializeToString()
 
 
+async def start_backend(
+    nursery: trio.Nursery, port: int, secret: bytes, members: int,
+) -> Backend:
+    """A service connection (its reader in ``nursery``) that added users ``u000000``... up to
+    ``members`` to the group."""
+    conn = await tws.connect_websocket(
+        nursery, "127.0.0.1", port, "/v1", use_ssl=False, message_queue_size=4096,
+    )
+    backend = Backend(conn)
+    nursery.start_soon(backend.reader)
+    tok = issue_token(secret, "backend", role="service", ttl_s=3600)
+    r = await backend.request(pb.ClientMessage(hello=pb.Hello(token=tok)))
+    assert r.WhichOneof("body") == "welcome", r
+    for first in range(0, members, ADD_MEMBERS_CHUNK):
+        ids = [f"u{i:06d}" for i in range(first, min(members, first + ADD_MEMBERS_CHUNK))]
+        r = await backend.request(pb.ClientMessage(
+            add_members=pb.AddMembers(conversation_id=GROUP, user_ids=ids)))
+        assert r.WhichOneof("body") == "ack", r
+    return backend
+
+
 @asynccontextmanager
 async def client_processes(n: int = CLIENT_PROCESSES) -> AsyncIterator[list[Child]]:
     """``n`` client processes (bench/_fanout_client.py); asked to exit at the end, killed if
@@ -429,20 +450,8 @@ async def seqactor_phase(
         port, pid = served.port, served.child.pid
         secret, secret_file = served.secret, served.secret_file
         async with trio.open_nursery() as nursery:
-            conn = await tws.connect_websocket(
-                nursery, "127.0.0.1", port, "/v1", use_ssl=False, message_queue_size=4096,
-            )
-            backend = Backend(conn)
-            nursery.start_soon(backend.reader)
-            tok = issue_token(secret, "backend", role="service", ttl_s=3600)
-            r = await backend.request(pb.ClientMessage(hello=pb.Hello(token=tok)))
-            assert r.WhichOneof("body") == "welcome", r
             t0 = time.monotonic()
-            for first in range(0, cfg.members, ADD_MEMBERS_CHUNK):
-                ids = [f"u{i:06d}" for i in range(first, min(cfg.members, first + ADD_MEMBERS_CHUNK))]
-                r = await backend.request(pb.ClientMessage(
-                    add_members=pb.AddMembers(conversation_id=GROUP, user_ids=ids)))
-                assert r.WhichOneof("body") == "ack", r
+            backend = await start_backend(nursery, port, secret, cfg.members)
             out["add_members_s"] = time.monotonic() - t0
             await trio.sleep(SETTLE_S)
             rss_before = rss_kb(pid)

@@ -40,28 +40,24 @@ from pathlib import Path
 from typing import Any
 
 import trio
-import trio_websocket as tws
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fanout import (  # noqa: E402 - the fan-out benchmark's process helpers
-    ADD_MEMBERS_CHUNK,
     GOAL_RSS_PER_SESSION_KB,
     GROUP,
     HEARTBEAT_INTERVAL_S,
-    Backend,
     Child,
     _git_head,
     call_all,
     client_processes,
     rss_kb,
     serve_memory,
+    start_backend,
     user_ranges,
 )
 
 from seqactor._kernel import COMPILED  # noqa: E402
-from seqactor._proto import seqactor_pb2 as pb  # noqa: E402
-from seqactor.auth import issue_token  # noqa: E402
 from seqactor.config import ServerConfig  # noqa: E402
 from seqactor.gateway import Server  # noqa: E402
 from seqactor.store import open_store  # noqa: E402
@@ -78,26 +74,6 @@ NO_SAMPLING = 1 << 30  # sample_every for the clients: no session records pushes
 SETTLE_S = 2.0  # pause before each RSS read / snapshot
 TRACE_FRAMES = 1  # frames per traceback: group by the allocating line
 CONNECT_TIMEOUT_S = 600.0
-
-
-async def _backend(
-    nursery: trio.Nursery, port: int, secret: bytes, members: int,
-) -> Backend:
-    """A service connection that added ``members`` users to the group."""
-    conn = await tws.connect_websocket(
-        nursery, "127.0.0.1", port, "/v1", use_ssl=False, message_queue_size=4096,
-    )
-    backend = Backend(conn)
-    nursery.start_soon(backend.reader)
-    tok = issue_token(secret, "backend", role="service", ttl_s=3600)
-    r = await backend.request(pb.ClientMessage(hello=pb.Hello(token=tok)))
-    assert r.WhichOneof("body") == "welcome", r
-    for first in range(0, members, ADD_MEMBERS_CHUNK):
-        ids = [f"u{i:06d}" for i in range(first, min(members, first + ADD_MEMBERS_CHUNK))]
-        r = await backend.request(pb.ClientMessage(
-            add_members=pb.AddMembers(conversation_id=GROUP, user_ids=ids)))
-        assert r.WhichOneof("body") == "ack", r
-    return backend
 
 
 async def _connect_sessions(
@@ -119,7 +95,7 @@ async def _connect_sessions(
 async def rss_run(n: int, clients: list[Child], tmp: Path) -> dict[str, Any]:
     """RSS per idle session of a ``seqactor serve`` subprocess (as bench/fanout.py reads it)."""
     async with serve_memory(tmp) as served, trio.open_nursery() as nursery:
-        await _backend(nursery, served.port, served.secret, n)
+        await start_backend(nursery, served.port, served.secret, n)
         await trio.sleep(SETTLE_S)
         before = rss_kb(served.child.pid)
         connect_s = await _connect_sessions(clients, served.port, n, served.secret_file)
@@ -170,7 +146,7 @@ async def trace_run(n: int, clients: list[Child], tmp: Path, top: int) -> dict[s
     server = Server(cfg, open_store("memory://"), secret)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve)
-        await _backend(nursery, server.port, secret, n)
+        await start_backend(nursery, server.port, secret, n)
         await trio.sleep(SETTLE_S)
         tracemalloc.start(TRACE_FRAMES)
         try:
