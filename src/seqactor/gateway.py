@@ -59,7 +59,7 @@ class ActivityStream(trio.abc.Stream):
     """
 
     __slots__ = (
-        "inner", "last_rx", "held", "_tcp", "_fd_open", "_sending", "_closing", "fd", "sink",
+        "inner", "last_rx", "held", "_tcp", "_fd_open", "_sending", "_closing", "sink",
     )
 
     def __init__(self, inner: trio.abc.Stream) -> None:
@@ -75,14 +75,15 @@ class ActivityStream(trio.abc.Stream):
         self._fd_open = self._tcp.fileno() if self._tcp is not None else -1
         self._sending = False
         self._closing = False  # a Close frame went out (or the stream closed): no more frames
-        self.fd = self._fd_open
         self.sink: DirectSink | None = None
 
+    @property
+    def fd(self) -> int:
+        return -1 if self._sending or self._closing or self.held is not None else self._fd_open
+
     def _publish(self) -> None:
-        fd = -1 if self._sending or self._closing or self.held is not None else self._fd_open
-        self.fd = fd
         if self.sink is not None:
-            self.sink.fd = fd
+            self.sink.fd = self.fd
 
     def attach(self, sink: DirectSink) -> None:
         self.sink = sink
