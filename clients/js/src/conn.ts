@@ -355,6 +355,8 @@ export class Endpoint extends EventTarget {
 
   /** the delay chosen before the latest reconnect attempt (ms) */
   lastDelayMs = 0;
+  /** the last GoAway received */
+  lastGoAway: { reason: string; reconnectAfterMs: number } | null = null;
 
   private sleep(ms: number): Promise<void> {
     return new Promise((resolve) => {
@@ -381,6 +383,14 @@ export class Endpoint extends EventTarget {
   /** Drop the current connection (as a network failure would); the client reconnects. */
   dropConnection(): void {
     this.link?.finish(new Closed(1006, "dropped by the application"));
+  }
+
+  /** A `Ping` round trip on the current link; resolves with the milliseconds it took. */
+  async roundTrip(): Promise<number> {
+    const link = await this.waitLink();
+    const t = now();
+    await this.request(link, { case: "ping", value: { clientTimeMs: BigInt(Date.now()) } });
+    return now() - t;
   }
 
   protected ping(): void {
@@ -520,6 +530,7 @@ export class Endpoint extends EventTarget {
     const msg = decodeGoAway(body);
     this.stats.goaways += 1;
     this.goawayMs = msg.reconnectAfterMs;
+    this.lastGoAway = msg;
   }
 
   private onFrame(link: Link, rid: number, field: number, body: Uint8Array, size: number): void {
