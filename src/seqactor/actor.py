@@ -364,9 +364,11 @@ class UserActor:
         self.table.remove(key_id)
         marked = False
         for s in self.sessions:
+            # A listed subscription survives the conversation leaving the view: nothing about
+            # it is pushed while it is outside (there is no row), and on_join sends the full
+            # state when the user rejoins (docs/protocol.md, "Subscribe").
             was_following = s.follows(key_id)
             s.pending.pop(key_id, None)
-            s.subscribed.discard(key_id)
             if was_following:
                 s.shared = None
                 s.pending_removed.add(conversation_id)

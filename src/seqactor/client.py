@@ -62,7 +62,7 @@ __all__ = [
     "AuthenticationError", "BadRequest", "Allocation", "Change", "ChangeBatch", "ChangeStream",
     "Client", "ClientClosed", "ClientStats", "ConnectError", "ConnectionLost", "Conversation",
     "ErrorCode", "Forbidden", "NotFound", "RateLimited", "SeqactorError", "ServerError",
-    "ServiceClient", "SessionReplaced", "SyncInfo", "TooLarge", "Unavailable",
+    "ServiceClient", "SessionReplaced", "SyncInfo", "TooLarge", "Unavailable", "unread_count",
 ]
 
 
@@ -81,7 +81,8 @@ class Conversation:
 
     @property
     def unread(self) -> int:
-        return max(0, self.max_sequence - self.read_sequence)
+        """Messages not yet read, cleared history excluded (see :func:`unread_count`)."""
+        return unread_count(self.max_sequence, self.read_sequence, self.min_sequence)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,12 +125,20 @@ class Allocation:
     time_ms: int
 
 
+def unread_count(max_sequence: int, read_sequence: int, min_sequence: int) -> int:
+    """Unread messages of one conversation: ``max − max(read, min − 1)`` when ``min > 0``,
+    else ``max − read``; never negative. Seqs below ``min_sequence`` (cleared history) are
+    never unread (docs/protocol.md, "Unread")."""
+    floor = read_sequence if min_sequence <= read_sequence + 1 else min_sequence - 1
+    return max(0, max_sequence - floor)
+
+
 def _conv(cid: str, row: Row | None) -> Conversation | None:
     return None if row is None else Conversation(cid, row[0], row[1], row[2], row[3])
 
 
 def _unread(row: Row | None) -> int:
-    return 0 if row is None else max(0, row[0] - row[1])
+    return 0 if row is None else unread_count(row[0], row[1], row[2])
 
 
 # ---------------------------------------------------------------------------------- changes
