@@ -221,6 +221,11 @@ class Client(_Endpoint):
         self._dirty = False
         self._cache_user = ""
         self._synced = trio.Event()
+        # True from a link's opening until its resume reply is applied: pushes meanwhile are
+        # applied (values only move forward) but their token is not adopted. A push can
+        # overtake the resume reply; were its token kept and the link cut before the reply,
+        # the next resume would start after changes (a `removed`) this client never saw.
+        self._resuming = False
         self.last_sync: SyncInfo | None = None
         self.syncs: list[SyncInfo] = []
         if cache_path is not None:
@@ -353,6 +358,7 @@ class Client(_Endpoint):
             )
             self._token_bytes = b""
         self._cache_user = user
+        self._resuming = True
         # Subscribe first, then sync: pushes that arrive between the two are older than the
         # sync reply and are applied before it, in order (the server runs a session's user
         # ops one at a time).
@@ -403,7 +409,7 @@ class Client(_Endpoint):
 
     def _on_push(self, body: bytes, size: int) -> None:
         convs, token, full, removed = kernel.decode_update(body)
-        self._apply(convs, token, full, removed)
+        self._apply(convs, b"" if self._resuming else token, full, removed)
 
     def _on_reply(self, waiter: _Waiter, field: int, body: bytes, size: int) -> None:
         meta = waiter.meta
@@ -418,6 +424,7 @@ class Client(_Endpoint):
         elif what == "sync" and field == F_UPDATE:
             convs, token, full, removed = kernel.decode_update(body)
             self._apply(convs, token, full, removed)
+            self._resuming = False
             info = SyncInfo(
                 full=full, conversations=len(convs), removed=len(removed), bytes=size,
                 ms=(trio.current_time() - waiter.sent_at) * 1000.0, since_token=bool(meta[1]),
