@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import jwt
@@ -176,6 +177,49 @@ async def test_session_replaced_same_device_4009():
                 assert body(r) == "pong"
 
 
+async def test_service_sessions_on_one_credential_and_device_are_never_replaced():
+    """A backend pool: eight workers with one service token and one device id allocate
+    concurrently in one conversation: nobody is kicked (4009), every allocation succeeds, the
+    ranges are disjoint and together contiguous."""
+    workers, per_worker = 8, 5
+    async with running_server() as server:
+        tok = token("backend", "service")
+        ranges: list[tuple[int, int]] = []
+        async with contextlib.AsyncExitStack() as stack:
+            conns = [
+                await stack.enter_async_context(
+                    raw_connect(server, tok=tok, device_id="worker-pool")
+                )
+                for _ in range(workers)
+            ]
+            assert all(c.welcome is not None and c.welcome.role == "service" for c in conns)
+
+            async def work(c) -> None:
+                for _ in range(per_worker):
+                    r = await c.request("allocate_sequences", conversation_id="pool", count=3)
+                    assert body(r) == "allocated", r
+                    ranges.append((r.allocated.first_sequence, r.allocated.last_sequence))
+
+            async with trio.open_nursery() as nursery:
+                for c in conns:
+                    nursery.start_soon(work, c)
+            for c in conns:  # every connection is still open
+                assert body(await c.request("ping", client_time_ms=1)) == "pong"
+        ranges.sort()
+        assert len(ranges) == workers * per_worker
+        assert ranges[0][0] == 1 and ranges[-1][1] == 3 * workers * per_worker
+        for (_, last), (first, _) in zip(ranges, ranges[1:]):
+            assert first == last + 1
+
+
+async def test_user_sessions_of_other_users_on_one_device_id_do_not_replace_each_other():
+    async with running_server() as server:
+        async with raw_connect(server, "alice", device_id="d") as a, \
+                raw_connect(server, "bob", device_id="d") as b:
+            assert body(await a.request("ping", client_time_ms=1)) == "pong"
+            assert body(await b.request("ping", client_time_ms=1)) == "pong"
+
+
 # ---------------------------------------------------------------- sequences
 
 
@@ -324,6 +368,39 @@ async def test_add_members_pushes_to_all_sessions_and_remove_pushes_removed():
                 assert removed == ["g"] and conv == {}
                 r = await c.request("mark_read", conversation_id="g", read_sequence=1)
                 assert r.error.code == Code.FORBIDDEN
+
+
+@pytest.mark.parametrize("keep_history", [False, True], ids=["removed", "keep-history"])
+async def test_listed_subscription_survives_leave_and_rejoin(keep_history):
+    """Subscribe to [g]; the user is removed (and gets ``removed`` once, without
+    keep_history), re-added, messages arrive: the full state on rejoin, then pushes."""
+    async with running_server() as server:
+        await service_setup(server, "g", ["alice", "bob"], allocs=2)
+        async with raw_connect(server, "alice") as c, \
+                raw_connect(server, "backend", role="service") as svc:
+            assert body(await c.request("subscribe", conversation_ids=["g"])) == "ack"
+            await svc.request("remove_members", conversation_id="g", user_ids=["alice"],
+                              keep_history=keep_history)
+            if not keep_history:
+                conv, _, _, removed = update_of(await c.next_push())
+                assert removed == ["g"] and conv == {}
+            # nothing about g while she is outside (or frozen)
+            await svc.request("allocate_sequences", conversation_id="g", count=3)
+            await svc.request("set_min_sequence", conversation_id="g", min_sequence=2)
+            await c.no_push()
+            # rejoin: the full state of g
+            await svc.request("add_members", conversation_id="g", user_ids=["alice"])
+            conv, _, _, removed = update_of(await c.next_push())
+            assert removed == []
+            assert conv["g"][:3] == (5, 5, 2) and conv["g"][3] > 0
+            # then pushes resume
+            await svc.request("allocate_sequences", conversation_id="g", count=1,
+                              sender_user_id="bob")
+            conv, _, _, _ = update_of(await c.next_push())
+            assert conv["g"][0] == 6
+            # and she can read it again
+            r = await c.request("mark_read", conversation_id="g", read_sequence=6)
+            assert r.ack.read_sequence == 6
 
 
 async def test_keep_history_freezes_view():

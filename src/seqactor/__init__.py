@@ -29,6 +29,7 @@ from seqactor.client import (  # noqa: E402
     SyncInfo,
     TooLarge,
     Unavailable,
+    unread_count,
 )
 
 __all__ = [
@@ -57,4 +58,5 @@ __all__ = [
     "TooLarge",
     "Unavailable",
     "__version__",
+    "unread_count",
 ]

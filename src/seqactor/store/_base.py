@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import abc
 import re
+import time
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,11 @@ MAX_UINT64 = 2**64 - 1
 
 # C0 controls, DEL and C1 controls (same set as ``ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0``).
 _CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def wall_clock_ms() -> int:
+    """The system's wall clock, in ms since the Unix epoch."""
+    return time.time_ns() // 1_000_000
 
 
 # ------------------------------------------------------------------ errors
@@ -220,6 +226,10 @@ class Store(abc.ABC):
 
     def __init__(self) -> None:
         self._listeners: list[Listener] = []
+        #: The wall clock allocations are stamped with, in ms since the Unix epoch. A
+        #: conversation's ``max_sequence_time_ms`` is ``max(previous, clock_ms())``, so it never
+        #: decreases when this clock steps back (tests replace it to step it).
+        self.clock_ms: Callable[[], int] = wall_clock_ms
 
     def add_listener(self, fn: Listener) -> None:
         self._listeners.append(fn)

@@ -85,6 +85,7 @@ from seqactor.store._base import (
     ViewData,
     normalize_count,
     validate_id,
+    wall_clock_ms,
 )
 from seqactor.store._redis_sub import SubscriptionLost, subscribe
 from seqactor.store._state import _uint64, _user_ids
@@ -916,7 +917,10 @@ class RedisStore(Store):
         validate_id(conversation_id, "conversation_id")
         n = normalize_count(count)
         sender = validate_id(sender_user_id, "sender_user_id") if sender_user_id else ""
-        reply = await self._write("alloc", conversation_id, [conversation_id, n, sender])
+        # Allocations are stamped with Redis' clock (one clock for every node) unless the
+        # store's clock was replaced (tests step it back).
+        clock = "" if self.clock_ms is wall_clock_ms else self.clock_ms()
+        reply = await self._write("alloc", conversation_id, [conversation_id, n, sender, clock])
         return await self._committed(reply[1])  # type: ignore[return-value]
 
     async def mark_read(
