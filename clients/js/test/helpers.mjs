@@ -38,7 +38,7 @@ export class Server {
     this.dir = dir;
     this.args = args;
     this.secretFile = join(dir, "secret");
-    if (!existsSync(this.secretFile)) writeFileSync(this.secretFile, "js-test-secret-0123456789abcdef0123456789\n");
+    if (!existsSync(this.secretFile)) writeFileSync(this.secretFile, "js-test-secret-0123456789abcdef0123456789\n", { mode: 0o600 });
     this.secret = readFileSync(this.secretFile, "utf8").trim();
     this.port = 0;
     this.proc = null;
