@@ -8,6 +8,7 @@ from pathlib import Path
 
 import trio
 
+from seqactor import _demo_web
 from seqactor.auth import issue_token, load_or_create_secret
 from seqactor.client import Client, ServiceClient
 from seqactor.config import ServerConfig
@@ -56,6 +57,7 @@ async def run_demo(
         async with ServiceClient.connect(url, service) as svc:
             for cid, members in convs.items():
                 await svc.add_members(cid, members)
+            page = _demo_web.start(host, port + 1 if port else 0, url, issue_token(secret, "user1"))
             async with trio.open_nursery() as traffic:
                 for i in range(2, users + 1):
                     user = f"user{i}"
@@ -66,6 +68,8 @@ async def run_demo(
                     await trio.sleep(duration)
                     traffic.cancel_scope.cancel()
         server.stop()
+        if page is not None:
+            page.close()
 
 
 async def _sender(
