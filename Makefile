@@ -9,8 +9,10 @@ PORT   ?= 8765
 STORE  ?= sqlite:///var/seqactor.db
 SECRET ?= var/secret
 PYTEST_ARGS ?=
+JS_DIR := clients/js
+CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install run test test-compiled test-fallback bench bench-quick lint clean system-deps
+.PHONY: install run test test-compiled test-fallback bench bench-quick lint clean system-deps test-js js-build bench-js
 
 install: $(STAMP)
 
@@ -28,6 +30,12 @@ system-deps:
 	  echo "installing redis-server (Debian package)"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
 	  || { echo "error: redis-server missing and apt-get install failed" >&2; exit 1; }; }
+	@# the JS SDK's browser tests drive Debian's chromium (never a downloaded browser build)
+	@test -x $(CHROMIUM) || { \
+	  echo "installing chromium (Debian package)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	  || { echo "error: chromium missing and apt-get install failed" >&2; exit 1; }; }
+	@command -v npm >/dev/null 2>&1 || { echo "error: Node.js 20+ with npm is needed for clients/js" >&2; exit 1; }
 
 run: install
 	mkdir -p var
@@ -36,7 +44,7 @@ run: install
 	@echo "  $(VENV)/bin/seqactor token --secret-file $(SECRET) --user backend --role service"
 	$(VENV)/bin/seqactor serve --host $(HOST) --port $(PORT) --store $(STORE) --secret-file $(SECRET)
 
-test: install system-deps test-compiled test-fallback
+test: install system-deps test-js test-compiled test-fallback
 
 test-compiled: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -44,7 +52,22 @@ test-compiled: install
 test-fallback: install
 	SEQACTOR_NO_EXTENSIONS=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
-bench: install system-deps
+# The TypeScript SDK (clients/js): npm ci, generate from the .proto, compile, bundle; then the
+# Node tests (real `seqactor serve`) and the Chromium tests (the demo page).
+$(JS_DIR)/node_modules/.package-lock.json: $(JS_DIR)/package-lock.json
+	cd $(JS_DIR) && npm ci --no-audit --no-fund --loglevel=error
+
+js-build: $(JS_DIR)/node_modules/.package-lock.json
+	cd $(JS_DIR) && npm run --silent build
+
+test-js: install system-deps js-build
+	cd $(JS_DIR) && SEQACTOR_BIN=$(CURDIR)/$(VENV)/bin/seqactor CHROMIUM_BIN=$(CHROMIUM) npm run --silent test:node
+	cd $(JS_DIR) && SEQACTOR_BIN=$(CURDIR)/$(VENV)/bin/seqactor CHROMIUM_BIN=$(CHROMIUM) npm run --silent test:browser
+
+bench-js: install system-deps js-build
+	SEQACTOR_BIN=$(CURDIR)/$(VENV)/bin/seqactor CHROMIUM_BIN=$(CHROMIUM) node bench/js_client.mjs
+
+bench: install system-deps bench-js
 	for b in bench/[a-z]*.py; do $(PY) $$b || exit 1; done
 
 bench-quick: install system-deps
