@@ -13,7 +13,7 @@ export {
 export { Backoff, type BackoffOptions } from "./backoff.js";
 export { MemoryCache, type CacheData, type CacheStore } from "./cache.js";
 export { IndexedDBCache, attachPageHooks } from "./browser.js";
-export { unreadOf, type Change, type ChangeBatch, type ChangeStream, type Conversation } from "./view.js";
+export { applyUpdate, unreadOf, type Change, type ChangeBatch, type ChangeStream, type Conversation } from "./view.js";
 export { decodeUpdate, splitServerMessage, type Row, type Update } from "./wire.js";
 export {
   AuthenticationError,

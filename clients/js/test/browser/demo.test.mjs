@@ -7,13 +7,9 @@ import { copyFileSync, existsSync, mkdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { chromium } from "playwright-core";
 import { ServiceClient } from "../../dist/node.js";
+import { CHROMIUM, CHROMIUM_ARGS } from "./chromium.mjs";
 import { GUARD_MS, REPO, SEQACTOR_BIN, mintToken, tempDir } from "../helpers.mjs";
 
-export const CHROMIUM = process.env.CHROMIUM_BIN ?? "/usr/bin/chromium";
-export const CHROMIUM_ARGS = [
-  "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-  "--disable-component-update", "--disable-sync",
-];
 const OUT = join(REPO, "clients/js/test-results");
 
 let demo, context, page, svc, secret, wsUrl, pageUrl;
