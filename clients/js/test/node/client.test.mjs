@@ -242,3 +242,22 @@ test("server restart on SQLite: GoAway honoured, then resume with a delta", asyn
     await sq.stop();
   }
 });
+
+test("a newer session on the same device replaces the older: SessionReplaced (4009), not retried", async () => {
+  await svc.addMembers("dev-1", ["nia"]);
+  const old = await Client.connect(server.url, server.token("nia"), { deviceId: "tablet", backoff: fastBackoff });
+  const stream = old.changes();
+  const newer = await Client.connect(server.url, server.token("nia"), { deviceId: "tablet" });
+  try {
+    await until(() => old.error !== null, old, "replaced");
+    assert.equal(old.error.name, "SessionReplaced");
+    assert.equal(old.error.closeCode, 4009);
+    assert.equal(old.state, "closed");
+    await assert.rejects(old.markRead("dev-1", 1), (e) => e.name === "SessionReplaced");
+    await assert.rejects(stream.next(), (e) => e.name === "SessionReplaced");
+    assert.equal(newer.connected, true);
+  } finally {
+    await old.close();
+    await newer.close();
+  }
+});

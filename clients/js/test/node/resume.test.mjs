@@ -165,3 +165,37 @@ test("a Ping goes out only after the heartbeat interval without traffic from the
     await c.close();
   }
 });
+
+test("failed reconnects wait uniform(0, min(cap, base * 2^attempt)) each, and a success resets", async () => {
+  const net = new FakeNet();
+  // the same seeded source drives the client's backoff and the expectation
+  const seeded = (seed) => () => ((seed = (seed * 1664525 + 1013904223) >>> 0) / 2 ** 32);
+  const rng = seeded(42);
+  const expectRng = seeded(42);
+  const backoff = { baseMs: 2, capMs: 16, random: rng };
+  const first = net.next();
+  const connecting = Client.connect("ws://fake/v1", "tok", { WebSocket: net.WebSocket, backoff });
+  let ws = await first;
+  await welcome(ws);
+  const get = await resumeRequests(ws);
+  ws.reply(get.requestId, { case: "update", value: { syncToken: new Uint8Array([1]), full: true } });
+  const c = await connecting;
+  try {
+    const delays = [];
+    let nextWs = net.next();
+    ws.serverClose(1006);
+    for (let i = 0; i < 6; i++) {
+      ws = await nextWs; // attempt i + 1: refused before Welcome
+      delays.push(c.lastDelayMs);
+      nextWs = net.next();
+      ws.serverClose(1006);
+    }
+    ws = await nextWs;
+    delays.push(c.lastDelayMs);
+    const want = [2, 4, 8, 16, 16, 16, 16].map((ceiling) => expectRng() * ceiling);
+    assert.deepEqual(delays, want);
+    assert.ok(new Set(delays).size === delays.length, "jittered");
+  } finally {
+    await c.close();
+  }
+});
