@@ -199,3 +199,30 @@ test("failed reconnects wait uniform(0, min(cap, base * 2^attempt)) each, and a 
     await c.close();
   }
 });
+
+test("reconnectNow (the browser's `online` event) ends the backoff wait at once", async () => {
+  const net = new FakeNet();
+  const first = net.next();
+  // a backoff so long that only reconnectNow can bring the next attempt within the test
+  const connecting = Client.connect("ws://fake/v1", "tok", {
+    WebSocket: net.WebSocket, backoff: { baseMs: 3_600_000, capMs: 3_600_000, random: () => 0.5 },
+  });
+  let ws = await first;
+  await welcome(ws);
+  const get = await resumeRequests(ws);
+  ws.reply(get.requestId, { case: "update", value: { syncToken: new Uint8Array([1]), full: true } });
+  const c = await connecting;
+  try {
+    const nextWs = net.next();
+    ws.serverClose(1006);
+    await until(() => c.state === "offline", c, "offline");
+    assert.equal(c.lastDelayMs, 1_800_000);
+    c.reconnectNow();
+    ws = await nextWs;
+    await welcome(ws);
+    const again = await resumeRequests(ws);
+    assert.deepEqual([...again.body.value.since], [1]);
+  } finally {
+    await c.close();
+  }
+});
