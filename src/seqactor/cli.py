@@ -397,19 +397,24 @@ def _client_token(args: argparse.Namespace, user: bool) -> str:
 
 
 def _hint(url: str, message: str) -> str:
-    """What to do about a connection failure the message alone does not explain."""
+    """What to do about a connection failure the message alone does not explain: a path other
+    than /v1 (HTTP 404), wss:// to a plain server, ws:// to a TLS server."""
     from urllib.parse import urlsplit
 
     u = urlsplit(url)
-    if "HTTP 404" in message and u.path != C.WS_PATH:
+    reason = message.rsplit(": ", 1)[-1]
+    if "HTTP 404" in reason and u.path != C.WS_PATH:
         fixed = f"{u.scheme}://{u.netloc}{C.WS_PATH}"
         return f"{message}; the server's path is {C.WS_PATH}: use --url {fixed}"
-    if u.scheme == "wss" and "connection refused" not in message and "resolve" not in message \
-            and "timed out" not in message:
+    network = ("connection refused", "resolve", "unreachable", "No route")
+    if any(n in reason for n in network):
+        return message
+    if u.scheme == "wss" and "HTTP" not in reason:
         fixed = f"ws://{u.netloc}{u.path}"
-        return (f"{message}; the TLS handshake failed: if the server runs without "
-                f"--tls-cert, use --url {fixed}")
-    if u.scheme == "ws" and "connection closed" in message.lower() and "4001" not in message:
+        return (f"{message.rsplit(': ', 1)[0]}: the TLS handshake failed ({reason}); if the "
+                f"server runs without --tls-cert, use --url {fixed}")
+    if u.scheme == "ws" and ("timed out" in reason or "closed" in reason or "handshake" in reason) \
+            and "4001" not in reason:
         fixed = f"wss://{u.netloc}{u.path}"
         return f"{message}; if the server runs with --tls-cert, use --url {fixed}"
     return message
