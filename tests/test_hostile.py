@@ -2,7 +2,7 @@
 
 Whatever a client sends, the server never crashes, never corrupts the store (its invariants
 hold afterwards, allocations stay gapless, a normal client is still served), and answers with
-the SPEC's error or close code (docs/protocol.md, "Errors and close codes"). Cases already in
+the documented error or close code (docs/protocol.md, "Errors and close codes"). Cases already in
 tests/test_server.py and tests/test_server_faults.py are not repeated here.
 """
 

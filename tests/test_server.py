@@ -1,4 +1,4 @@
-"""The server over real sockets on 127.0.0.1 with the real store: SPEC §2–§4, every op and error."""
+"""The server over real sockets on 127.0.0.1 with the real store: docs/protocol.md, every op and error."""
 
 from __future__ import annotations
 
