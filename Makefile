@@ -16,7 +16,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml setup.py proto/seqactor/v1/seqactor.proto src/seqactor/_delta.pyx
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip "setuptools>=69" wheel "cython>=3.0,<4" "grpcio-tools>=1.60,<2"
+	$(PIP) install -q --upgrade pip "setuptools>=77" wheel "cython>=3.0,<4" "grpcio-tools>=1.60,<2"
 	$(PIP) install -q --no-build-isolation -e '.[dev]'
 	$(PY) -c "import seqactor._delta, seqactor._proto.seqactor_pb2" \
 	  || (echo "error: compiled kernel or generated protobuf module missing" >&2; exit 1)

@@ -1,5 +1,5 @@
 """``redis://host:port/db`` and ``redis+cluster://host:port,host:port,...``: several seqactor
-nodes share one state (SPEC §5). docs/deployment.md explains the design for operators.
+nodes share one state (docs/protocol.md, "Stores"). docs/deployment.md explains the design for operators.
 
 **Layout.** Every key starts with the prefix (``?prefix=``, default ``sa``) and a hash tag,
 so every atomic step touches one slot::
