@@ -34,6 +34,13 @@ cdef u64 _u64(value, str what) except? 0xFFFFFFFFFFFFFFFF:
     return <u64>v
 
 
+cdef u64 _request_id(value) except? 0xFFFFFFFFFFFFFFFF:
+    v = operator.index(value)
+    if v < 0 or v > 0xFFFFFFFFFFFFFFFF:
+        raise OverflowError(f"request_id {int(v)} out of range [0, 2**64 - 1]")
+    return <u64>v
+
+
 def window_cap(members):
     """The window size for ``members`` members: the largest power of two ``<= members``,
     clamped to ``[WINDOW_MIN_SEQS, WINDOW_MAX_SEQS]``."""
@@ -404,7 +411,7 @@ cdef class ReadCounter:
         """Wire bytes of ``ServerMessage{request_id, read_counts: ReadCounts{conversation_id,
         from_sequence, member_count, counts}}`` for ``n`` seqs from ``from_seq`` (packed
         ``counts``; zero fields omitted, as the protobuf runtime writes them)."""
-        cdef u64 rid = _u64(request_id, "request_id")
+        cdef u64 rid = _request_id(request_id)
         cdef Py_ssize_t k
         cdef u64 s = self._check_range(from_seq, n, &k)
         cdef bytes key = conversation_id.encode("utf-8")

@@ -303,7 +303,9 @@ class ReadCounter:
         """Wire bytes of ``ServerMessage{request_id, read_counts: ReadCounts{conversation_id,
         from_sequence, member_count, counts}}`` for ``n`` seqs from ``from_seq`` (packed
         ``counts``; zero fields omitted, as the protobuf runtime writes them)."""
-        rid = _u64(request_id, "request_id")
+        rid = int(operator.index(request_id))
+        if not 0 <= rid <= _U64_MAX:
+            raise OverflowError(f"request_id {rid} out of range [0, 2**64 - 1]")
         counts = self.counts(from_seq, n)
         body = bytearray()
         key = conversation_id.encode("utf-8")
