@@ -3,7 +3,6 @@ every error path, as a client sees them."""
 
 from __future__ import annotations
 
-import pytest
 import trio
 
 from seqactor._proto import seqactor_pb2 as pb
@@ -35,15 +34,18 @@ async def test_read_counts_defaults_clamping_and_senders():
                                   sender_user_id="alice")
             assert r.allocated.last_sequence == 5
         async with raw_connect(server, "bob") as bob:
-            assert (await bob.request("mark_read", conversation_id="g", read_sequence=3)).ack.read_sequence == 3
-            assert _counts(await bob.request("get_read_counts", conversation_id="g")) == (1, 3, [2, 2, 2, 1, 1])
+            r = await bob.request("mark_read", conversation_id="g", read_sequence=3)
+            assert r.ack.read_sequence == 3
+            r = await bob.request("get_read_counts", conversation_id="g")
+            assert _counts(r) == (1, 3, [2, 2, 2, 1, 1])
             assert _counts(await bob.request("get_read_counts", conversation_id="g", from_sequence=3,
                                              to_sequence=4)) == (3, 3, [2, 1])
             # clamped to [1, max]
             assert _counts(await bob.request("get_read_counts", conversation_id="g", from_sequence=4,
                                              to_sequence=99)) == (4, 3, [1, 1])
             # an empty range: no counts, the clamped from
-            assert _counts(await bob.request("get_read_counts", conversation_id="g", from_sequence=9)) == (9, 3, [])
+            r = await bob.request("get_read_counts", conversation_id="g", from_sequence=9)
+            assert _counts(r) == (9, 3, [])
         async with raw_connect(server, "backend", role="service") as svc:
             await svc.request("set_min_sequence", conversation_id="g", min_sequence=4)
             assert _counts(await svc.request("get_read_counts", conversation_id="g")) == (4, 3, [1, 1])
