@@ -14,7 +14,6 @@ from tests._harness import running_server, token
 from tests._proxy import running_proxy
 
 
-
 def fast_backoff() -> Backoff:
     return Backoff(0.02, 0.2, rng=random.Random(0))
 
