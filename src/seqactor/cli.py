@@ -12,6 +12,7 @@ from typing import Any
 import trio
 
 from seqactor import config as C
+from seqactor._cli_readers import add_readers_parser, cmd_readers
 from seqactor._cli_store import add_store_parser, cmd_store
 
 EXIT_USAGE = 2
@@ -172,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     _members_parser(sub)
     _demo_parser(sub)
     add_store_parser(sub)
+    add_readers_parser(sub)
     return parser
 
 
@@ -386,6 +388,7 @@ COMMANDS = {
     "members": cmd_members,
     "demo": cmd_demo,
     "store": cmd_store,
+    "readers": cmd_readers,
 }
 
 
