@@ -37,6 +37,7 @@ from seqactor._cli_args import (
     ttl_arg,
     warn,
 )
+from seqactor._cli_readers import add_readers_parser, cmd_readers
 from seqactor._cli_store import add_store_parser, cmd_store
 
 DEFAULT_URL = f"ws://{C.DEFAULT_HOST}:{C.DEFAULT_PORT}{C.WS_PATH}"
@@ -243,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     _members_parser(sub)
     _demo_parser(sub)
     add_store_parser(sub)
+    add_readers_parser(sub)
     return parser
 
 
@@ -565,6 +567,7 @@ COMMANDS = {
     "members": cmd_members,
     "demo": cmd_demo,
     "store": cmd_store,
+    "readers": cmd_readers,
 }
 
 

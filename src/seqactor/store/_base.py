@@ -31,6 +31,8 @@ from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import trio
+
 MAX_ID_BYTES = 128
 MAX_ALLOCATE_COUNT = 10_000
 DEFAULT_MAX_VIEW_CONVERSATIONS = 1_000_000
@@ -213,6 +215,20 @@ class ViewData:
     frozen: bytearray = field(default_factory=bytearray)
 
 
+@dataclass(slots=True)
+class MemberReads:
+    """The current (not frozen) members of one conversation and their read seqs, as of store
+    position ``position``: every change of this conversation at or below it is included, none
+    above (``user_ids[i]`` has read ``read_seq[i]``; unordered)."""
+
+    conversation_id: str
+    position: int
+    max_sequence: int
+    min_sequence: int
+    user_ids: list[str] = field(default_factory=list)
+    read_seq: array[int] = field(default_factory=lambda: array("Q"))
+
+
 # ------------------------------------------------------------------ the interface
 
 
@@ -292,3 +308,15 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def conversation(self, conversation_id: str) -> ConversationState | None: ...
+
+    async def load_members(self, conversation_id: str) -> MemberReads | None:
+        """Current members' read seqs (group read counts, SPEC §4.9); None when the
+        conversation does not exist. A change with a position above ``MemberReads.position``
+        reaches the listeners after the call started (a reader buffers changes while loading)."""
+        raise NotImplementedError(f"{type(self).__name__} does not provide load_members")
+
+    async def sync(self) -> None:
+        """Return once every change committed before the call (on any node sharing the store)
+        has been handed to this store's listeners (SPEC §4.9 consistency). A single-process
+        store publishes each change as it commits: nothing to wait for."""
+        await trio.lowlevel.checkpoint()
