@@ -16,11 +16,11 @@ CHROMIUM ?= /usr/bin/chromium
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py proto/seqactor/v1/seqactor.proto src/seqactor/_delta.pyx
+$(STAMP): pyproject.toml setup.py proto/seqactor/v1/seqactor.proto src/seqactor/_delta.pyx src/seqactor/_readindex.pyx
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip "setuptools>=69" wheel "cython>=3.0,<4" "grpcio-tools>=1.60,<2"
+	$(PIP) install -q --upgrade pip "setuptools>=77" wheel "cython>=3.0,<4" "grpcio-tools>=1.60,<2"
 	$(PIP) install -q --no-build-isolation -e '.[dev]'
-	$(PY) -c "import seqactor._delta, seqactor._proto.seqactor_pb2" \
+	$(PY) -c "import seqactor._delta, seqactor._readindex, seqactor._proto.seqactor_pb2" \
 	  || (echo "error: compiled kernel or generated protobuf module missing" >&2; exit 1)
 	touch $(STAMP)
 
@@ -78,4 +78,4 @@ lint: install
 	$(VENV)/bin/mypy src
 
 clean:
-	rm -rf build src/*.egg-info src/seqactor/_delta.c src/seqactor/_delta*.so src/seqactor/_proto/seqactor_pb2.py* $(STAMP)
+	rm -rf build src/*.egg-info src/seqactor/_delta.c src/seqactor/_delta*.so src/seqactor/_readindex.c src/seqactor/_readindex*.so src/seqactor/_proto/seqactor_pb2.py* $(STAMP)
