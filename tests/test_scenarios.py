@@ -194,6 +194,20 @@ class Runner:
         elif do == "subscribe":
             assert c is not None
             await c.subscribe(step["conversations"])
+        elif do in ("read_counts", "readers"):
+            who: Any = svc if step["client"] == "service" else c
+            assert who is not None
+            if do == "read_counts":
+                rc = await who.read_counts(step["conversation"], step.get("from", 0),
+                                           step.get("to", 0))
+                got_rc = {"from": rc.from_sequence, "members": rc.member_count,
+                          "counts": list(rc.counts)}
+                assert got_rc == step["expect"], where
+            else:
+                pages = [page async for page in who.readers(
+                    step["conversation"], step["sequence"], unread=step.get("unread", False),
+                    page_size=step.get("page_size", 100))]
+                assert pages == step["expect"], where
         elif do == "go_offline":
             await self.close(step["client"])
         elif do == "come_online":

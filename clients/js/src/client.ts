@@ -5,7 +5,9 @@ import type { CacheStore } from "./cache.js";
 import { Endpoint, Link, Waiter, type ClientBody, type EndpointOptions, type TokenSource } from "./conn.js";
 import { ConnectionLost, Forbidden, type SeqactorError } from "./errors.js";
 import { ChangeStream, applyUpdate, rowUnread, toConversation, type Change, type ChangeBatch, type Conversation, type Pair } from "./view.js";
-import { F_ACK, F_UPDATE, decodeAck, decodeUpdate, type Row } from "./wire.js";
+import { F_ACK, F_UPDATE, decodeAck, decodeReadCounts, decodeUpdate, type Row } from "./wire.js";
+import { ReadCounts, ReadCountsWatch } from "./readcounts.js";
+import { ServerError } from "./errors.js";
 
 export const CACHE_SAVE_INTERVAL_MS = 1000; // a changed view is written at most this often (and on close)
 
@@ -84,6 +86,7 @@ export class Client extends Endpoint {
   private cacheUser = "";
   private cacheTimer: ReturnType<typeof setInterval> | undefined;
   private detachHooks: () => void = () => undefined;
+  private readonly watches = new Map<string, ReadCountsWatch[]>(); // read-count watches (§4.9)
 
   constructor(url: string, token: TokenSource, opts: ClientOptions = {}) {
     super(url, token, opts);
@@ -167,6 +170,68 @@ export class Client extends Endpoint {
         throw err;
       }
     }
+  }
+
+  protected override callOp(body: ClientBody) {
+    return this.call(body);
+  }
+
+  /** `WatchReadCounts`: an async iterator of {@link ReadCounts} for `[fromSequence, max]`
+   * (at most the newest 1 000 seqs): the current counts first, then on every change, at most
+   * once per server interval (250 ms by default). Re-watched after a reconnect. Errors as for
+   * `readCounts`; `TooLarge` beyond 16 watches per session. */
+  async watchReadCounts(conversationId: string, fromSequence = 0): Promise<ReadCountsWatch> {
+    const watch = new ReadCountsWatch(conversationId, fromSequence, (w) => this.unwatch(w));
+    const list = this.watches.get(conversationId) ?? [];
+    list.push(watch);
+    this.watches.set(conversationId, list);
+    try {
+      await this.call({ case: "watchReadCounts", value: { conversationId, fromSequence: BigInt(fromSequence) } });
+    } catch (err) {
+      this.forget(watch);
+      throw err;
+    }
+    return watch;
+  }
+
+  /** drop `watch`; true when it was its conversation's last one */
+  private forget(watch: ReadCountsWatch): boolean {
+    const list = (this.watches.get(watch.conversationId) ?? []).filter((w) => w !== watch);
+    if (list.length) {
+      this.watches.set(watch.conversationId, list);
+      return false;
+    }
+    this.watches.delete(watch.conversationId);
+    return true;
+  }
+
+  private async unwatch(watch: ReadCountsWatch): Promise<void> {
+    if (this.closing || this.error) {
+      this.forget(watch);
+      return;
+    }
+    if (this.forget(watch)) {
+      try {
+        await this.call({ case: "watchReadCounts", value: { conversationId: watch.conversationId, stop: true } });
+      } catch (err) {
+        if (!(err instanceof ServerError)) throw err; // the server ended it already
+      }
+    } else {
+      const others = this.watches.get(watch.conversationId)!;
+      const from = others[others.length - 1]!.fromSequence;
+      await this.call({ case: "watchReadCounts", value: { conversationId: watch.conversationId, fromSequence: BigInt(from) } });
+    }
+  }
+
+  protected override onReadCounts(body: Uint8Array): void {
+    const m = decodeReadCounts(body);
+    const update = new ReadCounts(m.conversationId, m.fromSequence, m.memberCount, m.counts);
+    for (const w of this.watches.get(update.conversationId) ?? []) w.put(update);
+  }
+
+  private endWatches(err: Error | null): void {
+    for (const list of this.watches.values()) for (const w of list) w.end(err);
+    this.watches.clear();
   }
 
   /** `GetSequences` for these ids, applied to the view; ids outside the view are absent
@@ -265,6 +330,16 @@ export class Client extends Endpoint {
         await this.request(link, { case: "subscribe", value: { all: this.subAll, conversationIds: [...this.subIds].sort() } });
       }
     }
+    // read-count watches: watch again what was watched (a refusal ends those watches)
+    for (const [cid, list] of [...this.watches]) {
+      try {
+        await this.request(link, { case: "watchReadCounts", value: { conversationId: cid, fromSequence: BigInt(list[list.length - 1]!.fromSequence) } });
+      } catch (err) {
+        if (!(err instanceof ServerError)) throw err;
+        for (const w of list) w.end(err);
+        this.watches.delete(cid);
+      }
+    }
     const recheck = [...new Set([...this.recheck, ...(forbidden ? this.subIds : [])])].sort();
     if (recheck.length) {
       await this.request(link, { case: "getSequences", value: { conversationIds: recheck } }, { what: "get", ids: recheck });
@@ -317,7 +392,8 @@ export class Client extends Endpoint {
     }
   }
 
-  protected override onFatal(_err: SeqactorError): void {
+  protected override onFatal(err: SeqactorError): void {
+    this.endWatches(err);
     for (const s of this.streams) s.notify();
   }
 
@@ -378,6 +454,7 @@ export class Client extends Endpoint {
     this.detachHooks();
     clearInterval(this.cacheTimer);
     await this.shutdown();
+    this.endWatches(null);
     for (const s of this.streams) s.close();
     await this.flushCache();
   }

@@ -22,9 +22,10 @@ import {
   serverError,
 } from "./errors.js";
 import {
-  F_ERROR, F_GOAWAY, F_UPDATE, F_WELCOME, type ClientBody, type Welcome,
-  decodeError, decodeGoAway, decodeWelcome, encodeClient, splitServerMessage,
+  F_ERROR, F_GOAWAY, F_READERS, F_READ_COUNTS, F_UPDATE, F_WELCOME, type ClientBody, type Welcome,
+  decodeError, decodeGoAway, decodeReadCounts, decodeReaders, decodeWelcome, encodeClient, splitServerMessage,
 } from "./wire.js";
+import { READERS_PAGE_SIZE, ReadCounts, expectField } from "./readcounts.js";
 
 export const CONNECT_TIMEOUT_MS = 10_000;
 export const DEFAULT_HEARTBEAT_MS = 25_000; // until the server's Welcome says otherwise
@@ -539,6 +540,7 @@ export class Endpoint extends EventTarget {
         this.stats.pushes += 1;
         this.onPush(body, size);
       } else if (field === F_GOAWAY) this.goaway(body);
+      else if (field === F_READ_COUNTS) this.onReadCounts(body);
       else if (field === F_ERROR) this.lastError = `server error: ${decodeError(body).message}`;
       return;
     }
@@ -565,7 +567,45 @@ export class Endpoint extends EventTarget {
     link.timer = setTimeout(() => this.heartbeat(link), Math.max(1, next - now()));
   }
 
+  // ------------------------------------------------------------------ group read counts (§4.9)
+  /** how the subclass sends an op (Client: re-sent after a drop; ServiceClient: a deadline) */
+  protected callOp(_body: ClientBody): Promise<Reply> {
+    return Promise.reject(new Error("not implemented"));
+  }
+
+  /** `GetReadCounts`: members who have read each seq of `[from, to]` (0 = first readable /
+   * max; clamped by the server). Errors: `Forbidden` (not a current member, or no such
+   * conversation), `NotFound` (service, unknown conversation), `TooLarge` (more than 1 000
+   * seqs after clamping). */
+  async readCounts(conversationId: string, fromSequence = 0, toSequence = 0): Promise<ReadCounts> {
+    const r = await this.callOp({ case: "getReadCounts", value: { conversationId, fromSequence: BigInt(fromSequence), toSequence: BigInt(toSequence) } });
+    expectField(r.field, F_READ_COUNTS);
+    const m = decodeReadCounts(r.body);
+    return new ReadCounts(m.conversationId, m.fromSequence, m.memberCount, m.counts);
+  }
+
+  /** `GetReaders` page by page: current members (ordered by user id, bytewise UTF-8) with
+   * `read_sequence >= sequence` (`unread`: `<`), at most `pageSize` (1–1 000) per page. */
+  async *readers(
+    conversationId: string, sequence: number,
+    opts: { unread?: boolean; pageSize?: number; afterUserId?: string } = {},
+  ): AsyncGenerator<string[], void, undefined> {
+    let after = opts.afterUserId ?? "";
+    for (;;) {
+      const r = await this.callOp({
+        case: "getReaders",
+        value: { conversationId, sequence: BigInt(sequence), unread: opts.unread ?? false, limit: opts.pageSize ?? READERS_PAGE_SIZE, afterUserId: after },
+      });
+      expectField(r.field, F_READERS);
+      const page = decodeReaders(r.body);
+      if (page.userIds.length) yield page.userIds;
+      after = page.nextAfterUserId;
+      if (!after) return;
+    }
+  }
+
   // ------------------------------------------------------------------ subclass hooks
+  protected onReadCounts(_body: Uint8Array): void {}
   protected async onOpen(_link: Link): Promise<void> {}
   protected onClose(_link: Link): void {}
   protected onPush(_body: Uint8Array, _size: number): void {}

@@ -11,6 +11,7 @@ export {
   type WebSocketLike,
 } from "./conn.js";
 export { Backoff, type BackoffOptions } from "./backoff.js";
+export { ReadCounts, ReadCountsWatch, READERS_PAGE_SIZE } from "./readcounts.js";
 export { MemoryCache, type CacheData, type CacheStore } from "./cache.js";
 export { IndexedDBCache, attachPageHooks } from "./browser.js";
 export { applyUpdate, unreadOf, type Change, type ChangeBatch, type ChangeStream, type Conversation } from "./view.js";

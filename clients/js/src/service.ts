@@ -39,6 +39,10 @@ export class ServiceClient extends Endpoint {
     return svc;
   }
 
+  protected override callOp(body: ClientBody): Promise<Reply> {
+    return this.call(body);
+  }
+
   private async call(body: ClientBody): Promise<Reply> {
     let timer: ReturnType<typeof setTimeout> | undefined;
     const timeout = new Promise<never>((_, reject) => {

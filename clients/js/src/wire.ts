@@ -17,6 +17,8 @@ export const F_ERROR = 5;
 export const F_PONG = 6;
 export const F_ALLOCATED = 7;
 export const F_GOAWAY = 8;
+export const F_READ_COUNTS = 9; // v1.1 (SPEC §4.9); request id 0: a watch's push
+export const F_READERS = 10;
 
 /** One conversation as held by the client: plain numbers (seqs above 2^53 are refused). */
 export interface Row {
@@ -54,6 +56,9 @@ const CLIENT_BODIES: Record<ClientBody["case"], readonly [number, readonly Field
   addMembers: [21, [["conversationId", 1, "s"], ["userIds", 2, "S"]]],
   removeMembers: [22, [["conversationId", 1, "s"], ["userIds", 2, "S"], ["keepHistory", 3, "b"]]],
   setMinSequence: [23, [["conversationId", 1, "s"], ["minSequence", 2, "u"]]],
+  getReadCounts: [9, [["conversationId", 1, "s"], ["fromSequence", 2, "u"], ["toSequence", 3, "u"]]],
+  watchReadCounts: [10, [["conversationId", 1, "s"], ["fromSequence", 2, "u"], ["stop", 3, "b"]]],
+  getReaders: [11, [["conversationId", 1, "s"], ["sequence", 2, "u"], ["unread", 3, "b"], ["limit", 4, "u"], ["afterUserId", 5, "s"]]],
 };
 
 /** Encode a `ClientMessage` with the protobuf runtime's `BinaryWriter` (proto3: default
@@ -338,6 +343,41 @@ export function decodeGoAway(body: Uint8Array): { reason: string; reconnectAfter
   fields(body, (no, r, wire) => {
     if (no === 1 && wire === 2) m.reason = strField(r, body);
     else if (no === 2 && wire === 0) m.reconnectAfterMs = r.varint();
+    else return false;
+    return true;
+  });
+  return m;
+}
+
+export interface ReadCountsBody {
+  conversationId: string;
+  fromSequence: number;
+  memberCount: number;
+  counts: number[];
+}
+
+export function decodeReadCounts(body: Uint8Array): ReadCountsBody {
+  const m: ReadCountsBody = { conversationId: "", fromSequence: 0, memberCount: 0, counts: [] };
+  fields(body, (no, r, wire) => {
+    if (no === 1 && wire === 2) m.conversationId = strField(r, body);
+    else if (no === 2 && wire === 0) m.fromSequence = r.varint();
+    else if (no === 3 && wire === 0) m.memberCount = r.varint();
+    else if (no === 4 && wire === 2) {
+      const e = r.bytesEnd(); // packed
+      while (r.pos < e) m.counts.push(r.varint());
+      if (r.pos !== e) throw new DecodeError("malformed packed counts");
+    } else if (no === 4 && wire === 0) m.counts.push(r.varint());
+    else return false;
+    return true;
+  });
+  return m;
+}
+
+export function decodeReaders(body: Uint8Array): { userIds: string[]; nextAfterUserId: string } {
+  const m = { userIds: [] as string[], nextAfterUserId: "" };
+  fields(body, (no, r, wire) => {
+    if (no === 1 && wire === 2) m.userIds.push(strField(r, body));
+    else if (no === 2 && wire === 2) m.nextAfterUserId = strField(r, body);
     else return false;
     return true;
   });

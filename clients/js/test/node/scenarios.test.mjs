@@ -59,6 +59,19 @@ async function run(scenario) {
         case "subscribe":
           await client(step.client).subscribe(step.conversations);
           break;
+        case "read_counts": {
+          const who = step.client === "service" ? svc : client(step.client);
+          const rc = await who.readCounts(step.conversation, step.from ?? 0, step.to ?? 0);
+          assert.deepEqual({ from: rc.fromSequence, members: rc.memberCount, counts: [...rc.counts] }, step.expect, where);
+          break;
+        }
+        case "readers": {
+          const who = step.client === "service" ? svc : client(step.client);
+          const pages = [];
+          for await (const page of who.readers(step.conversation, step.sequence, { unread: step.unread ?? false, pageSize: step.page_size })) pages.push(page);
+          assert.deepEqual(pages, step.expect, where);
+          break;
+        }
         case "go_offline":
           await client(step.client).close();
           break;

@@ -4,7 +4,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { ClientMessageSchema, ServerMessageSchema } from "../../dist/gen/seqactor/v1/seqactor_pb.js";
-import { encodeClient } from "../../dist/wire.js";
+import { decodeReadCounts, decodeReaders, encodeClient } from "../../dist/wire.js";
 import { Backoff, decodeUpdate, splitServerMessage, unreadOf } from "../../dist/node.js";
 
 const BODIES = [
@@ -21,6 +21,9 @@ const BODIES = [
   { case: "addMembers", value: { conversationId: "g", userIds: ["a", "b", "ü"] } },
   { case: "removeMembers", value: { conversationId: "g", userIds: ["a"], keepHistory: true } },
   { case: "setMinSequence", value: { conversationId: "g", minSequence: 5n } },
+  { case: "getReadCounts", value: { conversationId: "g", fromSequence: 3n, toSequence: 9n } },
+  { case: "watchReadCounts", value: { conversationId: "g", fromSequence: 1n, stop: true } },
+  { case: "getReaders", value: { conversationId: "g", sequence: 4n, unread: true, limit: 2, afterUserId: "bo" } },
 ];
 
 test("every ClientMessage the SDK encodes is byte-identical to the generated schema's toBinary", () => {
@@ -102,4 +105,19 @@ test("backoff: full jitter under a ceiling that doubles up to the cap, reset aft
   const c = new Backoff({ baseMs: 1000, capMs: 1000, random: seeded(7) });
   const draws = Array.from({ length: 400 }, () => c.nextDelay());
   assert.ok(Math.min(...draws) < 100 && Math.max(...draws) > 900);
+});
+
+test("ReadCounts and Readers decode as the generated schema writes them", () => {
+  const rc = toBinary(ServerMessageSchema, create(ServerMessageSchema, {
+    body: { case: "readCounts", value: { conversationId: "g", fromSequence: 7n, memberCount: 300, counts: [300, 200, 1, 0] } },
+  }));
+  const a = splitServerMessage(rc);
+  assert.equal(a.field, 9);
+  assert.deepEqual(decodeReadCounts(a.body), { conversationId: "g", fromSequence: 7, memberCount: 300, counts: [300, 200, 1, 0] });
+  const rd = toBinary(ServerMessageSchema, create(ServerMessageSchema, {
+    requestId: 5n, body: { case: "readers", value: { userIds: ["a", "ü"], nextAfterUserId: "ü" } },
+  }));
+  const b = splitServerMessage(rd);
+  assert.deepEqual([b.requestId, b.field], [5, 10]);
+  assert.deepEqual(decodeReaders(b.body), { userIds: ["a", "ü"], nextAfterUserId: "ü" });
 });
