@@ -344,11 +344,14 @@ export class Endpoint extends EventTarget {
       }
       this.setState("offline");
       let delay: number;
+      const goaway = this.goawayMs !== null;
       if (this.goawayMs !== null) {
         delay = this.backoff.goawayDelay(this.goawayMs);
         this.goawayMs = null;
       } else delay = this.backoff.nextDelay();
       this.lastDelayMs = delay;
+      this.delays.push({ ms: delay, goaway });
+      if (this.delays.length > 16) this.delays.shift();
       await this.sleep(delay);
     }
     this.setState("closed");
@@ -356,6 +359,8 @@ export class Endpoint extends EventTarget {
 
   /** the delay chosen before the latest reconnect attempt (ms) */
   lastDelayMs = 0;
+  /** the last 16 reconnect delays, and whether each followed a GoAway */
+  readonly delays: Array<{ ms: number; goaway: boolean }> = [];
   /** the last GoAway received */
   lastGoAway: { reason: string; reconnectAfterMs: number } | null = null;
 
