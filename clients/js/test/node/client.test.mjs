@@ -263,3 +263,28 @@ test("a newer session on the same device replaces the older: SessionReplaced (40
     await newer.close();
   }
 });
+
+test("offlineOk: the cached view at once while the server is down; a new store epoch brings a snapshot", async () => {
+  const mem = await new Server().start();
+  const s3 = await ServiceClient.connect(mem.url, mem.token("backend", "service"));
+  await s3.addMembers("o-1", ["ola"]);
+  await s3.allocate("o-1", 2);
+  await s3.close();
+  const cache = new MemoryCache();
+  const a = await Client.connect(mem.url, mem.token("ola"), { cache });
+  await a.close();
+  await mem.stop();
+  const b = await Client.connect(mem.url, mem.token("ola"), { cache, offlineOk: true, backoff: fastBackoff });
+  try {
+    assert.equal(b.connected, false);
+    assert.equal(b.get("o-1").maxSequence, 2); // from the cache
+    await mem.start(); // same port, a fresh memory:// store: another epoch
+    await until(() => b.connected, b, "connected");
+    assert.equal(b.lastSync.sinceToken, true);
+    assert.equal(b.lastSync.full, true);
+    assert.equal(b.size, 0); // the new store has nothing for ola: the snapshot dropped o-1
+  } finally {
+    await b.close();
+    await mem.stop();
+  }
+});

@@ -227,3 +227,26 @@ test("reconnectNow (the browser's `online` event) ends the backoff wait at once"
     await c.close();
   }
 });
+
+test("a link with nothing received for 2.5 heartbeat intervals is replaced", async () => {
+  const net = new FakeNet();
+  const first = net.next();
+  const connecting = Client.connect("ws://fake/v1", "tok", { WebSocket: net.WebSocket, backoff: { baseMs: 1, capMs: 2 } });
+  let ws = await first;
+  await welcome(ws, 20);
+  const get = await resumeRequests(ws);
+  ws.reply(get.requestId, { case: "update", value: { syncToken: new Uint8Array([1]), full: true } });
+  const c = await connecting;
+  try {
+    const nextWs = net.next(); // the peer goes silent: Pings get no Pong
+    const silentFrom = ws.log[ws.log.length - 1].sentAt;
+    ws = await nextWs;
+    assert.ok(c.stats.pingsSent >= 1);
+    assert.match(c.lastError, /nothing received/);
+    assert.ok(performance.now() - silentFrom >= 20 * 2.5);
+    await welcome(ws, 20);
+    assert.deepEqual([...(await resumeRequests(ws)).body.value.since], [1]);
+  } finally {
+    await c.close();
+  }
+});
