@@ -345,6 +345,12 @@ export class Client extends Endpoint {
       await this.request(link, { case: "getSequences", value: { conversationIds: recheck } }, { what: "get", ids: recheck });
       this.recheck.clear();
     }
+    // the page was hidden or shown while the resume ran: tell the server the current state
+    while (this.background !== this.serverBackground) {
+      const want: boolean = this.background;
+      await this.request(link, { case: "setBackground", value: { background: want } });
+      this.serverBackground = want;
+    }
   }
 
   protected override onClose(link: Link): void {

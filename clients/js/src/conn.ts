@@ -214,6 +214,9 @@ export class Endpoint extends EventTarget {
   private authRetryOk = true;
   private wakeSleep: (() => void) | null = null;
   private loop: Promise<void> | null = null;
+  private abortConnect: ((err: Error | null) => void) | null = null; // the connection in progress
+  private signalClosed: () => void = () => undefined;
+  private readonly closedSignal = new Promise<null>((r) => (this.signalClosed = () => r(null)));
 
   constructor(url: string, token: TokenSource, opts: EndpointOptions = {}) {
     super();
@@ -322,7 +325,9 @@ export class Endpoint extends EventTarget {
       this.setState("connecting");
       try {
         this.stats.attempts += 1;
-        await this.connectOnce(await this.getToken());
+        const token = await Promise.race([this.getToken(), this.closedSignal]);
+        if (token === null) break; // closed while a token provider was pending
+        await this.connectOnce(token);
       } catch (e) {
         err = e;
       }
@@ -440,9 +445,11 @@ export class Endpoint extends EventTarget {
       const finish = (err: Error | null): void => {
         if (done) return;
         done = true;
+        if (this.abortConnect === finish) this.abortConnect = null;
         clearTimeout(connectTimer);
-        ws.onopen = ws.onmessage = ws.onerror = null;
+        ws.onopen = ws.onmessage = null;
         ws.onclose = null;
+        ws.onerror = () => undefined; // `ws` emits an error when closed while connecting
         if (link) this.teardown(link);
         try {
           ws.close(1000, "client closing");
@@ -452,6 +459,7 @@ export class Endpoint extends EventTarget {
         if (err) reject(err);
         else resolve();
       };
+      this.abortConnect = finish;
       ws.onerror = () => undefined; // a close event follows
       ws.onclose = (ev) => finish(this.closedError(ev.code, ev.reason));
       ws.onopen = () => {
@@ -621,7 +629,8 @@ export class Endpoint extends EventTarget {
   protected async shutdown(): Promise<void> {
     if (this.closing) return;
     this.closing = true;
-    this.link?.finish(null);
+    this.signalClosed();
+    this.abortConnect?.(null);
     this.wakeSleep?.();
     this.notify();
     await this.loop;

@@ -250,3 +250,16 @@ test("a link with nothing received for 2.5 heartbeat intervals is replaced", asy
     await c.close();
   }
 });
+
+test("close() while connecting (no Welcome yet, or a token provider still pending) returns", async () => {
+  const net = new FakeNet();
+  const first = net.next();
+  const c = await Client.connect("ws://fake/v1", "tok", { WebSocket: net.WebSocket, offlineOk: true });
+  const ws = await first;
+  await ws.recv(); // the Hello, never answered
+  await c.close();
+  assert.equal(c.state, "closed");
+  const pending = await Client.connect("ws://fake/v1", () => new Promise(() => undefined), { WebSocket: net.WebSocket, offlineOk: true });
+  await pending.close();
+  assert.equal(pending.state, "closed");
+});
