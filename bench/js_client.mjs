@@ -25,7 +25,7 @@ const { CHROMIUM, CHROMIUM_ARGS } = await import(pathToFileURL(join(JS, "test/br
 const QUICK = process.argv.includes("--quick");
 const N_CONV = 10_000;
 const DELTA_FRACTION = 0.01;
-const REPS = QUICK ? 15 : 60;
+const REPS = QUICK ? 16 : 60; // even: two blocks each
 const WARMUP = QUICK ? 5 : 20;
 const GOAL_SNAPSHOT_CHROMIUM_MS = 10;
 const GOAL_BUNDLE_BYTES = 25 * 1024;
@@ -77,15 +77,24 @@ async function frames() {
 }
 
 // ------------------------------------------------------------------ Node
-function timeIt(fn) {
+function samples(fn, n) {
   for (let i = 0; i < WARMUP; i++) fn();
   const ms = [];
-  for (let i = 0; i < REPS; i++) {
+  for (let i = 0; i < n; i++) {
     const t = performance.now();
     fn();
     ms.push(performance.now() - t);
   }
-  return median(ms);
+  return ms;
+}
+
+function timeAlternating(a, b) {
+  const sa = [], sb = [];
+  for (let round = 0; round < 2; round++) {
+    sa.push(...samples(a, REPS / 2));
+    sb.push(...samples(b, REPS / 2));
+  }
+  return [median(sa), median(sb)];
 }
 
 // ------------------------------------------------------------------ Chromium
@@ -108,25 +117,36 @@ async function inChromium(snapshot, delta) {
       const delta = new Uint8Array(del);
       const med = (xs) => { const s = [...xs].sort((a, b) => a - b); return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2; };
       // performance.now() is coarse in a page (100 µs): each sample runs `inner` calls
-      const time = (fn, setup = () => undefined, inner = 5) => {
+      const blockSamples = (fn, n, setup = () => undefined, inner = 5) => {
         for (let i = 0; i < warmup; i++) fn(setup());
         const ms = [];
-        for (let i = 0; i < reps; i++) {
+        for (let i = 0; i < n; i++) {
           const args = Array.from({ length: inner }, setup);
           const t = performance.now();
           for (const a of args) fn(a);
           ms.push((performance.now() - t) / inner);
         }
-        return med(ms);
+        return ms;
+      };
+      const time = (fn, setup, inner) => med(blockSamples(fn, reps, setup, inner));
+      // blocks A B A B: each decoder pays for its own garbage, both see the same load drift
+      const alternating = (a, b) => {
+        const sa = [], sb = [];
+        for (let round = 0; round < 2; round++) {
+          sa.push(...blockSamples(a, reps / 2));
+          sb.push(...blockSamples(b, reps / 2));
+        }
+        return [med(sa), med(sb)];
       };
       const sdkDecode = () => B.decodeUpdate(B.splitServerMessage(snapshot).body);
       const generic = () => B.fromBinary(B.ServerMessageSchema, snapshot);
       const snapshotApply = () => { const u = sdkDecode(); const view = new Map(); B.applyUpdate(view, u.conversations, u.full, u.removed); return view; };
       const base = snapshotApply();
       const deltaApply = (view) => { const u = B.decodeUpdate(B.splitServerMessage(delta).body); B.applyUpdate(view, u.conversations, u.full, u.removed); };
+      const [sdkMs, genericMs] = alternating(sdkDecode, generic);
       return {
-        sdk: time(sdkDecode),
-        generic: time(generic),
+        sdk: sdkMs,
+        generic: genericMs,
         snapshotApply: time(snapshotApply),
         delta: time(deltaApply, () => new Map(base), 50),
         entries: sdkDecode().conversations.size,
@@ -143,8 +163,11 @@ async function inChromium(snapshot, delta) {
 progress("real snapshot and delta frames from seqactor serve");
 const { snapshot, delta, changed } = await frames();
 progress("Node");
-const nodeSdk = timeIt(() => sdk.decodeUpdate(sdk.splitServerMessage(snapshot).body));
-const nodeGeneric = timeIt(() => fromBinary(ServerMessageSchema, snapshot));
+// blocks A B A B: each decoder pays for its own garbage, and both see the same load drift
+const [nodeSdk, nodeGeneric] = timeAlternating(
+  () => sdk.decodeUpdate(sdk.splitServerMessage(snapshot).body),
+  () => fromBinary(ServerMessageSchema, snapshot),
+);
 progress("Chromium");
 const chrome = await inChromium(snapshot, delta);
 const bundle = readFileSync(join(JS, "dist/seqactor.min.js"));
