@@ -4,7 +4,7 @@
 // of the browser bundle. The snapshot and delta are real reply frames of a `seqactor serve`.
 // Writes bench/results/js.json; prints a table. `make bench-js` (or node bench/js_client.mjs
 // after `npm ci && npm run build` in clients/js). --quick: fewer repetitions.
-import { readFileSync, writeFileSync, mkdirSync } from "node:fs";
+import { readFileSync, writeFileSync, mkdirSync, rmSync } from "node:fs";
 import { gzipSync } from "node:zlib";
 import { join } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
@@ -107,7 +107,8 @@ async function inChromium(snapshot, delta) {
     export { ServerMessageSchema } from ${JSON.stringify(join(JS, "dist/gen/seqactor/v1/seqactor_pb.js"))};
   `);
   const out = await build({ entryPoints: [entry], bundle: true, format: "iife", globalName: "B", minify: true, write: false, nodePaths: [join(JS, "node_modules")], platform: "browser" });
-  const context = await chromium.launchPersistentContext(tempDir("seqactor-chromium-"), { executablePath: CHROMIUM, headless: true, args: CHROMIUM_ARGS });
+  const profile = tempDir("seqactor-chromium-");
+  const context = await chromium.launchPersistentContext(profile, { executablePath: CHROMIUM, headless: true, args: CHROMIUM_ARGS });
   try {
     const page = context.pages()[0] ?? (await context.newPage());
     await page.setContent("<!doctype html><title>bench</title>");
@@ -156,6 +157,8 @@ async function inChromium(snapshot, delta) {
     }, { snap: [...snapshot], del: [...delta], reps: REPS, warmup: WARMUP });
   } finally {
     await context.close();
+    rmSync(profile, { recursive: true, force: true });
+    rmSync(dir, { recursive: true, force: true });
   }
 }
 

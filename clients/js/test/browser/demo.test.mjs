@@ -3,7 +3,7 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { copyFileSync, existsSync, mkdirSync, readFileSync } from "node:fs";
+import { copyFileSync, mkdirSync, readFileSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import { chromium } from "playwright-core";
 import { ServiceClient } from "../../dist/node.js";
@@ -12,7 +12,7 @@ import { GUARD_MS, REPO, SEQACTOR_BIN, mintToken, tempDir } from "../helpers.mjs
 
 const OUT = join(REPO, "clients/js/test-results");
 
-let demo, context, page, svc, secret, wsUrl, pageUrl;
+let demo, context, page, svc, secret, wsUrl, pageUrl, profile;
 
 before(async () => {
   const dir = tempDir();
@@ -36,7 +36,8 @@ before(async () => {
   wsUrl = decodeURIComponent(/#url=([^&]+)/.exec(pageUrl)[1]);
   secret = readFileSync(secretFile, "utf8").trim();
   svc = await ServiceClient.connect(wsUrl, mintToken(secret, "browser-test", { role: "service" }));
-  context = await chromium.launchPersistentContext(tempDir("seqactor-chromium-"), {
+  profile = tempDir("seqactor-chromium-"); // a fresh profile: no state from earlier runs
+  context = await chromium.launchPersistentContext(profile, {
     executablePath: CHROMIUM, headless: true, args: CHROMIUM_ARGS, viewport: { width: 520, height: 470 },
   });
   page = context.pages()[0] ?? (await context.newPage());
@@ -47,6 +48,7 @@ before(async () => {
 
 after(async () => {
   await context?.close();
+  if (profile) rmSync(profile, { recursive: true, force: true });
   await svc?.close();
   if (demo && demo.exitCode === null) {
     const exited = new Promise((r) => demo.once("exit", r));
