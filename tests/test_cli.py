@@ -96,7 +96,7 @@ def assert_one_line_error(res: subprocess.CompletedProcess[str], *fragments: str
         assert fragment in lines[0], lines[0]
 
 
-HELP_COMMANDS = ["serve", "token", "watch", "send", "members", "demo", "store",
+HELP_COMMANDS = ["serve", "token", "watch", "send", "members", "readers", "demo", "store",
                  "store init", "store backup", "store restore"]
 
 
@@ -277,6 +277,7 @@ CLIENT_COMMANDS = {
     "watch": ["watch", "--user", "alice", "--once"],
     "send": ["send", "c"],
     "members": ["members", "add", "c", "alice"],
+    "readers": ["readers", "c", "1"],
 }
 BAD_URLS = [
     ("scheme", "http://127.0.0.1:{port}/v1", USAGE, "http://127.0.0.1:{port}/v1"),
@@ -360,6 +361,13 @@ CASES += [
                                  "10001"], USAGE, "10000"),
     ("members-bad-user", ["members", "add", "c", "a\x01b", "--url", "{url}", "--token", "t"],
      USAGE, "user"),
+    ("readers-seq-bad-number", ["readers", "c", "x", "--url", "{url}", "--token", "t"],
+     USAGE, "seq"),
+    ("readers-seq-zero", ["readers", "c", "0", "--url", "{url}", "--token", "t"], USAGE, "SEQ 0"),
+    ("readers-seq-out-of-range", ["readers", "c", str(2**64), "--url", "{url}", "--token", "t"],
+     USAGE, str(2**64)),
+    ("readers-limit-negative", ["readers", "c", "1", "--url", "{url}", "--token", "t",
+                                "--limit", "-1"], USAGE, "--limit"),
     ("demo-port-in-use", ["demo", "--port", "{port}", "--duration", "1"], FAILURE,
      "127.0.0.1:{port}"),
     ("demo-port-out-of-range", ["demo", "--port", "99999"], USAGE, "99999"),
@@ -434,7 +442,7 @@ def test_bad_input_is_one_line_naming_the_culprit(bad_inputs, argv, code, names)
 
 def test_the_table_covers_every_command_and_kind():
     ids = " ".join(c[0] for c in CASES)
-    for cmd in ("serve", "token", "watch", "send", "members", "demo", "store-init",
+    for cmd in ("serve", "token", "watch", "send", "members", "readers", "demo", "store-init",
                 "store-backup", "store-restore"):
         assert f"{cmd}-" in ids, cmd
     for kind in ("missing", "dir", "empty", "fifo", "scheme", "wrong-path", "trailing-slash",

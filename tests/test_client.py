@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import statistics
+import time
 
 import msgpack
 import pytest
@@ -26,6 +27,7 @@ from seqactor import (
     SessionReplaced,
     unread_count,
 )
+from seqactor.auth import issue_token
 from seqactor.config import ServerConfig
 from seqactor.gateway import Server
 from seqactor.store import open_store
@@ -391,7 +393,9 @@ async def test_bad_token_surfaces_authentication_error():
             async with Client.connect(server.url, "not-a-token"):
                 pass
         with pytest.raises(AuthenticationError):
-            async with ServiceClient.connect(server.url, token("svc", ttl=-5)):
+            expired = issue_token(SECRET, "svc", role="service", ttl_s=60,
+                                  now=time.time() - 120)  # expired a minute ago
+            async with ServiceClient.connect(server.url, expired):
                 pass
 
 

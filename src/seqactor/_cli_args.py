@@ -54,6 +54,9 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+MAX_SEQ = 2**64 - 1  # seqs are uint64
+
+
 def _int(text: str) -> int:
     try:
         return int(text)
@@ -83,6 +86,14 @@ def positive_int(text: str, minimum: int = 1) -> int:
     value = _int(text)
     if value < minimum:
         raise argparse.ArgumentTypeError(f"{value} is below the minimum of {minimum}")
+    return value
+
+
+def seq_arg(text: str, what: str = "seq") -> int:
+    """A message seq: 1 to 2^64 - 1."""
+    value = _int(text)
+    if not 1 <= value <= MAX_SEQ:
+        raise argparse.ArgumentTypeError(f"{what} {value} is outside 1-{MAX_SEQ}")
     return value
 
 
