@@ -1,5 +1,5 @@
-"""Several ``seqactor serve`` processes on one Redis (docs/protocol.md, "Stores"): cross-node push, tokens that work
-on any node (I3), no seq reuse across a Redis restart (I1), the data-loss guard, and
+"""Several ``seqactor serve`` processes on one Redis (docs/protocol.md, "Stores"): cross-node
+push, tokens that work on any node (I3), no seq reuse across a Redis restart (I1), the data-loss guard, and
 convergence after a node's Redis connection was cut."""
 
 from __future__ import annotations
