@@ -61,7 +61,7 @@ def add_store_parser(sub: Any) -> None:
             "one committed state even while the server keeps writing."
         ),
         epilog="example: seqactor store backup --store sqlite:///var/seqactor.db "
-        "var/backup-$(date +%%F).db",
+        "var/backup-$(date +%F).db",
         formatter_class=HelpFormatter,
     )
     backup.add_argument("--store", required=True, metavar="URL",
