@@ -519,6 +519,12 @@ def test_members_names_users_who_were_not_or_already_members(server):
     assert res.stdout.strip() == "club: removed nobody; not members: zed yul"
 
 
+def test_demo_counts_one_conversation_in_the_singular():
+    res = run("demo", "--port", "0", "--users", "2", "--groups", "0", "--duration", "0.5")
+    assert res.returncode == 0, res.stderr
+    assert "2 users, 1 conversation, " in res.stdout
+
+
 def test_watch_title_counts_one_conversation_in_the_singular(server):
     url, secret = server
     run("members", "add", "--url", url, "--secret-file", secret, "solo", "eve")
