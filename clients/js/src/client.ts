@@ -136,7 +136,7 @@ export class Client extends Endpoint {
     return this.rows.size;
   }
 
-  /** Σ unread over the view (SPEC v1.1 §1 per conversation) */
+  /** Σ unread over the view (docs/protocol.md, "Unread" per conversation) */
   get totalUnread(): number {
     return this.total;
   }

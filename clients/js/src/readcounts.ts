@@ -1,4 +1,4 @@
-/** Group read counts (SPEC v1.1 §4.9): `readCounts`, `readers` and `watchReadCounts`. */
+/** Group read counts (docs/protocol.md, "Group read counts"): `readCounts`, `readers` and `watchReadCounts`. */
 
 import { ErrorCode, ServerError } from "./errors.js";
 
