@@ -93,7 +93,7 @@ class ReadIndex:
         slots = self.slots
         self.order = array("I", [slots[u] for u in self.uids])
         self.min_sequence = snap.min_sequence
-        self.used = trio.current_time()
+        self.used = 0.0  # trio.current_time() of the last use (set by the registry)
 
     @property
     def max_sequence(self) -> int:
@@ -109,12 +109,12 @@ class ReadIndex:
         """Apply a committed change → the highest seq whose count changed (``EVERYTHING`` when
         membership, max or min moved), or None when nothing changed."""
         counter = self.counter
-        if isinstance(change, ReadMarked):
+        if type(change) is ReadMarked:  # the hot path: one per MarkRead
             slot = self.slots.get(change.user_id)
             if slot is None:  # a frozen member marking read: not counted
                 return None
-            old = counter.raise_read(slot, change.read_sequence)
-            return change.read_sequence if change.read_sequence > old else None
+            read = change.read_sequence
+            return read if read > counter.raise_read(slot, read) else None
         if isinstance(change, Allocated):
             counter.set_max(change.last)
             if change.sender_user_id is not None and change.sender_read:
@@ -337,6 +337,7 @@ class ReadIndexes:
                 if ld.reset:
                     continue
                 idx = ReadIndex(snap)
+                idx.used = trio.current_time()
                 for change in ld.buffer:
                     if change.position > snap.position:
                         idx.apply(change)
