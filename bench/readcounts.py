@@ -26,8 +26,9 @@ uniform over the last 10 000 seqs), in one process:
   the Python objects for the member ids on top (dict + sorted list + strings, tracemalloc).
 
 **Live** (a ``seqactor serve`` subprocess on ``memory://``; 100 000 members, 10 watcher
-sessions with ``WatchReadCounts`` over ``[1, 1000]``, 500 member sessions marking read one seq
-further each time at 10 000 MarkReads/s in total for 10 s; ``--quick``: 20 000 members,
+sessions with ``WatchReadCounts`` over ``[1, 1000]``, 100 member sessions (a lean WebSocket
+client, ``RawConn`` of bench/fanout.py) each marking read one seq further every time, 10 000
+MarkReads/s in total, sent in batches every 5 ms, for 10 s; ``--quick``: 20 000 members,
 2 000/s for 3 s): ``watch_pushes_per_s`` (all watchers), staleness of the counts = for the k-th
 acknowledged MarkRead, the time from its Ack to the first push whose counts include k
 MarkReads (the sum of the counts grows by one per MarkRead), p50/p99 over every watcher;
@@ -59,12 +60,17 @@ import trio_websocket as tws
 from seqactor import _kernel
 from seqactor import _readindex as C
 from seqactor import _readindex_py as P
+from seqactor._kernel import split_server_message
 from seqactor._proto import seqactor_pb2 as pb
 from seqactor._readcounts import ReadIndex
 from seqactor.auth import issue_token
 from seqactor.store import MemberReads, ReadMarked
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _fanout_client import RawConn  # noqa: E402 - the lean client of bench/fanout.py
+
 ROOT = Path(__file__).resolve().parent.parent
+F_ACK = 4  # ServerMessage.ack
 RESULTS = ROOT / "bench" / "results" / "readcounts.json"
 PLOT = ROOT / "docs" / "img" / "readcounts.png"
 SIZES = {"10k": 10_000, "100k": 100_000, "1m": 1_000_000}
@@ -78,7 +84,8 @@ SQL_QUICK_SEQS = 100
 LIVE_MEMBERS, LIVE_RATE, LIVE_SECONDS = 100_000, 10_000, 10.0
 QUICK_LIVE_MEMBERS, QUICK_LIVE_RATE, QUICK_LIVE_SECONDS = 20_000, 2_000, 3.0
 LIVE_WATCHERS = 10
-LIVE_MARKERS = 500  # member sessions sending MarkReads (each under the 200 ops/s limit)
+LIVE_MARKERS = 100  # member sessions sending MarkReads (100/s each: under the 200 ops/s limit)
+PACE_TICK_S = 0.005  # the load is sent in batches this often
 LIVE_SEQS = 1_000
 ADD_BATCH = 4_000  # ids per AddMembers (a frame stays under the 64 KiB limit)
 LIVE_SETTLE_S = 1.5  # after the load: the last pushes arrive
@@ -260,13 +267,32 @@ def frame(rid: int, **body: Any) -> bytes:
     return msg.SerializeToString()
 
 
-async def session(url: str, user: str, role: str = "user") -> tws.WebSocketConnection:
-    conn = await tws.connect_websocket_url(_nursery, url, message_queue_size=1024)
+async def session(
+    nursery: trio.Nursery, url: str, user: str, role: str = "user"
+) -> tws.WebSocketConnection:
+    conn = await tws.connect_websocket_url(nursery, url, message_queue_size=1024)
     tok = issue_token(SECRET, user, role=role, ttl_s=3600)
     await conn.send_message(frame(1, hello=pb.Hello(token=tok)))
     reply = pb.ServerMessage.FromString(await conn.get_message())
     assert reply.WhichOneof("body") == "welcome", reply
     return conn
+
+
+async def raw_session(port: int, user: str) -> RawConn:
+    """A lean WebSocket session (bench/_fanout_client.py's ``RawConn``) for the load."""
+    conn = await RawConn.connect(port)
+    tok = issue_token(SECRET, user, ttl_s=3600)
+    await conn.send(frame(1, hello=pb.Hello(token=tok)))
+    (reply,) = await conn.receive()
+    assert pb.ServerMessage.FromString(reply).WhichOneof("body") == "welcome"
+    return conn
+
+
+def ws_frame(payload: bytes) -> bytes:
+    """A masked client frame (all-zero key: the payload is sent as it is)."""
+    n = len(payload)
+    assert n < 126
+    return bytes((0x82, 0x80 | n)) + b"\0\0\0\0" + payload
 
 
 async def call(conn: tws.WebSocketConnection, rid: int, **body: Any) -> pb.ServerMessage:
@@ -278,19 +304,14 @@ async def call(conn: tws.WebSocketConnection, rid: int, **body: Any) -> pb.Serve
             return reply
 
 
-_nursery: trio.Nursery
-
-
 async def live(members: int, rate: int, seconds: float) -> dict[str, Any]:
-    global _nursery
     cid = "live-group"
     with tempfile.TemporaryDirectory() as tmp:
         proc, port = await start_server(Path(tmp))
         url = f"ws://127.0.0.1:{port}/v1"
         try:
             async with trio.open_nursery() as nursery:
-                _nursery = nursery
-                svc = await session(url, "bench-backend", "service")
+                svc = await session(nursery, url, "bench-backend", "service")
                 ids = [f"w{i}" for i in range(LIVE_WATCHERS)] + [
                     f"m{i:04d}" for i in range(LIVE_MARKERS)]
                 ids += [f"x{i:07d}" for i in range(members - len(ids))]
@@ -299,8 +320,8 @@ async def live(members: int, rate: int, seconds: float) -> dict[str, Any]:
                         conversation_id=cid, user_ids=ids[i:i + ADD_BATCH]))
                 await call(svc, 1, allocate_sequences=pb.AllocateSequences(
                     conversation_id=cid, count=LIVE_SEQS))
-                watchers = [await session(url, f"w{i}") for i in range(LIVE_WATCHERS)]
-                markers = [await session(url, f"m{i:04d}") for i in range(LIVE_MARKERS)]
+                watchers = [await session(nursery, url, f"w{i}") for i in range(LIVE_WATCHERS)]
+                markers = [await raw_session(port, f"m{i:04d}") for i in range(LIVE_MARKERS)]
                 pushes: list[list[tuple[float, int]]] = [[] for _ in watchers]
                 acks: list[float] = []
                 stop = trio.Event()
@@ -313,36 +334,43 @@ async def live(members: int, rate: int, seconds: float) -> dict[str, Any]:
                         if msg.request_id == 0 and msg.WhichOneof("body") == "read_counts":
                             pushes[i].append((time.monotonic(), sum(msg.read_counts.counts)))
 
-                async def mark(i: int, conn: tws.WebSocketConnection, start: float) -> None:
-                    per_session = rate / LIVE_MARKERS
-                    period = 1.0 / per_session
-                    offset = i / rate  # spread the sessions over the period
-
-                    async def acks_in() -> None:
-                        while True:
-                            msg = pb.ServerMessage.FromString(await conn.get_message())
-                            if msg.WhichOneof("body") == "ack":
+                async def acks_in(conn: RawConn) -> None:
+                    while True:
+                        for data in await conn.receive():
+                            if split_server_message(data)[1] == F_ACK:
                                 acks.append(time.monotonic())
 
-                    nursery.start_soon(acks_in)
-                    k = 0
+                async def pace(start: float) -> None:
+                    """Every tick: the MarkReads due so far, round-robin over the marker
+                    sessions, each session's share in one write (its next read seqs)."""
+                    sent = 0
+                    nxt = [0] * len(markers)
+                    turn = 0
                     while not stop.is_set():
-                        k += 1
-                        if k > LIVE_SEQS:
-                            return
-                        await trio.sleep_until(start + offset + (k - 1) * period)
-                        if stop.is_set():
-                            return
-                        await conn.send_message(frame(k + 10, mark_read=pb.MarkRead(
-                            conversation_id=cid, read_sequence=k)))
+                        due = int((trio.current_time() - start) * rate) - sent
+                        batches: dict[int, list[bytes]] = {}
+                        for _ in range(max(0, due)):
+                            m = turn % len(markers)
+                            turn += 1
+                            if nxt[m] >= LIVE_SEQS:
+                                continue
+                            nxt[m] += 1
+                            batches.setdefault(m, []).append(ws_frame(frame(
+                                nxt[m] + 10, mark_read=pb.MarkRead(
+                                    conversation_id=cid, read_sequence=nxt[m]))))
+                        sent += max(0, due)
+                        for m, frames in batches.items():
+                            await markers[m].stream.send_all(b"".join(frames))
+                        await trio.sleep(PACE_TICK_S)
 
                 for i, w in enumerate(watchers):
                     nursery.start_soon(watch, i, w)
                 await trio.sleep(0.5)  # the first pushes (nothing read yet)
                 cpu0, wall0 = cpu_seconds(proc.pid), time.monotonic()
                 start = trio.current_time() + 0.1
-                for i, m in enumerate(markers):
-                    nursery.start_soon(mark, i, m, start)
+                for m in markers:
+                    nursery.start_soon(acks_in, m)
+                nursery.start_soon(pace, start)
                 await trio.sleep_until(start + seconds)
                 stop.set()
                 marks_done = len(acks)
