@@ -214,7 +214,7 @@ def test_atheris_short_run(tmp_path):
     (client_message(5, 8, b"")[:-1], Code.BAD_REQUEST, 1002),  # truncated frame
     (field_varint(1, 5) + varint(3 << 3 | 2) + varint(2**40), Code.BAD_REQUEST, 1002),
     (field_varint(1, 5) + b"\x10" + b"\xff" * 10 + b"\x01", Code.BAD_REQUEST, 1002),  # varint
-    (field_varint(1, 5) + field_bytes(9, b"?"), Code.BAD_REQUEST, None),  # unknown op
+    (field_varint(1, 5) + field_bytes(12, b"?"), Code.BAD_REQUEST, None),  # unknown op (9-11: v1.1)
     (field_varint(1, 5) + field_varint(8, 1), Code.BAD_REQUEST, None),  # op with wrong type
     (_msg(0, "ping", client_time_ms=1), Code.BAD_REQUEST, None),  # request_id 0
     (_msg(5, "hello", token=token("alice")), Code.BAD_REQUEST, None),  # Hello again
