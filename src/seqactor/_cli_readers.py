@@ -10,7 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from seqactor import config as C
 from seqactor._client_readcounts import READERS_PAGE_SIZE
+
+DEFAULT_URL = f"ws://{C.DEFAULT_HOST}:{C.DEFAULT_PORT}{C.WS_PATH}"
 
 EXAMPLE = (
     "example: seqactor readers --url ws://127.0.0.1:8765/v1 --secret-file var/secret group-1 42\n"
@@ -19,8 +22,6 @@ EXAMPLE = (
 
 
 def add_readers_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from seqactor.cli import DEFAULT_URL
-
     p = sub.add_parser(
         "readers", help="who has (or has not) read a message of a group",
         description="List the current members of CONVERSATION who have read SEQ (with "
