@@ -3,7 +3,7 @@
 The session talks to the network through a small ``Transport``; here that is
 :class:`FakeTransport`, which feeds the frames under test and records what the server sends
 and how it closes. :func:`drive` runs one session over it against a real in-process server
-(hub, actors, memory store), :func:`check_outcome` asserts the SPEC's answer for every frame,
+(hub, actors, memory store), :func:`check_outcome` asserts the documented answer for every frame,
 and :func:`check_server` that the store's invariants hold and a normal client still works.
 
 ``tests/test_hostile.py`` drives this with Hypothesis. Run as a script, it is an atheris
@@ -165,7 +165,7 @@ def _decode(frame: bytes | str) -> pb.ClientMessage | None:
 
 
 def check_outcome(out: Outcome) -> None:
-    """The SPEC's answer (docs/protocol.md, errors and close codes) for every frame sent."""
+    """The documented answer (docs/protocol.md, errors and close codes) for every frame sent."""
     replies = out.replies
     errors = [r.error for r in replies if r.WhichOneof("body") == "error"]
     assert all(e.code != Code.INTERNAL for e in errors), errors

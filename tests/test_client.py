@@ -5,23 +5,29 @@ from __future__ import annotations
 import logging
 import random
 import statistics
+import time
 
 import msgpack
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
 from seqactor import (
     AuthenticationError,
     Backoff,
     Client,
     ConnectError,
+    Conversation,
     ConnectionLost,
     ErrorCode,
     Forbidden,
     NotFound,
     ServiceClient,
     SessionReplaced,
+    unread_count,
 )
+from seqactor.auth import issue_token
 from seqactor.config import ServerConfig
 from seqactor.gateway import Server
 from seqactor.store import open_store
@@ -138,6 +144,54 @@ async def test_snapshot_pushes_changes_and_total_unread():
                 with pytest.raises(Forbidden) as info:
                     await alice.mark_read("elsewhere", 1)
                 assert info.value.code == ErrorCode.FORBIDDEN
+
+
+def spec_unread(max_seq: int, read_seq: int, min_seq: int) -> int:
+    """docs/protocol.md "Unread", written out literally."""
+    if min_seq > 0:
+        return max(0, max_seq - max(read_seq, min_seq - 1))
+    return max(0, max_seq - read_seq)
+
+
+UINT64 = st.integers(min_value=0, max_value=2**64 - 1)
+
+
+@given(max_seq=UINT64, read_seq=UINT64, min_seq=UINT64)
+def test_unread_is_the_protocol_formula(max_seq: int, read_seq: int, min_seq: int) -> None:
+    expected = spec_unread(max_seq, read_seq, min_seq)
+    assert unread_count(max_seq, read_seq, min_seq) == expected
+    assert Conversation("c", max_seq, read_seq, min_seq, 0).unread == expected
+
+
+async def test_unread_never_counts_cleared_history():
+    """max 11, SetMinSequence(10), a member who read 2: only seqs 10 and 11 are readable, so
+    unread is 2 — in the view, the total, and the change stream's values."""
+    async with running_server() as server:
+        await setup(server.url, {"g": ["alice"], "h": ["alice"]})
+        async with ServiceClient.connect(server.url, token("backend", "service")) as svc, \
+                Client.connect(server.url, token("alice")) as alice:
+            stream = alice.changes()
+            await svc.allocate("g", 11)
+            await svc.allocate("h", 1)
+            with trio.fail_after(5):
+                while alice.get("g").max_sequence != 11 or "h" not in alice \
+                        or alice.get("h").max_sequence != 1:
+                    await stream.__anext__()
+            await alice.mark_read("g", 2)
+            assert alice.get("g").unread == 9 and alice.total_unread == 10
+            await svc.set_min_sequence("g", 10)
+            with trio.fail_after(5):
+                while True:
+                    batch = await stream.__anext__()
+                    mine = [c for c in batch.changes if c.conversation_id == "g"]
+                    if mine and mine[-1].new.min_sequence == 10:
+                        break
+            assert mine[-1].new.unread == 2
+            assert batch.total_unread == 3
+            assert alice.get("g").unread == 2 and alice.total_unread == 3
+            # reading into the cleared range counts as usual
+            await alice.mark_read("g", 10)
+            assert alice.get("g").unread == 1 and alice.total_unread == 2
 
 
 async def test_multi_device_read_sync_and_background():
@@ -339,7 +393,9 @@ async def test_bad_token_surfaces_authentication_error():
             async with Client.connect(server.url, "not-a-token"):
                 pass
         with pytest.raises(AuthenticationError):
-            async with ServiceClient.connect(server.url, token("svc", ttl=-5)):
+            expired = issue_token(SECRET, "svc", role="service", ttl_s=60,
+                                  now=time.time() - 120)  # expired a minute ago
+            async with ServiceClient.connect(server.url, expired):
                 pass
 
 

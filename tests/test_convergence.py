@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from seqactor import Backoff, Client, SeqactorError, ServiceClient
+from seqactor._proto import seqactor_pb2 as pb
 from seqactor.config import ServerConfig
 from seqactor.gateway import Server
 from seqactor.store import open_store
@@ -202,11 +203,90 @@ async def _scenario(tmp_path, seed):
                 for client in clients:
                     want = _expected(await store.load_view(client.user_id))
                     assert client.rows() == want, f"{client.user_id}/{client.device_id} diverged"
-                    assert client.total_unread == sum(max(0, m - r) for m, r, _, _ in want.values())
+                    assert client.total_unread == sum(
+                        max(0, m - max(r, n - 1)) if n else max(0, m - r)
+                        for m, r, n, _ in want.values()
+                    )
                     assert client.error is None
                 assert client_proxy.cuts > 5
                 assert sum(c.stats.connects for c in clients) > len(clients) + 5
                 assert any(not s.full and s.since_token for c in clients for s in c.syncs), \
                     "no client resumed with a delta"
                 cn.cancel_scope.cancel()
+        nursery.cancel_scope.cancel()
+
+
+# ------------------------------------------------------------------ regressions found by chaos
+
+
+async def test_push_overtaking_the_resume_reply_never_moves_the_resume_point():
+    """Seed 33's divergence, with the frames put in order by the proxy instead of by luck.
+
+    The link is cut at token T1; offline, the user is removed from c18; the client reconnects
+    and asks for ``since = T1``; a push carrying a newer token T2 arrives before the resume
+    reply; the link is cut before that reply. The next resume must still start from T1, so
+    the ``removed`` for c18 arrives and the client ends with exactly the server's view.
+    """
+    async with trio.open_nursery() as nursery:
+        runner = ServerRunner(nursery, "memory://")
+        server = await runner.start()
+        proxy = Proxy(server.port)
+        await nursery.start(proxy.serve)
+        async with ServiceClient.connect(server.url, token("backend", "service")) as svc:
+            await svc.add_members("c18", ["u2", "u3"])
+            await svc.add_members("c5", ["u2", "u3"])
+            await svc.allocate("c5", 2)
+            async with Client.connect(
+                proxy.url, token("u2"), device_id="a", backoff=Backoff(0.01, 0.05),
+            ) as client:
+                await client.wait_synced()
+                assert set(client.rows()) == {"c18", "c5"}
+                t1 = client.sync_token
+                syncs = len(client.syncs)
+
+                removal_done, push_seen, release_resume = trio.Event(), trio.Event(), trio.Event()
+                resume_ids: list[int] = []
+                phase = ["hold"]
+
+                async def tap(direction: str, payload: bytes) -> bool:
+                    if phase[0] == "pass":
+                        return True
+                    if direction == "up":
+                        msg = pb.ClientMessage.FromString(payload)
+                        kind = msg.WhichOneof("body")
+                        if kind == "hello":
+                            await removal_done.wait()  # the removal happens while offline
+                        elif kind == "get_sequences" and msg.get_sequences.since:
+                            resume_ids.append(msg.request_id)
+                            await release_resume.wait()  # a push goes out before the reply
+                        return True
+                    reply = pb.ServerMessage.FromString(payload)
+                    if resume_ids and reply.request_id == resume_ids[0]:
+                        phase[0] = "pass"  # the next connection goes through untouched
+                        return False  # cut before the resume reply reaches the client
+                    return True
+
+                proxy.tap = tap
+                proxy.cut_all()
+                await svc.remove_members("c18", ["u2"])
+                removal_done.set()
+                with trio.fail_after(10):
+                    while not resume_ids:
+                        await trio.sleep(0.005)
+                # the session is subscribed (Subscribe went through): this push carries T2
+                stream = client.changes()
+                await svc.allocate("c5", 1)
+                with trio.fail_after(10):
+                    while client.rows()["c5"][0] != 3:
+                        await stream.__anext__()
+                assert client.sync_token == t1  # not adopted while the resume is unanswered
+                release_resume.set()
+                with trio.fail_after(10):
+                    while len(client.syncs) == syncs or not client.connected:
+                        await trio.sleep(0.005)
+                assert client.last_sync is not None and client.last_sync.since_token
+                assert not client.last_sync.full  # a delta from T1, not a snapshot
+                want = _expected(await runner.server.store.load_view("u2"))
+                assert "c18" not in want
+                assert client.rows() == want
         nursery.cancel_scope.cancel()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 import seqactor.hub
+from seqactor._kernel import decode_update, split_server_message
 from seqactor.hub import Hub
 from seqactor.metrics import Metrics
 from seqactor.store.memory import MemoryStore
@@ -217,3 +218,50 @@ async def test_the_reply_queue_is_bounded_with_its_semaphore_made_on_demand():
         with trio.fail_after(1):
             await done.wait()
     assert s.replies == [b"r1", b"r2", b"r3", b"late"]
+
+
+@pytest.mark.parametrize("change", ["allocate", "read-on-another-device"])
+async def test_one_sessions_failure_never_stops_the_change_reaching_the_users_others(
+    nursery, change
+):
+    """Found by the chaos test: a commit handed to a session whose nursery was closing made
+    starting its writer raise, and that aborted the loop over the user's sessions, so the
+    user's other devices missed the change while later pushes carried tokens past it. Now
+    only the failing session ends; the user's other sessions get the change, the actor lives."""
+    from seqactor.actor import SessionState
+
+    store = MemoryStore()
+    await store.open()
+    hub = Hub(store, Metrics())
+    hub.nursery = nursery
+    await store.add_members("g", ["alice"])
+    await store.allocate("g", 2)
+    closed: list[tuple[str, int]] = []
+    states = []
+    for name in ("closing", "phone", "laptop"):
+        s = SessionState(name, "alice", name, 8,
+                         lambda code, reason, n=name: closed.append((n, code)), hub.counters)
+        s.subscribed_all = True
+        states.append(s)
+        actor = await hub.attach("alice", nursery, s)
+
+    def closed_nursery() -> None:
+        raise RuntimeError("Nursery is closed to new arrivals")
+
+    states[0].start_writer = closed_nursery
+    for s in states[1:]:
+        s.start_writer = lambda: None  # a writer that will drain later
+    if change == "allocate":
+        await store.allocate("g", 1)
+        field, value = 0, 3  # the new max
+    else:
+        await store.mark_read("g", "alice", 2)
+        field, value = 1, 2  # the read from another device
+    actor.flush()
+    assert actor.failed is None
+    assert closed == [("closing", 1011)]
+    for s in states[1:]:
+        assert s.push_frame is not None, f"{s.session_id} got nothing"
+        _, _, body = split_server_message(s.push_frame)
+        conversations, _, _, _ = decode_update(body)
+        assert conversations["g"][field] == value

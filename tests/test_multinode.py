@@ -1,4 +1,4 @@
-"""Several ``seqactor serve`` processes on one Redis (SPEC §5): cross-node push, tokens that work
+"""Several ``seqactor serve`` processes on one Redis (docs/protocol.md, "Stores"): cross-node push, tokens that work
 on any node (I3), no seq reuse across a Redis restart (I1), the data-loss guard, and
 convergence after a node's Redis connection was cut."""
 

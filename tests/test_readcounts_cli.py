@@ -32,7 +32,8 @@ def test_readers_errors_are_one_line(server):  # noqa: F811
     res = run("readers", "--url", url, "--secret-file", secret, "rc-missing", "1")
     assert_one_line_error(res, "NOT_FOUND")
     res = run("readers", "--url", url, "--secret-file", secret, "rc-other", "0")
-    assert_one_line_error(res, "SEQ must be 1 or more")
+    assert_one_line_error(res, "SEQ 0 is outside 1-")
+    assert res.returncode == 2  # a usage error
     res = run("readers", "--url", url, "rc-other", "1")
     assert_one_line_error(res, "no credentials")
     res = run("readers", "--url", url, "--secret-file", secret)

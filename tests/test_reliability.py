@@ -1,4 +1,4 @@
-"""SPEC §1 under the conditions that break IM servers: a crash under load, a reconnect storm,
+"""The invariants (docs/protocol.md, "Invariants") under the conditions that break IM servers: a crash under load, a reconnect storm,
 slow and stuck consumers. CI-sized; ``bench/reliability.py`` runs the same at full size.
 
 Servers run as child processes (``seqactor serve`` as a user runs it, or ``tests/_load.py``'s

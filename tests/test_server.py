@@ -1,7 +1,8 @@
-"""The server over real sockets on 127.0.0.1 with the real store: SPEC §2–§4, every op and error."""
+"""The server over real sockets on 127.0.0.1 with the real store: docs/protocol.md, every op and error."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import jwt
@@ -59,25 +60,33 @@ async def test_hello_welcome_fields():
             assert abs(w.server_time_ms - time.time() * 1000) < 5000
 
 
+def _bad_token(name: str) -> str:
+    """Built when the test runs: the ``exp`` values are relative to now."""
+    now = int(time.time())
+    return {
+        "garbage": lambda: "not-a-jwt",
+        "wrong-secret": lambda: jwt.encode({"sub": "alice", "exp": now + 60}, b"wrong-secret" * 4,
+                                           algorithm="HS256"),
+        "expired": lambda: jwt.encode({"sub": "alice", "exp": now - 10}, SECRET, algorithm="HS256"),
+        "no-sub": lambda: jwt.encode({"exp": now + 60}, SECRET, algorithm="HS256"),
+        "no-exp": lambda: jwt.encode({"sub": "alice"}, SECRET, algorithm="HS256"),
+        "alg-none": lambda: jwt.encode({"sub": "alice", "exp": now + 60}, None, algorithm="none"),
+        "bad-role": lambda: jwt.encode({"sub": "alice", "exp": now + 60, "role": "admin"}, SECRET,
+                                       algorithm="HS256"),
+        "lifetime-too-long": lambda: jwt.encode({"sub": "alice", "exp": now + 10**9}, SECRET,
+                                                algorithm="HS256"),
+        "empty-sub": lambda: jwt.encode({"sub": "", "exp": now + 60}, SECRET, algorithm="HS256"),
+        "empty": lambda: "",
+    }[name]()
+
+
 @pytest.mark.parametrize(
-    "bad_token",
-    [
-        "not-a-jwt",
-        jwt.encode({"sub": "alice", "exp": int(time.time()) + 60}, b"wrong-secret", algorithm="HS256"),
-        jwt.encode({"sub": "alice", "exp": int(time.time()) - 10}, SECRET, algorithm="HS256"),
-        jwt.encode({"exp": int(time.time()) + 60}, SECRET, algorithm="HS256"),
-        jwt.encode({"sub": "alice"}, SECRET, algorithm="HS256"),
-        jwt.encode({"sub": "alice", "exp": int(time.time()) + 60}, None, algorithm="none"),
-        jwt.encode({"sub": "alice", "exp": int(time.time()) + 60, "role": "admin"}, SECRET,
-                   algorithm="HS256"),
-        jwt.encode({"sub": "alice", "exp": int(time.time()) + 10**9}, SECRET, algorithm="HS256"),
-        jwt.encode({"sub": "", "exp": int(time.time()) + 60}, SECRET, algorithm="HS256"),
-        "",
-    ],
-    ids=["garbage", "wrong-secret", "expired", "no-sub", "no-exp", "alg-none", "bad-role",
-         "lifetime-too-long", "empty-sub", "empty"],
+    "name",
+    ["garbage", "wrong-secret", "expired", "no-sub", "no-exp", "alg-none", "bad-role",
+     "lifetime-too-long", "empty-sub", "empty"],
 )
-async def test_bad_tokens_rejected_with_4001(bad_token):
+async def test_bad_tokens_rejected_with_4001(name):
+    bad_token = _bad_token(name)
     async with running_server() as server:
         async with raw_connect(server, tok=bad_token, hello=False) as c:
             msg = pb.ClientMessage(request_id=1, hello=pb.Hello(token=bad_token))
@@ -174,6 +183,49 @@ async def test_session_replaced_same_device_4009():
                 assert (await old.wait_closed()).code == 4009
                 r = await new.request("ping", client_time_ms=1)
                 assert body(r) == "pong"
+
+
+async def test_service_sessions_on_one_credential_and_device_are_never_replaced():
+    """A backend pool: eight workers with one service token and one device id allocate
+    concurrently in one conversation: nobody is kicked (4009), every allocation succeeds, the
+    ranges are disjoint and together contiguous."""
+    workers, per_worker = 8, 5
+    async with running_server() as server:
+        tok = token("backend", "service")
+        ranges: list[tuple[int, int]] = []
+        async with contextlib.AsyncExitStack() as stack:
+            conns = [
+                await stack.enter_async_context(
+                    raw_connect(server, tok=tok, device_id="worker-pool")
+                )
+                for _ in range(workers)
+            ]
+            assert all(c.welcome is not None and c.welcome.role == "service" for c in conns)
+
+            async def work(c) -> None:
+                for _ in range(per_worker):
+                    r = await c.request("allocate_sequences", conversation_id="pool", count=3)
+                    assert body(r) == "allocated", r
+                    ranges.append((r.allocated.first_sequence, r.allocated.last_sequence))
+
+            async with trio.open_nursery() as nursery:
+                for c in conns:
+                    nursery.start_soon(work, c)
+            for c in conns:  # every connection is still open
+                assert body(await c.request("ping", client_time_ms=1)) == "pong"
+        ranges.sort()
+        assert len(ranges) == workers * per_worker
+        assert ranges[0][0] == 1 and ranges[-1][1] == 3 * workers * per_worker
+        for (_, last), (first, _) in zip(ranges, ranges[1:]):
+            assert first == last + 1
+
+
+async def test_user_sessions_of_other_users_on_one_device_id_do_not_replace_each_other():
+    async with running_server() as server:
+        async with raw_connect(server, "alice", device_id="d") as a, \
+                raw_connect(server, "bob", device_id="d") as b:
+            assert body(await a.request("ping", client_time_ms=1)) == "pong"
+            assert body(await b.request("ping", client_time_ms=1)) == "pong"
 
 
 # ---------------------------------------------------------------- sequences
@@ -324,6 +376,39 @@ async def test_add_members_pushes_to_all_sessions_and_remove_pushes_removed():
                 assert removed == ["g"] and conv == {}
                 r = await c.request("mark_read", conversation_id="g", read_sequence=1)
                 assert r.error.code == Code.FORBIDDEN
+
+
+@pytest.mark.parametrize("keep_history", [False, True], ids=["removed", "keep-history"])
+async def test_listed_subscription_survives_leave_and_rejoin(keep_history):
+    """Subscribe to [g]; the user is removed (and gets ``removed`` once, without
+    keep_history), re-added, messages arrive: the full state on rejoin, then pushes."""
+    async with running_server() as server:
+        await service_setup(server, "g", ["alice", "bob"], allocs=2)
+        async with raw_connect(server, "alice") as c, \
+                raw_connect(server, "backend", role="service") as svc:
+            assert body(await c.request("subscribe", conversation_ids=["g"])) == "ack"
+            await svc.request("remove_members", conversation_id="g", user_ids=["alice"],
+                              keep_history=keep_history)
+            if not keep_history:
+                conv, _, _, removed = update_of(await c.next_push())
+                assert removed == ["g"] and conv == {}
+            # nothing about g while she is outside (or frozen)
+            await svc.request("allocate_sequences", conversation_id="g", count=3)
+            await svc.request("set_min_sequence", conversation_id="g", min_sequence=2)
+            await c.no_push()
+            # rejoin: the full state of g
+            await svc.request("add_members", conversation_id="g", user_ids=["alice"])
+            conv, _, _, removed = update_of(await c.next_push())
+            assert removed == []
+            assert conv["g"][:3] == (5, 5, 2) and conv["g"][3] > 0
+            # then pushes resume
+            await svc.request("allocate_sequences", conversation_id="g", count=1,
+                              sender_user_id="bob")
+            conv, _, _, _ = update_of(await c.next_push())
+            assert conv["g"][0] == 6
+            # and she can read it again
+            r = await c.request("mark_read", conversation_id="g", read_sequence=6)
+            assert r.ack.read_sequence == 6
 
 
 async def test_keep_history_freezes_view():

@@ -1,4 +1,4 @@
-"""One behaviour suite for every store backend (SPEC §1 invariants, the Store contract).
+"""One behaviour suite for every store backend (docs/protocol.md "Invariants", the Store contract).
 
 Add a backend by adding a factory to ``STORE_FACTORIES`` (and to ``PERSISTENT`` if it
 survives a reopen).
@@ -32,6 +32,7 @@ from seqactor.store._base import (
     Store,
     TooLarge,
     Unavailable,
+    wall_clock_ms,
 )
 from seqactor.store.memory import MemoryStore
 from seqactor.store.sqlite import SCHEMA_VERSION, SQLiteStore
@@ -849,3 +850,55 @@ async def test_incompatible_files_refused(
     assert path.read_bytes() == content  # untouched
     with pytest.raises(Unavailable):
         await s.allocate("c", 1)
+
+
+# ------------------------------------------------------------------ message time
+
+
+HOUR_MS = 3_600_000
+
+
+async def test_message_time_never_goes_back_when_the_clock_steps_back(store: Store) -> None:
+    """The wall clock steps back one hour: the next allocation's time is not an hour earlier
+    (an app sorting chats by it would reorder them); it stays at the previous time, and moves
+    on once the clock has caught up."""
+    now = wall_now = store.clock_ms()
+    store.clock_ms = lambda: now
+    first = await store.allocate("c", 1)
+    assert first.time_ms == wall_now
+    now = wall_now - HOUR_MS
+    second = await store.allocate("c", 1)
+    assert second.time_ms == first.time_ms
+    st = await store.conversation("c")
+    assert st is not None and st.time_ms == first.time_ms
+    # another conversation is stamped with the (stepped back) clock itself
+    other = await store.allocate("d", 1)
+    assert other.time_ms == wall_now - HOUR_MS
+    now = wall_now + 5
+    third = await store.allocate("c", 1)
+    assert third.time_ms == wall_now + 5
+
+
+@pytest.mark.parametrize("backend", sorted(PERSISTENT), indirect=True)
+async def test_message_time_never_goes_back_across_a_restart(
+    make_store: StoreFactory, backend: str
+) -> None:
+    """Allocate, stop, start again with the clock one hour behind: the time does not decrease."""
+    wall_now = wall_clock_ms()
+    store = make_store()
+    await store.open()
+    store.clock_ms = lambda: wall_now
+    before = await store.allocate("c", 3, None)
+    await store.aclose()
+
+    again = make_store()
+    await again.open()
+    try:
+        again.clock_ms = lambda: wall_now - HOUR_MS
+        after = await again.allocate("c", 1)
+        assert after.first == before.last + 1
+        assert after.time_ms == before.time_ms == wall_now
+        st = await again.conversation("c")
+        assert st is not None and st.time_ms == wall_now
+    finally:
+        await again.aclose()

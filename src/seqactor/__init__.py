@@ -31,6 +31,7 @@ from seqactor.client import (  # noqa: E402
     SyncInfo,
     TooLarge,
     Unavailable,
+    unread_count,
 )
 
 __all__ = [
@@ -61,4 +62,5 @@ __all__ = [
     "TooLarge",
     "Unavailable",
     "__version__",
+    "unread_count",
 ]

@@ -10,10 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from seqactor import config as C
 from seqactor._client_readcounts import READERS_PAGE_SIZE
-
-DEFAULT_URL = f"ws://{C.DEFAULT_HOST}:{C.DEFAULT_PORT}{C.WS_PATH}"
 
 EXAMPLE = (
     "example: seqactor readers --url ws://127.0.0.1:8765/v1 --secret-file var/secret group-1 42\n"
@@ -22,24 +19,26 @@ EXAMPLE = (
 
 
 def add_readers_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from functools import partial
+
+    from seqactor._cli_args import HelpFormatter, id_arg, positive_int, seq_arg
+    from seqactor.cli import _client_args
+
     p = sub.add_parser(
         "readers", help="who has (or has not) read a message of a group",
         description="List the current members of CONVERSATION who have read SEQ (with "
         "--unread: who have not), ordered by user id, then the count: "
-        "'N of M have read SEQ'.",
-        epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "'N of M have read SEQ'. With --user (and --secret-file) it asks as that member; "
+        "with --secret-file alone, as the service (any conversation).",
+        epilog=EXAMPLE, formatter_class=HelpFormatter,
     )
-    p.add_argument("conversation")
-    p.add_argument("seq", type=int, help="the message's seq (1 or more)")
+    p.add_argument("conversation", type=partial(id_arg, what="conversation"),
+                   help="conversation id (1-128 bytes)")
+    p.add_argument("seq", type=partial(seq_arg, what="SEQ"), help="the message's seq (1 or more)")
     p.add_argument("--unread", action="store_true", help="list who has NOT read SEQ")
-    p.add_argument("--limit", type=int, default=None, metavar="N",
+    p.add_argument("--limit", type=positive_int, default=None, metavar="N",
                    help="list at most N users (default: all)")
-    p.add_argument("--url", default=DEFAULT_URL, help="server URL (default %(default)s)")
-    p.add_argument("--token", default=None, help="a token (see `seqactor token`)")
-    p.add_argument("--secret-file", default=None,
-                   help="the server's secret: mint a token (a service one without --user)")
-    p.add_argument("--user", default=None,
-                   help="ask as this member (default: as the service)")
+    _client_args(p, user=True)
 
 
 def _role(tok: str) -> str:
@@ -67,13 +66,9 @@ def cmd_readers(args: argparse.Namespace) -> int:
 
 
 def _readers(args: argparse.Namespace) -> int:
-    from seqactor.cli import CLI_CONNECT_TIMEOUT_S, CliError, _client_token, _run_client
+    from seqactor.cli import CLI_CONNECT_TIMEOUT_S, _client_token, _run_client
     from seqactor.client import Client, ServiceClient
 
-    if args.seq < 1:
-        raise CliError("SEQ must be 1 or more")
-    if args.limit is not None and args.limit < 1:
-        raise CliError("--limit must be 1 or more")
     tok = _client_token(args, user=bool(args.user))
     as_user = _role(tok) != "service"
     lines: list[str] = []
@@ -110,6 +105,6 @@ def _readers(args: argparse.Namespace) -> int:
                                              connect_timeout_s=CLI_CONNECT_TIMEOUT_S) as s:
                 await collect(s)
 
-    _run_client(run)
+    _run_client(args.url, run)
     print("\n".join(lines))
     return 0

@@ -40,7 +40,7 @@ SHUTDOWN_CLOSE_TIMEOUT_S = 0.25  # closing the client: the close handshake gets 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # snapshots of large views exceed the server's inbound limit
 WS_QUEUE_FRAMES = 64
 
-# ServerMessage body field numbers (SPEC §3)
+# ServerMessage body field numbers (docs/protocol.md, "Messages")
 F_WELCOME, F_UPDATE, F_ACK, F_ERROR, F_PONG, F_ALLOCATED, F_GOAWAY = 2, 3, 4, 5, 6, 7, 8
 F_READ_COUNTS = 9  # v1.1: a read-count watch's push (SPEC §4.9)
 

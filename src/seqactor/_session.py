@@ -94,6 +94,7 @@ class Session:
     __slots__ = (
         "server", "cfg", "transport", "peer", "identity", "state", "actor", "session_id",
         "device_id", "opened", "_close", "_peer_gone", "_limiter", "_rejected", "_nursery",
+        "_detached",
     )
 
     def __init__(self, server: Server, transport: Transport, peer: str) -> None:
@@ -114,6 +115,7 @@ class Session:
         # The session's nursery while it runs (writer, service ops); its cancel scope is the
         # session's: cancelling it ends the session.
         self._nursery: trio.Nursery | None = None
+        self._detached = False
 
     # ------------------------------------------------------------------ closing
     def request_close(self, code: int, reason: str, final_frame: bytes | None = None) -> None:
@@ -165,12 +167,16 @@ class Session:
                         await self._reader(nursery)
                 except TransportClosed as exc:
                     self._peer_closed(exc)
-                nursery.cancel_scope.cancel()
+                finally:
+                    # Still inside the nursery, before it closes: nothing may start work in
+                    # it from here on, and the session leaves its actor, so a change handed
+                    # over while the children finish goes to the user's other sessions only.
+                    self._nursery = None
+                    self._detach()
+                    nursery.cancel_scope.cancel()
         finally:
-            # Leave the actor first: from here on no push may reach this session (its
-            # nursery is gone, so it could not start a writer any more).
             self._nursery = None
-            self._detach()
+            self._detach()  # done already, unless the nursery failed before its body ran
             if self._peer_gone is not None and self._close is None:
                 code, reason = self._peer_gone
             elif self._close is not None:
@@ -244,13 +250,19 @@ class Session:
         self.request_close(close_code, message, frames.error(request_id, code, message))
 
     def _detach(self) -> None:
+        """Leave the server's registry and the actor (once; later calls do nothing)."""
+        if self._detached:
+            return
+        self._detached = True
         state, actor = self.state, self.actor
         self.server.unregister(self)
+        if state is not None and actor is None:
+            # Cancelled inside hub.attach: the state may have joined the actor already.
+            actor = self.server.hub.actors.get(state.user_id)
         if state is not None and actor is not None:
             if state in actor.sessions:
                 actor.sessions.remove(state)
             self.server.hub.detach_if_idle(actor)
-        self.state = None
 
     # ------------------------------------------------------------------ hello
     async def _receive_hello(self) -> tuple[int, pb.Hello] | None:

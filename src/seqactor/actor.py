@@ -221,7 +221,11 @@ class FanoutBatch:
             if written_all != n:
                 for session, written in zip(sessions, results, strict=True):
                     if written != size:
-                        session.wrote_raw(data, written)
+                        try:
+                            session.wrote_raw(data, written)
+                        except Exception:  # that session ends; the batch goes on
+                            log.exception("session %s failed; closing it", session.session_id)
+                            session.on_fatal(1011, "internal error")
             counters = sessions[0].counters
             counters.frames_sent += written_all
             counters.bytes_sent += written_all * size
@@ -289,13 +293,26 @@ class UserActor:
                 if shared is not None and s.idle():
                     # The common case in a busy group: the push is the same ready bytes for
                     # every recipient, written straight to an idle socket.
-                    s.deliver(shared[0] if s.subscribed_all else shared[1])
+                    try:
+                        s.deliver(shared[0] if s.subscribed_all else shared[1])
+                    except Exception as exc:  # that session ends; the others still get it
+                        self.session_failed(s, exc)
+                        continue
                     self.hub.counters.pushes += 1
                     continue
                 s.mark(key_id, mask, shared)
                 marked = True
         if marked:
             self.wake()
+
+    def session_failed(self, s: SessionState, exc: BaseException) -> None:
+        """One session could not take output: end that session only (Error INTERNAL, close
+        1011); the user's other sessions and the change's other recipients are unaffected."""
+        log.error(
+            "session %s of user %r failed; closing it", s.session_id, self.user_id,
+            exc_info=(type(exc), exc, exc.__traceback__),
+        )
+        s.on_fatal(1011, "internal error")
 
     def on_max(
         self, key_id: int, max_seq: int, time_ms: int, pos: int,
@@ -364,9 +381,11 @@ class UserActor:
         self.table.remove(key_id)
         marked = False
         for s in self.sessions:
+            # A listed subscription survives the conversation leaving the view: nothing about
+            # it is pushed while it is outside (there is no row), and on_join sends the full
+            # state when the user rejoins (docs/protocol.md, "Subscribe").
             was_following = s.follows(key_id)
             s.pending.pop(key_id, None)
-            s.subscribed.discard(key_id)
             if was_following:
                 s.shared = None
                 s.pending_removed.add(conversation_id)
@@ -418,7 +437,10 @@ class UserActor:
             frame = self.encode_push(s)
             if frame is not None:
                 self.hub.counters.pushes += 1
-                s.deliver(frame)
+                try:
+                    s.deliver(frame)
+                except Exception as exc:  # that session ends; the others still get theirs
+                    self.session_failed(s, exc)
 
     # ---------------------------------------------------------------- task
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -64,7 +64,7 @@ __all__ = [
     "Client", "ClientClosed", "ClientStats", "ConnectError", "ConnectionLost", "Conversation",
     "ErrorCode", "Forbidden", "NotFound", "RateLimited", "ReadCounts", "ReadCountsWatch",
     "SeqactorError", "ServerError",
-    "ServiceClient", "SessionReplaced", "SyncInfo", "TooLarge", "Unavailable",
+    "ServiceClient", "SessionReplaced", "SyncInfo", "TooLarge", "Unavailable", "unread_count",
 ]
 
 
@@ -83,7 +83,8 @@ class Conversation:
 
     @property
     def unread(self) -> int:
-        return max(0, self.max_sequence - self.read_sequence)
+        """Messages not yet read, cleared history excluded (see :func:`unread_count`)."""
+        return unread_count(self.max_sequence, self.read_sequence, self.min_sequence)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,12 +127,20 @@ class Allocation:
     time_ms: int
 
 
+def unread_count(max_sequence: int, read_sequence: int, min_sequence: int) -> int:
+    """Unread messages of one conversation: ``max − max(read, min − 1)`` when ``min > 0``,
+    else ``max − read``; never negative. Seqs below ``min_sequence`` (cleared history) are
+    never unread (docs/protocol.md, "Unread")."""
+    floor = read_sequence if min_sequence <= read_sequence + 1 else min_sequence - 1
+    return max(0, max_sequence - floor)
+
+
 def _conv(cid: str, row: Row | None) -> Conversation | None:
     return None if row is None else Conversation(cid, row[0], row[1], row[2], row[3])
 
 
 def _unread(row: Row | None) -> int:
-    return 0 if row is None else max(0, row[0] - row[1])
+    return 0 if row is None else unread_count(row[0], row[1], row[2])
 
 
 # ---------------------------------------------------------------------------------- changes
@@ -214,6 +223,11 @@ class Client(WatchMixin, _Endpoint):
         self._dirty = False
         self._cache_user = ""
         self._synced = trio.Event()
+        # True from a link's opening until its resume reply is applied: pushes meanwhile are
+        # applied (values only move forward) but their token is not adopted. A push can
+        # overtake the resume reply; were its token kept and the link cut before the reply,
+        # the next resume would start after changes (a `removed`) this client never saw.
+        self._resuming = False
         self._rc_watches: dict[str, list[ReadCountsWatch]] = {}  # read-count watches (§4.9)
         self.last_sync: SyncInfo | None = None
         self.syncs: list[SyncInfo] = []
@@ -347,6 +361,7 @@ class Client(WatchMixin, _Endpoint):
             )
             self._token_bytes = b""
         self._cache_user = user
+        self._resuming = True
         # Subscribe first, then sync: pushes that arrive between the two are older than the
         # sync reply and are applied before it, in order (the server runs a session's user
         # ops one at a time).
@@ -398,7 +413,7 @@ class Client(WatchMixin, _Endpoint):
 
     def _on_push(self, body: bytes, size: int) -> None:
         convs, token, full, removed = kernel.decode_update(body)
-        self._apply(convs, token, full, removed)
+        self._apply(convs, b"" if self._resuming else token, full, removed)
 
     def _on_reply(self, waiter: _Waiter, field: int, body: bytes, size: int) -> None:
         meta = waiter.meta
@@ -413,6 +428,7 @@ class Client(WatchMixin, _Endpoint):
         elif what == "sync" and field == F_UPDATE:
             convs, token, full, removed = kernel.decode_update(body)
             self._apply(convs, token, full, removed)
+            self._resuming = False
             info = SyncInfo(
                 full=full, conversations=len(convs), removed=len(removed), bytes=size,
                 ms=(trio.current_time() - waiter.sent_at) * 1000.0, since_token=bool(meta[1]),

@@ -1,4 +1,4 @@
-"""Server settings. Every default is a named constant with its unit (SPEC §2, §4, §6)."""
+"""Server settings. Every default is a named constant with its unit (docs/protocol.md, "Limits")."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ SHUTDOWN_GRACE_S = 5.0  # open sessions get this long to take GoAway and close
 GOAWAY_RECONNECT_AFTER_MS = 1_000
 WRITE_TIMEOUT_S = 30.0  # a session whose socket takes no bytes for this long is closed
 MAX_CONNECTIONS = 20_000  # per process; beyond: HTTP 503 at the handshake
-MAX_VIEW_CONVERSATIONS = 1_000_000  # SPEC §4 limits
+MAX_VIEW_CONVERSATIONS = 1_000_000  # docs/protocol.md, "Limits"
 MAX_CONVERSATION_MEMBERS = 1_000_000
 MAX_TOKEN_LIFETIME_S = 30 * 24 * 3600  # tokens whose exp is further out are refused
 REPLY_QUEUE_FRAMES = 32  # replies waiting to be written per session (reader waits beyond)

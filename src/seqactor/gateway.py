@@ -281,7 +281,10 @@ class Server:
         self.sessions.add(session)
         self.metrics.sessions.set(len(self.sessions))
         assert session.identity is not None
-        if session.device_id:
+        # A user's device has one session: a newer one replaces it (close 4009). Service
+        # sessions are never replaced: a backend pool may hold any number of connections on
+        # one credential and one device id (docs/protocol.md, "Sessions").
+        if session.device_id and not session.identity.is_service:
             key = (session.identity.user_id, session.device_id)
             old = self.devices.get(key)
             self.devices[key] = session
@@ -291,7 +294,7 @@ class Server:
     def unregister(self, session: Session) -> None:
         self.sessions.discard(session)
         self.metrics.sessions.set(len(self.sessions))
-        if session.identity is not None and session.device_id:
+        if session.identity is not None and session.device_id and not session.identity.is_service:
             key = (session.identity.user_id, session.device_id)
             if self.devices.get(key) is session:
                 del self.devices[key]

@@ -1,6 +1,6 @@
 """The store contract: what every backend (memory, SQLite, Redis) provides.
 
-The store is the durable truth behind every number seqactor serves (SPEC §1, §5):
+The store is the durable truth behind every number seqactor serves (docs/protocol.md, "Invariants" and "Stores"):
 
 * **Positions.** Every committed operation that changes state takes the next *position*
   (``store.position + 1``; a global, durable, gap-free counter). Operations that change
@@ -15,7 +15,7 @@ The store is the durable truth behind every number seqactor serves (SPEC §1, §
   fsync'd, group commit). Reads (``load_view``, ``removed_since``, ``view_contains``,
   ``conversation``) never see uncommitted state.
 
-Views (SPEC §1): a user's view = conversations they are a member of, plus those they left
+Views (docs/protocol.md, "Data model"): a user's view = conversations they are a member of, plus those they left
 with ``keep_history`` (frozen: max, min and time fixed at the moment they left; later
 allocations and min changes do not touch the row; MarkRead still works, clamped to the frozen
 max). A row's change position is the position of the last change that altered any of its
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import abc
 import re
+import time
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,11 +44,16 @@ MAX_UINT64 = 2**64 - 1
 _CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
+def wall_clock_ms() -> int:
+    """The system's wall clock, in ms since the Unix epoch."""
+    return time.time_ns() // 1_000_000
+
+
 # ------------------------------------------------------------------ errors
 
 
 class StoreError(Exception):
-    """Base of every error a store raises; ``code`` names the SPEC ``Error.Code``."""
+    """Base of every error a store raises; ``code`` names the protocol's ``Error.Code``."""
 
     code = "INTERNAL"
 
@@ -106,7 +112,7 @@ def validate_id(value: object, what: str) -> str:
 
 
 def normalize_count(count: int) -> int:
-    """SPEC: ``count`` 1–10000, 0 means 1."""
+    """``count`` 1–10000, 0 means 1 (docs/protocol.md, "AllocateSequences")."""
     if not isinstance(count, int) or isinstance(count, bool):
         raise InvalidArgument("count must be an integer")
     if count < 0:
@@ -236,6 +242,10 @@ class Store(abc.ABC):
 
     def __init__(self) -> None:
         self._listeners: list[Listener] = []
+        #: The wall clock allocations are stamped with, in ms since the Unix epoch. A
+        #: conversation's ``max_sequence_time_ms`` is ``max(previous, clock_ms())``, so it never
+        #: decreases when this clock steps back (tests replace it to step it).
+        self.clock_ms: Callable[[], int] = wall_clock_ms
 
     def add_listener(self, fn: Listener) -> None:
         self._listeners.append(fn)

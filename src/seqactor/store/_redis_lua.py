@@ -102,7 +102,7 @@ local function noop(c, ...)
 end
 
 if op == 'alloc' then
-  local cid, count, sender = V[A], tonumber(V[A + 1]), V[A + 2]
+  local cid, count, sender, clock = V[A], tonumber(V[A + 1]), V[A + 2], V[A + 3]
   local c = getconv()
   local mx = c and c.mx or 0
   if mx + count > MAXSEQ then
@@ -111,8 +111,15 @@ if op == 'alloc' then
   if mode == 'd' then return {'NEED'} end
   local pos, why = take_pos(c)
   if not pos then return {'RETRY', why} end
-  local t = redis.call('TIME')
-  local tm = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local tm
+  if clock and clock ~= '' then
+    tm = tonumber(clock)  -- the node's injected clock (tests); else Redis' own
+  else
+    local t = redis.call('TIME')
+    tm = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  -- max_sequence_time_ms never decreases, also when a clock steps back
+  if c and c.tm > tm then tm = c.tm end
   local last = mx + count
   if c then
     redis.call('HSET', ck, 'mx', fmt(last), 'tm', fmt(tm), 'ps', fmt(pos), 'lp', fmt(pos))

@@ -70,9 +70,6 @@ MemberKey = tuple[str, str]  # (conversation_id, user_id): the member is deleted
 Row = ConvRow | MemberRow | MemberKey | TombRow
 
 
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
 
 # ------------------------------------------------------------------ visible state
 
@@ -283,6 +280,9 @@ class State:
                 del self.pconv[cid]
             raise TooLarge("the conversation's sequence space is exhausted")
         pc.max = last
+        # max_sequence_time_ms never decreases, also when the wall clock steps back
+        if time_ms < pc.time:
+            time_ms = pc.time
         pc.time = time_ms
         pc.pos = pc.last = self.reserved = pos
         if sink is not None:
@@ -714,7 +714,7 @@ class StateStore(Store):
         sender = validate_id(sender_user_id, "sender_user_id") if sender_user_id else None
         if not self._writable:
             raise self._unwritable()
-        op = state.allocate(conversation_id, n, sender, now_ms(), self._sink())
+        op = state.allocate(conversation_id, n, sender, self.clock_ms(), self._sink())
         await self._commit(op)
         return op.change  # type: ignore[return-value]
 

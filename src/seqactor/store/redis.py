@@ -1,5 +1,5 @@
 """``redis://host:port/db`` and ``redis+cluster://host:port,host:port,...``: several seqactor
-nodes share one state (SPEC §5). docs/deployment.md explains the design for operators.
+nodes share one state (docs/protocol.md, "Stores"). docs/deployment.md explains the design for operators.
 
 **Layout.** Every key starts with the prefix (``?prefix=``, default ``sa``) and a hash tag,
 so every atomic step touches one slot::
@@ -86,6 +86,7 @@ from seqactor.store._base import (
     ViewData,
     normalize_count,
     validate_id,
+    wall_clock_ms,
 )
 from seqactor.store._redis_sub import SubscriptionLost, subscribe
 from seqactor.store._state import _uint64, _user_ids
@@ -926,7 +927,10 @@ class RedisStore(Store):
         validate_id(conversation_id, "conversation_id")
         n = normalize_count(count)
         sender = validate_id(sender_user_id, "sender_user_id") if sender_user_id else ""
-        reply = await self._write("alloc", conversation_id, [conversation_id, n, sender])
+        # Allocations are stamped with Redis' clock (one clock for every node) unless the
+        # store's clock was replaced (tests step it back).
+        clock = "" if self.clock_ms is wall_clock_ms else self.clock_ms()
+        reply = await self._write("alloc", conversation_id, [conversation_id, n, sender, clock])
         return await self._committed(reply[1])  # type: ignore[return-value]
 
     async def mark_read(
