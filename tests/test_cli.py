@@ -316,6 +316,8 @@ CASES += [
     ("serve-store-missing-dir", [*SERVE[:3], "--port", "0", "--store", "sqlite:///{missing}/x.db"],
      FAILURE, "{missing}"),
     ("serve-store-dir", [*SERVE[:3], "--port", "0", "--store", "sqlite:///{dir}"], FAILURE, "{dir}"),
+    ("serve-store-unreachable-port", [*SERVE[:3], "--port", "0", "--store", "redis://127.0.0.1:1/0"],
+     FAILURE, "redis://127.0.0.1:1/0"),
     ("serve-port-bad-number", [*SERVE, "--port", "eighty"], USAGE, "--port"),
     ("serve-port-negative", [*SERVE, "--port", "-1"], USAGE, "--port"),
     ("serve-port-out-of-range", [*SERVE, "--port", "99999"], USAGE, "99999"),
@@ -375,6 +377,8 @@ CASES += [
     ("demo-rate-negative", ["demo", "--rate", "-1"], USAGE, "--rate"),
     ("demo-duration-bad-number", ["demo", "--duration", "soon"], USAGE, "--duration"),
     ("store-init-scheme", ["store", "init", "--store", "mysql://db"], USAGE, "mysql://db"),
+    ("store-init-unreachable-port", ["store", "init", "--store", "redis://127.0.0.1:1/0"], FAILURE,
+     "redis://127.0.0.1:1/0"),
     ("store-init-missing-dir", ["store", "init", "--store", "sqlite:///{missing}/x.db"],
      FAILURE, "{missing}"),
     ("store-backup-missing-store", ["store", "backup", "--store", "sqlite:///{missing}",
@@ -521,6 +525,12 @@ def test_members_names_users_who_were_not_or_already_members(server):
     assert res.stdout.strip() == "club: removed cat; not a member: zed"
     res = run("members", "remove", *base, "zed", "yul")
     assert res.stdout.strip() == "club: removed nobody; not members: zed yul"
+
+
+def test_demo_counts_one_conversation_in_the_singular():
+    res = run("demo", "--port", "0", "--users", "2", "--groups", "0", "--duration", "0.5")
+    assert res.returncode == 0, res.stderr
+    assert "2 users, 1 conversation, " in res.stdout
 
 
 def test_watch_title_counts_one_conversation_in_the_singular(server):

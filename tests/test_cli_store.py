@@ -171,7 +171,7 @@ async def test_init_force_rotates_the_epoch_on_sqlite_and_keeps_the_data(tmp_pat
     res = store_cli("init", "--store", url_store)
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("created new epoch ")
-    first = res.stdout.split()[-1]
+    first = res.stdout.split()[3]
     res = store_cli("init", "--store", url_store)
     assert res.stdout.strip() == f"epoch already set {first}"
     proc, url = await start_serve(tmp_path, url_store)
@@ -183,7 +183,7 @@ async def test_init_force_rotates_the_epoch_on_sqlite_and_keeps_the_data(tmp_pat
     await stop(proc)
     res = store_cli("init", "--force", "--store", url_store)
     assert res.returncode == 0, res.stderr
-    assert "started new epoch" in res.stdout and first not in res.stdout
+    assert res.stdout.startswith("created new epoch ") and first not in res.stdout
     proc, url = await start_serve(tmp_path, url_store)
     try:
         convs, _token, full = await sync(url, tmp_path, "alice", since=token_t)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from seqactor._client_readcounts import READERS_PAGE_SIZE
 
@@ -18,7 +19,8 @@ EXAMPLE = (
 )
 
 
-def add_readers_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_readers_parser(sub: Any) -> None:
+    """Add ``readers`` to the subcommands ``sub`` (what ``add_subparsers()`` returns)."""
     from functools import partial
 
     from seqactor._cli_args import HelpFormatter, id_arg, positive_int, seq_arg

@@ -61,7 +61,7 @@ def add_store_parser(sub: Any) -> None:
             "one committed state even while the server keeps writing."
         ),
         epilog="example: seqactor store backup --store sqlite:///var/seqactor.db "
-        "var/backup-$(date +%%F).db",
+        "var/backup-$(date +%F).db",
         formatter_class=HelpFormatter,
     )
     backup.add_argument("--store", required=True, metavar="URL",
@@ -170,12 +170,11 @@ def _init(args: argparse.Namespace) -> int:
             return 0
         assert isinstance(store, SQLiteStore)
         epoch, created = _init_sqlite(store.path, bool(args.force))
-    if args.force:
-        print(f"started new epoch {epoch.hex()} (clients get a full snapshot on their next sync)",
+    if created:
+        print(f"created new epoch {epoch.hex()} (clients get a full snapshot on their next sync)",
               flush=True)
     else:
-        what = "created new epoch" if created else "epoch already set"
-        print(f"{what} {epoch.hex()}", flush=True)
+        print(f"epoch already set {epoch.hex()}", flush=True)
     return 0
 
 

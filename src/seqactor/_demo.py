@@ -13,6 +13,7 @@ from pathlib import Path
 import trio
 
 from seqactor import _demo_web
+from seqactor._watch import plural
 from seqactor.auth import issue_token, load_or_create_secret
 from seqactor.client import Client, ServiceClient
 from seqactor.config import ServerConfig
@@ -77,8 +78,8 @@ async def _run_demo(
         url = server.url
         convs = plan(users, groups, rng)
         service = issue_token(secret, "demo-backend", role="service")
-        print(f"seqactor demo: server on {url} (memory://), {users} users, {len(convs)} "
-              f"conversations, {rate:g} messages/s", flush=True)
+        print(f"seqactor demo: server on {url} (memory://), {users} users, "
+              f"{plural(len(convs), 'conversation')}, {rate:g} messages/s", flush=True)
         me, secret_arg = self_command(), shlex.quote(secret_file)
         print("watch it live, in another terminal:", flush=True)
         print(f"  {me} watch --url {url} --user user1 --secret-file {secret_arg}", flush=True)

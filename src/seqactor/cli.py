@@ -301,7 +301,7 @@ def _check_readable_file(flag: str, path: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from seqactor._logging import setup_logging
+    from seqactor._logging import StartupLog
     from seqactor.auth import SecretError, load_or_create_secret, secret_file_warning
     from seqactor.gateway import Server
     from seqactor.metrics import MetricsPortError
@@ -320,7 +320,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"created secret file {args.secret_file} (mode 0600)", file=sys.stderr, flush=True)
     elif (warning := secret_file_warning(args.secret_file)) is not None:
         warn("serve", warning)
-    setup_logging(args.log_level)
+    log = StartupLog(args.log_level)  # a start that fails is one line, not logs + the error
     cfg = C.ServerConfig(
         host=args.host, port=args.port, store_url=args.store, secret=secret,
         hello_timeout_s=args.hello_timeout, heartbeat_interval_s=args.heartbeat_interval,
@@ -335,6 +335,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = Server(cfg, store, secret)
 
     def listening(url: str) -> None:
+        log.started()
         print(f"listening on {url}", flush=True)
 
     async def main() -> None:
@@ -346,6 +347,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         trio.run(main)
     except BaseException as exc:  # noqa: BLE001 - unwrapped and re-raised below
+        log.failed()
         inner = _unwrap(exc)
         if isinstance(inner, StoreError):
             raise CliError(f"store {args.store}: {inner}") from None

@@ -1,6 +1,7 @@
 """The store contract: what every backend (memory, SQLite, Redis) provides.
 
-The store is the durable truth behind every number seqactor serves (docs/protocol.md, "Invariants" and "Stores"):
+The store is the durable truth behind every number seqactor serves (docs/protocol.md,
+"Invariants" and "Stores"):
 
 * **Positions.** Every committed operation that changes state takes the next *position*
   (``store.position + 1``; a global, durable, gap-free counter). Operations that change
@@ -15,10 +16,10 @@ The store is the durable truth behind every number seqactor serves (docs/protoco
   fsync'd, group commit). Reads (``load_view``, ``removed_since``, ``view_contains``,
   ``conversation``) never see uncommitted state.
 
-Views (docs/protocol.md, "Data model"): a user's view = conversations they are a member of, plus those they left
-with ``keep_history`` (frozen: max, min and time fixed at the moment they left; later
-allocations and min changes do not touch the row; MarkRead still works, clamped to the frozen
-max). A row's change position is the position of the last change that altered any of its
+Views (docs/protocol.md, "Data model"): a user's view = conversations they are a member of,
+plus those they left with ``keep_history`` (frozen: max, min and time fixed at the moment they
+left; later allocations and min changes do not touch the row; MarkRead still works, clamped to
+the frozen max). A row's change position is the position of the last change that altered any of its
 values (conversation max/min/time for active members, or the member's own read/join/freeze).
 """
 
