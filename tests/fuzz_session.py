@@ -36,7 +36,7 @@ CLOSE_CODES = {1000, 1002, 1003, 1009, 4001, 4002, 4008}
 USER_OPS = {"get_sequences", "subscribe", "unsubscribe", "mark_read", "set_background", "ping",
             "get_read_counts", "watch_read_counts", "get_readers"}
 READ_COUNT_REPLIES = {"get_read_counts": "read_counts", "watch_read_counts": "ack",
-                      "get_readers": "readers"}  # v1.1 (SPEC §4.9)
+                      "get_readers": "readers"}  # v1.1 (docs/protocol.md "Group read counts")
 SERVICE_OPS = {"allocate_sequences", "add_members", "remove_members", "set_min_sequence"}
 FUZZ_USERS = ("alice", "bob")
 FUZZ_CONVERSATIONS = ("g1", "g2")

@@ -1,5 +1,5 @@
-"""Group read counts over the wire (SPEC §4.9): GetReadCounts, GetReaders, WatchReadCounts and
-every error path, as a client sees them."""
+"""Group read counts over the wire (docs/protocol.md "Group read counts"): GetReadCounts,
+GetReaders, WatchReadCounts and every error path, as a client sees them."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""Group read counts in the Python SDK (SPEC §4.9): ``read_counts``, ``readers`` and
-``watch_read_counts`` for :class:`~seqactor.client.Client` (and the first two for
-:class:`~seqactor.client.ServiceClient`). See docs/client.md, "Group read counts".
+"""Group read counts in the Python SDK (docs/protocol.md "Group read counts"):
+``read_counts``, ``readers`` and ``watch_read_counts`` for :class:`~seqactor.client.Client`
+(and the first two for :class:`~seqactor.client.ServiceClient`). See docs/client.md,
+"Group read counts".
 """
 
 from __future__ import annotations

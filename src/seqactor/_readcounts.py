@@ -1,6 +1,6 @@
-"""Group read counts (SPEC §4.9): the per-conversation read indexes of a node, their upkeep from
-the store's change stream, read-count watches, and the ops ``GetReadCounts``,
-``WatchReadCounts`` and ``GetReaders``.
+"""Group read counts (docs/protocol.md "Group read counts"): the per-conversation read indexes
+of a node, their upkeep from the store's change stream, read-count watches, and the ops
+``GetReadCounts``, ``WatchReadCounts`` and ``GetReaders``.
 
 **Index.** :class:`ReadIndex` wraps the kernel's :class:`~seqactor._kernel.ReadCounter` (counts
 over seqs, see ``_readindex_py``) with the member ids: ``slots`` (user id → slot), ``uids``
@@ -161,7 +161,8 @@ class ReadIndex:
     # ------------------------------------------------------------ queries
 
     def clamp(self, from_sequence: int, to_sequence: int) -> tuple[int, int]:
-        """SPEC §4.9 range → (clamped from, number of seqs); 0 = first / max."""
+        """A request's range → (clamped from, number of seqs); 0 = first / max (docs/protocol.md,
+        "Group read counts", Ranges)."""
         first = self.first_seq()
         mx = self.max_sequence
         lo = max(from_sequence or first, first)
@@ -244,7 +245,7 @@ class SessionWatches:
                         break
                     now = trio.current_time()
                     due = min(w.last_push for w in dirty) + interval
-                    if self.state.background:  # held while in background (SPEC §4.5)
+                    if self.state.background:  # held while in background (docs/protocol.md, SetBackground)
                         await trio.sleep(max(interval, BACKGROUND_POLL_S))
                         continue
                     if due > now:  # coalesce: changes until then join this push
@@ -379,7 +380,8 @@ class ReadIndexes:
             total -= idx.counter.size
 
     async def authorized(self, session: Session, conversation_id: str) -> ReadIndex:
-        """The index for a request of ``session`` (SPEC §4.9 who may ask), after ``sync``."""
+        """The index for a request of ``session`` after ``sync`` (docs/protocol.md, "Group read
+        counts": who may ask)."""
         validate_id(conversation_id, "conversation_id")
         identity = session.identity
         assert identity is not None
@@ -483,7 +485,8 @@ def _readers_frame(rid: int, ids: Iterable[str], next_after: str) -> bytes:
 
 
 async def op_get_read_counts(session: Session, rid: int, m: pb.GetReadCounts) -> bytes:
-    """``GetReadCounts`` → ``ReadCounts`` (SPEC §4.9); TOO_LARGE above the range limit."""
+    """``GetReadCounts`` → ``ReadCounts`` (docs/protocol.md "Group read counts"); TOO_LARGE above
+    the range limit."""
     reg = registry(session.server)
     idx = await reg.authorized(session, m.conversation_id)
     lo, n = idx.clamp(m.from_sequence, m.to_sequence)
@@ -494,8 +497,8 @@ async def op_get_read_counts(session: Session, rid: int, m: pb.GetReadCounts) ->
 
 
 async def op_watch_read_counts(session: Session, rid: int, m: pb.WatchReadCounts) -> None:
-    """``WatchReadCounts`` → ``Ack``, then pushes (SPEC §4.9); the Ack goes out before the
-    first push."""
+    """``WatchReadCounts`` → ``Ack``, then pushes (docs/protocol.md "Group read counts"); the Ack
+    goes out before the first push."""
     reg = registry(session.server)
     state = session.state
     assert state is not None
@@ -518,7 +521,8 @@ async def op_watch_read_counts(session: Session, rid: int, m: pb.WatchReadCounts
 
 
 async def op_get_readers(session: Session, rid: int, m: pb.GetReaders) -> bytes:
-    """``GetReaders`` → ``Readers`` (SPEC §4.9): limit 0 = 100, above 1 000 TOO_LARGE."""
+    """``GetReaders`` → ``Readers`` (docs/protocol.md "Group read counts"): limit 0 = 100, above
+    1 000 TOO_LARGE."""
     limit = m.limit or READERS_DEFAULT_LIMIT
     if limit > MAX_READERS_LIMIT:
         raise TooLarge(f"limit {limit} is above {MAX_READERS_LIMIT}")

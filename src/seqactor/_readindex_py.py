@@ -2,7 +2,7 @@
 
 :class:`ReadCounter` holds the read seqs of one conversation's *current* members (one slot per
 member; frozen and removed members are not in it) and answers "how many members have
-``read_sequence >= s``" for a run of consecutive ``s`` (SPEC §4.9 ``ReadCounts``).
+``read_sequence >= s``" for a run of consecutive ``s`` (``ReadCounts``, docs/protocol.md "Group read counts").
 
 Algorithm (docs/kernel.md, "Read index"):
 
