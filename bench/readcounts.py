@@ -414,7 +414,7 @@ async def live(members: int, rate: int, seconds: float) -> dict[str, Any]:
 # ------------------------------------------------------------------ report
 
 
-def plot(r: dict[str, Any]) -> None:
+def plot(r: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -438,8 +438,8 @@ def plot(r: dict[str, Any]) -> None:
     ax.set_title("Group read counts: one 1 000-seq range")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    PLOT.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(PLOT, dpi=110)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -502,9 +502,10 @@ def main(argv: list[str] | None = None) -> int:
     r["elapsed_s"] = round(time.monotonic() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(r, indent=2) + "\n")
-    plot(r)
+    plot_path = PLOT if args.out == RESULTS else args.out.with_suffix(".png")  # docs: default run
+    plot(r, plot_path)
     print_table(r)
-    print(f"\nwrote {args.out} and {PLOT}")
+    print(f"\nwrote {args.out} and {plot_path}")
     return 0
 
 
