@@ -93,6 +93,13 @@ valid_ops = st.one_of(
                                       keep_history=k), rids, ids, id_lists, st.booleans()),
     st.builds(lambda r, c, s: _msg(r, "set_min_sequence", conversation_id=c, min_sequence=s),
               rids, ids, SEQS),
+    st.builds(lambda r, c, f, t: _msg(r, "get_read_counts", conversation_id=c, from_sequence=f,
+                                      to_sequence=t), rids, ids, SEQS, SEQS),
+    st.builds(lambda r, c, f, s: _msg(r, "watch_read_counts", conversation_id=c, from_sequence=f,
+                                      stop=s), rids, ids, SEQS, st.booleans()),
+    st.builds(lambda r, c, s, u, n, a: _msg(r, "get_readers", conversation_id=c, sequence=s,
+                                            unread=u, limit=n, after_user_id=a),
+              rids, ids, SEQS, st.booleans(), COUNTS, ids),
     st.builds(lambda r, t: _msg(r, "hello", token=t), rids, st.sampled_from(["", "x"])),
     st.builds(lambda r: pb.ClientMessage(request_id=r).SerializeToString(), rids),
 )
@@ -100,14 +107,14 @@ bad_utf8 = st.sampled_from([b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"a\x80b", b"
 hand_made = st.one_of(
     # invalid UTF-8 inside a string field of each op that has one
     st.builds(lambda r, op, bad: client_message(r, op, field_bytes(1, bad)),
-              rids, st.sampled_from([2, 3, 4, 5, 6, 20, 21, 22, 23]), bad_utf8),
+              rids, st.sampled_from([2, 3, 4, 5, 6, 9, 10, 11, 20, 21, 22, 23]), bad_utf8),
     st.builds(lambda r, bad: client_message(r, 21, field_bytes(1, b"g1") + field_bytes(2, bad)),
               rids, bad_utf8),
     # uint32 count beyond 32 bits (protobuf truncates), varints of 10 bytes, unknown fields
     st.builds(lambda r, n: client_message(r, 20, field_bytes(1, b"g1") + field_varint(2, n)),
               rids, st.integers(0, UINT64_MAX)),
     st.builds(lambda r, f, p: field_varint(1, r) + field_bytes(f, p), rids,
-              st.integers(9, 19) | st.integers(24, 2**29 - 1), st.binary(max_size=20)),
+              st.integers(12, 19) | st.integers(24, 2**29 - 1), st.binary(max_size=20)),
     # wrong wire types, a length prefix beyond the frame, a group tag
     st.builds(lambda r, f, v: field_varint(1, r) + field_varint(f, v), rids,
               st.sampled_from([2, 3, 6, 8, 20]), st.integers(0, UINT64_MAX)),

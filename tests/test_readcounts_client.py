@@ -91,3 +91,16 @@ async def test_watch_ends_when_the_conversation_leaves_the_view_on_reconnect():
                 with trio.fail_after(10), pytest.raises(Forbidden):
                     async for _ in watch:
                         pass
+
+
+async def test_watch_raises_forbidden_when_the_conversation_leaves_the_view():
+    async with running_server(read_counts_interval_ms=10) as server:
+        await _setup(server.url)
+        async with Client.connect(server.url, token("bob")) as bob, \
+                ServiceClient.connect(server.url, token("backend", "service")) as svc:
+            watch = await bob.watch_read_counts("g")
+            await watch.__anext__()
+            await svc.remove_members("g", ["bob"])
+            with trio.fail_after(10), pytest.raises(Forbidden):
+                async for _ in watch:
+                    pass

@@ -9,6 +9,8 @@ import random
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 
 from seqactor import _kernel, _readcounts
 from seqactor import _readindex as C
@@ -130,3 +132,35 @@ async def test_counts_follow_every_change(backend: str, seed: int, kernel_impl: 
                     assert got == want, (step, c, seq, unread)
     finally:
         await store.aclose()
+
+
+async def test_a_big_group_is_built_off_the_event_loop_and_misses_no_change(kernel_impl: str):
+    """60 000 members: the index is built in a worker thread while changes keep committing;
+    the changes made meanwhile are replayed from the buffer."""
+    from seqactor.store.memory import MemoryStore
+
+    store = MemoryStore()
+    await store.open()
+    users = [f"b{i:05d}" for i in range(60_000)]
+    for i in range(0, len(users), 20_000):
+        await store.add_members("big", users[i:i + 20_000])
+    await store.allocate("big", 10)
+    reg = _readcounts.ReadIndexes(store, ServerConfig())
+
+    async with trio.open_nursery() as nursery:
+        got: list[object] = []
+
+        async def load() -> None:
+            got.append(await reg.get("big"))
+
+        nursery.start_soon(load)
+        await trio.testing.wait_all_tasks_blocked()  # the snapshot is taken, the thread builds
+        for uid in users[:50]:
+            await store.mark_read("big", uid, 7)
+        await store.allocate("big", 2, users[50])
+        await store.remove_members("big", users[51:53], False)
+    (idx,) = got
+    assert isinstance(idx, _readcounts.ReadIndex)
+    assert idx.counter.size == 60_000 - 2
+    assert idx.counter.counts(1, 12) == [51] * 7 + [1] * 5
+    await store.aclose()

@@ -1,6 +1,6 @@
 """Group read counts on two seqactor nodes sharing Redis (standalone and Cluster): each node
 answers from its own index kept by the change stream, and a MarkRead acknowledged on node A is
-counted by node B's next reply (SPEC §4.9 consistency)."""
+counted by node B's next reply (docs/protocol.md, "Group read counts": consistency)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Group read counts over the wire (SPEC §4.9): GetReadCounts, GetReaders, WatchReadCounts and
-every error path, as a client sees them."""
+"""Group read counts over the wire (docs/protocol.md "Group read counts"): GetReadCounts,
+GetReaders, WatchReadCounts and every error path, as a client sees them."""
 
 from __future__ import annotations
 
@@ -180,3 +180,28 @@ async def test_watch_limit_and_end_on_leaving():
             async with raw_connect(server, "bob") as bob:
                 await bob.request("mark_read", conversation_id="g1", read_sequence=1)
             await c.no_push(0.4)
+
+
+async def test_extreme_arguments_get_clear_replies_and_the_session_stays():
+    u64 = (1 << 64) - 1
+    async with running_server() as server:
+        await _setup(server, "g", ["alice", "bob"], allocs=3)
+        async with raw_connect(server, "alice") as c:
+            r = await c.request("get_read_counts", conversation_id="g", from_sequence=u64, to_sequence=u64)
+            assert _counts(r) == (u64, 2, [])
+            r = await c.request("get_read_counts", conversation_id="g", from_sequence=3, to_sequence=1)
+            assert _counts(r) == (3, 2, [])
+            r = await c.request("get_readers", conversation_id="g", sequence=u64)
+            assert list(r.readers.user_ids) == []
+            r = await c.request("get_readers", conversation_id="g", sequence=u64, unread=True)
+            assert list(r.readers.user_ids) == ["alice", "bob"]
+            r = await c.request("get_readers", conversation_id="g", sequence=1, limit=2**32 - 1)
+            assert r.error.code == Code.TOO_LARGE
+            r = await c.request("get_readers", conversation_id="g", sequence=1, after_user_id="\uffff" * 40)
+            assert list(r.readers.user_ids) == [] and r.readers.next_after_user_id == ""
+            r = await c.request("watch_read_counts", conversation_id="g", from_sequence=u64)
+            assert body(r) == "ack"
+            assert _counts(await c.next_push()) == (u64, 2, [])
+            r = await c.request("watch_read_counts", conversation_id="\x00bad", stop=True)
+            assert r.error.code == Code.BAD_REQUEST
+            assert body(await c.request("ping", client_time_ms=1)) == "pong"

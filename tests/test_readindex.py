@@ -148,6 +148,11 @@ def test_bad_arguments_raise_clear_errors(impl):
         rc.counts(1, -1)
     with pytest.raises(OverflowError):
         rc.counts(U64 - 1, 3)
+    with pytest.raises(OverflowError):
+        rc.counts(U64 + 1, 0)
+    assert rc.counts(U64, 0) == []  # an empty range may start anywhere in uint64
+    empty = pb.ServerMessage.FromString(rc.encode(1, "g", U64, 0)).read_counts
+    assert empty.from_sequence == U64 and list(empty.counts) == []
     with pytest.raises(TypeError):
         rc.add("3")
     assert rc.size == 0 and rc.counts(0, 2) == [0, 0]

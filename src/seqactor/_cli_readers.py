@@ -1,5 +1,5 @@
 """``seqactor readers CONVERSATION SEQ [--unread]``: who has (or has not) read a message of a
-group (SPEC §4.9 ``GetReaders``), with the group's read count of that message.
+group (``GetReaders``, docs/protocol.md "Group read counts"), with the group's read count of that message.
 
 With ``--user U --secret-file F`` (or a user ``--token``) it asks as that member; with only
 ``--secret-file`` it asks with a service token (any conversation).

@@ -1,6 +1,7 @@
-"""Group read counts in the Python SDK (SPEC §4.9): ``read_counts``, ``readers`` and
-``watch_read_counts`` for :class:`~seqactor.client.Client` (and the first two for
-:class:`~seqactor.client.ServiceClient`). See docs/client.md, "Group read counts".
+"""Group read counts in the Python SDK (docs/protocol.md "Group read counts"):
+``read_counts``, ``readers`` and ``watch_read_counts`` for :class:`~seqactor.client.Client`
+(and the first two for :class:`~seqactor.client.ServiceClient`). See docs/client.md,
+"Group read counts".
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from seqactor._conn import ErrorCode, Link, ServerError
+from seqactor._conn import ErrorCode, Forbidden, Link, ServerError
 from seqactor._proto import seqactor_pb2 as pb
 
 F_READ_COUNTS = 9  # ServerMessage.read_counts
@@ -55,9 +56,11 @@ def _expect(field: int, want: int) -> None:
 
 
 class ReadCountsWatch:
-    """Async iterator of :class:`ReadCounts` for one watched conversation (newest first: a
-    slow consumer gets the latest update, older ones are dropped). Ends when the conversation
-    leaves the view (a reconnect's re-watch is refused) or the client closes."""
+    """Async iterator of :class:`ReadCounts` for one watched conversation (latest wins: a slow
+    consumer gets the newest update, older ones are dropped). Raises ``Forbidden`` when the
+    conversation leaves the client's view (or a reconnect's re-watch is refused); ends when the
+    watch is closed or the client closes. (A member frozen by ``keep_history`` keeps the
+    conversation in the view: the server ends the watch, the iterator just gets no more.)"""
 
     def __init__(self, owner: WatchMixin, conversation_id: str, from_sequence: int) -> None:
         self._owner = owner
@@ -219,6 +222,13 @@ class WatchMixin(ReadCountsMixin):
         update = _decode(body)
         for watch in self._rc_watches.get(update.conversation_id, ()):
             watch._put(update)
+
+    def _watches_left(self, conversation_ids: list[str]) -> None:
+        """These conversations left the view: their watches end with ``Forbidden`` (the server
+        ended them too)."""
+        for cid in conversation_ids:
+            for watch in self._rc_watches.pop(cid, ()):
+                watch._end(Forbidden(ErrorCode.FORBIDDEN, "conversation left your view"))
 
     def _end_watches(self, error: BaseException | None) -> None:
         for watches in list(self._rc_watches.values()):

@@ -42,7 +42,7 @@ WS_QUEUE_FRAMES = 64
 
 # ServerMessage body field numbers (docs/protocol.md, "Messages")
 F_WELCOME, F_UPDATE, F_ACK, F_ERROR, F_PONG, F_ALLOCATED, F_GOAWAY = 2, 3, 4, 5, 6, 7, 8
-F_READ_COUNTS = 9  # v1.1: a read-count watch's push (SPEC §4.9)
+F_READ_COUNTS = 9  # v1.1: a read-count watch's push (docs/protocol.md "Group read counts")
 
 CLOSE_AUTH_FAILED = 4001
 CLOSE_REPLACED = 4009

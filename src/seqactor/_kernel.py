@@ -31,7 +31,7 @@ else:
 
         COMPILED = False
 
-# The read-count kernel (group read counts, SPEC §4.9): same switch, same fallback.
+# The read-count kernel (group read counts, docs/protocol.md "Group read counts"): same switch, same fallback.
 if COMPILED:
     try:
         from seqactor import _readindex as _ri  # type: ignore[attr-defined, no-redef, unused-ignore]

@@ -1,6 +1,6 @@
-"""Group read counts (SPEC §4.9): the per-conversation read indexes of a node, their upkeep from
-the store's change stream, read-count watches, and the ops ``GetReadCounts``,
-``WatchReadCounts`` and ``GetReaders``.
+"""Group read counts (docs/protocol.md "Group read counts"): the per-conversation read indexes
+of a node, their upkeep from the store's change stream, read-count watches, and the ops
+``GetReadCounts``, ``WatchReadCounts`` and ``GetReaders``.
 
 **Index.** :class:`ReadIndex` wraps the kernel's :class:`~seqactor._kernel.ReadCounter` (counts
 over seqs, see ``_readindex_py``) with the member ids: ``slots`` (user id → slot), ``uids``
@@ -76,6 +76,8 @@ log = logging.getLogger("seqactor.readcounts")
 EVERYTHING = (1 << 64) - 1  # "every seq's count may have changed" (membership, max, min)
 BULK_MEMBERSHIP = 256  # joins in one change above this rebuild the sorted order (O(n log n))
 NOT_IN_VIEW = "conversation is not in your view"  # the same for foreign and unknown ones (I4)
+BUILD_IN_THREAD_MEMBERS = 50_000  # bigger indexes are built in a worker thread
+BACKGROUND_POLL_S = 0.25  # a session in background: its dirty watches are looked at this often
 
 
 class ReadIndex:
@@ -93,7 +95,7 @@ class ReadIndex:
         slots = self.slots
         self.order = array("I", [slots[u] for u in self.uids])
         self.min_sequence = snap.min_sequence
-        self.used = trio.current_time()
+        self.used = 0.0  # trio.current_time() of the last use (set by the registry)
 
     @property
     def max_sequence(self) -> int:
@@ -109,12 +111,12 @@ class ReadIndex:
         """Apply a committed change → the highest seq whose count changed (``EVERYTHING`` when
         membership, max or min moved), or None when nothing changed."""
         counter = self.counter
-        if isinstance(change, ReadMarked):
+        if type(change) is ReadMarked:  # the hot path: one per MarkRead
             slot = self.slots.get(change.user_id)
             if slot is None:  # a frozen member marking read: not counted
                 return None
-            old = counter.raise_read(slot, change.read_sequence)
-            return change.read_sequence if change.read_sequence > old else None
+            read = change.read_sequence
+            return read if read > counter.raise_read(slot, read) else None
         if isinstance(change, Allocated):
             counter.set_max(change.last)
             if change.sender_user_id is not None and change.sender_read:
@@ -159,7 +161,8 @@ class ReadIndex:
     # ------------------------------------------------------------ queries
 
     def clamp(self, from_sequence: int, to_sequence: int) -> tuple[int, int]:
-        """SPEC §4.9 range → (clamped from, number of seqs); 0 = first / max."""
+        """A request's range → (clamped from, number of seqs); 0 = first / max (docs/protocol.md,
+        "Group read counts", Ranges)."""
         first = self.first_seq()
         mx = self.max_sequence
         lo = max(from_sequence or first, first)
@@ -242,10 +245,11 @@ class SessionWatches:
                         break
                     now = trio.current_time()
                     due = min(w.last_push for w in dirty) + interval
-                    if due > now or self.state.background:
-                        # coalesce: changes until then join this push (in background: hold
-                        # the pushes, look again after an interval)
-                        await trio.sleep_until(max(due, now + interval * self.state.background))
+                    if self.state.background:  # held while in background (docs/protocol.md, SetBackground)
+                        await trio.sleep(max(interval, BACKGROUND_POLL_S))
+                        continue
+                    if due > now:  # coalesce: changes until then join this push
+                        await trio.sleep_until(due)
                         continue
                     for w in dirty:
                         if not w.dirty or w.last_push + interval > now:
@@ -336,7 +340,15 @@ class ReadIndexes:
                     return None
                 if ld.reset:
                     continue
-                idx = ReadIndex(snap)
+                if len(snap.user_ids) >= BUILD_IN_THREAD_MEMBERS:
+                    # ~1.5 µs per member of Python: let the event loop run meanwhile (changes
+                    # keep arriving in ``ld.buffer``)
+                    idx = await trio.to_thread.run_sync(ReadIndex, snap)
+                else:
+                    idx = ReadIndex(snap)
+                if ld.reset:
+                    continue
+                idx.used = trio.current_time()
                 for change in ld.buffer:
                     if change.position > snap.position:
                         idx.apply(change)
@@ -368,7 +380,8 @@ class ReadIndexes:
             total -= idx.counter.size
 
     async def authorized(self, session: Session, conversation_id: str) -> ReadIndex:
-        """The index for a request of ``session`` (SPEC §4.9 who may ask), after ``sync``."""
+        """The index for a request of ``session`` after ``sync`` (docs/protocol.md, "Group read
+        counts": who may ask)."""
         validate_id(conversation_id, "conversation_id")
         identity = session.identity
         assert identity is not None
@@ -389,19 +402,21 @@ class ReadIndexes:
     # ------------------------------------------------------------ watches
 
     def session_watches(self, session: Session) -> SessionWatches:
+        """The session's watches, with their push task running in the session's nursery."""
         state = session.state
         assert state is not None
         sw = self.sessions.get(id(state))
+        if sw is not None and sw.running:
+            return sw
+        nursery = session._nursery
+        if nursery is None:
+            raise Unavailable("the session is closing")
         if sw is None:
             identity = session.identity
             service = identity is not None and identity.is_service
             sw = self.sessions[id(state)] = SessionWatches(self, state, service)
-        if not sw.running:
-            nursery = session._nursery
-            if nursery is None:
-                raise Unavailable("the session is closing")
-            sw.running = True
-            nursery.start_soon(sw.run)
+        sw.running = True
+        nursery.start_soon(sw.run)
         return sw
 
     def add_watch(self, sw: SessionWatches, conversation_id: str, from_sequence: int) -> None:
@@ -470,7 +485,8 @@ def _readers_frame(rid: int, ids: Iterable[str], next_after: str) -> bytes:
 
 
 async def op_get_read_counts(session: Session, rid: int, m: pb.GetReadCounts) -> bytes:
-    """``GetReadCounts`` → ``ReadCounts`` (SPEC §4.9); TOO_LARGE above the range limit."""
+    """``GetReadCounts`` → ``ReadCounts`` (docs/protocol.md "Group read counts"); TOO_LARGE above
+    the range limit."""
     reg = registry(session.server)
     idx = await reg.authorized(session, m.conversation_id)
     lo, n = idx.clamp(m.from_sequence, m.to_sequence)
@@ -481,8 +497,8 @@ async def op_get_read_counts(session: Session, rid: int, m: pb.GetReadCounts) ->
 
 
 async def op_watch_read_counts(session: Session, rid: int, m: pb.WatchReadCounts) -> None:
-    """``WatchReadCounts`` → ``Ack``, then pushes (SPEC §4.9); the Ack goes out before the
-    first push."""
+    """``WatchReadCounts`` → ``Ack``, then pushes (docs/protocol.md "Group read counts"); the Ack
+    goes out before the first push."""
     reg = registry(session.server)
     state = session.state
     assert state is not None
@@ -505,7 +521,8 @@ async def op_watch_read_counts(session: Session, rid: int, m: pb.WatchReadCounts
 
 
 async def op_get_readers(session: Session, rid: int, m: pb.GetReaders) -> bytes:
-    """``GetReaders`` → ``Readers`` (SPEC §4.9): limit 0 = 100, above 1 000 TOO_LARGE."""
+    """``GetReaders`` → ``Readers`` (docs/protocol.md "Group read counts"): limit 0 = 100, above
+    1 000 TOO_LARGE."""
     limit = m.limit or READERS_DEFAULT_LIMIT
     if limit > MAX_READERS_LIMIT:
         raise TooLarge(f"limit {limit} is above {MAX_READERS_LIMIT}")

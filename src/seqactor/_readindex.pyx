@@ -34,10 +34,10 @@ cdef u64 _u64(value, str what) except? 0xFFFFFFFFFFFFFFFF:
     return <u64>v
 
 
-cdef u64 _request_id(value) except? 0xFFFFFFFFFFFFFFFF:
+cdef u64 _u64_any(value, str what) except? 0xFFFFFFFFFFFFFFFF:
     v = operator.index(value)
     if v < 0 or v > 0xFFFFFFFFFFFFFFFF:
-        raise OverflowError(f"request_id {int(v)} out of range [0, 2**64 - 1]")
+        raise OverflowError(f"{what} {int(v)} out of range [0, 2**64 - 1]")
     return <u64>v
 
 
@@ -356,7 +356,7 @@ cdef class ReadCounter:
         return 0
 
     cdef u64 _check_range(self, from_seq, n, Py_ssize_t *k) except? 0xFFFFFFFFFFFFFFFF:
-        cdef u64 s = _u64(from_seq, "from_seq")
+        cdef u64 s = _u64_any(from_seq, "from_seq")
         cdef Py_ssize_t kk = operator.index(n)
         if kk < 0:
             raise ValueError("n must not be negative")
@@ -411,7 +411,7 @@ cdef class ReadCounter:
         """Wire bytes of ``ServerMessage{request_id, read_counts: ReadCounts{conversation_id,
         from_sequence, member_count, counts}}`` for ``n`` seqs from ``from_seq`` (packed
         ``counts``; zero fields omitted, as the protobuf runtime writes them)."""
-        cdef u64 rid = _request_id(request_id)
+        cdef u64 rid = _u64_any(request_id, "request_id")
         cdef Py_ssize_t k
         cdef u64 s = self._check_range(from_seq, n, &k)
         cdef bytes key = conversation_id.encode("utf-8")

@@ -2,7 +2,7 @@
 
 :class:`ReadCounter` holds the read seqs of one conversation's *current* members (one slot per
 member; frozen and removed members are not in it) and answers "how many members have
-``read_sequence >= s``" for a run of consecutive ``s`` (SPEC §4.9 ``ReadCounts``).
+``read_sequence >= s``" for a run of consecutive ``s`` (``ReadCounts``, docs/protocol.md "Group read counts").
 
 Algorithm (docs/kernel.md, "Read index"):
 
@@ -51,6 +51,19 @@ def _u64(value: SupportsIndex, what: str) -> int:
     if not 0 <= v < _U64_MAX:  # 2**64 - 1 is the free-slot marker
         raise OverflowError(f"{what} {v} out of range [0, 2**64 - 2]")
     return v
+
+
+def _range(from_seq: SupportsIndex, n: SupportsIndex) -> tuple[int, int]:
+    """(from_seq, n) checked: any uint64 start; a non-empty range ends below 2**64 - 1."""
+    s = int(operator.index(from_seq))
+    k = int(operator.index(n))
+    if not 0 <= s <= _U64_MAX:
+        raise OverflowError(f"from_seq {s} out of range [0, 2**64 - 1]")
+    if k < 0:
+        raise ValueError("n must not be negative")
+    if k and s + k - 1 > _U64_MAX - 1:
+        raise OverflowError("from_seq + n - 1 is above the uint64 range")
+    return s, k
 
 
 def window_cap(members: int) -> int:
@@ -249,12 +262,9 @@ class ReadCounter:
 
     def counts(self, from_seq: SupportsIndex, n: SupportsIndex) -> list[int]:
         """``[count(read >= from_seq + i) for i in range(n)]`` in ``O(log cap + n)``."""
-        s = _u64(from_seq, "from_seq")
-        k = int(operator.index(n))
-        if k < 0:
-            raise ValueError("n must not be negative")
-        if k and s + k - 1 > _U64_MAX - 1:
-            raise OverflowError("from_seq + n - 1 is above the uint64 range")
+        s, k = _range(from_seq, n)
+        if not k:
+            return []
         out: list[int] = []
         base, cap = self._base, self._cap
         while k and s < base:  # old messages: below the window
@@ -306,6 +316,7 @@ class ReadCounter:
         rid = int(operator.index(request_id))
         if not 0 <= rid <= _U64_MAX:
             raise OverflowError(f"request_id {rid} out of range [0, 2**64 - 1]")
+        f, _ = _range(from_seq, n)
         counts = self.counts(from_seq, n)
         body = bytearray()
         key = conversation_id.encode("utf-8")
@@ -313,7 +324,6 @@ class ReadCounter:
             body.append(0x0A)
             _varint(len(key), body)
             body += key
-        f = int(operator.index(from_seq))
         if f:
             body.append(0x10)
             _varint(f, body)

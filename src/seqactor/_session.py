@@ -586,7 +586,7 @@ _HANDLERS: dict[str, tuple[_Handler, bool]] = {
     "add_members": (Session.op_add_members, True),  # type: ignore[dict-item]
     "remove_members": (Session.op_remove_members, True),  # type: ignore[dict-item]
     "set_min_sequence": (Session.op_set_min_sequence, True),  # type: ignore[dict-item]
-    # group read counts (SPEC §4.9), in their own module
+    # group read counts (docs/protocol.md "Group read counts"), in their own module
     "get_read_counts": (readcounts.op_get_read_counts, False),  # type: ignore[dict-item]
     "watch_read_counts": (readcounts.op_watch_read_counts, False),  # type: ignore[dict-item]
     "get_readers": (readcounts.op_get_readers, False),  # type: ignore[dict-item]

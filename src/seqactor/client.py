@@ -485,6 +485,8 @@ class Client(WatchMixin, _Endpoint):
             self._token_bytes = token
         if not changed:
             return
+        if self._rc_watches:  # a read-count watch ends when its conversation leaves the view
+            self._watches_left([cid for cid, (_, after) in changed.items() if after is None])
         total = self._total_unread
         for before, after in changed.values():
             total += _unread(after) - _unread(before)

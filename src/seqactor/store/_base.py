@@ -311,13 +311,14 @@ class Store(abc.ABC):
     async def conversation(self, conversation_id: str) -> ConversationState | None: ...
 
     async def load_members(self, conversation_id: str) -> MemberReads | None:
-        """Current members' read seqs (group read counts, SPEC §4.9); None when the
+        """Current members' read seqs (group read counts, docs/protocol.md "Group read counts"); None when the
         conversation does not exist. A change with a position above ``MemberReads.position``
         reaches the listeners after the call started (a reader buffers changes while loading)."""
         raise NotImplementedError(f"{type(self).__name__} does not provide load_members")
 
     async def sync(self) -> None:
         """Return once every change committed before the call (on any node sharing the store)
-        has been handed to this store's listeners (SPEC §4.9 consistency). A single-process
-        store publishes each change as it commits: nothing to wait for."""
+        has been handed to this store's listeners (docs/protocol.md, "Group read counts":
+        consistency). A single-process store publishes each change as it commits: nothing to
+        wait for."""
         await trio.lowlevel.checkpoint()

@@ -111,9 +111,9 @@ USEP = "\x1e"
 
 _slot_tags: list[str] | None = None
 
-# Group read counts (SPEC §4.9): a conversation's state and all its members in one atomic step
-# (both keys carry the conversation's hash tag: one slot), so the member rows are exactly those
-# as of the conversation's last change position ``lp``.
+# Group read counts (docs/protocol.md "Group read counts"): a conversation's state and all its
+# members in one atomic step (both keys carry the conversation's hash tag: one slot), so the
+# member rows are exactly those as of the conversation's last change position ``lp``.
 _MEMBERS_LUA = """
 local v = redis.call('HMGET', KEYS[1], 'mx', 'mn', 'lp', 'ps')
 if not v[4] then return {} end
