@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -155,22 +157,61 @@ def test_members_send_and_watch(server):
     assert res.stdout.strip() == "team: removed bob (history kept)"
 
 
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+LIVE_TIMEOUT_S = 30.0  # a bound for what a live view must show; the waits end on the text
+
+
+class LiveView:
+    """A running ``seqactor watch``: its live output (rich redraws as on a terminal, with
+    TTY_COMPATIBLE=1) is read by a thread; :meth:`wait_for` returns once a text shows up."""
+
+    def __init__(self, *argv: str) -> None:
+        self.proc = subprocess.Popen(
+            [*CLI, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "COLUMNS": "120", "TTY_COMPATIBLE": "1"},
+        )
+        self._out: list[str] = []
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for chunk in iter(lambda: self.proc.stdout.read(1), ""):  # type: ignore[union-attr]
+            with self._lock:
+                self._out.append(chunk)
+
+    @property
+    def text(self) -> str:
+        with self._lock:
+            return ANSI.sub("", "".join(self._out))
+
+    def wait_for(self, needle: str) -> None:
+        deadline = time.monotonic() + LIVE_TIMEOUT_S
+        while needle not in self.text:
+            assert self.proc.poll() is None, f"watch ended: {self.proc.stderr.read()}"  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, f"{needle!r} never shown:\n{self.text[-2000:]}"
+            time.sleep(0.01)
+
+    def quit(self) -> tuple[int, str]:
+        """Ctrl-C; returns (exit status, stderr)."""
+        self.proc.send_signal(signal.SIGINT)
+        _, err = self.proc.communicate(timeout=LIVE_TIMEOUT_S)
+        self._reader.join(LIVE_TIMEOUT_S)
+        return self.proc.returncode, err
+
+
 def test_watch_live_updates_and_quits_on_ctrl_c(server):
     url, secret = server
     run("members", "add", "--url", url, "--secret-file", secret, "live", "carol")
-    proc = subprocess.Popen(
-        [*CLI, "watch", "--url", url, "--user", "carol", "--secret-file", secret],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "COLUMNS": "120"},
-    )
-    time.sleep(1.5)
+    view = LiveView("watch", "--url", url, "--user", "carol", "--secret-file", secret)
+    view.wait_for("total unread 0 · connected")
     run("send", "--url", url, "--secret-file", secret, "live", "--count", "7")
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=10)
-    assert proc.returncode == 0, err
+    view.wait_for("total unread 7")
+    code, err = view.quit()
+    assert code == 0, err
     assert "Traceback" not in err
-    assert "live" in out and "total unread 7" in out
+    assert "live" in view.text
 
 
 @pytest.mark.parametrize("case", ["refused", "bad-url", "bad-token", "no-credentials",
@@ -203,14 +244,8 @@ def test_errors_are_one_line(server, case):
         assert_one_line_error(res, "does not exist")
 
 
-def _demo_temp_dirs() -> set[str]:
-    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
-    return {p.name for p in tmp.glob("seqactor-demo-*")}
-
-
 @pytest.mark.parametrize("own_secret", [True, False], ids=["secret-file", "temporary-secret"])
 def test_demo_runs_can_be_watched_as_printed_and_leaves_nothing_behind(tmp_path, own_secret):
-    before = _demo_temp_dirs()
     extra = ["--secret-file", str(tmp_path / "s")] if own_secret else []
     proc = subprocess.Popen(
         [*CLI, "demo", "--port", "0", "--duration", "4", "--rate", "30", "--users", "4",
@@ -228,7 +263,11 @@ def test_demo_runs_can_be_watched_as_printed_and_leaves_nothing_behind(tmp_path,
     assert "1 conversations" not in "".join(lines)
     watch_line = next(line for line in lines if " watch --url " in line)
     send_line = next(line for line in lines if " send --url " in line)
-    time.sleep(1.0)
+    secret_used = Path(shlex.split(watch_line)[shlex.split(watch_line).index("--secret-file") + 1])
+    if own_secret:
+        assert secret_used == tmp_path / "s"
+    else:
+        assert secret_used.parent.name.startswith("seqactor-demo-") and secret_used.exists()
     # the printed commands work as printed (run by a shell, --once added to leave)
     res = subprocess.run(watch_line.strip() + " --once", shell=True, capture_output=True,
                          text=True, timeout=TIMEOUT_S, env={**os.environ, "COLUMNS": "120"})
@@ -240,7 +279,8 @@ def test_demo_runs_can_be_watched_as_printed_and_leaves_nothing_behind(tmp_path,
     out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
     assert "Traceback" not in err
-    assert _demo_temp_dirs() <= before  # no /tmp/seqactor-demo-* left behind
+    if not own_secret:
+        assert not secret_used.parent.exists()  # its temporary directory is gone
 
 
 def test_demo_prints_the_program_it_was_started_as(tmp_path):
@@ -499,20 +539,18 @@ def test_world_readable_secret_warns_in_one_line(tmp_path):
 def test_two_watches_of_one_user_do_not_replace_each_other(server):
     url, secret = server
     run("members", "add", "--url", url, "--secret-file", secret, "pair", "dora")
-    env = {**os.environ, "COLUMNS": "120"}
-    procs = [subprocess.Popen(
-        [*CLI, "watch", "--url", url, "--user", "dora", "--secret-file", secret],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
-    time.sleep(2.0)
+    views = [LiveView("watch", "--url", url, "--user", "dora", "--secret-file", secret)
+             for _ in range(2)]
+    for view in views:
+        view.wait_for("total unread 0 · connected")
     run("send", "--url", url, "--secret-file", secret, "pair", "--count", "2")
-    time.sleep(1.0)
-    for proc in procs:
-        assert proc.poll() is None, proc.communicate()  # neither was ended by 4009
-        proc.send_signal(signal.SIGINT)
-    for proc in procs:
-        out, err = proc.communicate(timeout=10)
-        assert proc.returncode == 0, err
-        assert "replaced" not in err and "total unread 2" in out
+    for view in views:
+        view.wait_for("total unread 2")
+        assert view.proc.poll() is None  # neither was ended by 4009
+    for view in views:
+        code, err = view.quit()
+        assert code == 0, err
+        assert "replaced" not in err
 
 
 def test_members_names_users_who_were_not_or_already_members(server):

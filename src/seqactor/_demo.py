@@ -78,19 +78,20 @@ async def _run_demo(
         url = server.url
         convs = plan(users, groups, rng)
         service = issue_token(secret, "demo-backend", role="service")
-        print(f"seqactor demo: server on {url} (memory://), {users} users, "
-              f"{plural(len(convs), 'conversation')}, {rate:g} messages/s", flush=True)
-        me, secret_arg = self_command(), shlex.quote(secret_file)
-        print("watch it live, in another terminal:", flush=True)
-        print(f"  {me} watch --url {url} --user user1 --secret-file {secret_arg}", flush=True)
-        print("send a message yourself:", flush=True)
-        print(f"  {me} send --url {url} --secret-file {secret_arg} group-1 --sender user2",
-              flush=True)
-        print("Ctrl-C stops the demo.", flush=True)
         async with ServiceClient.connect(url, service) as svc:
             for cid, members in convs.items():
                 await svc.add_members(cid, members)
+            # Printed once the conversations exist: the commands work the moment they show.
+            print(f"seqactor demo: server on {url} (memory://), {users} users, "
+                  f"{plural(len(convs), 'conversation')}, {rate:g} messages/s", flush=True)
+            me, secret_arg = self_command(), shlex.quote(secret_file)
+            print("watch it live, in another terminal:", flush=True)
+            print(f"  {me} watch --url {url} --user user1 --secret-file {secret_arg}", flush=True)
+            print("send a message yourself:", flush=True)
+            print(f"  {me} send --url {url} --secret-file {secret_arg} group-1 --sender user2",
+                  flush=True)
             page = _demo_web.start(host, port + 1 if port else 0, url, issue_token(secret, "user1"))
+            print("Ctrl-C stops the demo.", flush=True)
             async with trio.open_nursery() as traffic:
                 for i in range(2, users + 1):
                     user = f"user{i}"
