@@ -346,7 +346,6 @@ class Link:
         self.error: BaseException | None = None
         self.ready = False  # Client: resumed and synced
         self.alive = True
-        self.opened_at = trio.current_time()
 
     def fail(self, exc: BaseException) -> None:
         if self.error is None:
