@@ -136,7 +136,7 @@ export class Client extends Endpoint {
     return this.rows.size;
   }
 
-  /** Σ unread over the view (docs/protocol.md, "Unread" per conversation) */
+  /** Σ unread over the view (docs/protocol.md#unread per conversation) */
   get totalUnread(): number {
     return this.total;
   }

@@ -1,6 +1,6 @@
 /** Errors the SDK raises: one class per case a caller may want to handle. */
 
-/** `seqactor.v1.Error.Code` (docs/protocol.md, "Messages"). */
+/** `seqactor.v1.Error.Code` (docs/protocol.md#messages). */
 export const ErrorCode = {
   UNSPECIFIED: 0,
   BAD_REQUEST: 1,
@@ -18,7 +18,7 @@ const CODE_NAMES: Record<number, string> = Object.fromEntries(
   Object.entries(ErrorCode).map(([k, v]) => [v, k]),
 );
 
-/** WebSocket close codes of the protocol (docs/protocol.md, "Errors and close codes"). */
+/** WebSocket close codes of the protocol (docs/protocol.md#errors-and-close-codes). */
 export const CloseCode = {
   AUTH_FAILED: 4001,
   HELLO_TIMEOUT: 4002,

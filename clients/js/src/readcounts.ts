@@ -1,4 +1,4 @@
-/** Group read counts (docs/protocol.md, "Group read counts"): `readCounts`, `readers` and `watchReadCounts`. */
+/** Group read counts (docs/protocol.md#group-read-counts): `readCounts`, `readers` and `watchReadCounts`. */
 
 import { ErrorCode, ServerError } from "./errors.js";
 

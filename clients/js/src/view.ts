@@ -10,7 +10,7 @@ export interface Conversation {
   readonly minSequence: number;
   /** server time of the newest allocation (ms since the epoch) */
   readonly timeMs: number;
-  /** docs/protocol.md, "Unread": max − max(read, min − 1) when min > 0, else max − read; never negative */
+  /** docs/protocol.md#unread: max − max(read, min − 1) when min > 0, else max − read; never negative */
   readonly unread: number;
 }
 
@@ -29,7 +29,7 @@ export interface ChangeBatch {
 
 export type Pair = [Row | null, Row | null];
 
-/** docs/protocol.md, "Unread". Messages below `min` (cleared history) are never unread. */
+/** docs/protocol.md#unread. Messages below `min` (cleared history) are never unread. */
 export function unreadOf(max: number, read: number, min: number): number {
   const floor = min > 0 ? Math.max(read, min - 1) : read;
   return max > floor ? max - floor : 0;

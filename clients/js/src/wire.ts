@@ -9,7 +9,7 @@ import type { MessageInitShape } from "@bufbuild/protobuf";
 import type { ClientMessageSchema } from "./gen/seqactor/v1/seqactor_pb.js";
 import { DecodeError } from "./errors.js";
 
-// ServerMessage body field numbers (docs/protocol.md, "Messages")
+// ServerMessage body field numbers (docs/protocol.md#messages)
 export const F_WELCOME = 2;
 export const F_UPDATE = 3;
 export const F_ACK = 4;
@@ -17,7 +17,7 @@ export const F_ERROR = 5;
 export const F_PONG = 6;
 export const F_ALLOCATED = 7;
 export const F_GOAWAY = 8;
-export const F_READ_COUNTS = 9; // v1.1 (docs/protocol.md, "Group read counts"); request id 0: a watch's push
+export const F_READ_COUNTS = 9; // v1.1 (docs/protocol.md#group-read-counts); request id 0: a watch's push
 export const F_READERS = 10;
 
 /** One conversation as held by the client: plain numbers (seqs above 2^53 are refused). */
@@ -42,7 +42,7 @@ export type ClientBody = Exclude<NonNullable<MessageInitShape<typeof ClientMessa
 type Kind = "s" | "S" | "b" | "u" | "i" | "y"; // string, repeated string, bool, uint, int64, bytes
 type FieldSpec = readonly [name: string, no: number, kind: Kind];
 
-/** ClientMessage body: field number and the body's fields (docs/protocol.md, "Messages"). A unit test checks the
+/** ClientMessage body: field number and the body's fields (docs/protocol.md#messages). A unit test checks the
  * bytes against `toBinary` with the generated schema for every op. */
 const CLIENT_BODIES: Record<ClientBody["case"], readonly [number, readonly FieldSpec[]]> = {
   hello: [2, [["token", 1, "s"], ["deviceId", 2, "s"], ["platform", 3, "s"], ["clientVersion", 4, "s"]]],

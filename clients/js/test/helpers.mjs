@@ -20,7 +20,7 @@ export function b64url(buf) {
   return Buffer.from(buf).toString("base64url");
 }
 
-/** A JWT HS256 as `seqactor token` makes it (docs/protocol.md, "Authentication and sessions"). */
+/** A JWT HS256 as `seqactor token` makes it (docs/protocol.md#authentication-and-sessions). */
 export function mintToken(secret, user, { role = "user", ttlS = 3600 } = {}) {
   const now = Math.floor(Date.now() / 1000);
   const claims = { sub: user, exp: now + ttlS, iat: now };

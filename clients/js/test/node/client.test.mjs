@@ -21,7 +21,7 @@ after(async () => {
   await server?.stop();
 });
 
-test("connect syncs the whole view; unread and total follow docs/protocol.md, "Unread"", async () => {
+test("connect syncs the whole view; unread and total follow docs/protocol.md#unread", async () => {
   await svc.addMembers("v-a", ["ann", "bo"]);
   await svc.allocate("v-a", 5, "bo");
   await svc.addMembers("v-b", ["ann"]);

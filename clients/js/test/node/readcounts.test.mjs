@@ -1,4 +1,4 @@
-// Group read counts (docs/protocol.md, "Group read counts") against a real `seqactor serve`.
+// Group read counts (docs/protocol.md#group-read-counts) against a real `seqactor serve`.
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { Client, Forbidden, NotFound, ServiceClient } from "../../dist/node.js";

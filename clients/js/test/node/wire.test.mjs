@@ -61,7 +61,7 @@ test("decodeUpdate reads what the generated schema writes (values, token, full, 
   }
 });
 
-test("unread follows docs/protocol.md, "Unread": cleared history is never unread, never negative", () => {
+test("unread follows docs/protocol.md#unread: cleared history is never unread, never negative", () => {
   assert.equal(unreadOf(10, 4, 0), 6);
   assert.equal(unreadOf(10, 4, 8), 3); // messages 8..10 readable, none read
   assert.equal(unreadOf(10, 9, 8), 1);
