@@ -16,7 +16,7 @@ CHROMIUM ?= /usr/bin/chromium
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py proto/seqactor/v1/seqactor.proto src/seqactor/_delta.pyx src/seqactor/_readindex.pyx
+$(STAMP): pyproject.toml setup.py proto/seqactor/v1/seqactor.proto src/seqactor/_delta.pyx src/seqactor/_readindex.pyx src/seqactor/_wire.h src/seqactor/_wire.pxd
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip "setuptools>=77" wheel "cython>=3.0,<4" "grpcio-tools>=1.60,<2"
 	$(PIP) install -q --no-build-isolation -e '.[dev]'

@@ -69,12 +69,14 @@ def extensions() -> list[object]:
         Extension(
             f"seqactor.{name}",
             [f"src/seqactor/{name}.pyx"],
+            include_dirs=["src/seqactor"],  # _wire.h, the kernels' shared C helpers
+            depends=["src/seqactor/_wire.h", "src/seqactor/_wire.pxd"],
             extra_compile_args=["-O2"] if not debug else ["-O0", "-g"],
             define_macros=[("CYTHON_TRACE", "1")] if debug else [],
         )
         for name in ("_delta", "_readindex")
     ]
-    return list(cythonize(exts, compiler_directives=directives, quiet=True))
+    return list(cythonize(exts, compiler_directives=directives, quiet=True, include_path=["src"]))
 
 
 generate_proto()

@@ -11,6 +11,7 @@ from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc, qsort
 from libc.string cimport memcpy, memset
 
+from seqactor._wire cimport sa_put_varint, sa_vsize
 cimport cython
 
 import operator
@@ -58,23 +59,6 @@ cdef int _cmp_u64(const void *a, const void *b) noexcept nogil:
     cdef u64 x = (<const u64 *>a)[0]
     cdef u64 y = (<const u64 *>b)[0]
     return (x > y) - (x < y)
-
-
-cdef inline Py_ssize_t _varint_len(u64 v) noexcept nogil:
-    cdef Py_ssize_t n = 1
-    while v >= 0x80:
-        v >>= 7
-        n += 1
-    return n
-
-
-cdef inline char *_put_varint(char *p, u64 v) noexcept nogil:
-    while v >= 0x80:
-        p[0] = <char>((v & 0x7F) | 0x80)
-        p += 1
-        v >>= 7
-    p[0] = <char>v
-    return p + 1
 
 
 @cython.final
@@ -426,41 +410,41 @@ cdef class ReadCounter:
         try:
             self._fill(s, k, buf)
             for i in range(k):
-                packed += _varint_len(buf[i])
+                packed += sa_vsize(buf[i])
             if klen:
-                body += 1 + _varint_len(klen) + klen
+                body += 1 + sa_vsize(klen) + klen
             if s:
-                body += 1 + _varint_len(s)
+                body += 1 + sa_vsize(s)
             if members:
-                body += 1 + _varint_len(members)
+                body += 1 + sa_vsize(members)
             if k:
-                body += 1 + _varint_len(packed) + packed
+                body += 1 + sa_vsize(packed) + packed
             if rid:
-                total += 1 + _varint_len(rid)
-            total += 1 + _varint_len(body) + body
+                total += 1 + sa_vsize(rid)
+            total += 1 + sa_vsize(body) + body
             out = PyBytes_FromStringAndSize(NULL, total)
             p = PyBytes_AS_STRING(out)
             if rid:
                 p[0] = 0x08
-                p = _put_varint(p + 1, rid)
+                p = sa_put_varint(p + 1, rid)
             p[0] = 0x4A
-            p = _put_varint(p + 1, body)
+            p = sa_put_varint(p + 1, body)
             if klen:
                 p[0] = 0x0A
-                p = _put_varint(p + 1, klen)
+                p = sa_put_varint(p + 1, klen)
                 memcpy(p, PyBytes_AS_STRING(key), klen)
                 p += klen
             if s:
                 p[0] = 0x10
-                p = _put_varint(p + 1, s)
+                p = sa_put_varint(p + 1, s)
             if members:
                 p[0] = 0x18
-                p = _put_varint(p + 1, members)
+                p = sa_put_varint(p + 1, members)
             if k:
                 p[0] = 0x22
-                p = _put_varint(p + 1, packed)
+                p = sa_put_varint(p + 1, packed)
                 for i in range(k):
-                    p = _put_varint(p, buf[i])
+                    p = sa_put_varint(p, buf[i])
             return out
         finally:
             free(buf)
