@@ -19,6 +19,7 @@ from pathlib import Path
 
 import jwt
 
+from seqactor._files import FileProblem, check_readable_file
 from seqactor.config import MAX_TOKEN_LIFETIME_S
 from seqactor.store._base import InvalidArgument, validate_id
 
@@ -116,17 +117,9 @@ def read_secret(path: str | os.PathLike[str]) -> bytes:
     device), unreadable, empty or too short."""
     p = Path(path)
     try:
-        st = p.stat()
-    except FileNotFoundError:
-        raise SecretError(f"secret file {p} does not exist") from None
-    except OSError as exc:
-        raise SecretError(f"cannot read secret file {p}: {exc.strerror or exc}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise SecretError(f"secret file {p} is a directory, not a file")
-    if not stat.S_ISREG(st.st_mode):
-        raise SecretError(f"secret file {p} is not a regular file")
-    if not os.access(p, os.R_OK):
-        raise SecretError(f"secret file {p} is not readable (permission denied)")
+        check_readable_file("secret file", p)
+    except FileProblem as exc:
+        raise SecretError(str(exc)) from None
     try:
         secret = p.read_bytes().strip()
     except OSError as exc:

@@ -281,21 +281,12 @@ def _check_tls(args: argparse.Namespace) -> None:
 
 
 def _check_readable_file(flag: str, path: str) -> None:
-    import os
-    import stat
+    from seqactor._files import FileProblem, check_readable_file
 
     try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise CliError(f"{flag} {path} does not exist") from None
-    except OSError as exc:
-        raise CliError(f"{flag} {path}: {exc.strerror or exc}") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise CliError(f"{flag} {path} is a directory, not a file")
-    if not stat.S_ISREG(st.st_mode):
-        raise CliError(f"{flag} {path} is not a regular file")
-    if not os.access(path, os.R_OK):
-        raise CliError(f"{flag} {path} is not readable (permission denied)")
+        st = check_readable_file(flag, path)
+    except FileProblem as exc:
+        raise CliError(str(exc)) from None
     if st.st_size == 0:
         raise CliError(f"{flag} {path} is empty")
 
