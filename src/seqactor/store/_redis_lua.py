@@ -267,9 +267,11 @@ end
 return {'ERR', 'BADOP', op or ''}
 end
 
--- 'batch' (standalone): several operations in one call, each atomic on its own.
--- ARGV: 'batch', n, then n pairs (key count, arg count), then each op's args; KEYS: each
--- op's keys in order. Replies: one per op.
+-- 'batch': several operations in one call, each atomic on its own (standalone: any keys;
+-- cluster: every op's keys in this slot). ARGV: 'batch', n, then n pairs (key count, arg
+-- count), then each op's args; KEYS: each op's keys in order. Replies: one per op. In
+-- cluster mode ('c') a position that does not commit (NOOP raced, RETRY, ERR) is published
+-- as a skip here, so readers need no second call to close the hole.
 if ARGV[1] == 'batch' then
   local n = tonumber(ARGV[2])
   local out = {}
@@ -280,7 +282,11 @@ if ARGV[1] == 'batch' then
     for j = 1, nk do K[j] = KEYS[ki + j - 1] end
     for j = 1, na do V[j] = ARGV[ai + j - 1] end
     ki, ai = ki + nk, ai + na
-    out[i] = run_op(K, V)
+    local r = run_op(K, V)
+    if V[3] == 'c' and r[1] ~= 'OK' then
+      redis.call('PUBLISH', V[7], 'S' .. SEP .. V[4])
+    end
+    out[i] = r
   end
   return out
 end
@@ -337,15 +343,18 @@ end
 return {'ERR', 'BADOP', step}
 """
 
-# Cluster sequencer (meta slot): the next position and the time it was handed out.
-# KEYS: epoch, position, position time. ARGV: epoch.
+# Cluster sequencer (meta slot): reserves the next ``n`` positions (a whole batch in one
+# step) and records the time they were handed out.
+# KEYS: epoch, position, position time. ARGV: epoch, n (default 1).
+# Reply: {'OK', first position, time (µs)}.
 SEQUENCE = _COMMON + r"""
 local bad = check_epoch(KEYS[1], ARGV[1])
 if bad then return bad end
-local p = redis.call('INCR', KEYS[2])
+local n = tonumber(ARGV[2] or '1')
+local p = redis.call('INCRBY', KEYS[2], n)
 local t = now_us()
 redis.call('SET', KEYS[3], fmt(t))
-return {'OK', p, fmt(t)}
+return {'OK', p - n + 1, fmt(t)}
 """
 
 # Positions never go back, also across epochs: a node that switches epochs raises the counter

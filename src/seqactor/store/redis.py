@@ -104,6 +104,7 @@ MAX_CLUSTER_RETRIES = 50
 MAX_BATCH_OPS = 256  # standalone: operations sent in one script call
 MAX_INFLIGHT_BATCHES = 4  # standalone: script calls in flight; more ops wait and batch up
 CLUSTER_SLOTS = 16384
+BATCHED_CLUSTER_OPS = frozenset({"alloc", "read", "min"})  # membership ops take user steps
 
 SEP = "\x1f"
 USEP = "\x1e"
@@ -221,13 +222,17 @@ def parse_change(payload: bytes) -> tuple[str, int, Change | None]:
 
 
 class _Job:
-    """A standalone write waiting for the batcher."""
+    """A write waiting for a batcher (standalone: ``argv`` is complete; cluster: ``argv`` is
+    the op's own arguments, the mode and position are added when the batch runs)."""
 
-    __slots__ = ("keys", "argv", "reply", "error", "done")
+    __slots__ = ("keys", "argv", "op", "cid", "tries", "reply", "error", "done")
 
-    def __init__(self, keys: list[str], argv: list[Any]) -> None:
+    def __init__(self, keys: list[str], argv: list[Any], op: str = "", cid: str = "") -> None:
         self.keys = keys
         self.argv = argv
+        self.op = op
+        self.cid = cid
+        self.tries = 0
         self.reply: list[Any] | None = None
         self.error: BaseException | None = None
         self.done = trio.Event()
@@ -302,6 +307,7 @@ class RedisStore(Store):
         self._epoch_note = False
         self._queue: list[_Job] = []
         self._batch_wake = trio.Event()
+        self._inflight_cids: dict[str, int] = {}  # cluster: conversations in a running batch
 
     # ------------------------------------------------------------------ keys
 
@@ -475,7 +481,9 @@ class RedisStore(Store):
                             async with trio.open_nursery() as nursery:
                                 nursery.start_soon(self._subscriber)
                                 nursery.start_soon(self._maintenance)
-                                nursery.start_soon(self._batcher)
+                                nursery.start_soon(
+                                    self._cluster_batcher if self.cluster else self._batcher
+                                )
                         finally:
                             self._client = None
                 except (RedisError, OSError) as exc:
@@ -733,7 +741,12 @@ class RedisStore(Store):
         for _ in range(3):
             try:
                 if self.cluster:
-                    reply = await self._cluster_write(op, cid, args, users)
+                    if op in BATCHED_CLUSTER_OPS:
+                        reply = await self._check(
+                            await self._wait_job(_Job(self._base_keys(cid), args, op, cid))
+                        )
+                    else:
+                        reply = await self._cluster_write(op, cid, args, users)
                     if reply[0] == b"NOOP":
                         reply[1] = max(_num(reply[1]), start)
                     return reply
@@ -752,7 +765,9 @@ class RedisStore(Store):
     async def _submit(self, keys: list[str], argv: list[Any]) -> list[Any]:
         """Run the op script through the batcher: while calls are in flight, concurrent
         writes gather and go in one script call (each op still atomic on its own)."""
-        job = _Job(keys, argv)
+        return await self._wait_job(_Job(keys, argv))
+
+    async def _wait_job(self, job: _Job) -> list[Any]:
         self._queue.append(job)
         self._batch_wake.set()
         # shielded: the op may commit, its result is not thrown away (bounded wait)
@@ -798,6 +813,132 @@ class RedisStore(Store):
         finally:
             slots.release()
             for job in batch:
+                if job.reply is None and job.error is None:
+                    job.error = Unavailable("the store is closing")
+                job.done.set()
+
+    # ------------------------------------------------------------------ cluster batching
+
+    async def _cluster_batcher(self) -> None:
+        """Cluster: concurrent allocations, MarkReads and SetMins go in batches. A batch takes
+        at most one step per slot per stage: dry runs (MarkRead, SetMin: a no-op takes no
+        position), one sequencer call reserving the positions of the whole batch, then the
+        commits — every stage's per-slot script calls run concurrently. Conversations in a
+        running batch wait for the next one, so one node commits a conversation's positions in
+        order (another node's later position in between: ``RETRY``, the op goes again)."""
+        slots = trio.Semaphore(MAX_INFLIGHT_BATCHES)
+        async with trio.open_nursery() as nursery:
+            while True:
+                await self._batch_wake.wait()
+                self._batch_wake = trio.Event()
+                while self._queue:
+                    await slots.acquire()
+                    batch = self._take_cluster_batch()
+                    if not batch:
+                        slots.release()
+                        break  # every queued op waits for a running batch
+                    nursery.start_soon(self._run_cluster_batch, batch, slots)
+
+    def _take_cluster_batch(self) -> list[_Job]:
+        busy = self._inflight_cids
+        batch: list[_Job] = []
+        rest: list[_Job] = []
+        for job in self._queue:
+            if len(batch) < MAX_BATCH_OPS and job.cid not in busy:
+                batch.append(job)
+            else:
+                rest.append(job)
+        self._queue = rest
+        for job in batch:
+            busy[job.cid] = busy.get(job.cid, 0) + 1
+        return batch
+
+    async def _slot_calls(self, calls: list[tuple[list[str], list[Any]]]) -> list[list[Any]]:
+        """Run OP script calls grouped by hash slot: one call per slot (the 'batch' form, which
+        also publishes the skip of a position that did not commit), all slots concurrently.
+        Replies in the order of ``calls``."""
+        groups: dict[int, list[int]] = {}
+        for i, (keys, _) in enumerate(calls):
+            groups.setdefault(hash_slot(keys[2].encode()), []).append(i)
+        out: list[list[Any]] = [[] for _ in calls]
+
+        async def one(idx: list[int]) -> None:
+            all_keys: list[str] = []
+            head: list[Any] = ["batch", len(idx)]
+            rest: list[Any] = []
+            for i in idx:
+                keys, argv = calls[i]
+                all_keys += keys
+                head += [len(keys), len(argv)]
+                rest += argv
+            replies = await self._op(keys=all_keys, args=head + rest)
+            for i, r in zip(idx, replies, strict=True):
+                out[i] = list(r)
+
+        if len(groups) == 1:
+            await one(next(iter(groups.values())))
+        else:
+            async with trio.open_nursery() as nursery:
+                for idx in groups.values():
+                    nursery.start_soon(one, idx)
+        return out
+
+    async def _run_cluster_batch(self, batch: list[_Job], slots: trio.Semaphore) -> None:
+        requeue: list[_Job] = []
+        try:
+            dry = [j for j in batch if j.op != "alloc"]
+            if dry:
+                replies = await self._slot_calls(
+                    [(j.keys, self._argv(j.op, "d") + j.argv) for j in dry])
+                for job, r in zip(dry, replies, strict=True):
+                    if r[0] != b"NEED":
+                        job.reply = r  # NOOP or an error: no position taken
+            todo = [j for j in batch if j.reply is None]
+            if todo:
+                seq = await self._seq(
+                    keys=[self._k_epoch, self._k_pos, self._k_pt], args=[self.epoch, len(todo)])
+                if seq[0] != b"OK":
+                    for job in todo:
+                        job.reply = list(seq)
+                    return
+                first, pt = int(seq[1]), _num(seq[2])
+                replies = await self._slot_calls([
+                    (j.keys, self._argv(j.op, "c", first + i, pt) + j.argv)
+                    for i, j in enumerate(todo)
+                ])
+                for i, (job, r) in enumerate(zip(todo, replies, strict=True)):
+                    if r[0] == b"OK":
+                        job.reply = r
+                        continue
+                    self._receive(first + i, None)  # the script published the skip
+                    if r[0] == b"RETRY" and job.tries < MAX_CLUSTER_RETRIES:
+                        job.tries += 1
+                        requeue.append(job)
+                    elif r[0] == b"RETRY":
+                        job.error = Unavailable("too much contention on the conversation")
+                    else:
+                        job.reply = r
+        except (RedisError, OSError, trio.BrokenResourceError, ValueError) as exc:
+            again = {id(j) for j in requeue}
+            for job in batch:
+                if job.reply is None and id(job) not in again:
+                    job.error = Unavailable(f"Redis: {exc}")
+        finally:
+            slots.release()
+            busy = self._inflight_cids
+            for job in batch:
+                n = busy[job.cid] - 1
+                if n:
+                    busy[job.cid] = n
+                else:
+                    del busy[job.cid]
+            again = {id(j) for j in requeue}
+            if requeue:
+                self._queue[:0] = requeue
+            self._batch_wake.set()
+            for job in batch:
+                if id(job) in again:
+                    continue
                 if job.reply is None and job.error is None:
                     job.error = Unavailable("the store is closing")
                 job.done.set()
