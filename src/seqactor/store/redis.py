@@ -103,6 +103,7 @@ RECONNECT_MAX_S = 1.0
 MAX_CLUSTER_RETRIES = 50
 MAX_BATCH_OPS = 256  # standalone: operations sent in one script call
 MAX_INFLIGHT_BATCHES = 4  # standalone: script calls in flight; more ops wait and batch up
+CLUSTER_MAX_INFLIGHT_BATCHES = 2  # cluster: batches in flight (each takes 2-3 stages)
 CLUSTER_SLOTS = 16384
 BATCHED_CLUSTER_OPS = frozenset({"alloc", "read", "min"})  # membership ops take user steps
 
@@ -826,7 +827,7 @@ class RedisStore(Store):
         commits — every stage's per-slot script calls run concurrently. Conversations in a
         running batch wait for the next one, so one node commits a conversation's positions in
         order (another node's later position in between: ``RETRY``, the op goes again)."""
-        slots = trio.Semaphore(MAX_INFLIGHT_BATCHES)
+        slots = trio.Semaphore(CLUSTER_MAX_INFLIGHT_BATCHES)
         async with trio.open_nursery() as nursery:
             while True:
                 await self._batch_wake.wait()
@@ -855,32 +856,35 @@ class RedisStore(Store):
 
     async def _slot_calls(self, calls: list[tuple[list[str], list[Any]]]) -> list[list[Any]]:
         """Run OP script calls grouped by hash slot: one call per slot (the 'batch' form, which
-        also publishes the skip of a position that did not commit), all slots concurrently.
-        Replies in the order of ``calls``."""
+        also publishes the skip of a position that did not commit), sent as one cluster
+        pipeline (one write and read per master). Replies in the order of ``calls``; a slot
+        whose call failed gets ``[b"FAILED", error]`` (its positions may or may not commit:
+        readers close the hole after the gap timeout)."""
         groups: dict[int, list[int]] = {}
         for i, (keys, _) in enumerate(calls):
             groups.setdefault(hash_slot(keys[2].encode()), []).append(i)
         out: list[list[Any]] = [[] for _ in calls]
-
-        async def one(idx: list[int]) -> None:
-            all_keys: list[str] = []
-            head: list[Any] = ["batch", len(idx)]
-            rest: list[Any] = []
-            for i in idx:
-                keys, argv = calls[i]
-                all_keys += keys
-                head += [len(keys), len(argv)]
-                rest += argv
-            replies = await self._op(keys=all_keys, args=head + rest)
+        reqs = []
+        async with self._client.pipeline(transaction=False, raise_on_error=False) as pipe:
+            for idx in groups.values():
+                all_keys: list[str] = []
+                head: list[Any] = ["batch", len(idx)]
+                rest: list[Any] = []
+                for i in idx:
+                    keys, argv = calls[i]
+                    all_keys += keys
+                    head += [len(keys), len(argv)]
+                    rest += argv
+                reqs.append((idx, self._op(keys=all_keys, args=head + rest, client=pipe)))
+        for idx, req in reqs:
+            try:
+                replies = await req
+            except (RedisError, OSError) as exc:
+                for i in idx:
+                    out[i] = [b"FAILED", exc]
+                continue
             for i, r in zip(idx, replies, strict=True):
                 out[i] = list(r)
-
-        if len(groups) == 1:
-            await one(next(iter(groups.values())))
-        else:
-            async with trio.open_nursery() as nursery:
-                for idx in groups.values():
-                    nursery.start_soon(one, idx)
         return out
 
     async def _run_cluster_batch(self, batch: list[_Job], slots: trio.Semaphore) -> None:
@@ -891,9 +895,11 @@ class RedisStore(Store):
                 replies = await self._slot_calls(
                     [(j.keys, self._argv(j.op, "d") + j.argv) for j in dry])
                 for job, r in zip(dry, replies, strict=True):
-                    if r[0] != b"NEED":
+                    if r[0] == b"FAILED":
+                        job.error = Unavailable(f"Redis: {r[1]}")
+                    elif r[0] != b"NEED":
                         job.reply = r  # NOOP or an error: no position taken
-            todo = [j for j in batch if j.reply is None]
+            todo = [j for j in batch if j.reply is None and j.error is None]
             if todo:
                 seq = await self._seq(
                     keys=[self._k_epoch, self._k_pos, self._k_pt], args=[self.epoch, len(todo)])
@@ -909,6 +915,9 @@ class RedisStore(Store):
                 for i, (job, r) in enumerate(zip(todo, replies, strict=True)):
                     if r[0] == b"OK":
                         job.reply = r
+                        continue
+                    if r[0] == b"FAILED":
+                        job.error = Unavailable(f"Redis: {r[1]}")
                         continue
                     self._receive(first + i, None)  # the script published the skip
                     if r[0] == b"RETRY" and job.tries < MAX_CLUSTER_RETRIES:
