@@ -17,7 +17,9 @@ from seqactor.store._base import (
     Change,
     InvalidArgument,
     MembersAdded,
+    ReadMarked,
     StoreReset,
+    TooLarge,
     Unavailable,
 )
 from seqactor.store.redis import RedisStore, init_store, parse_url
@@ -292,3 +294,58 @@ def test_cluster_fixture_is_three_masters() -> None:
     cl = shared_cluster()
     out = cli(cl.nodes[0].port, "CLUSTER", "NODES")
     assert sum(1 for line in out.splitlines() if "master" in line) == 3
+
+
+# ------------------------------------------------------------------ the whole uint64 range
+
+U64_MAX = 2**64 - 1
+
+
+@pytest.mark.parametrize("cluster", [False, True], ids=["redis", "redis-cluster"])
+async def test_sequences_exact_up_to_uint64_max(cluster: bool) -> None:
+    """Seqs above 2^53 (where Lua numbers stop being exact) allocate, read, clamp, set min and
+    freeze exactly, on this node and on another one, up to 2^64 - 1; one more is TooLarge."""
+    url = redis_url(unique_prefix(), cluster=cluster)
+    a, b = await opened(url), await opened(url)
+    seen: list[Change] = []
+    b.add_listener(seen.append)
+    try:
+        await a.add_members("big", ["u", "v", "w"])
+        port = parse_url(url)["nodes"][0][1]
+        # move the conversation near the end of the range (its hash in the store's layout)
+        cli(port, "-c", "HSET", a.conv_key("big"), "mx", str(U64_MAX - 4))
+        got = await a.allocate("big", 1, sender_user_id="u")
+        assert (got.first, got.last, got.sender_read) == (U64_MAX - 3, U64_MAX - 3, U64_MAX - 3)
+        got = await a.allocate("big", 1)
+        assert (got.first, got.last) == (U64_MAX - 2, U64_MAX - 2)
+        got = await a.allocate("big", 1)
+        assert got.last == U64_MAX - 1 == 2**64 - 2
+        read = await a.mark_read("big", "v", U64_MAX)  # clamped to max
+        assert (read.read_sequence, read.changed) == (U64_MAX - 1, True)
+        same = await a.mark_read("big", "v", U64_MAX - 1)
+        assert (same.read_sequence, same.changed) == (U64_MAX - 1, False)
+        low = await a.mark_read("big", "w", 2**53 + 1)  # exact just above doubles' range
+        assert low.read_sequence == 2**53 + 1
+        mn = await a.set_min_sequence("big", U64_MAX - 3)
+        assert (mn.min_sequence, mn.changed) == (U64_MAX - 3, True)
+        await a.remove_members("big", ["w"], keep_history=True)
+        view = await b.load_view("v")
+        assert (view.max_seq[0], view.read_seq[0], view.min_seq[0]) == (
+            U64_MAX - 1, U64_MAX - 1, U64_MAX - 3)
+        frozen = await b.load_view("w")
+        assert (frozen.max_seq[0], frozen.read_seq[0], frozen.frozen[0]) == (
+            U64_MAX - 1, 2**53 + 1, 1)
+        last = await a.allocate("big", 1)
+        assert last.last == U64_MAX
+        with pytest.raises(TooLarge):
+            await a.allocate("big", 1)
+        st = await b.conversation("big")
+        assert st is not None and (st.max_sequence, st.min_sequence) == (U64_MAX, U64_MAX - 3)
+        await wait_for(lambda: b.position == a.position)
+        allocs = [c for c in seen if isinstance(c, Allocated)]
+        assert [c.last for c in allocs] == [U64_MAX - 3, U64_MAX - 2, U64_MAX - 1, U64_MAX]
+        assert [c.read_sequence for c in seen if isinstance(c, ReadMarked)] == [
+            U64_MAX - 1, 2**53 + 1]
+    finally:
+        await a.aclose()
+        await b.aclose()

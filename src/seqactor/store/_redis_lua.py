@@ -20,18 +20,40 @@ Modes:
 Replies: ``{'OK', payload}`` (the payload is also PUBLISHed), ``{'NOOP', position, ...}``,
 ``{'NEED', users...}``, ``{'RETRY', why}``, ``{'ERR', kind, message}``.
 
-Numbers are Lua doubles: sequences are exact up to 2^53 - 1, the Redis store's limit.
+Sequences are uint64 over the whole SPEC range: Lua numbers are doubles (exact only up to
+2^53 - 1), so the scripts keep sequences as canonical decimal strings and compare and add them
+exactly (``ucmp``, ``uadd``). Positions and times stay numbers (they grow by one per change
+and are µs/ms clocks: far below 2^53).
 """
 
 from __future__ import annotations
 
-MAX_REDIS_SEQUENCE = 2**53 - 1
-
 _COMMON = r"""
 local SEP = '\31'
 local USEP = '\30'
-local MAXSEQ = 9007199254740991
+local UMAX = '18446744073709551615'  -- 2^64 - 1, the largest sequence
 local function fmt(x) return string.format('%.0f', x) end
+-- uint64 sequences as canonical decimal strings (no sign, no leading zeros)
+local function ucanon(s)
+  s = string.gsub(s, '^0+', '')
+  if s == '' then return '0' end
+  return s
+end
+local function ucmp(a, b)  -- -1, 0 or 1
+  if #a ~= #b then return (#a < #b) and -1 or 1 end
+  if a == b then return 0 end
+  return (a < b) and -1 or 1
+end
+local function uadd(a, n)  -- a + n for 0 <= n < 10^9, exact at any length of a
+  if #a <= 15 then return fmt(tonumber(a) + n) end
+  local lo = tonumber(string.sub(a, -9)) + n
+  local hi = string.sub(a, 1, -10)
+  if lo >= 1000000000 then
+    lo = lo - 1000000000
+    hi = uadd(hi, 1)
+  end
+  return hi .. string.format('%09d', lo)
+end
 local function now_us()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -45,11 +67,11 @@ end
 local function mdecode(v)
   if not v then return nil end
   local r, p, f, a, b, c = string.match(v, '^([^,]*),([^,]*),([^,]*),([^,]*),([^,]*),([^,]*)$')
-  return {read = tonumber(r), pos = tonumber(p), frozen = (f == '1'),
-          fmax = tonumber(a), fmin = tonumber(b), ftime = tonumber(c)}
+  return {read = r, pos = tonumber(p), frozen = (f == '1'),
+          fmax = a, fmin = b, ftime = tonumber(c)}
 end
-local function mencode(m)
-  return string.format('%.0f,%.0f,%d,%.0f,%.0f,%.0f', m.read, m.pos, m.frozen and 1 or 0,
+local function mencode(m)  -- read, fmax, fmin: sequence strings
+  return string.format('%s,%.0f,%d,%s,%s,%.0f', m.read, m.pos, m.frozen and 1 or 0,
                        m.fmax, m.fmin, m.ftime)
 end
 local function prune_tombs(tk, hk, max_tombs)
@@ -77,7 +99,7 @@ local ck, mk = K[3], K[4]
 local function getconv()
   local v = redis.call('HMGET', ck, 'mx', 'mn', 'tm', 'ps', 'ac', 'lp')
   if not v[4] then return nil end
-  return {mx = tonumber(v[1]), mn = tonumber(v[2]), tm = tonumber(v[3]), ps = tonumber(v[4]),
+  return {mx = v[1], mn = v[2], tm = tonumber(v[3]), ps = tonumber(v[4]),
           ac = tonumber(v[5]), lp = tonumber(v[6] or '0')}
 end
 local function take_pos(c)
@@ -104,8 +126,9 @@ end
 if op == 'alloc' then
   local cid, count, sender, clock = V[A], tonumber(V[A + 1]), V[A + 2], V[A + 3]
   local c = getconv()
-  local mx = c and c.mx or 0
-  if mx + count > MAXSEQ then
+  local mx = c and c.mx or '0'
+  local last = uadd(mx, count)
+  if ucmp(last, UMAX) > 0 then
     return {'ERR', 'TOOLARGE', "the conversation's sequence space is exhausted"}
   end
   if mode == 'd' then return {'NEED'} end
@@ -120,14 +143,13 @@ if op == 'alloc' then
   end
   -- max_sequence_time_ms never decreases, also when a clock steps back
   if c and c.tm > tm then tm = c.tm end
-  local last = mx + count
   if c then
-    redis.call('HSET', ck, 'mx', fmt(last), 'tm', fmt(tm), 'ps', fmt(pos), 'lp', fmt(pos))
+    redis.call('HSET', ck, 'mx', last, 'tm', fmt(tm), 'ps', fmt(pos), 'lp', fmt(pos))
   else
-    redis.call('HSET', ck, 'mx', fmt(last), 'mn', '0', 'tm', fmt(tm), 'ps', fmt(pos),
+    redis.call('HSET', ck, 'mx', last, 'mn', '0', 'tm', fmt(tm), 'ps', fmt(pos),
                'ac', '0', 'lp', fmt(pos))
   end
-  local s, sread = '', 0
+  local s, sread = '', '0'
   if sender ~= '' then
     local m = mdecode(redis.call('HGET', mk, sender))
     if m and not m.frozen then
@@ -137,11 +159,11 @@ if op == 'alloc' then
       s, sread = sender, last
     end
   end
-  return publish({'A', fmt(pos), cid, fmt(mx + 1), fmt(last), fmt(tm), s, fmt(sread)})
+  return publish({'A', fmt(pos), cid, uadd(mx, 1), last, fmt(tm), s, sread})
 end
 
 if op == 'read' then
-  local cid, uid, req = V[A], V[A + 1], tonumber(V[A + 2])
+  local cid, uid, req = V[A], V[A + 1], ucanon(V[A + 2])
   local c = getconv()
   if not c then return {'ERR', 'NOTFOUND', 'conversation not found'} end
   local m = mdecode(redis.call('HGET', mk, uid))
@@ -149,8 +171,8 @@ if op == 'read' then
   local cap = c.mx
   if m.frozen then cap = m.fmax end
   local eff = cap
-  if req < cap then eff = req end
-  if eff <= m.read then return noop(c, fmt(m.read)) end
+  if ucmp(req, cap) < 0 then eff = req end
+  if ucmp(eff, m.read) <= 0 then return noop(c, m.read) end
   if mode == 'd' then return {'NEED'} end
   local pos, why = take_pos(c)
   if not pos then return {'RETRY', why} end
@@ -158,21 +180,21 @@ if op == 'read' then
   m.pos = pos
   redis.call('HSET', mk, uid, mencode(m))
   redis.call('HSET', ck, 'lp', fmt(pos))
-  return publish({'R', fmt(pos), cid, uid, fmt(eff)})
+  return publish({'R', fmt(pos), cid, uid, eff})
 end
 
 if op == 'min' then
-  local cid, req = V[A], tonumber(V[A + 1])
+  local cid, req = V[A], ucanon(V[A + 1])
   local c = getconv()
   if not c then return {'ERR', 'NOTFOUND', 'conversation not found'} end
   local eff = c.mx
-  if req < c.mx then eff = req end
-  if eff <= c.mn then return noop(c, fmt(c.mn)) end
+  if ucmp(req, c.mx) < 0 then eff = req end
+  if ucmp(eff, c.mn) <= 0 then return noop(c, c.mn) end
   if mode == 'd' then return {'NEED'} end
   local pos, why = take_pos(c)
   if not pos then return {'RETRY', why} end
-  redis.call('HSET', ck, 'mn', fmt(eff), 'ps', fmt(pos), 'lp', fmt(pos))
-  return publish({'M', fmt(pos), cid, fmt(eff)})
+  redis.call('HSET', ck, 'mn', eff, 'ps', fmt(pos), 'lp', fmt(pos))
+  return publish({'M', fmt(pos), cid, eff})
 end
 
 if op == 'add' then
@@ -198,7 +220,7 @@ if op == 'add' then
       end
     end
   end
-  if c and #joiners == 0 then return noop(c, fmt(c.mx), fmt(c.mn), fmt(c.tm)) end
+  if c and #joiners == 0 then return noop(c, c.mx, c.mn, fmt(c.tm)) end
   if mode == 'd' then
     local out = {'NEED'}
     for _, j in ipairs(joiners) do
@@ -209,7 +231,7 @@ if op == 'add' then
   local pos, why = take_pos(c)
   if not pos then return {'RETRY', why} end
   if not c then
-    c = {mx = 0, mn = 0, tm = 0, ps = pos, ac = 0}
+    c = {mx = '0', mn = '0', tm = 0, ps = pos, ac = 0}
     redis.call('HSET', ck, 'mx', '0', 'mn', '0', 'tm', '0', 'ps', fmt(pos))
   end
   redis.call('HSET', ck, 'ac', fmt(active + #joiners), 'lp', fmt(pos))
@@ -217,10 +239,10 @@ if op == 'add' then
   for _, j in ipairs(joiners) do
     users[#users + 1] = j[1]
     redis.call('HSET', mk, j[1], mencode({read = c.mx, pos = pos, frozen = false,
-                                           fmax = 0, fmin = 0, ftime = 0}))
+                                           fmax = '0', fmin = '0', ftime = 0}))
     if mode == 's' then redis.call('HSET', ukey(j[3], 1), cid, fmt(pos)) end
   end
-  return publish({'J', fmt(pos), cid, fmt(c.mx), fmt(c.mn), fmt(c.tm), table.concat(users, USEP)})
+  return publish({'J', fmt(pos), cid, c.mx, c.mn, fmt(c.tm), table.concat(users, USEP)})
 end
 
 if op == 'rm' then
