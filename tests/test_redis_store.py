@@ -22,6 +22,7 @@ from seqactor.store._base import (
     TooLarge,
     Unavailable,
 )
+from seqactor.store._redis_keys import hash_slot
 from seqactor.store.redis import RedisStore, init_store, parse_url
 from tests._redis import (
     RedisServer,
@@ -65,18 +66,16 @@ def test_parse_url() -> None:
 
 
 def test_cluster_keys_of_one_step_share_a_slot() -> None:
-    from coredis._utils import hash_slot
-
     s = RedisStore("redis+cluster://127.0.0.1:1?prefix=p")
     for cid in ["c", "a{b}c", "}{", "{", "é", "x" * 128]:
-        ck = s.conv_key(cid)
-        slots = {hash_slot(k.encode()) for k in (ck, s.members_key(cid), s.slot_epoch_key(ck))}
+        ck = s.keys.conv_key(cid)
+        slots = {hash_slot(k.encode()) for k in (ck, s.keys.members_key(cid), s.keys.slot_epoch_key(ck))}
         assert len(slots) == 1, cid
     for uid in ["u", "{u}", "}"]:
-        vk = s.view_key(uid)
-        keys = (vk, s.tomb_key(uid), s.horizon_key(uid), s.slot_epoch_key(vk))
+        vk = s.keys.view_key(uid)
+        keys = (vk, s.keys.tomb_key(uid), s.keys.horizon_key(uid), s.keys.slot_epoch_key(vk))
         assert len({hash_slot(k.encode()) for k in keys}) == 1
-    assert len({hash_slot(k.encode()) for k in s.all_slot_epoch_keys()}) == 16384
+    assert len({hash_slot(k.encode()) for k in s.keys.all_slot_epoch_keys()}) == 16384
 
 
 # ------------------------------------------------------------------ several stores, one state
@@ -313,7 +312,7 @@ async def test_sequences_exact_up_to_uint64_max(cluster: bool) -> None:
         await a.add_members("big", ["u", "v", "w"])
         port = parse_url(url)["nodes"][0][1]
         # move the conversation near the end of the range (its hash in the store's layout)
-        cli(port, "-c", "HSET", a.conv_key("big"), "mx", str(U64_MAX - 4))
+        cli(port, "-c", "HSET", a.keys.conv_key("big"), "mx", str(U64_MAX - 4))
         got = await a.allocate("big", 1, sender_user_id="u")
         assert (got.first, got.last, got.sender_read) == (U64_MAX - 3, U64_MAX - 3, U64_MAX - 3)
         got = await a.allocate("big", 1)

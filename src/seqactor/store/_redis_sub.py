@@ -1,4 +1,4 @@
-"""A minimal Redis Pub/Sub subscriber on a raw Trio stream (RESP2).
+"""A Redis Pub/Sub subscriber on a raw Trio stream (RESP2, parsed by ``hiredis.Reader``).
 
 The store needs to *know* when its subscription was interrupted (messages published meanwhile
 are lost: Pub/Sub is at-most-once), so it owns this connection instead of a client library's
@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import cast
 
+import hiredis
 import trio
 
 KEEPALIVE_INTERVAL_S = 1.0  # PING the server this often on an idle subscription
@@ -24,100 +26,32 @@ class SubscriptionLost(Exception):
     """The subscription connection failed; messages may have been missed."""
 
 
-def _command(*args: bytes) -> bytes:
-    out = [b"*%d\r\n" % len(args)]
-    for a in args:
-        out.append(b"$%d\r\n%s\r\n" % (len(a), a))
-    return b"".join(out)
-
-
-class _Reader:
-    """Incremental RESP2 parser over a byte buffer."""
-
-    def __init__(self) -> None:
-        self.buf = bytearray()
-        self.pos = 0
-
-    def feed(self, data: bytes) -> None:
-        if self.pos:
-            del self.buf[: self.pos]
-            self.pos = 0
-        self.buf += data
-
-    def _line(self) -> bytes | None:
-        end = self.buf.find(b"\r\n", self.pos)
-        if end < 0:
-            return None
-        line = bytes(self.buf[self.pos:end])
-        self.pos = end + 2
-        return line
-
-    def parse(self) -> object:
-        """One complete value, or ``_INCOMPLETE`` (the buffer is left as it was)."""
-        start = self.pos
-        value = self._value()
-        if value is _INCOMPLETE:
-            self.pos = start
-        return value
-
-    def _value(self) -> object:
-        line = self._line()
-        if line is None:
-            return _INCOMPLETE
-        kind, rest = line[:1], line[1:]
-        if kind == b"+":
-            return rest
-        if kind == b"-":
-            return RespError(rest.decode("utf-8", "replace"))
-        if kind == b":":
-            return int(rest)
-        if kind == b"$":
-            n = int(rest)
-            if n < 0:
-                return None
-            if len(self.buf) < self.pos + n + 2:
-                return _INCOMPLETE
-            data = bytes(self.buf[self.pos:self.pos + n])
-            self.pos += n + 2
-            return data
-        if kind == b"*":
-            n = int(rest)
-            if n < 0:
-                return None
-            items = []
-            for _ in range(n):
-                item = self._value()
-                if item is _INCOMPLETE:
-                    return _INCOMPLETE
-                items.append(item)
-            return items
-        raise SubscriptionLost(f"unexpected RESP type {kind!r}")
-
-
 class RespError(Exception):
-    pass
+    """An error reply from the server (AUTH failed, ...)."""
 
 
-_INCOMPLETE = object()
+_INCOMPLETE: object = False  # what ``hiredis.Reader.gets`` returns while a reply is partial
+_TIMED_OUT = object()
 
 
 class _Conn:
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
-        self.reader = _Reader()
+        self.reader = hiredis.Reader(replyError=RespError)
         self.last_rx = trio.current_time()
 
     async def send(self, *args: bytes) -> None:
-        await self.stream.send_all(_command(*args))
+        # (hiredis' stub types the argument as a 1-tuple; it takes any number of parts)
+        await self.stream.send_all(hiredis.pack_command(cast("tuple[bytes]", args)))
 
     async def message(self) -> bytes:
         """The next message's payload. PINGs the server while idle; no byte from it for
         ``KEEPALIVE_TIMEOUT_S``: SubscriptionLost."""
         while True:
-            msg: object = _INCOMPLETE
+            msg: object = _TIMED_OUT
             with trio.move_on_after(KEEPALIVE_INTERVAL_S):
                 msg = await self.read()
-            if msg is _INCOMPLETE:
+            if msg is _TIMED_OUT:
                 if trio.current_time() - self.last_rx > KEEPALIVE_TIMEOUT_S:
                     raise SubscriptionLost("no reply from the server (keep-alive)")
                 await self.send(b"PING")
@@ -128,8 +62,12 @@ class _Conn:
                     return payload
 
     async def read(self) -> object:
+        """The next complete reply (bytes, int, list, None or a :class:`RespError`)."""
         while True:
-            value = self.reader.parse()
+            try:
+                value = self.reader.gets()
+            except hiredis.ProtocolError as exc:
+                raise SubscriptionLost(f"bad reply from the server: {exc}") from None
             if value is not _INCOMPLETE:
                 return value
             data = await self.stream.receive_some(READ_CHUNK_BYTES)

@@ -1,49 +1,33 @@
 """``redis://host:port/db`` and ``redis+cluster://host:port,host:port,...``: several seqactor
 nodes share one state (SPEC §5). docs/deployment.md explains the design for operators.
 
-**Layout.** Every key starts with the prefix (``?prefix=``, default ``sa``) and a hash tag,
-so every atomic step touches one slot::
+The parts: :mod:`._redis_keys` (key layout, hash slots, the URL), :mod:`._redis_events` (the
+published payloads and the reorder buffer), :mod:`._redis_lua` with ``lua/*.lua`` (the
+scripts), :mod:`._redis_cluster` (the cluster write steps), :mod:`._redis_sub` (the Pub/Sub
+connection); this module is the store that joins them.
 
-    sa{<cid>}:c:<cid>     hash   mx mn tm (max, min, time) ps (row position) ac (active
-                                 members) lp (position of the last change of the conversation
-                                 or of one of its members)
-    sa{<cid>}:m:<cid>     hash   user -> "read,pos,frozen,fmax,fmin,ftime"
-    sa{<uid>}:v:<uid>     hash   the user's view index: conversation -> position it was indexed
-    sa{<uid>}:t:<uid>     zset   tombstones: conversation -> position it left the view
-    sa{<uid>}:h:<uid>     string tombstone horizon (tombstones at or below were pruned)
-    sa{meta}:epoch :pos :pt      epoch, position counter, time the last position was handed out
-    sa{<slot tag>}:e      string (cluster) a copy of the epoch in every one of the 16384 slots
+**Standalone.** One Lua script call per *batch* of operations: while calls are in flight,
+concurrent writes on this node gather (like SQLite's group commit) and go in one call; each
+operation in it is atomic on its own — takes the position (INCR), changes the conversation,
+the members, the users' view indexes and tombstones, and PUBLISHes the change — so positions
+are gap-free and published in position order. Each caller's ``await`` returns with its own
+operation's result.
 
-(``{``/``}`` in ids are replaced in the tag only.) Changes are PUBLISHed on ``<prefix>:ev:<db>``.
+**Cluster.** See :mod:`._redis_cluster`: batches with per-slot script calls, positions of a
+batch reserved in one sequencer call, skips for positions that do not commit.
 
-**Standalone.** One Lua script per operation takes the position (INCR), changes the
-conversation, the members, the users' view indexes and tombstones, and PUBLISHes the change —
-one atomic step, so positions are gap-free and published in position order.
-
-**Cluster.** The position counter lives in one slot and a conversation in another, so a write
-takes steps (under a per-conversation lock in this node):
-
-1. dry run in the conversation's slot — a no-op answers at once and takes no position;
-2. the sequencer script hands out the next position (and its time);
-3. membership only: user-slot pre-steps (index a joining conversation; tombstone a leaving one);
-4. the operation in the conversation's slot with that position: it refuses a position older
-   than the conversation's last (another node got a later one in first: retry) or handed out
-   more than ``op_deadline`` ago; it PUBLISHes the change (classic Pub/Sub reaches every
-   cluster node);
-5. membership only: user-slot post-steps (drop the index entry of a removal unless a later
-   join indexed it again; undo pre-steps of users the op did not change).
-
-A position that does not commit is published as a *skip*. Readers tolerate the windows between
-steps: a view index entry without a member row is ignored; a tombstone of a conversation still
-in the view is ignored. The user index is written *before* a join commits and cleared *after* a
-removal commits, so a reader never misses a conversation that is in the view.
+**Replicas.** With ``?wait_replicas=N`` a batch's script call is followed, on the same
+connection in the same pipeline, by ``WAIT N timeout``: its writes are acknowledged only once
+N replicas have them (fewer in time: ``Unavailable``; the writes may still survive), so a
+replica promoted after the master died cannot hand out an acknowledged seq again.
 
 **Delivery.** Each node receives every change (its own and others') from Pub/Sub, and its own
 also from the script's reply, and hands them to the listeners strictly in position order, each
-once (a reorder buffer; skips fill holes). A hole that stays open ``gap_timeout`` (longer than
-the op deadline: the missing position can no longer commit) is closed with a ``StoreReset``.
-When the subscription drops, the node re-subscribes, reads the position counter, waits out the
-op deadline (cluster), and publishes ``StoreReset`` — the hub reloads online views from Redis.
+once (:class:`~._redis_events.ReorderBuffer`; skips fill holes). A hole that stays open
+``gap_timeout`` (longer than the op deadline: the missing position can no longer commit) is
+closed with a ``StoreReset``. When the subscription drops, the node re-subscribes, reads the
+position counter, waits out the op deadline (cluster), and publishes ``StoreReset`` — the hub
+reloads online views from Redis.
 
 **Data-loss guard.** Every write checks the epoch key. Missing (Redis came back empty): the
 write is refused with ``Unavailable`` and logged loudly. A different epoch (``seqactor store
@@ -57,11 +41,9 @@ import logging
 import os
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import parse_qs, unquote
 
 import coredis
 import trio
-from coredis._utils import hash_slot
 from coredis.exceptions import RedisError
 from coredis.retry import NoRetryPolicy
 
@@ -83,167 +65,46 @@ from seqactor.store._base import (
     TooLarge,
     Unavailable,
     ViewData,
+    check_uint64,
+    check_user_ids,
     normalize_count,
     validate_id,
     wall_clock_ms,
 )
+from seqactor.store._redis_cluster import (
+    BATCHED_CLUSTER_OPS,
+    COMMAND_TIMEOUT_S,
+    CONNECT_TIMEOUT_S,
+    MAX_BATCH_OPS,
+    ClusterWrites,
+    Job,
+    Retry,
+)
+from seqactor.store._redis_events import (
+    EPOCH_NOTE,
+    ReorderBuffer,
+    parse_change,
+    payload_position,
+    to_int,
+)
+from seqactor.store._redis_keys import DEFAULT_PREFIX, KeyLayout, RedisURL, parse_url
 from seqactor.store._redis_sub import SubscriptionLost, subscribe
-from seqactor.store._state import _uint64, _user_ids
 
 log = logging.getLogger("seqactor.store.redis")
 
-DEFAULT_PREFIX = "sa"
+__all__ = ["DEFAULT_PREFIX", "RedisStore", "RedisURL", "init_store", "parse_url"]
+
 DEFAULT_MAX_TOMBSTONES_PER_USER = 10_000
 DEFAULT_OP_DEADLINE_S = 0.5  # cluster: a position must commit this soon after it was handed out
 DEFAULT_GAP_TIMEOUT_S = 1.5  # a hole in the positions open this long: StoreReset
-COMMAND_TIMEOUT_S = 5.0
-CONNECT_TIMEOUT_S = 2.0
-RECONNECT_MIN_S = 0.05
-RECONNECT_MAX_S = 1.0
-MAX_CLUSTER_RETRIES = 50
-MAX_BATCH_OPS = 256  # standalone: operations sent in one script call
+RECONNECT_MIN_S = 0.05  # Pub/Sub reconnect back-off: first delay
+RECONNECT_MAX_S = 1.0  # ... and the longest
 MAX_INFLIGHT_BATCHES = 4  # standalone: script calls in flight; more ops wait and batch up
-CLUSTER_MAX_INFLIGHT_BATCHES = 2  # cluster: batches in flight (each takes 2-3 stages)
-CLUSTER_SLOTS = 16384
-BATCHED_CLUSTER_OPS = frozenset({"alloc", "read", "min"})  # membership ops take user steps
-
-SEP = "\x1f"
-USEP = "\x1e"
-
-_slot_tags: list[str] | None = None
+MAINTENANCE_TICK_S = 0.1  # the maintenance task looks at holes and the epoch this often
+LOST_DATA_RECHECK_S = 1.0  # while the epoch is missing, look for it again this often
 
 
-def slot_tags() -> list[str]:
-    """For every cluster slot, a short string whose hash slot it is (computed once)."""
-    global _slot_tags
-    if _slot_tags is None:
-        tags: list[str | None] = [None] * CLUSTER_SLOTS
-        left = CLUSTER_SLOTS
-        i = 0
-        while left:
-            s = str(i)
-            slot = hash_slot(s.encode())
-            if tags[slot] is None:
-                tags[slot] = s
-                left -= 1
-            i += 1
-        _slot_tags = [t for t in tags if t is not None]
-    return _slot_tags
-
-
-def _tag(value: str) -> str:
-    return value.replace("{", "(").replace("}", ")")
-
-
-def _num(x: Any) -> int:
-    return int(x) if not isinstance(x, bytes) else int(x.decode())
-
-
-def parse_url(url: str) -> dict[str, Any]:
-    """``redis://[user:pass@]host:port/db?prefix=P`` or ``redis+cluster://h:p,h:p?prefix=P``."""
-    cluster = url.startswith("redis+cluster://")
-    if not cluster and not url.startswith("redis://"):
-        raise InvalidArgument(f"not a redis store URL: {url!r}")
-    rest = url.split("://", 1)[1]
-    rest, _, query = rest.partition("?")
-    netloc, _, path = rest.partition("/")
-    username = password = None
-    if "@" in netloc:
-        cred, netloc = netloc.rsplit("@", 1)
-        user, sep, pw = cred.partition(":")
-        username = unquote(user) or None
-        password = unquote(pw) if sep else unquote(user)
-        if not sep:
-            username = None
-    nodes: list[tuple[str, int]] = []
-    for part in netloc.split(","):
-        if not part:
-            continue
-        host, _, port = part.rpartition(":")
-        if not host:
-            host, port = port, "6379"
-        try:
-            nodes.append((host.strip("[]"), int(port)))
-        except ValueError:
-            raise InvalidArgument(f"bad host:port {part!r} in store URL") from None
-    if not nodes:
-        nodes = [("127.0.0.1", 6379)]
-    db = 0
-    if path.strip("/"):
-        try:
-            db = int(path.strip("/"))
-        except ValueError:
-            raise InvalidArgument(f"bad database number {path!r} in store URL") from None
-    if cluster and db:
-        raise InvalidArgument("Redis Cluster has only database 0")
-    if not cluster and len(nodes) > 1:
-        raise InvalidArgument("several hosts: use redis+cluster://")
-    q = {k: v[-1] for k, v in parse_qs(query).items()}
-    prefix = q.get("prefix", DEFAULT_PREFIX)
-    if not prefix or "{" in prefix or "}" in prefix:
-        raise InvalidArgument("the key prefix must be non-empty and without braces")
-    out: dict[str, Any] = {
-        "cluster": cluster, "nodes": nodes, "db": db, "prefix": prefix,
-        "username": username, "password": password,
-    }
-    if "op_deadline_ms" in q:
-        out["op_deadline_s"] = float(q["op_deadline_ms"]) / 1000
-    if "gap_timeout_ms" in q:
-        out["gap_timeout_s"] = float(q["gap_timeout_ms"]) / 1000
-    return out
-
-
-def parse_change(payload: bytes) -> tuple[str, int, Change | None]:
-    """A published payload -> (kind, position, change); skips and epoch notes have no change."""
-    parts = payload.decode("utf-8").split(SEP)
-    kind = parts[0]
-    pos = int(parts[1])
-    if kind == "A":
-        _, _, cid, first, last, tm, sender, sread = parts
-        return kind, pos, Allocated(
-            cid, int(first), int(last), int(tm), pos, sender or None, int(sread)
-        )
-    if kind == "R":
-        _, _, cid, uid, read = parts
-        return kind, pos, ReadMarked(cid, uid, int(read), pos, True)
-    if kind == "M":
-        _, _, cid, mn = parts
-        return kind, pos, MinChanged(cid, int(mn), pos, True)
-    if kind == "J":
-        _, _, cid, mx, mn, tm, users = parts
-        return kind, pos, MembersAdded(
-            cid, tuple(users.split(USEP)) if users else (), int(mx), int(mn), int(tm), pos, True
-        )
-    if kind == "L":
-        _, _, cid, keep, users = parts
-        return kind, pos, MembersRemoved(
-            cid, tuple(users.split(USEP)) if users else (), keep == "1", pos, True
-        )
-    return kind, pos, None  # "S" skip, "E" new epoch
-
-
-class _Job:
-    """A write waiting for a batcher (standalone: ``argv`` is complete; cluster: ``argv`` is
-    the op's own arguments, the mode and position are added when the batch runs)."""
-
-    __slots__ = ("keys", "argv", "op", "cid", "tries", "reply", "error", "done")
-
-    def __init__(self, keys: list[str], argv: list[Any], op: str = "", cid: str = "") -> None:
-        self.keys = keys
-        self.argv = argv
-        self.op = op
-        self.cid = cid
-        self.tries = 0
-        self.reply: list[Any] | None = None
-        self.error: BaseException | None = None
-        self.done = trio.Event()
-
-
-class _Retry(Exception):
-    """The epoch changed under an operation: it was switched; run the operation again."""
-
-
-class RedisStore(Store):
+class RedisStore(ClusterWrites, Store):
     """The Store on Redis or Redis Cluster. See the module docstring for the design.
 
     Keyword arguments: ``max_view_conversations``, ``max_conversation_members``,
@@ -264,12 +125,15 @@ class RedisStore(Store):
         super().__init__()
         cfg = parse_url(url)
         self.url = url
-        self.cluster: bool = cfg["cluster"]
-        self.nodes: list[tuple[str, int]] = cfg["nodes"]
-        self.db: int = cfg["db"]
-        self.prefix: str = cfg["prefix"]
-        self._username: str | None = cfg["username"]
-        self._password: str | None = cfg["password"]
+        self.cluster: bool = cfg.cluster
+        self.nodes: list[tuple[str, int]] = cfg.nodes
+        self.db: int = cfg.db
+        self.prefix: str = cfg.prefix
+        self.keys = KeyLayout(cfg.prefix, cfg.cluster, cfg.db)
+        self.wait_replicas: int = cfg.wait_replicas
+        self.wait_timeout_ms: int = cfg.wait_timeout_ms
+        self._username: str | None = cfg.username
+        self._password: str | None = cfg.password
         if max_view_conversations is not None:
             self.max_view_conversations = max_view_conversations
         if max_conversation_members is not None:
@@ -277,25 +141,18 @@ class RedisStore(Store):
         if max_tombstones < 1:
             raise InvalidArgument("max_tombstones must be at least 1")
         self.max_tombstones = max_tombstones
-        self.op_deadline_s = op_deadline_s or cfg.get("op_deadline_s", DEFAULT_OP_DEADLINE_S)
-        self.gap_timeout_s = gap_timeout_s or cfg.get("gap_timeout_s", DEFAULT_GAP_TIMEOUT_S)
+        self.op_deadline_s = op_deadline_s or cfg.op_deadline_s or DEFAULT_OP_DEADLINE_S
+        self.gap_timeout_s = gap_timeout_s or cfg.gap_timeout_s or DEFAULT_GAP_TIMEOUT_S
         if self.gap_timeout_s <= self.op_deadline_s:
             raise InvalidArgument("gap_timeout must be longer than op_deadline")
         self.epoch = b""
-        self.position = 0
-        self.channel = f"{self.prefix}:ev:{self.db}".encode()
-        p = self.prefix
-        self._k_epoch = f"{p}{{meta}}:epoch"
-        self._k_epoch_init = f"{p}{{meta}}:epoch_init"
-        self._k_pos = f"{p}{{meta}}:pos"
-        self._k_pt = f"{p}{{meta}}:pt"
+        self._buf = ReorderBuffer()
+        self.channel = self.keys.channel
         self._client: Any = None
         self._opened = False
         self._closed = False
         self.data_lost = False  # the epoch vanished: refuse writes until init --force
         # ordered delivery
-        self._pending: dict[int, Change | None] = {}
-        self._gap_since: float | None = None
         self._resyncing = 0  # resyncs in progress: buffer, do not deliver
         self._sub_down = False  # the subscription dropped: buffer until the resync
         self._waiters: list[tuple[int, int, trio.Event]] = []
@@ -306,35 +163,9 @@ class RedisStore(Store):
         self._subscribed = trio.Event()
         self._wake = trio.Event()  # for the maintenance task: epoch note or gap
         self._epoch_note = False
-        self._queue: list[_Job] = []
+        self._queue: list[Job] = []
         self._batch_wake = trio.Event()
         self._inflight_cids: dict[str, int] = {}  # cluster: conversations in a running batch
-
-    # ------------------------------------------------------------------ keys
-
-    def conv_key(self, cid: str) -> str:
-        return f"{self.prefix}{{{_tag(cid)}}}:c:{cid}"
-
-    def members_key(self, cid: str) -> str:
-        return f"{self.prefix}{{{_tag(cid)}}}:m:{cid}"
-
-    def view_key(self, uid: str) -> str:
-        return f"{self.prefix}{{{_tag(uid)}}}:v:{uid}"
-
-    def tomb_key(self, uid: str) -> str:
-        return f"{self.prefix}{{{_tag(uid)}}}:t:{uid}"
-
-    def horizon_key(self, uid: str) -> str:
-        return f"{self.prefix}{{{_tag(uid)}}}:h:{uid}"
-
-    def slot_epoch_key(self, key: str) -> str:
-        """The epoch key in ``key``'s slot (cluster) or the one epoch key (standalone)."""
-        if not self.cluster:
-            return self._k_epoch
-        return f"{self.prefix}{{{slot_tags()[hash_slot(key.encode())]}}}:e"
-
-    def all_slot_epoch_keys(self) -> list[str]:
-        return [f"{self.prefix}{{{t}}}:e" for t in slot_tags()]
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -417,41 +248,19 @@ class RedisStore(Store):
     async def _ensure_epoch(self) -> bytes:
         """Read the epoch, creating it (SET NX) if the store is new."""
         c = self._client
-        epoch = await c.get(self._k_epoch)
+        epoch = await c.get(self.keys.epoch)
         if epoch is not None:
             return bytes(epoch)
         fresh = os.urandom(EPOCH_BYTES)
         if not self.cluster:
-            await c.set(self._k_epoch, fresh, condition=coredis.PureToken.NX)
-            return bytes(await c.get(self._k_epoch))
+            await c.set(self.keys.epoch, fresh, condition=coredis.PureToken.NX)
+            return bytes(await c.get(self.keys.epoch))
         # cluster: agree on one epoch, copy it into every slot, then publish it in meta
-        await c.set(self._k_epoch_init, fresh, condition=coredis.PureToken.NX)
-        chosen = bytes(await c.get(self._k_epoch_init))
+        await c.set(self.keys.epoch_init, fresh, condition=coredis.PureToken.NX)
+        chosen = bytes(await c.get(self.keys.epoch_init))
         await self._write_slot_epochs(chosen, force=False)
-        await c.set(self._k_epoch, chosen, condition=coredis.PureToken.NX)
-        return bytes(await c.get(self._k_epoch))
-
-    async def _write_slot_epochs(self, epoch: bytes, force: bool) -> None:
-        """Cluster: the epoch copy in every slot, one script call per master."""
-        tags = slot_tags()
-        for shard in await self._client.cluster_shards():
-            ranges = shard[b"slots"]  # [lo, hi, lo, hi, ...]
-            master = next(n for n in shard[b"nodes"] if n[b"role"] == b"master")
-            keys = [
-                f"{self.prefix}{{{tags[s]}}}:e"
-                for lo, hi in zip(ranges[::2], ranges[1::2], strict=True)
-                for s in range(int(lo), int(hi) + 1)
-            ]
-            if not keys:
-                continue
-            direct = coredis.Redis(
-                host=master[b"ip"].decode(), port=int(master[b"port"]), username=self._username,
-                password=self._password, stream_timeout=COMMAND_TIMEOUT_S,
-                connect_timeout=CONNECT_TIMEOUT_S, retry_policy=NoRetryPolicy(),
-            )
-            async with direct:
-                script = direct.register_script(lua.SLOT_EPOCHS)
-                await script(keys=[], args=[epoch, "1" if force else "0", *keys])
+        await c.set(self.keys.epoch, chosen, condition=coredis.PureToken.NX)
+        return bytes(await c.get(self.keys.epoch))
 
     async def _read_position(self) -> tuple[int, float]:
         """(position counter, seconds until every position handed out so far has committed
@@ -465,8 +274,8 @@ class RedisStore(Store):
 
     async def _posinfo(self) -> tuple[int, int, int]:
         """(position counter, time the last position was handed out, server time), in µs."""
-        r = await self._posinfo_script(keys=[self._k_pos, self._k_pt], args=[])
-        return _num(r[0]), _num(r[1]), _num(r[2])
+        r = await self._posinfo_script(keys=[self.keys.pos, self.keys.pos_time], args=[])
+        return to_int(r[0]), to_int(r[1]), to_int(r[2])
 
     # ------------------------------------------------------------------ background
 
@@ -534,7 +343,7 @@ class RedisStore(Store):
             if c is None:
                 raise Unavailable("the store is closed")
             try:
-                epoch = await c.get(self._k_epoch)
+                epoch = await c.get(self.keys.epoch)
                 if epoch is None:
                     self._report_lost()
                 else:
@@ -543,7 +352,7 @@ class RedisStore(Store):
                                     bytes(epoch).hex())
                         self.epoch = bytes(epoch)
                         # positions never go back: tokens of this node's clients stay usable
-                        await self._floor(keys=[self._k_pos], args=[self.position])
+                        await self._floor(keys=[self.keys.pos], args=[self.position])
                     if self.data_lost:
                         log.warning("redis store: the epoch is back; accepting writes again")
                     self.data_lost = False
@@ -562,13 +371,18 @@ class RedisStore(Store):
         if not self._held():
             self._drain()
 
+    @property
+    def position(self) -> int:
+        """The last position handed to the listeners (every change up to it is in Redis)."""
+        return self._buf.position
+
+    @position.setter
+    def position(self, value: int) -> None:
+        self._buf.jump_to(value)
+
     def _jump_to(self, pos: int, drain: bool = True) -> None:
         """Positions up to ``pos`` need no delivery (the caller reloads them from Redis)."""
-        if pos > self.position:
-            self.position = pos
-        for p in [p for p in self._pending if p <= self.position]:
-            del self._pending[p]
-        self._gap_since = None
+        self._buf.jump_to(pos)
         if drain and not self._held():
             self._drain()
 
@@ -581,7 +395,7 @@ class RedisStore(Store):
                 "REDIS DATA LOST: the epoch key %s is gone (Redis restarted empty or was "
                 "flushed). Refusing writes so seqs do not start again from 1. Restore the data, "
                 "or run `seqactor store init --force --store URL` to start a new epoch.",
-                self._k_epoch,
+                self.keys.epoch,
             )
         self.data_lost = True
 
@@ -589,16 +403,16 @@ class RedisStore(Store):
         """Closes holes that stay open too long; follows epoch changes."""
         last_lost_check = 0.0
         while True:
-            with trio.move_on_after(0.1):
+            with trio.move_on_after(MAINTENANCE_TICK_S):
                 await self._wake.wait()
             self._wake = trio.Event()
-            if self.data_lost and trio.current_time() - last_lost_check > 1.0:
+            if self.data_lost and trio.current_time() - last_lost_check > LOST_DATA_RECHECK_S:
                 last_lost_check = trio.current_time()
                 self._epoch_note = True
             if self._epoch_note:
                 self._epoch_note = False
                 try:
-                    epoch = await self._client.get(self._k_epoch)
+                    epoch = await self._client.get(self.keys.epoch)
                 except (RedisError, OSError):
                     epoch = None
                 if epoch is not None and (bytes(epoch) != self.epoch or self.data_lost):
@@ -606,31 +420,29 @@ class RedisStore(Store):
                         await self._resync("the store was re-initialized (new epoch)")
                     except Unavailable as exc:
                         log.warning("redis store: resync failed: %s", exc)
+            gap_since = self._buf.gap_since
             if (
-                self._gap_since is not None
+                gap_since is not None
                 and not self._held()
-                and trio.current_time() - self._gap_since > self.gap_timeout_s
+                and trio.current_time() - gap_since > self.gap_timeout_s
             ):
-                nxt = min(self._pending, default=self.position + 1)
-                if nxt > self.position + 1:
-                    log.warning("redis store: positions %d..%d never arrived; resync",
-                                self.position + 1, nxt - 1)
-                    self._jump_to(nxt - 1, drain=False)
+                hole = self._buf.missing()
+                if hole is not None:
+                    log.warning("redis store: positions %d..%d never arrived; resync", *hole)
+                    self._jump_to(hole[1], drain=False)
                     self._deliver(StoreReset(self.position))
-                self._gap_since = None
+                self._buf.gap_since = None
                 self._drain()
 
     # ------------------------------------------------------------------ ordered delivery
 
     def _on_payload(self, payload: bytes) -> None:
-        try:
-            if payload[:1] != b"E" and int(payload[2:payload.index(b"\x1f", 2)]) <= self.position:
-                return  # already delivered (e.g. this node's own change, from the reply)
-        except ValueError:
-            pass
+        pos = payload_position(payload)
+        if pos is not None and pos <= self._buf.position:
+            return  # already delivered (e.g. this node's own change, from the reply)
         try:
             kind, pos, change = parse_change(payload)
-        except (ValueError, UnicodeDecodeError):
+        except ValueError:
             log.error("redis store: malformed event %r", payload[:200])
             return
         if kind == "E":
@@ -640,35 +452,22 @@ class RedisStore(Store):
         self._receive(pos, change)
 
     def _receive(self, pos: int, change: Change | None) -> None:
-        if pos <= self.position or pos in self._pending:
-            return
-        self._pending[pos] = change
-        if not self._held():
+        if self._buf.add(pos, change) and not self._held():
             self._drain()
 
     def _drain(self) -> None:
-        pending = self._pending
-        while self.position + 1 in pending:
-            change = pending.pop(self.position + 1)
-            self.position += 1
-            if change is not None:
-                self._deliver(change)
-        if pending:
-            if self._gap_since is None:
-                self._gap_since = trio.current_time()
-                self._wake.set()
-        else:
-            self._gap_since = None
+        buf = self._buf
+        had_gap = buf.gap_since is not None
+        for change in buf.ready(trio.current_time()):
+            self._deliver(change)
+        if buf.gap_since is not None and not had_gap:
+            self._wake.set()  # the maintenance task times the hole
         waiters = self._waiters
         while waiters and waiters[0][0] <= self.position:
             heapq.heappop(waiters)[2].set()
 
     def _deliver(self, change: Change) -> None:
-        for fn in list(self._listeners):
-            try:
-                fn(change)
-            except Exception:
-                log.exception("store listener %r failed on %r", fn, change)
+        self._publish(change)
 
     async def _delivered(self, pos: int) -> None:
         """Wait until ``pos`` was handed to the listeners (bounded by the gap timeout)."""
@@ -713,7 +512,7 @@ class RedisStore(Store):
             raise Unavailable("Redis lost its data; run `seqactor store init --force`")
         if kind == "EPOCH":
             await self._resync("the store was re-initialized (new epoch)")
-            raise _Retry()
+            raise Retry()
         raise Unavailable(f"unexpected reply from the store script: {reply!r}")
 
     async def _committed(self, payload: bytes) -> Change:
@@ -722,11 +521,6 @@ class RedisStore(Store):
         self._receive(pos, change)
         await self._delivered(pos)
         return change
-
-    def _base_keys(self, cid: str) -> list[str]:
-        ck = self.conv_key(cid)
-        ek = self.slot_epoch_key(ck)
-        return [ek, self._k_pos if not self.cluster else ek, ck, self.members_key(cid)]
 
     def _argv(self, op: str, mode: str, pos: int = 0, pt: int = 0) -> list[Any]:
         deadline_us = int(self.op_deadline_s * 1e6)
@@ -744,19 +538,19 @@ class RedisStore(Store):
                 if self.cluster:
                     if op in BATCHED_CLUSTER_OPS:
                         reply = await self._check(
-                            await self._wait_job(_Job(self._base_keys(cid), args, op, cid))
+                            await self._wait_job(Job(self.keys.base_keys(cid), args, op, cid))
                         )
                     else:
                         reply = await self._cluster_write(op, cid, args, users)
                     if reply[0] == b"NOOP":
-                        reply[1] = max(_num(reply[1]), start)
+                        reply[1] = max(to_int(reply[1]), start)
                     return reply
-                keys = self._base_keys(cid)
+                keys = self.keys.base_keys(cid)
                 if op in ("add", "rm"):
                     for u in users:
-                        keys += [self.view_key(u), self.tomb_key(u), self.horizon_key(u)]
+                        keys += [self.keys.view_key(u), self.keys.tomb_key(u), self.keys.horizon_key(u)]
                 return await self._check(await self._submit(keys, self._argv(op, "s") + args))
-            except _Retry:
+            except Retry:
                 self._check_writable()
                 continue
         raise Unavailable("the store epoch keeps changing")
@@ -766,9 +560,9 @@ class RedisStore(Store):
     async def _submit(self, keys: list[str], argv: list[Any]) -> list[Any]:
         """Run the op script through the batcher: while calls are in flight, concurrent
         writes gather and go in one script call (each op still atomic on its own)."""
-        return await self._wait_job(_Job(keys, argv))
+        return await self._wait_job(Job(keys, argv))
 
-    async def _wait_job(self, job: _Job) -> list[Any]:
+    async def _wait_job(self, job: Job) -> list[Any]:
         self._queue.append(job)
         self._batch_wake.set()
         # shielded: the op may commit, its result is not thrown away (bounded wait)
@@ -792,7 +586,7 @@ class RedisStore(Store):
                     del self._queue[:MAX_BATCH_OPS]
                     nursery.start_soon(self._run_batch, batch, slots)
 
-    async def _run_batch(self, batch: list[_Job], slots: trio.Semaphore) -> None:
+    async def _run_batch(self, batch: list[Job], slots: trio.Semaphore) -> None:
         try:
             if len(batch) == 1:
                 job = batch[0]
@@ -818,246 +612,6 @@ class RedisStore(Store):
                     job.error = Unavailable("the store is closing")
                 job.done.set()
 
-    # ------------------------------------------------------------------ cluster batching
-
-    async def _cluster_batcher(self) -> None:
-        """Cluster: concurrent allocations, MarkReads and SetMins go in batches. A batch takes
-        at most one step per slot per stage: dry runs (MarkRead, SetMin: a no-op takes no
-        position), one sequencer call reserving the positions of the whole batch, then the
-        commits — every stage's per-slot script calls run concurrently. Conversations in a
-        running batch wait for the next one, so one node commits a conversation's positions in
-        order (another node's later position in between: ``RETRY``, the op goes again)."""
-        slots = trio.Semaphore(CLUSTER_MAX_INFLIGHT_BATCHES)
-        async with trio.open_nursery() as nursery:
-            while True:
-                await self._batch_wake.wait()
-                self._batch_wake = trio.Event()
-                while self._queue:
-                    await slots.acquire()
-                    batch = self._take_cluster_batch()
-                    if not batch:
-                        slots.release()
-                        break  # every queued op waits for a running batch
-                    nursery.start_soon(self._run_cluster_batch, batch, slots)
-
-    def _take_cluster_batch(self) -> list[_Job]:
-        busy = self._inflight_cids
-        batch: list[_Job] = []
-        rest: list[_Job] = []
-        for job in self._queue:
-            if len(batch) < MAX_BATCH_OPS and job.cid not in busy:
-                batch.append(job)
-            else:
-                rest.append(job)
-        self._queue = rest
-        for job in batch:
-            busy[job.cid] = busy.get(job.cid, 0) + 1
-        return batch
-
-    async def _slot_calls(self, calls: list[tuple[list[str], list[Any]]]) -> list[list[Any]]:
-        """Run OP script calls grouped by hash slot: one call per slot (the 'batch' form, which
-        also publishes the skip of a position that did not commit), sent as one cluster
-        pipeline (one write and read per master). Replies in the order of ``calls``; a slot
-        whose call failed gets ``[b"FAILED", error]`` (its positions may or may not commit:
-        readers close the hole after the gap timeout)."""
-        groups: dict[int, list[int]] = {}
-        for i, (keys, _) in enumerate(calls):
-            groups.setdefault(hash_slot(keys[2].encode()), []).append(i)
-        out: list[list[Any]] = [[] for _ in calls]
-        reqs = []
-        async with self._client.pipeline(transaction=False, raise_on_error=False) as pipe:
-            for idx in groups.values():
-                all_keys: list[str] = []
-                head: list[Any] = ["batch", len(idx)]
-                rest: list[Any] = []
-                for i in idx:
-                    keys, argv = calls[i]
-                    all_keys += keys
-                    head += [len(keys), len(argv)]
-                    rest += argv
-                reqs.append((idx, self._op(keys=all_keys, args=head + rest, client=pipe)))
-        for idx, req in reqs:
-            try:
-                replies = await req
-            except (RedisError, OSError) as exc:
-                for i in idx:
-                    out[i] = [b"FAILED", exc]
-                continue
-            for i, r in zip(idx, replies, strict=True):
-                out[i] = list(r)
-        return out
-
-    async def _run_cluster_batch(self, batch: list[_Job], slots: trio.Semaphore) -> None:
-        requeue: list[_Job] = []
-        try:
-            dry = [j for j in batch if j.op != "alloc"]
-            if dry:
-                replies = await self._slot_calls(
-                    [(j.keys, self._argv(j.op, "d") + j.argv) for j in dry])
-                for job, r in zip(dry, replies, strict=True):
-                    if r[0] == b"FAILED":
-                        job.error = Unavailable(f"Redis: {r[1]}")
-                    elif r[0] != b"NEED":
-                        job.reply = r  # NOOP or an error: no position taken
-            todo = [j for j in batch if j.reply is None and j.error is None]
-            if todo:
-                seq = await self._seq(
-                    keys=[self._k_epoch, self._k_pos, self._k_pt], args=[self.epoch, len(todo)])
-                if seq[0] != b"OK":
-                    for job in todo:
-                        job.reply = list(seq)
-                    return
-                first, pt = int(seq[1]), _num(seq[2])
-                replies = await self._slot_calls([
-                    (j.keys, self._argv(j.op, "c", first + i, pt) + j.argv)
-                    for i, j in enumerate(todo)
-                ])
-                for i, (job, r) in enumerate(zip(todo, replies, strict=True)):
-                    if r[0] == b"OK":
-                        job.reply = r
-                        continue
-                    if r[0] == b"FAILED":
-                        job.error = Unavailable(f"Redis: {r[1]}")
-                        continue
-                    self._receive(first + i, None)  # the script published the skip
-                    if r[0] == b"RETRY" and job.tries < MAX_CLUSTER_RETRIES:
-                        job.tries += 1
-                        requeue.append(job)
-                    elif r[0] == b"RETRY":
-                        job.error = Unavailable("too much contention on the conversation")
-                    else:
-                        job.reply = r
-        except (RedisError, OSError, trio.BrokenResourceError, ValueError) as exc:
-            again = {id(j) for j in requeue}
-            for job in batch:
-                if job.reply is None and id(job) not in again:
-                    job.error = Unavailable(f"Redis: {exc}")
-        finally:
-            slots.release()
-            busy = self._inflight_cids
-            for job in batch:
-                n = busy[job.cid] - 1
-                if n:
-                    busy[job.cid] = n
-                else:
-                    del busy[job.cid]
-            again = {id(j) for j in requeue}
-            if requeue:
-                self._queue[:0] = requeue
-            self._batch_wake.set()
-            for job in batch:
-                if id(job) in again:
-                    continue
-                if job.reply is None and job.error is None:
-                    job.error = Unavailable("the store is closing")
-                job.done.set()
-
-    # ------------------------------------------------------------------ cluster writes
-
-    async def _cluster_write(
-        self, op: str, cid: str, args: list[Any], users: Sequence[str]
-    ) -> list[Any]:
-        lock, n = self._conv_locks.get(cid, (None, 0))
-        if lock is None:
-            lock = trio.Lock()
-        self._conv_locks[cid] = (lock, n + 1)
-        try:
-            reply: list[Any] | None = None
-            async with lock:
-                with trio.CancelScope(shield=True):  # a handed-out position must resolve
-                    reply = await self._cluster_steps(op, cid, args, users)
-            assert reply is not None
-            return reply
-        finally:
-            lock2, n2 = self._conv_locks[cid]
-            if n2 <= 1:
-                del self._conv_locks[cid]
-            else:
-                self._conv_locks[cid] = (lock2, n2 - 1)
-
-    async def _skip(self, pos: int) -> None:
-        payload = f"S{SEP}{pos}".encode()
-        self._receive(pos, None)
-        try:
-            await self._client.publish(self.channel, payload)
-        except (RedisError, OSError) as exc:  # readers close the hole after the gap timeout
-            log.warning("redis store: could not publish skip of %d: %s", pos, exc)
-
-    async def _user_step(
-        self, step: str, uid: str, cid: str, pos: int, extra: Any = ""
-    ) -> list[Any]:
-        vk = self.view_key(uid)
-        keys = [self.slot_epoch_key(vk), vk, self.tomb_key(uid), self.horizon_key(uid)]
-        return await self._call(self._user, keys, [step, self.epoch, cid, pos, extra])
-
-    async def _cluster_steps(
-        self, op: str, cid: str, args: list[Any], users: Sequence[str]
-    ) -> list[Any]:
-        keys = self._base_keys(cid)
-        for _ in range(MAX_CLUSTER_RETRIES):
-            need: list[str] = []
-            if op != "alloc":
-                dry = await self._check(await self._call(self._op, keys, self._argv(op, "d") + args))
-                if dry[0] == b"NOOP":
-                    return dry
-                need = [u.decode() for u in dry[1:]]
-                if op == "add" and need:
-                    await self._check_view_room(need)
-            seq = await self._check(
-                await self._call(self._seq, [self._k_epoch, self._k_pos, self._k_pt], [self.epoch])
-            )
-            pos, pt = int(seq[1]), _num(seq[2])
-            done: list[tuple[str, str]] = []  # (undo step, user) of pre-steps taken
-            try:
-                if op == "add":
-                    for u in need:
-                        await self._check(await self._user_step(
-                            "join", u, cid, pos, self.max_view_conversations))
-                        done.append(("unjoin", u))
-                elif op == "rm" and args[1] == "0":
-                    for u in need:
-                        await self._check(await self._user_step(
-                            "tomb", u, cid, pos, self.max_tombstones))
-                        done.append(("untomb", u))
-                reply = await self._call(self._op, keys, self._argv(op, "c", pos, pt) + args)
-                if reply[0] == b"OK":
-                    _, _, change = parse_change(reply[1])
-                    changed = set(getattr(change, "user_ids", ()))
-                    undo = [(s, u) for s, u in done if u not in changed]
-                    await self._undo(undo, cid, pos)
-                    if op == "rm" and args[1] == "0":
-                        for u in changed:
-                            await self._check(await self._user_step("left", u, cid, pos))
-                    return reply
-            except BaseException:
-                await self._skip(pos)
-                await self._undo(done, cid, pos)
-                raise
-            await self._skip(pos)
-            await self._undo(done, cid, pos)
-            if reply[0] == b"RETRY":
-                continue
-            return await self._check(reply)  # NOOP (raced) or an error
-        raise Unavailable("too much contention on the conversation; try again")
-
-    async def _undo(self, steps: list[tuple[str, str]], cid: str, pos: int) -> None:
-        for step, uid in steps:
-            try:
-                await self._user_step(step, uid, cid, pos)
-            except Unavailable as exc:
-                log.warning("redis store: could not undo %s of %r in %r: %s", step, uid, cid, exc)
-
-    async def _check_view_room(self, users: list[str]) -> None:
-        """Cluster: the view limit, checked before a position is taken (and again in the
-        user's slot before the join commits)."""
-        async with self._client.pipeline(transaction=False) as pipe:
-            reqs = [pipe.hlen(self.view_key(u)) for u in users]
-        for u, r in zip(users, reqs, strict=True):
-            if await r + 1 > self.max_view_conversations:
-                raise TooLarge(
-                    f"the view of {u!r} would exceed {self.max_view_conversations} conversations"
-                )
-
     # ------------------------------------------------------------------ writes
 
     async def allocate(
@@ -1079,25 +633,25 @@ class RedisStore(Store):
         await trio.lowlevel.checkpoint_if_cancelled()
         validate_id(conversation_id, "conversation_id")
         validate_id(user_id, "user_id")
-        read = _uint64(read_sequence, "read_sequence")
+        read = check_uint64(read_sequence, "read_sequence")
         reply = await self._write("read", conversation_id, [conversation_id, user_id, read])
         if reply[0] == b"NOOP":
-            return ReadMarked(conversation_id, user_id, _num(reply[2]), _num(reply[1]), False)
+            return ReadMarked(conversation_id, user_id, to_int(reply[2]), to_int(reply[1]), False)
         return await self._committed(reply[1])  # type: ignore[return-value]
 
     async def set_min_sequence(self, conversation_id: str, min_sequence: int) -> MinChanged:
         await trio.lowlevel.checkpoint_if_cancelled()
         validate_id(conversation_id, "conversation_id")
-        value = _uint64(min_sequence, "min_sequence")
+        value = check_uint64(min_sequence, "min_sequence")
         reply = await self._write("min", conversation_id, [conversation_id, value])
         if reply[0] == b"NOOP":
-            return MinChanged(conversation_id, _num(reply[2]), _num(reply[1]), False)
+            return MinChanged(conversation_id, to_int(reply[2]), to_int(reply[1]), False)
         return await self._committed(reply[1])  # type: ignore[return-value]
 
     async def add_members(self, conversation_id: str, user_ids: Sequence[str]) -> MembersAdded:
         await trio.lowlevel.checkpoint_if_cancelled()
         validate_id(conversation_id, "conversation_id")
-        uids = _user_ids(user_ids)
+        uids = check_user_ids(user_ids)
         reply = await self._write(
             "add", conversation_id,
             [conversation_id, self.max_view_conversations, self.max_conversation_members, *uids],
@@ -1105,8 +659,8 @@ class RedisStore(Store):
         )
         if reply[0] == b"NOOP":
             return MembersAdded(
-                conversation_id, (), _num(reply[2]), _num(reply[3]), _num(reply[4]),
-                _num(reply[1]), False,
+                conversation_id, (), to_int(reply[2]), to_int(reply[3]), to_int(reply[4]),
+                to_int(reply[1]), False,
             )
         return await self._committed(reply[1])  # type: ignore[return-value]
 
@@ -1115,14 +669,14 @@ class RedisStore(Store):
     ) -> MembersRemoved:
         await trio.lowlevel.checkpoint_if_cancelled()
         validate_id(conversation_id, "conversation_id")
-        uids = _user_ids(user_ids)
+        uids = check_user_ids(user_ids)
         keep = "1" if keep_history else "0"
         reply = await self._write(
             "rm", conversation_id, [conversation_id, keep, self.max_tombstones, *uids], uids
         )
         if reply[0] == b"NOOP":
             return MembersRemoved(
-                conversation_id, (), bool(keep_history), _num(reply[1]), False
+                conversation_id, (), bool(keep_history), to_int(reply[1]), False
             )
         return await self._committed(reply[1])  # type: ignore[return-value]
 
@@ -1139,13 +693,13 @@ class RedisStore(Store):
         c = self._check_readable()
         data = ViewData(self.position)  # every change up to here is in Redis
         try:
-            index = await c.hkeys(self.view_key(user_id))
+            index = await c.hkeys(self.keys.view_key(user_id))
             cids = sorted(x.decode() for x in index)
             if not cids:
                 return data
             async with c.pipeline(transaction=False) as pipe:
                 reqs = [
-                    self._row(keys=[self.conv_key(cid), self.members_key(cid)], args=[user_id],
+                    self._row(keys=[self.keys.conv_key(cid), self.keys.members_key(cid)], args=[user_id],
                               client=pipe)
                     for cid in cids
                 ]
@@ -1155,7 +709,7 @@ class RedisStore(Store):
         for cid, r in zip(cids, rows, strict=True):
             if not r:
                 continue  # an index entry without a member row (a step in flight)
-            mx, mn, tm, ps = (_num(x) for x in r[:4])
+            mx, mn, tm, ps = (to_int(x) for x in r[:4])
             read, mpos, frozen, fmax, fmin, ftime = (int(x) for x in r[4].decode().split(","))
             data.conversation_ids.append(cid)
             if frozen:
@@ -1175,22 +729,22 @@ class RedisStore(Store):
     async def removed_since(self, user_id: str, position: int) -> list[str] | None:
         await trio.lowlevel.checkpoint()
         validate_id(user_id, "user_id")
-        position = _uint64(position, "position")
+        position = check_uint64(position, "position")
         c = self._check_readable()
         if position > self.position:
             return None
         try:
             async with c.pipeline(transaction=False) as pipe:
-                r_h = pipe.get(self.horizon_key(user_id))
-                r_t = pipe.zrangebyscore(self.tomb_key(user_id), f"({position}", "+inf")
-            horizon = _num(await r_h or 0)
+                r_h = pipe.get(self.keys.horizon_key(user_id))
+                r_t = pipe.zrangebyscore(self.keys.tomb_key(user_id), f"({position}", "+inf")
+            horizon = to_int(await r_h or 0)
             if position < horizon:
                 return None
             cids = [x.decode() for x in await r_t]
             if not cids:
                 return []
             async with c.pipeline(transaction=False) as pipe:
-                reqs = [pipe.hexists(self.members_key(cid), user_id) for cid in cids]
+                reqs = [pipe.hexists(self.keys.members_key(cid), user_id) for cid in cids]
             present = [await r for r in reqs]
         except (RedisError, OSError) as exc:
             raise Unavailable(f"Redis: {exc}") from None
@@ -1202,7 +756,7 @@ class RedisStore(Store):
         validate_id(conversation_id, "conversation_id")
         c = self._check_readable()
         try:
-            return bool(await c.hexists(self.members_key(conversation_id), user_id))
+            return bool(await c.hexists(self.keys.members_key(conversation_id), user_id))
         except (RedisError, OSError) as exc:
             raise Unavailable(f"Redis: {exc}") from None
 
@@ -1211,13 +765,13 @@ class RedisStore(Store):
         validate_id(conversation_id, "conversation_id")
         c = self._check_readable()
         try:
-            v = await c.hmget(self.conv_key(conversation_id), ["mx", "mn", "tm", "ps", "ac"])
+            v = await c.hmget(self.keys.conv_key(conversation_id), ["mx", "mn", "tm", "ps", "ac"])
         except (RedisError, OSError) as exc:
             raise Unavailable(f"Redis: {exc}") from None
         if v[3] is None:
             return None
         return ConversationState(
-            conversation_id, _num(v[0]), _num(v[1]), _num(v[2]), _num(v[4] or 0)
+            conversation_id, to_int(v[0]), to_int(v[1]), to_int(v[2]), to_int(v[4] or 0)
         )
 
     # ------------------------------------------------------------------ operator actions
@@ -1228,17 +782,17 @@ class RedisStore(Store):
         time in µs, so positions after the new epoch are above every position seen before.
         Returns (epoch, created)."""
         c = self._check_readable()
-        current = await c.get(self._k_epoch)
+        current = await c.get(self.keys.epoch)
         if current is not None and not force:
             return bytes(current), False
         fresh = os.urandom(EPOCH_BYTES)
         _, _, now_us = await self._posinfo()
-        await self._floor(keys=[self._k_pos], args=[now_us])
+        await self._floor(keys=[self.keys.pos], args=[now_us])
         if self.cluster:
-            await c.set(self._k_epoch_init, fresh)
+            await c.set(self.keys.epoch_init, fresh)
             await self._write_slot_epochs(fresh, force=True)
-        await c.set(self._k_epoch, fresh)
-        await c.publish(self.channel, f"E{SEP}0".encode())
+        await c.set(self.keys.epoch, fresh)
+        await c.publish(self.channel, EPOCH_NOTE)
         return fresh, True
 
 
