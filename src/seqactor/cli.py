@@ -48,6 +48,9 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--tls-cert", default=None, metavar="F")
     p.add_argument("--tls-key", default=None, metavar="F")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="server processes sharing the port (SO_REUSEPORT); above 1 needs a "
+                        "redis:// or redis+cluster:// store (default %(default)s)")
     limits = p.add_argument_group("limits (SPEC §4 defaults)")
     limits.add_argument("--max-ids-per-request", type=int, default=C.MAX_IDS_PER_REQUEST,
                         metavar="N")
@@ -198,6 +201,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from seqactor.gateway import Server
     from seqactor.store import StoreError, open_store
 
+    if getattr(args, "workers", 1) != 1:  # a supervisor of N worker processes
+        from seqactor._workers import run_workers
+
+        return run_workers(args)
     setup_logging(args.log_level)
     if bool(args.tls_cert) != bool(args.tls_key):
         raise CliError("--tls-cert and --tls-key go together")
@@ -214,6 +221,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_conversation_members=args.max_conversation_members,
         rate_limit_ops_per_s=args.rate_limit, max_connections=args.max_connections,
         write_timeout_s=args.write_timeout,
+        reuse_port=getattr(args, "reuse_port", False),
     )
     try:
         store = open_store(args.store)
