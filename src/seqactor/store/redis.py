@@ -132,6 +132,10 @@ class RedisStore(ClusterWrites, Store):
         self.keys = KeyLayout(cfg.prefix, cfg.cluster, cfg.db)
         self.wait_replicas: int = cfg.wait_replicas
         self.wait_timeout_ms: int = cfg.wait_timeout_ms
+        if self.wait_replicas and self.cluster:
+            raise InvalidArgument(
+                "wait_replicas is supported on a standalone master with replicas (Sentinel), "
+                "not on Redis Cluster: WAIT must follow the writes on the master's connection")
         self._username: str | None = cfg.username
         self._password: str | None = cfg.password
         if max_view_conversations is not None:
@@ -357,6 +361,13 @@ class RedisStore(ClusterWrites, Store):
                         log.warning("redis store: the epoch is back; accepting writes again")
                     self.data_lost = False
                 pos, wait_s = await self._read_position()
+                if epoch is not None and pos < self.position:
+                    # a replica that lacked the last writes was promoted: positions never go
+                    # back (a reused position would be dropped as already delivered)
+                    log.warning("redis store: the position counter went back from %d to %d "
+                                "(failover to a replica without the last writes?); raising it",
+                                self.position, pos)
+                    await self._floor(keys=[self.keys.pos], args=[self.position])
             except (RedisError, OSError) as exc:
                 raise Unavailable(f"Redis: {exc}") from None
             await trio.sleep(wait_s)
@@ -589,19 +600,33 @@ class RedisStore(ClusterWrites, Store):
     async def _run_batch(self, batch: list[Job], slots: trio.Semaphore) -> None:
         try:
             if len(batch) == 1:
-                job = batch[0]
-                job.reply = list(await self._op(keys=job.keys, args=job.argv))
+                keys, args = batch[0].keys, batch[0].argv
             else:
-                keys: list[str] = []
+                keys = []
                 head: list[Any] = ["batch", len(batch)]
                 rest: list[Any] = []
                 for job in batch:
                     keys += job.keys
                     head += [len(job.keys), len(job.argv)]
                     rest += job.argv
-                replies = await self._op(keys=keys, args=head + rest)
-                for job, reply in zip(batch, replies, strict=True):
-                    job.reply = list(reply)
+                args = head + rest
+            if self.wait_replicas:
+                # WAIT counts the replicas that have this connection's writes: it follows the
+                # script on the same connection (one pipeline)
+                async with self._client.pipeline(transaction=False) as pipe:
+                    req = self._op(keys=keys, args=args, client=pipe)
+                    waited = pipe.wait(self.wait_replicas, self.wait_timeout_ms)
+                result, acked = await req, await waited
+            else:
+                result, acked = await self._op(keys=keys, args=args), 0
+            replies = [result] if len(batch) == 1 else list(result)
+            for job, reply in zip(batch, replies, strict=True):
+                job.reply = list(reply)
+            if acked < self.wait_replicas:
+                for job in batch:
+                    job.error = Unavailable(
+                        f"only {acked} of {self.wait_replicas} replicas confirmed the write "
+                        f"within {self.wait_timeout_ms} ms (it may still survive a failover)")
         except (RedisError, OSError, trio.BrokenResourceError, ValueError) as exc:
             for job in batch:
                 job.error = Unavailable(f"Redis: {exc}")
