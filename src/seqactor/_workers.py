@@ -158,9 +158,10 @@ async def _supervise(args: argparse.Namespace, worker_args: dict[str, Any], port
                     nursery.cancel_scope.cancel()
                     return
                 scheme = "wss" if args.tls_cert else "ws"
-                print(f"listening on {scheme}://{args.host}:{port}/v1", flush=True)
+                # stderr first: whoever waits for the listening line finds the pids written
                 print(f"{n} workers share port {port} (pids "
                       f"{' '.join(str(p.pid) for p in procs)})", file=sys.stderr, flush=True)
+                print(f"listening on {scheme}://{args.host}:{port}/v1", flush=True)
 
             nursery.start_soon(announce)
             async for _ in signals:
