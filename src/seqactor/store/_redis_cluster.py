@@ -52,8 +52,9 @@ BATCHED_CLUSTER_OPS = frozenset({"alloc", "read", "min"})  # membership ops take
 
 
 class Job:
-    """A write waiting for a batcher (standalone: ``argv`` is complete; cluster: ``argv`` is
-    the op's own arguments, the mode and position are added when the batch runs)."""
+    """A write waiting for a batcher: the OP script's ``op`` on conversation ``cid`` with its
+    own arguments ``argv``; the shared arguments (epoch, mode, position) are added when the
+    batch runs. ``done`` is set once ``reply`` or ``error`` is."""
 
     __slots__ = ("keys", "argv", "op", "cid", "tries", "reply", "error", "done")
 
@@ -95,6 +96,11 @@ class ClusterWrites:
         raise NotImplementedError
 
     def _argv(self, op: str, mode: str, pos: int = 0, pt: int = 0) -> list[Any]:
+        raise NotImplementedError
+
+    def _batch_call(
+        self, mode: str, pt: int, ops: list[tuple[list[str], str, int, list[Any]]]
+    ) -> tuple[list[str], list[Any]]:
         raise NotImplementedError
 
     async def _call(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> list[Any]:
@@ -161,28 +167,24 @@ class ClusterWrites:
             busy[job.cid] = busy.get(job.cid, 0) + 1
         return batch
 
-    async def _slot_calls(self, calls: list[tuple[list[str], list[Any]]]) -> list[list[Any]]:
-        """Run OP script calls grouped by hash slot: one call per slot (the 'batch' form, which
-        also publishes the skip of a position that did not commit), sent as one cluster
-        pipeline (one write and read per master). Replies in the order of ``calls``; a slot
-        whose call failed gets ``[b"FAILED", error]`` (its positions may or may not commit:
-        readers close the hole after the gap timeout)."""
+    async def _slot_calls(
+        self, mode: str, pt: int, calls: list[tuple[list[str], str, int, list[Any]]]
+    ) -> list[list[Any]]:
+        """Run OP script calls — (keys, op, position, own arguments) each — grouped by hash
+        slot: one 'batch' call per slot (which also publishes the skip of a position that did
+        not commit), all sent as one cluster pipeline (one write and read per master).
+        Replies in the order of ``calls``; a slot whose call failed gets
+        ``[b"FAILED", error]`` (its positions may or may not commit: readers close the hole
+        after the gap timeout)."""
         groups: dict[int, list[int]] = {}
-        for i, (keys, _) in enumerate(calls):
-            groups.setdefault(hash_slot(keys[2].encode()), []).append(i)
+        for i, call in enumerate(calls):
+            groups.setdefault(hash_slot(call[0][2].encode()), []).append(i)
         out: list[list[Any]] = [[] for _ in calls]
         reqs = []
         async with self._client.pipeline(transaction=False, raise_on_error=False) as pipe:
             for idx in groups.values():
-                all_keys: list[str] = []
-                head: list[Any] = ["batch", len(idx)]
-                rest: list[Any] = []
-                for i in idx:
-                    keys, argv = calls[i]
-                    all_keys += keys
-                    head += [len(keys), len(argv)]
-                    rest += argv
-                reqs.append((idx, self._op(keys=all_keys, args=head + rest, client=pipe)))
+                keys, args = self._batch_call(mode, pt, [calls[i] for i in idx])
+                reqs.append((idx, self._op(keys=keys, args=args, client=pipe)))
         for idx, req in reqs:
             try:
                 replies = await req
@@ -200,7 +202,7 @@ class ClusterWrites:
             dry = [j for j in batch if j.op != "alloc"]
             if dry:
                 replies = await self._slot_calls(
-                    [(j.keys, self._argv(j.op, "d") + j.argv) for j in dry])
+                    "d", 0, [(j.keys, j.op, 0, j.argv) for j in dry])
                 for job, r in zip(dry, replies, strict=True):
                     if r[0] == b"FAILED":
                         job.error = Unavailable(f"Redis: {r[1]}")
@@ -215,10 +217,8 @@ class ClusterWrites:
                         job.reply = list(seq)
                     return
                 first, pt = int(seq[1]), to_int(seq[2])
-                replies = await self._slot_calls([
-                    (j.keys, self._argv(j.op, "c", first + i, pt) + j.argv)
-                    for i, j in enumerate(todo)
-                ])
+                replies = await self._slot_calls(
+                    "c", pt, [(j.keys, j.op, first + i, j.argv) for i, j in enumerate(todo)])
                 for i, (job, r) in enumerate(zip(todo, replies, strict=True)):
                     if r[0] == b"OK":
                         job.reply = r

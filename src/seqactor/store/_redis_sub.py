@@ -48,9 +48,11 @@ class _Conn:
         """The next message's payload. PINGs the server while idle; no byte from it for
         ``KEEPALIVE_TIMEOUT_S``: SubscriptionLost."""
         while True:
-            msg: object = _TIMED_OUT
-            with trio.move_on_after(KEEPALIVE_INTERVAL_S):
-                msg = await self.read()
+            msg: object = self._buffered()
+            if msg is _INCOMPLETE:  # wait for bytes (no cancel scope per buffered message)
+                msg = _TIMED_OUT
+                with trio.move_on_after(KEEPALIVE_INTERVAL_S):
+                    msg = await self.read()
             if msg is _TIMED_OUT:
                 if trio.current_time() - self.last_rx > KEEPALIVE_TIMEOUT_S:
                     raise SubscriptionLost("no reply from the server (keep-alive)")
@@ -61,13 +63,17 @@ class _Conn:
                 if isinstance(payload, bytes):
                     return payload
 
+    def _buffered(self) -> object:
+        """A complete reply already received, or ``_INCOMPLETE``."""
+        try:
+            return self.reader.gets()
+        except hiredis.ProtocolError as exc:
+            raise SubscriptionLost(f"bad reply from the server: {exc}") from None
+
     async def read(self) -> object:
         """The next complete reply (bytes, int, list, None or a :class:`RespError`)."""
         while True:
-            try:
-                value = self.reader.gets()
-            except hiredis.ProtocolError as exc:
-                raise SubscriptionLost(f"bad reply from the server: {exc}") from None
+            value = self._buffered()
             if value is not _INCOMPLETE:
                 return value
             data = await self.stream.receive_some(READ_CHUNK_BYTES)

@@ -309,6 +309,10 @@ class RedisStore(ClusterWrites, Store):
             log.exception("redis store background task failed")
         finally:
             self._client = None
+            queued, self._queue = self._queue, []
+            for job in queued:
+                job.error = Unavailable("the store is closing")
+                job.done.set()
             self._ready.set()
             self._bg_done.set()
 
@@ -533,6 +537,21 @@ class RedisStore(ClusterWrites, Store):
         await self._delivered(pos)
         return change
 
+    def _batch_call(
+        self, mode: str, pt: int, ops: list[tuple[list[str], str, int, list[Any]]]
+    ) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of the OP script's 'batch' form for ``ops`` — (keys, op, position,
+        own arguments) each — in ``mode`` with position time ``pt`` (µs)."""
+        keys: list[str] = []
+        head: list[Any] = ["batch", len(ops), self.epoch, mode, pt,
+                           int(self.op_deadline_s * 1e6), self.channel]
+        rest: list[Any] = []
+        for op_keys, op, pos, own in ops:
+            keys += op_keys
+            head += [len(op_keys), len(own) + 2]
+            rest += [op, pos, *own]
+        return keys, head + rest
+
     def _argv(self, op: str, mode: str, pos: int = 0, pt: int = 0) -> list[Any]:
         deadline_us = int(self.op_deadline_s * 1e6)
         return [op, self.epoch, mode, pos, pt, deadline_us, self.channel]
@@ -560,7 +579,7 @@ class RedisStore(ClusterWrites, Store):
                 if op in ("add", "rm"):
                     for u in users:
                         keys += [self.keys.view_key(u), self.keys.tomb_key(u), self.keys.horizon_key(u)]
-                return await self._check(await self._submit(keys, self._argv(op, "s") + args))
+                return await self._check(await self._wait_job(Job(keys, args, op, cid)))
             except Retry:
                 self._check_writable()
                 continue
@@ -568,16 +587,14 @@ class RedisStore(ClusterWrites, Store):
 
     # ------------------------------------------------------------------ standalone batching
 
-    async def _submit(self, keys: list[str], argv: list[Any]) -> list[Any]:
-        """Run the op script through the batcher: while calls are in flight, concurrent
-        writes gather and go in one script call (each op still atomic on its own)."""
-        return await self._wait_job(Job(keys, argv))
-
     async def _wait_job(self, job: Job) -> list[Any]:
+        """Run one op through the batcher: while calls are in flight, concurrent writes gather
+        and go in one script call (each op still atomic on its own); returns its reply."""
         self._queue.append(job)
         self._batch_wake.set()
-        # shielded: the op may commit, its result is not thrown away (bounded wait)
-        with trio.CancelScope(shield=True, deadline=trio.current_time() + COMMAND_TIMEOUT_S * 2):
+        # shielded: the op may commit, its result is not thrown away. Bounded: a batch sets
+        # ``done`` when its call ends (the command timeout) and closing fails queued jobs.
+        with trio.CancelScope(shield=True):
             await job.done.wait()
         if job.error is not None:
             raise job.error
@@ -599,17 +616,7 @@ class RedisStore(ClusterWrites, Store):
 
     async def _run_batch(self, batch: list[Job], slots: trio.Semaphore) -> None:
         try:
-            if len(batch) == 1:
-                keys, args = batch[0].keys, batch[0].argv
-            else:
-                keys = []
-                head: list[Any] = ["batch", len(batch)]
-                rest: list[Any] = []
-                for job in batch:
-                    keys += job.keys
-                    head += [len(job.keys), len(job.argv)]
-                    rest += job.argv
-                args = head + rest
+            keys, args = self._batch_call("s", 0, [(j.keys, j.op, 0, j.argv) for j in batch])
             if self.wait_replicas:
                 # WAIT counts the replicas that have this connection's writes: it follows the
                 # script on the same connection (one pipeline)
@@ -619,8 +626,7 @@ class RedisStore(ClusterWrites, Store):
                 result, acked = await req, await waited
             else:
                 result, acked = await self._op(keys=keys, args=args), 0
-            replies = [result] if len(batch) == 1 else list(result)
-            for job, reply in zip(batch, replies, strict=True):
+            for job, reply in zip(batch, result, strict=True):
                 job.reply = list(reply)
             if acked < self.wait_replicas:
                 for job in batch:
