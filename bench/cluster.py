@@ -70,6 +70,11 @@ MARKREAD_HEADROOM = 1_000_000  # seqs allocated first so every MarkRead moves th
 GOAL_REDIS_PER_S = 50_000
 GOAL_CEILING_SHARE = 0.30
 GOAL_CLUSTER_RATIO = 1.5
+FOREIGN_NODES = 4
+FOREIGN_SESSIONS = 100  # sessions on the measured node, all following its own group
+FOREIGN_RATE_PER_S = 100.0  # allocations/s on each node's own group
+FOREIGN_WINDOW_S = 10.0  # CPU measured over this long, per phase
+CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 NODE4_KEYS = ("nodes4_frames_per_server_cpu_s", "node1_frames_per_server_cpu_s",
               "nodes4_staleness_p99_ms", "nodes4_sweep_ms", "failover_converge_s",
               "foreign_change_cpu_share")
@@ -225,6 +230,98 @@ async def push_latency(svc: RawClient, watcher: RawClient, cid: str, n: int) -> 
     return out
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
+
+
+async def bench_foreign(url: str, tmp: Path, window_s: float) -> dict[str, Any]:
+    """CPU a node spends on changes none of its sessions follow: 4 nodes on one Redis; node 0
+    holds FOREIGN_SESSIONS sessions following its own group g0; each node's backend allocates
+    on its own group at FOREIGN_RATE_PER_S. Node 0's CPU over ``window_s`` with only g0 busy,
+    then with all four groups busy (every node receives every change over Pub/Sub):
+    share = (all - own) / all."""
+    global _NURSERY
+    async with trio.open_nursery() as nursery:
+        _NURSERY = nursery
+        nodes = [await start_node(url, tmp, f"fnode{i}", nursery)
+                 for i in range(FOREIGN_NODES)]
+        try:
+            backends = []
+            for i, (_, port) in enumerate(nodes):
+                _, svc = await session(port, "backend", "service")
+                users = [f"g{i}u{k}" for k in range(FOREIGN_SESSIONS)]
+                await svc.request("add_members", conversation_id=f"g{i}", user_ids=users)
+                backends.append(svc)
+            port0 = nodes[0][1]
+            pushes = 0
+
+            async def member(k: int) -> None:
+                nonlocal pushes
+                conn, client = await session(port0, f"g0u{k}")
+                assert body(await client.request("subscribe", all=True)) == "ack"
+                try:
+                    while True:
+                        await conn.get_message()
+                        pushes += 1
+                except tws.ConnectionClosed:
+                    return  # the nodes stop at the end
+
+            for k in range(FOREIGN_SESSIONS):
+                nursery.start_soon(member, k)
+
+            allocs = [0] * FOREIGN_NODES
+
+            async def allocate(i: int, stop: trio.Event) -> None:
+                period = 1.0 / FOREIGN_RATE_PER_S
+                nxt = trio.current_time()
+                while not stop.is_set():
+                    await backends[i].request("allocate_sequences", conversation_id=f"g{i}")
+                    allocs[i] += 1
+                    nxt += period
+                    await trio.sleep(max(0.0, nxt - trio.current_time()))
+
+            async def phase(groups: int) -> tuple[float, int, int]:
+                """(node 0 CPU s, its push frames, foreign changes) over the window."""
+                stop = trio.Event()
+                async with trio.open_nursery() as n:
+                    for i in range(groups):
+                        n.start_soon(allocate, i, stop)
+                    await trio.sleep(1.0)  # settle
+                    c0, p0, a0 = cpu_s(nodes[0][0].pid), pushes, sum(allocs[1:])
+                    await trio.sleep(window_s)
+                    used = cpu_s(nodes[0][0].pid) - c0
+                    got, foreign = pushes - p0, sum(allocs[1:]) - a0
+                    stop.set()
+                return used, got, foreign
+
+            own_cpu, own_pushes, _ = await phase(1)
+            all_cpu, all_pushes, foreign = await phase(FOREIGN_NODES)
+        finally:
+            for proc, _ in nodes:
+                proc.terminate()
+            for proc, _ in nodes:
+                with trio.move_on_after(10):
+                    await proc.wait()
+            nursery.cancel_scope.cancel()
+    # the clients share the machine, so node 0's own rate differs between the phases: take
+    # its own work at the CPU per push frame of the first phase, the rest is foreign
+    per_frame = own_cpu / max(1, own_pushes)
+    foreign_cpu = max(0.0, all_cpu - all_pushes * per_frame)
+    return {
+        "foreign_change_cpu_share": foreign_cpu / all_cpu,
+        "foreign_cpu_per_change_us": foreign_cpu / max(1, foreign) * 1e6,
+        "own_cpu_per_push_frame_us": per_frame * 1e6,
+        "foreign_changes_per_s": foreign / window_s,
+        "foreign_node_cpu_own_only_s": own_cpu, "foreign_node_cpu_all_busy_s": all_cpu,
+        "foreign_window_s": window_s, "foreign_sessions": FOREIGN_SESSIONS,
+        "foreign_rate_per_node_per_s": FOREIGN_RATE_PER_S,
+        "foreign_node_frames_per_s_own_only": own_pushes / window_s,
+        "foreign_node_frames_per_s_all_busy": all_pushes / window_s,
+    }
+
+
 def pct(values: list[float], p: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
@@ -302,6 +399,8 @@ async def main(quick: bool) -> dict[str, Any]:
                 res["alloc_per_s_redis_fsync_always"] = await bench_alloc(
                     lambda: RedisStore(always.url), total)
                 res.update(await bench_push(always.url + "?prefix=push", tmp, pushes))
+                res.update(await bench_foreign(every.url + "?prefix=foreign", tmp,
+                                               FOREIGN_WINDOW_S))
         finally:
             every.cleanup()
             always.cleanup()
@@ -363,6 +462,16 @@ def table(res: dict[str, Any]) -> str:
             f"{res['cross_node_push_p99_ms']:.2f} ms; A->A (baseline) "
             f"{res['same_node_push_p50_ms']:.2f} / {res['same_node_push_p99_ms']:.2f} ms; "
             f"cross / same p50 {res['cross_vs_same_node_push_p50_ratio']:.2f}x")
+    if res.get("foreign_change_cpu_share") is not None:
+        lines.append(
+            f"foreign changes: node 0 ({res['foreign_sessions']} sessions on its own group) "
+            f"CPU {res['foreign_node_cpu_own_only_s']:.2f} s with only its group busy, "
+            f"{res['foreign_node_cpu_all_busy_s']:.2f} s with all {FOREIGN_NODES} busy "
+            f"(per {res['foreign_window_s']:g} s; {res['foreign_changes_per_s']:.0f} foreign "
+            f"changes/s at {res['foreign_cpu_per_change_us']:.0f} us each, own push frames "
+            f"{res['own_cpu_per_push_frame_us']:.1f} us each): foreign share "
+            f"{res['foreign_change_cpu_share']:.1%} (goal <= 10 %: "
+            f"{'met' if res['foreign_change_cpu_share'] <= 0.10 else 'NOT met'})")
     missing = [k for k in NODE4_KEYS if res.get(k) is None]
     if missing:
         lines.append(f"not measured: {', '.join(missing)}")
