@@ -542,13 +542,13 @@ class RedisStore(ClusterWrites, Store):
     ) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of the OP script's 'batch' form for ``ops`` — (keys, op, position,
         own arguments) each — in ``mode`` with position time ``pt`` (µs)."""
-        keys: list[str] = []
+        keys: list[str] = ops[0][0][:2]  # epoch key and counter: the same for every op here
         head: list[Any] = ["batch", len(ops), self.epoch, mode, pt,
                            int(self.op_deadline_s * 1e6), self.channel]
         rest: list[Any] = []
         for op_keys, op, pos, own in ops:
-            keys += op_keys
-            head += [len(op_keys), len(own) + 2]
+            keys += op_keys[2:]
+            head += [len(op_keys) - 2, len(own) + 2]
             rest += [op, pos, *own]
         return keys, head + rest
 
@@ -592,10 +592,11 @@ class RedisStore(ClusterWrites, Store):
         and go in one script call (each op still atomic on its own); returns its reply."""
         self._queue.append(job)
         self._batch_wake.set()
-        # shielded: the op may commit, its result is not thrown away. Bounded: a batch sets
-        # ``done`` when its call ends (the command timeout) and closing fails queued jobs.
-        with trio.CancelScope(shield=True):
-            await job.done.wait()
+        # A cancelled caller leaves its op to the batcher: it still commits (the store
+        # contract) and its change still reaches the listeners (Pub/Sub); the caller is just
+        # not told. Bounded: a batch sets ``done`` when its call ends (the command timeout)
+        # and closing fails queued jobs.
+        await job.done.wait()
         if job.error is not None:
             raise job.error
         if job.reply is None:
