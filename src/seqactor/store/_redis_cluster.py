@@ -33,7 +33,7 @@ from typing import Any
 
 import coredis
 import trio
-from coredis.exceptions import RedisError
+from coredis.exceptions import NoScriptError, RedisError
 from coredis.retry import NoRetryPolicy
 
 from seqactor.store import _redis_lua as lua
@@ -180,20 +180,33 @@ class ClusterWrites:
         for i, call in enumerate(calls):
             groups.setdefault(hash_slot(call[0][2].encode()), []).append(i)
         out: list[list[Any]] = [[] for _ in calls]
-        reqs = []
-        async with self._client.pipeline(transaction=False, raise_on_error=False) as pipe:
-            for idx in groups.values():
-                keys, args = self._batch_call(mode, pt, [calls[i] for i in idx])
-                reqs.append((idx, self._op(keys=keys, args=args, client=pipe)))
-        for idx, req in reqs:
-            try:
-                replies = await req
-            except (RedisError, OSError) as exc:
-                for i in idx:
-                    out[i] = [b"FAILED", exc]
-                continue
-            for i, r in zip(idx, replies, strict=True):
-                out[i] = list(r)
+        todo = list(groups.values())
+        for attempt in range(2):
+            reqs = []
+            # EVALSHA by digest (not the Script object, whose pipelines ask every master
+            # SCRIPT EXISTS first); a master without the script answers NOSCRIPT before
+            # running anything: load it everywhere and send those slots again, once
+            async with self._client.pipeline(transaction=False, raise_on_error=False) as pipe:
+                for idx in todo:
+                    keys, args = self._batch_call(mode, pt, [calls[i] for i in idx])
+                    reqs.append((idx, pipe.evalsha(self._op.sha, keys=keys, args=args)))
+            missing: list[list[int]] = []
+            for idx, req in reqs:
+                try:
+                    replies = await req
+                except NoScriptError as exc:
+                    if attempt == 0:
+                        missing.append(idx)
+                        continue
+                    replies = [[b"FAILED", exc]] * len(idx)
+                except (RedisError, OSError) as exc:
+                    replies = [[b"FAILED", exc]] * len(idx)
+                for i, r in zip(idx, replies, strict=True):
+                    out[i] = list(r)
+            if not missing:
+                break
+            await self._client.script_load(lua.OP)
+            todo = missing
         return out
 
     async def _run_cluster_batch(self, batch: list[Job], slots: trio.Semaphore) -> None:
