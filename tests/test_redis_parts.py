@@ -179,6 +179,6 @@ def test_url_options() -> None:
 
 def test_lua_scripts_are_package_files() -> None:
     names = sorted(p.name for p in LUA_DIR.iterdir() if p.name.endswith(".lua"))
-    assert names == ["common.lua", "floor.lua", "op.lua", "posinfo.lua", "row.lua",
-                     "sequence.lua", "slot_epochs.lua", "user.lua"]
+    assert names == ["common.lua", "floor.lua", "op.lua", "op_main.lua", "posinfo.lua",
+                     "row.lua", "sequence.lua", "slot_epochs.lua", "user.lua", "xbatch.lua"]
     assert "local function uadd" in OP and "if op == 'alloc' then" in OP

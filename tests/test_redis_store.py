@@ -25,6 +25,7 @@ from seqactor.store._base import (
 from seqactor.store._redis_keys import hash_slot
 from seqactor.store.redis import RedisStore, init_store, parse_url
 from tests._redis import (
+    RedisCluster,
     RedisServer,
     cli,
     redis_url,
@@ -348,3 +349,52 @@ async def test_sequences_exact_up_to_uint64_max(cluster: bool) -> None:
     finally:
         await a.aclose()
         await b.aclose()
+
+
+def _slot_owners(port: int) -> dict[int, str]:
+    """slot -> node id of its master (``CLUSTER SLOTS``)."""
+    out: dict[int, str] = {}
+    lines = cli(port, "CLUSTER", "NODES").splitlines()
+    for line in lines:
+        parts = line.split()
+        if "master" not in parts[2]:
+            continue
+        for r in parts[8:]:
+            if r.startswith("["):
+                continue
+            lo, _, hi = r.partition("-")
+            for slot in range(int(lo), int(hi or lo) + 1):
+                out[slot] = parts[0]
+    return out
+
+
+async def test_cluster_allocations_follow_a_resharded_slot() -> None:
+    """A slot moves to another master (``redis-cli --cluster reshard``) after the node learned
+    the slot map: its next allocation there still succeeds, contiguous with the ones before,
+    and the other nodes see the same seqs."""
+    cl = RedisCluster().start()
+    try:
+        port = cl.nodes[0].port
+        url = f"{cl.url}?prefix={unique_prefix()}"
+        a, b = await opened(url), await opened(url)
+        try:
+            before = _slot_owners(port)
+            src = before[0]
+            # a conversation in the slot about to move (the source's first slot)
+            cid = next(f"c{i}" for i in range(100_000) if hash_slot(f"c{i}".encode()) == 0)
+            assert (await a.allocate(cid, 3)).last == 3  # the node knows where slot 0 is
+            dst = next(n for n in set(before.values()) if n != src)
+            cli(port, "--cluster", "reshard", f"127.0.0.1:{port}", "--cluster-from", src,
+                "--cluster-to", dst, "--cluster-slots", "1", "--cluster-yes")
+            assert _slot_owners(port)[0] == dst
+            got = await a.allocate(cid, 2)
+            assert (got.first, got.last) == (4, 5)
+            assert (await b.allocate(cid, 1)).first == 6
+            await wait_for(lambda: a.position == b.position)
+            st = await b.conversation(cid)
+            assert st is not None and st.max_sequence == 6
+        finally:
+            await a.aclose()
+            await b.aclose()
+    finally:
+        cl.cleanup()

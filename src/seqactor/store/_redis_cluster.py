@@ -27,6 +27,7 @@ commits, so a reader never misses a conversation that is in the view.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -39,7 +40,7 @@ from coredis.retry import NoRetryPolicy
 from seqactor.store import _redis_lua as lua
 from seqactor.store._base import Change, TooLarge, Unavailable
 from seqactor.store._redis_events import parse_change, skip_payload, to_int
-from seqactor.store._redis_keys import KeyLayout, hash_slot, slot_tags
+from seqactor.store._redis_keys import CLUSTER_SLOTS, KeyLayout, hash_slot, slot_tags
 
 log = logging.getLogger("seqactor.store.redis")
 
@@ -47,7 +48,7 @@ COMMAND_TIMEOUT_S = 5.0  # a Redis command's reply must arrive within this
 CONNECT_TIMEOUT_S = 2.0  # connecting to a Redis node
 MAX_CLUSTER_RETRIES = 50  # an op that keeps meeting later positions: Unavailable
 MAX_BATCH_OPS = 256  # operations sent in one batch
-CLUSTER_MAX_INFLIGHT_BATCHES = 2  # cluster: batches in flight (each takes 2-3 stages)
+CLUSTER_MAX_INFLIGHT_BATCHES = 4  # cluster: batches in flight (each takes 2-3 stages)
 BATCHED_CLUSTER_OPS = frozenset({"alloc", "read", "min"})  # membership ops take user steps
 
 
@@ -90,6 +91,11 @@ class ClusterWrites:
     _queue: list[Job]
     _batch_wake: trio.Event
     _inflight_cids: dict[str, int]
+    _slot_map: list[tuple[str, int]] | None
+    _masters: dict[tuple[str, int], Any]
+    _master_requests: trio.MemorySendChannel[tuple[tuple[str, int], trio.Event]]
+    _opx_sha: str
+    op_deadline_s: float
     _conv_locks: dict[str, tuple[trio.Lock, int]]
 
     def _receive(self, pos: int, change: Change | None) -> None:
@@ -167,46 +173,98 @@ class ClusterWrites:
             busy[job.cid] = busy.get(job.cid, 0) + 1
         return batch
 
+    async def _refresh_slot_map(self) -> list[tuple[str, int]]:
+        """Which master serves each slot (``CLUSTER SHARDS``), as (host, port) by slot."""
+        owners: list[tuple[str, int]] = [("", 0)] * CLUSTER_SLOTS
+        for shard in await self._client.cluster_shards():
+            master = next(n for n in shard[b"nodes"] if n[b"role"] == b"master")
+            addr = (master[b"ip"].decode(), int(master[b"port"]))
+            ranges = shard[b"slots"]
+            for lo, hi in zip(ranges[::2], ranges[1::2], strict=True):
+                for slot in range(int(lo), int(hi) + 1):
+                    owners[slot] = addr
+        self._slot_map = owners
+        return owners
+
+    async def _master_client(self, addr: tuple[str, int]) -> Any:
+        """A direct connection to one master, opened (once) by :meth:`_master_clients`."""
+        client = self._masters.get(addr)
+        if client is not None:
+            return client
+        opened = trio.Event()
+        await self._master_requests.send((addr, opened))
+        await opened.wait()
+        client = self._masters.get(addr)
+        if client is None:
+            raise Unavailable(f"cannot connect to the Redis Cluster master {addr[0]}:{addr[1]}")
+        return client
+
+    async def _master_clients(
+        self, requests: trio.MemoryReceiveChannel[tuple[tuple[str, int], trio.Event]]
+    ) -> None:
+        """Owns the direct master connections (opened on request, closed with the store)."""
+        async with contextlib.AsyncExitStack() as stack:
+            async for addr, opened in requests:
+                if addr not in self._masters:
+                    client = coredis.Redis(
+                        host=addr[0], port=addr[1], username=self._username,
+                        password=self._password, stream_timeout=COMMAND_TIMEOUT_S,
+                        connect_timeout=CONNECT_TIMEOUT_S, retry_policy=NoRetryPolicy(),
+                    )
+                    try:
+                        await stack.enter_async_context(client)
+                        self._masters[addr] = client
+                    except (RedisError, OSError) as exc:
+                        log.warning("redis store: cannot connect to master %s:%d: %s",
+                                    addr[0], addr[1], exc)
+                opened.set()
+
     async def _slot_calls(
         self, mode: str, pt: int, calls: list[tuple[list[str], str, int, list[Any]]]
     ) -> list[list[Any]]:
-        """Run OP script calls — (keys, op, position, own arguments) each — grouped by hash
-        slot: one 'batch' call per slot (which also publishes the skip of a position that did
-        not commit), all sent as one cluster pipeline (one write and read per master).
-        Replies in the order of ``calls``; a slot whose call failed gets
-        ``[b"FAILED", error]`` (its positions may or may not commit: readers close the hole
-        after the gap timeout)."""
-        groups: dict[int, list[int]] = {}
+        """Run OP operations — (keys, op, position, own arguments) each — grouped by the master
+        serving their slot: one ``OPX`` call per master (which also publishes the skip of a
+        position that did not commit), the masters concurrently. Replies in the order of
+        ``calls``; a master whose call failed gets ``[b"FAILED", error]`` for its ops (their
+        positions may or may not commit: readers close the hole after the gap timeout), and
+        the slot map is read again before the next call."""
+        owners = self._slot_map or await self._refresh_slot_map()
+        groups: dict[tuple[str, int], list[int]] = {}
         for i, call in enumerate(calls):
-            groups.setdefault(hash_slot(call[0][2].encode()), []).append(i)
+            groups.setdefault(owners[hash_slot(call[0][2].encode())], []).append(i)
         out: list[list[Any]] = [[] for _ in calls]
-        todo = list(groups.values())
-        for attempt in range(2):
-            reqs = []
-            # EVALSHA by digest (not the Script object, whose pipelines ask every master
-            # SCRIPT EXISTS first); a master without the script answers NOSCRIPT before
-            # running anything: load it everywhere and send those slots again, once
-            async with self._client.pipeline(transaction=False, raise_on_error=False) as pipe:
-                for idx in todo:
-                    keys, args = self._batch_call(mode, pt, [calls[i] for i in idx])
-                    reqs.append((idx, pipe.evalsha(self._op.sha, keys=keys, args=args)))
-            missing: list[list[int]] = []
-            for idx, req in reqs:
+        deadline_us = int(self.op_deadline_s * 1e6)
+
+        async def one(addr: tuple[str, int], idx: list[int]) -> None:
+            args: list[Any] = ["xbatch", len(idx), self.epoch, mode, pt, deadline_us,
+                               self.keys.channel]
+            for i in idx:
+                keys, op, pos, own = calls[i]
+                args += [keys[0], keys[2], keys[3], op, pos, len(own), *own]
+            try:
+                client = await self._master_client(addr)
                 try:
-                    replies = await req
-                except NoScriptError as exc:
-                    if attempt == 0:
-                        missing.append(idx)
-                        continue
-                    replies = [[b"FAILED", exc]] * len(idx)
-                except (RedisError, OSError) as exc:
-                    replies = [[b"FAILED", exc]] * len(idx)
-                for i, r in zip(idx, replies, strict=True):
-                    out[i] = list(r)
-            if not missing:
-                break
-            await self._client.script_load(lua.OP)
-            todo = missing
+                    replies = await client.evalsha(self._opx_sha, keys=[], args=args)
+                except NoScriptError:
+                    await client.script_load(lua.OPX)
+                    replies = await client.evalsha(self._opx_sha, keys=[], args=args)
+            except (RedisError, OSError, Unavailable) as exc:
+                self._slot_map = None
+                for i in idx:
+                    out[i] = [b"FAILED", exc]
+                return
+            for i, r in zip(idx, replies, strict=True):
+                out[i] = list(r)
+                if out[i][:2] == [b"RETRY", b"MOVED"]:
+                    self._slot_map = None
+
+        if len(groups) == 1:
+            addr, idx = next(iter(groups.items()))
+            await one(addr, idx)
+        else:
+            async with trio.open_nursery() as nursery:
+                for addr, idx in groups.items():
+                    nursery.start_soon(one, addr, idx)
         return out
 
     async def _run_cluster_batch(self, batch: list[Job], slots: trio.Semaphore) -> None:
@@ -219,9 +277,14 @@ class ClusterWrites:
                 for job, r in zip(dry, replies, strict=True):
                     if r[0] == b"FAILED":
                         job.error = Unavailable(f"Redis: {r[1]}")
+                    elif r[0] == b"RETRY" and job.tries < MAX_CLUSTER_RETRIES:
+                        job.tries += 1  # the slot moved: again in the next batch
+                        requeue.append(job)
                     elif r[0] != b"NEED":
                         job.reply = r  # NOOP or an error: no position taken
-            todo = [j for j in batch if j.reply is None and j.error is None]
+            again0 = {id(j) for j in requeue}
+            todo = [j for j in batch
+                    if j.reply is None and j.error is None and id(j) not in again0]
             if todo:
                 seq = await self._seq(
                     keys=[self.keys.epoch, self.keys.pos, self.keys.pos_time], args=[self.epoch, len(todo)])

@@ -1,6 +1,8 @@
 """The Redis store's Lua scripts, loaded from ``store/lua/*.lua`` (package data).
 
-``OP`` (``lua/op.lua``) is every write on a conversation; ``ROW`` reads one view row;
+``OP`` (``lua/op.lua`` + ``op_main.lua``) is every write on a conversation; ``OPX``
+(``op.lua`` + ``xbatch.lua``) runs a cluster batch's ops of one master in one call; ``ROW``
+reads one view row;
 ``USER`` is a cluster user-slot step of a membership change; ``SEQUENCE`` reserves positions
 (cluster); ``FLOOR`` raises the position counter; ``POSINFO`` reads it with the server time;
 ``SLOT_EPOCHS`` writes the per-slot epoch copies of one master. Each file's header gives its
@@ -25,7 +27,10 @@ def load(name: str, common: bool = False) -> str:
     return text
 
 
-OP = load("op", common=True)
+OP = load("op", common=True) + "\n" + load("op_main")
+# Cluster: one master's share of a batch in one call (keys in ARGV, cross-slot on one master)
+OPX = ("#!lua flags=allow-cross-slot-keys\n" + load("common") + "\n" + load("op") + "\n"
+       + load("xbatch"))
 ROW = load("row")
 USER = load("user", common=True)
 SEQUENCE = load("sequence", common=True)

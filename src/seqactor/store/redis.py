@@ -36,6 +36,7 @@ init --force``): the node switches to it, publishes ``StoreReset`` and retries.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import logging
 import os
@@ -100,6 +101,7 @@ DEFAULT_GAP_TIMEOUT_S = 1.5  # a hole in the positions open this long: StoreRese
 RECONNECT_MIN_S = 0.05  # Pub/Sub reconnect back-off: first delay
 RECONNECT_MAX_S = 1.0  # ... and the longest
 MAX_INFLIGHT_BATCHES = 4  # standalone: script calls in flight; more ops wait and batch up
+MASTER_REQUESTS = 64  # cluster: pending requests to open a master connection
 MAINTENANCE_TICK_S = 0.1  # the maintenance task looks at holes and the epoch this often
 LOST_DATA_RECHECK_S = 1.0  # while the epoch is missing, look for it again this often
 
@@ -170,6 +172,9 @@ class RedisStore(ClusterWrites, Store):
         self._queue: list[Job] = []
         self._batch_wake = trio.Event()
         self._inflight_cids: dict[str, int] = {}  # cluster: conversations in a running batch
+        self._slot_map: list[tuple[str, int]] | None = None  # cluster: master of each slot
+        self._masters: dict[tuple[str, int], Any] = {}  # cluster: direct master connections
+        self._opx_sha = hashlib.sha1(lua.OPX.encode()).hexdigest()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -298,6 +303,11 @@ class RedisStore(ClusterWrites, Store):
                                 nursery.start_soon(
                                     self._cluster_batcher if self.cluster else self._batcher
                                 )
+                                if self.cluster:
+                                    send, receive = trio.open_memory_channel[
+                                        tuple[tuple[str, int], trio.Event]](MASTER_REQUESTS)
+                                    self._master_requests = send
+                                    nursery.start_soon(self._master_clients, receive)
                         finally:
                             self._client = None
                 except (RedisError, OSError) as exc:
