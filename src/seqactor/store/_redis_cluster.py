@@ -6,11 +6,16 @@ The position counter lives in one slot and a conversation in another, so a write
 
 1. dry runs (MarkRead, SetMin) — a no-op answers at once and takes no position;
 2. one sequencer call reserves the positions of the whole batch (``INCRBY n``);
-3. the commits, each with its position: ops of one slot go in one script call, every slot of
-   a stage in one cluster pipeline (one write and one read per master). A commit refuses a
+3. the commits, each with its position. A commit refuses a
    position older than the conversation's last (another node got a later one in first:
    ``RETRY``, the op goes into the next batch) or handed out more than ``op_deadline`` ago;
    a position that does not commit is published as a skip by the same script call.
+
+Every stage is one ``OPX`` script call per master (``lua/xbatch.lua``, flag
+``allow-cross-slot-keys``), on a direct connection to it, the masters concurrently: it runs
+the ops of every slot that master serves, their keys in ARGV. A slot that moved fails its op
+at the first key access (the epoch check, before any write): ``RETRY``, the slot map is read
+again and the op goes into the next batch.
 
 A conversation in a running batch waits for the next batch, so a node commits the positions
 of one conversation in order.
