@@ -109,9 +109,14 @@ LOST_DATA_RECHECK_S = 1.0  # while the epoch is missing, look for it again this 
 class RedisStore(ClusterWrites, Store):
     """The Store on Redis or Redis Cluster. See the module docstring for the design.
 
-    Keyword arguments: ``max_view_conversations``, ``max_conversation_members``,
-    ``max_tombstones`` (per user), ``op_deadline_s``, ``gap_timeout_s`` (URL query:
-    ``op_deadline_ms``, ``gap_timeout_ms``, ``prefix``).
+    ``url``: see :func:`~seqactor.store._redis_keys.parse_url` (query: ``prefix``,
+    ``op_deadline_ms``, ``gap_timeout_ms``, ``wait_replicas``, ``wait_timeout_ms``); a bad URL
+    or ``wait_replicas`` on a cluster raises InvalidArgument. Keyword arguments:
+    ``max_view_conversations``, ``max_conversation_members``, ``max_tombstones`` (per user,
+    default 10 000), ``op_deadline_s`` (cluster, default 0.5 s), ``gap_timeout_s`` (default
+    1.5 s, longer than the op deadline). Writes raise Unavailable when Redis fails, lost its
+    data (the epoch is gone) or, with ``wait_replicas``, too few replicas confirmed in time;
+    the other errors are the Store contract's.
     """
 
     def __init__(
