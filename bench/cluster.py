@@ -25,7 +25,10 @@ directories, free ports) and ``seqactor serve`` nodes. ``--quick`` measures the 
   allocates, one at a time: the time from sending ``AllocateSequences`` to the push arriving.
 * ``foreign_change_cpu_share`` (full run) — 4 nodes on one Redis, node 0 with 100 sessions
   on its own group, every node's backend allocating 100/s on its own group: the share of node
-  0's CPU spent on the other nodes' changes (none of its sessions follow them).
+  0's CPU spent on the other nodes' changes (none of its sessions follow them). Node 0's CPU
+  is measured idle, with only the other groups busy (-> CPU per foreign change), with only its
+  own, and with all four; the share is the foreign changes of the all-busy phase at that cost,
+  over node 0's CPU in that phase.
 * The other 4-node keys (``nodes4_*``, ``node1_*``, ``failover_converge_s``) come from
   ``bench/nodes.py``, which merges them into the same file; this benchmark keeps them.
 """
@@ -284,11 +287,12 @@ async def bench_foreign(url: str, tmp: Path, window_s: float) -> dict[str, Any]:
                     nxt += period
                     await trio.sleep(max(0.0, nxt - trio.current_time()))
 
-            async def phase(groups: int) -> tuple[float, int, int]:
-                """(node 0 CPU s, its push frames, foreign changes) over the window."""
+            async def phase(busy: list[int]) -> tuple[float, int, int]:
+                """(node 0 CPU s, its push frames, foreign changes) over the window, the
+                groups of the nodes in ``busy`` allocating."""
                 stop = trio.Event()
                 async with trio.open_nursery() as n:
-                    for i in range(groups):
+                    for i in busy:
                         n.start_soon(allocate, i, stop)
                     await trio.sleep(1.0)  # settle
                     c0, p0, a0 = cpu_s(nodes[0][0].pid), pushes, sum(allocs[1:])
@@ -298,8 +302,10 @@ async def bench_foreign(url: str, tmp: Path, window_s: float) -> dict[str, Any]:
                     stop.set()
                 return used, got, foreign
 
-            own_cpu, own_pushes, _ = await phase(1)
-            all_cpu, all_pushes, foreign = await phase(FOREIGN_NODES)
+            idle_cpu, _, _ = await phase([])
+            foreign_cpu_only, _, foreign_only = await phase(list(range(1, FOREIGN_NODES)))
+            own_cpu, own_pushes, _ = await phase([0])
+            all_cpu, all_pushes, foreign = await phase(list(range(FOREIGN_NODES)))
         finally:
             for proc, _ in nodes:
                 proc.terminate()
@@ -307,14 +313,16 @@ async def bench_foreign(url: str, tmp: Path, window_s: float) -> dict[str, Any]:
                 with trio.move_on_after(10):
                     await proc.wait()
             nursery.cancel_scope.cancel()
-    # the clients share the machine, so node 0's own rate differs between the phases: take
-    # its own work at the CPU per push frame of the first phase, the rest is foreign
-    per_frame = own_cpu / max(1, own_pushes)
-    foreign_cpu = max(0.0, all_cpu - all_pushes * per_frame)
+    # CPU per foreign change: node 0 with only the other groups busy, over its idle CPU; the
+    # share: that cost for the foreign changes of the all-busy phase, of node 0's CPU then
+    per_change = max(0.0, foreign_cpu_only - idle_cpu) / max(1, foreign_only)
+    per_frame = max(0.0, own_cpu - idle_cpu) / max(1, own_pushes)
     return {
-        "foreign_change_cpu_share": foreign_cpu / all_cpu,
-        "foreign_cpu_per_change_us": foreign_cpu / max(1, foreign) * 1e6,
+        "foreign_change_cpu_share": min(1.0, per_change * foreign / all_cpu),
+        "foreign_cpu_per_change_us": per_change * 1e6,
         "own_cpu_per_push_frame_us": per_frame * 1e6,
+        "foreign_node_cpu_idle_s": idle_cpu,
+        "foreign_node_cpu_foreign_only_s": foreign_cpu_only,
         "foreign_changes_per_s": foreign / window_s,
         "foreign_node_cpu_own_only_s": own_cpu, "foreign_node_cpu_all_busy_s": all_cpu,
         "foreign_window_s": window_s, "foreign_sessions": FOREIGN_SESSIONS,
@@ -471,7 +479,9 @@ def table(res: dict[str, Any]) -> str:
     if res.get("foreign_change_cpu_share") is not None:
         lines.append(
             f"foreign changes: node 0 ({res['foreign_sessions']} sessions on its own group) "
-            f"CPU {res['foreign_node_cpu_own_only_s']:.2f} s with only its group busy, "
+            f"CPU {res['foreign_node_cpu_idle_s']:.2f} s idle, "
+            f"{res['foreign_node_cpu_foreign_only_s']:.2f} s with only the others busy, "
+            f"{res['foreign_node_cpu_own_only_s']:.2f} s with only its group busy, "
             f"{res['foreign_node_cpu_all_busy_s']:.2f} s with all {FOREIGN_NODES} busy "
             f"(per {res['foreign_window_s']:g} s; {res['foreign_changes_per_s']:.0f} foreign "
             f"changes/s at {res['foreign_cpu_per_change_us']:.0f} us each, own push frames "

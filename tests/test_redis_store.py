@@ -398,3 +398,40 @@ async def test_cluster_allocations_follow_a_resharded_slot() -> None:
             await b.aclose()
     finally:
         cl.cleanup()
+
+
+async def test_silent_server_is_noticed_by_the_keepalive() -> None:
+    """The Pub/Sub connection stalls (no byte gets through, no error either): the keep-alive
+    gives up on it, the node resubscribes once Redis answers again and publishes StoreReset;
+    a change made meanwhile through another node is then in its listeners' view."""
+    from seqactor.store._redis_sub import KEEPALIVE_TIMEOUT_S
+    from tests._proxy import Proxy
+
+    direct = redis_url(unique_prefix())
+    port = parse_url(direct)["nodes"][0][1]
+    async with trio.open_nursery() as nursery:
+        proxy = Proxy(port)
+        await nursery.start(proxy.serve)
+        via_proxy = direct.replace(f":{port}/", f":{proxy.port}/")
+        a, b = await opened(via_proxy), await opened(direct)
+        seen: list[Change] = []
+        a.add_listener(seen.append)
+        try:
+            await b.allocate("c", 1)
+            await wait_for(lambda: a.position == b.position)
+            accepted = proxy.accepted
+            proxy.pause()
+            stalled_at = trio.current_time()
+            await b.allocate("c", 1)  # its event is held in the stalled connection
+            # the keep-alive gives up on the silent connection: the node connects again
+            await wait_for(lambda: proxy.accepted > accepted, timeout=KEEPALIVE_TIMEOUT_S + 10)
+            proxy.resume()
+            await wait_for(lambda: any(isinstance(c, StoreReset) for c in seen))
+            assert trio.current_time() - stalled_at > KEEPALIVE_TIMEOUT_S
+            await wait_for(lambda: a.position >= b.position)
+            st = await a.conversation("c")
+            assert st is not None and st.max_sequence == 2
+        finally:
+            await a.aclose()
+            await b.aclose()
+            nursery.cancel_scope.cancel()

@@ -9,7 +9,7 @@ each message's payload; any failure (EOF, reset, no reply to a keep-alive PING) 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import cast
 
@@ -31,7 +31,6 @@ class RespError(Exception):
 
 
 _INCOMPLETE: object = False  # what ``hiredis.Reader.gets`` returns while a reply is partial
-_TIMED_OUT = object()
 
 
 class _Conn:
@@ -39,25 +38,51 @@ class _Conn:
         self.stream = stream
         self.reader = hiredis.Reader(replyError=RespError)
         self.last_rx = trio.current_time()
+        self.lost_reason = ""  # set by the keep-alive when it gives up on the server
 
     async def send(self, *args: bytes) -> None:
         # (hiredis' stub types the argument as a 1-tuple; it takes any number of parts)
         await self.stream.send_all(hiredis.pack_command(cast("tuple[bytes]", args)))
 
+    async def run(self, handle: Callable[[bytes], None]) -> None:
+        """Hand each message's payload to ``handle``, in order, until the subscription fails:
+        then raise SubscriptionLost. A keep-alive task PINGs the server while the connection
+        is idle and closes it when no byte arrived for ``KEEPALIVE_TIMEOUT_S`` (one timer per
+        interval, not a cancel scope per message)."""
+        lost: SubscriptionLost | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._keepalive)
+            try:
+                while True:
+                    handle(await self.message())
+            except SubscriptionLost as exc:
+                lost = exc
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                lost = SubscriptionLost(self.lost_reason or f"subscription failed: {exc!r}")
+            nursery.cancel_scope.cancel()
+        assert lost is not None
+        raise lost
+
+    async def _keepalive(self) -> None:
+        while True:
+            await trio.sleep(KEEPALIVE_INTERVAL_S)
+            idle = trio.current_time() - self.last_rx
+            if idle > KEEPALIVE_TIMEOUT_S:
+                self.lost_reason = "no reply from the server (keep-alive)"
+                await self.stream.aclose()  # the reader's receive fails: SubscriptionLost
+                return
+            if idle >= KEEPALIVE_INTERVAL_S:
+                try:
+                    await self.send(b"PING")
+                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                    return  # the reader sees the failure too
+
     async def message(self) -> bytes:
-        """The next message's payload. PINGs the server while idle; no byte from it for
-        ``KEEPALIVE_TIMEOUT_S``: SubscriptionLost."""
+        """The next message's payload (PING replies and other frames skipped)."""
         while True:
             msg: object = self._buffered()
-            if msg is _INCOMPLETE:  # wait for bytes (no cancel scope per buffered message)
-                msg = _TIMED_OUT
-                with trio.move_on_after(KEEPALIVE_INTERVAL_S):
-                    msg = await self.read()
-            if msg is _TIMED_OUT:
-                if trio.current_time() - self.last_rx > KEEPALIVE_TIMEOUT_S:
-                    raise SubscriptionLost("no reply from the server (keep-alive)")
-                await self.send(b"PING")
-                continue
+            if msg is _INCOMPLETE:
+                msg = await self.read()
             if isinstance(msg, list) and len(msg) == 3 and msg[0] == b"message":
                 payload = msg[2]
                 if isinstance(payload, bytes):
@@ -91,7 +116,7 @@ async def subscribe(
     username: str | None = None,
     password: str | None = None,
 ) -> AsyncIterator[_Conn]:
-    """Connect and subscribe; the context yields the connection: ``await conn.message()``.
+    """Connect and subscribe; the context yields the connection: ``await conn.run(handle)``.
 
     The subscription is active when the context is entered. Raises SubscriptionLost on any
     failure (also from the iterator).

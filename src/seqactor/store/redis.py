@@ -346,8 +346,7 @@ class RedisStore(ClusterWrites, Store):
                     else:
                         await self._resync("the Pub/Sub connection came back")
                     delay = RECONNECT_MIN_S
-                    while True:
-                        self._on_payload(await conn.message())
+                    await conn.run(self._on_payload)
             except (SubscriptionLost, RedisError, OSError, Unavailable) as exc:
                 if not first:
                     self._sub_down = True  # until the resync: changes may have been missed
