@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import coredis
 import trio
@@ -103,22 +103,21 @@ class ClusterWrites:
     op_deadline_s: float
     _conv_locks: dict[str, tuple[trio.Lock, int]]
 
-    def _receive(self, pos: int, change: Change | None) -> None:
-        raise NotImplementedError
+    if TYPE_CHECKING:  # provided by RedisStore (no runtime stubs: they would shadow)
 
-    def _argv(self, op: str, mode: str, pos: int = 0, pt: int = 0) -> list[Any]:
-        raise NotImplementedError
+        def _receive(self, pos: int, change: Change | None) -> None: ...
 
-    def _batch_call(
-        self, mode: str, pt: int, ops: list[tuple[list[str], str, int, list[Any]]]
-    ) -> tuple[list[str], list[Any]]:
-        raise NotImplementedError
+        def _argv(self, op: str, mode: str, pos: int = 0, pt: int = 0) -> list[Any]: ...
 
-    async def _call(self, script: Any, keys: Sequence[str], args: Sequence[Any]) -> list[Any]:
-        raise NotImplementedError
+        def _batch_call(
+            self, mode: str, pt: int, ops: list[tuple[list[str], str, int, list[Any]]]
+        ) -> tuple[list[str], list[Any]]: ...
 
-    async def _check(self, reply: list[Any]) -> list[Any]:
-        raise NotImplementedError
+        async def _call(
+            self, script: Any, keys: Sequence[str], args: Sequence[Any]
+        ) -> list[Any]: ...
+
+        async def _check(self, reply: list[Any]) -> list[Any]: ...
 
     async def _write_slot_epochs(self, epoch: bytes, force: bool) -> None:
         """Cluster: the epoch copy in every slot, one script call per master."""
