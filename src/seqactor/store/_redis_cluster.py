@@ -44,7 +44,7 @@ from coredis.retry import NoRetryPolicy
 
 from seqactor.store import _redis_lua as lua
 from seqactor.store._base import Change, TooLarge, Unavailable
-from seqactor.store._redis_events import parse_change, skip_payload, to_int
+from seqactor.store._redis_events import SEP, parse_change, skip_payload, to_int
 from seqactor.store._redis_keys import CLUSTER_SLOTS, KeyLayout, hash_slot, slot_tags
 
 log = logging.getLogger("seqactor.store.redis")
@@ -244,7 +244,7 @@ class ClusterWrites:
                                self.keys.channel]
             for i in idx:
                 keys, op, pos, own = calls[i]
-                args += [keys[0], keys[2], keys[3], op, pos, len(own), *own]
+                args.append(SEP.join([keys[0], keys[2], keys[3], op, str(pos), *map(str, own)]))
             try:
                 client = await self._master_client(addr)
                 try:

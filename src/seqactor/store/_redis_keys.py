@@ -198,8 +198,9 @@ def parse_url(url: str) -> RedisURL:
         raise InvalidArgument("several hosts: use redis+cluster://")
     q = {k: v[-1] for k, v in parse_qs(query).items()}
     prefix = q.get("prefix", DEFAULT_PREFIX)
-    if not prefix or "{" in prefix or "}" in prefix:
-        raise InvalidArgument("the key prefix must be non-empty and without braces")
+    if not prefix or "{" in prefix or "}" in prefix or not prefix.isprintable():
+        raise InvalidArgument(
+            "the key prefix must be non-empty, without braces or control characters")
     op_deadline_ms = _query_number(q, "op_deadline_ms", 1, 60_000)
     gap_timeout_ms = _query_number(q, "gap_timeout_ms", 1, 600_000)
     wait_replicas = _query_number(q, "wait_replicas", 0, MAX_WAIT_REPLICAS)

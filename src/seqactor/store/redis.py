@@ -79,6 +79,7 @@ from seqactor.store._redis_cluster import (
 from seqactor.store._redis_delivery import OrderedDelivery
 from seqactor.store._redis_events import (
     EPOCH_NOTE,
+    SEP,
     ReorderBuffer,
     parse_change,
     to_int,
@@ -369,14 +370,12 @@ class RedisStore(OrderedDelivery, ClusterWrites, Store):
         """KEYS and ARGV of the OP script's 'batch' form for ``ops`` — (keys, op, position,
         own arguments) each — in ``mode`` with position time ``pt`` (µs)."""
         keys: list[str] = ops[0][0][:2]  # epoch key and counter: the same for every op here
-        head: list[Any] = ["batch", len(ops), self.epoch, mode, pt,
+        args: list[Any] = ["batch", len(ops), self.epoch, mode, pt,
                            int(self.op_deadline_s * 1e6), self.channel]
-        rest: list[Any] = []
         for op_keys, op, pos, own in ops:
             keys += op_keys[2:]
-            head += [len(op_keys) - 2, len(own) + 2]
-            rest += [op, pos, *own]
-        return keys, head + rest
+            args.append(SEP.join([str(len(op_keys) - 2), op, str(pos), *map(str, own)]))
+        return keys, args
 
     def _argv(self, op: str, mode: str, pos: int = 0, pt: int = 0) -> list[Any]:
         deadline_us = int(self.op_deadline_s * 1e6)

@@ -56,3 +56,9 @@ local function prune_tombs(tk, hk, max_tombs)
   if tonumber(last[2]) > h then redis.call('SET', hk, last[2]) end
   redis.call('ZREMRANGEBYRANK', tk, 0, drop - 1)
 end
+-- the fields of a packed argument (joined by SEP; ids never hold control characters)
+local function split(s)
+  local t = {}
+  for f in string.gmatch(s .. SEP, '([^\31]*)\31') do t[#t + 1] = f end
+  return t
+end
