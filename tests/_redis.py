@@ -218,10 +218,13 @@ class RedisSentinel:
 
 
 class RedisCluster:
-    """A local Redis Cluster: ``masters`` nodes, no replicas, slots spread evenly."""
+    """A local Redis Cluster: ``masters`` nodes with ``replicas`` replicas each (default none),
+    slots spread evenly."""
 
-    def __init__(self, masters: int = 3) -> None:
-        self.nodes = [RedisServer(cluster=True, appendfsync="everysec") for _ in range(masters)]
+    def __init__(self, masters: int = 3, replicas: int = 0) -> None:
+        self.replicas = replicas
+        self.nodes = [RedisServer(cluster=True, appendfsync="everysec")
+                      for _ in range(masters * (1 + replicas))]
 
     @property
     def url(self) -> str:
@@ -232,11 +235,13 @@ class RedisCluster:
             n.start()
         cli(self.nodes[0].port, "--cluster", "create",
             *[f"127.0.0.1:{n.port}" for n in self.nodes],
-            "--cluster-replicas", "0", "--cluster-yes")
+            "--cluster-replicas", str(self.replicas), "--cluster-yes")
         deadline = time.monotonic() + START_TIMEOUT_S * 3
         while True:
             states = [cli(n.port, "CLUSTER", "INFO", check=False) for n in self.nodes]
-            if all("cluster_state:ok" in s for s in states):
+            repl = [cli(n.port, "INFO", "replication", check=False) for n in self.nodes]
+            synced = all("role:master" in r or "master_link_status:up" in r for r in repl)
+            if all("cluster_state:ok" in s for s in states) and synced:
                 return self
             if time.monotonic() > deadline:
                 raise RuntimeError(f"cluster did not converge: {states}")

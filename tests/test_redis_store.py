@@ -435,3 +435,34 @@ async def test_silent_server_is_noticed_by_the_keepalive() -> None:
             await a.aclose()
             await b.aclose()
             nursery.cancel_scope.cancel()
+
+
+async def test_cluster_wait_replicas_acknowledges_only_replicated_writes() -> None:
+    """``?wait_replicas=1`` on a cluster: with a replica per master, allocations and MarkReads
+    are acknowledged; on the shared cluster without replicas they are refused (Unavailable,
+    naming the replicas) — and, committed anyway, they still reach the other nodes."""
+    cl = RedisCluster(masters=3, replicas=1).start()
+    try:
+        url = f"{cl.url}?prefix={unique_prefix()}&wait_replicas=1&wait_timeout_ms=2000"
+        s = await opened(url)
+        try:
+            await s.add_members("c", ["u"])
+            for cid in ["c", "d", "e", "f"]:
+                assert (await s.allocate(cid, 2)).last == 2
+            assert (await s.mark_read("c", "u", 2)).read_sequence == 2
+        finally:
+            await s.aclose()
+    finally:
+        cl.cleanup()
+    lonely = redis_url(unique_prefix(), cluster=True)
+    a = await opened(lonely + "&wait_replicas=1&wait_timeout_ms=100")
+    b = await opened(lonely)
+    try:
+        with pytest.raises(Unavailable, match="replicas"):
+            await a.allocate("c", 1)
+        await wait_for(lambda: b.position == 1)  # committed and published all the same
+        st = await b.conversation("c")
+        assert st is not None and st.max_sequence == 1
+    finally:
+        await a.aclose()
+        await b.aclose()

@@ -101,6 +101,8 @@ class ClusterWrites:
     _master_requests: trio.MemorySendChannel[tuple[tuple[str, int], trio.Event]]
     _opx_sha: str
     op_deadline_s: float
+    wait_replicas: int
+    wait_timeout_ms: int
     _conv_locks: dict[str, tuple[trio.Lock, int]]
 
     if TYPE_CHECKING:  # provided by RedisStore (no runtime stubs: they would shadow)
@@ -223,6 +225,17 @@ class ClusterWrites:
                                     addr[0], addr[1], exc)
                 opened.set()
 
+    async def _opx_call(self, client: Any, args: list[Any], wait: int) -> tuple[Any, int]:
+        """One OPX call on a master's direct connection: (replies, replicas that confirmed).
+        With ``wait``, ``WAIT wait timeout`` follows the script on the same connection (one
+        pipeline), so it counts the replicas that have these writes."""
+        if not wait:
+            return await client.evalsha(self._opx_sha, keys=[], args=args), 0
+        async with client.pipeline(transaction=False) as pipe:
+            req = pipe.evalsha(self._opx_sha, keys=[], args=args)
+            waited = pipe.wait(wait, self.wait_timeout_ms)
+        return await req, int(await waited)
+
     async def _slot_calls(
         self, mode: str, pt: int, calls: list[tuple[list[str], str, int, list[Any]]]
     ) -> list[list[Any]]:
@@ -245,13 +258,15 @@ class ClusterWrites:
             for i in idx:
                 keys, op, pos, own = calls[i]
                 args.append(SEP.join([keys[0], keys[2], keys[3], op, str(pos), *map(str, own)]))
+            wait = self.wait_replicas if mode == "c" else 0
+            acked = 0
             try:
                 client = await self._master_client(addr)
                 try:
-                    replies = await client.evalsha(self._opx_sha, keys=[], args=args)
-                except NoScriptError:
+                    replies, acked = await self._opx_call(client, args, wait)
+                except NoScriptError:  # nothing ran: load it and send again
                     await client.script_load(lua.OPX)
-                    replies = await client.evalsha(self._opx_sha, keys=[], args=args)
+                    replies, acked = await self._opx_call(client, args, wait)
             except (RedisError, OSError, Unavailable) as exc:
                 self._slot_map = None
                 for i in idx:
@@ -261,6 +276,11 @@ class ClusterWrites:
                 out[i] = list(r)
                 if out[i][:2] == [b"RETRY", b"MOVED"]:
                     self._slot_map = None
+                elif out[i][0] == b"OK" and acked < wait:
+                    out[i] = [b"FAILED", Unavailable(
+                        f"only {acked} of {wait} replicas of {addr[0]}:{addr[1]} confirmed the "
+                        f"write within {self.wait_timeout_ms} ms (it may still survive a "
+                        "failover)")]
 
         if len(groups) == 1:
             addr, idx = next(iter(groups.items()))
@@ -303,8 +323,9 @@ class ClusterWrites:
                     if r[0] == b"OK":
                         job.reply = r
                         continue
-                    if r[0] == b"FAILED":
-                        job.error = Unavailable(f"Redis: {r[1]}")
+                    if r[0] == b"FAILED":  # (too few replicas: committed, Pub/Sub brings it)
+                        job.error = (r[1] if isinstance(r[1], Unavailable)
+                                     else Unavailable(f"Redis: {r[1]}"))
                         continue
                     self._receive(first + i, None)  # the script published the skip
                     if r[0] == b"RETRY" and job.tries < MAX_CLUSTER_RETRIES:

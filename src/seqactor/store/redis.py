@@ -20,7 +20,9 @@ batch reserved in one sequencer call, skips for positions that do not commit.
 **Replicas.** With ``?wait_replicas=N`` a batch's script call is followed, on the same
 connection in the same pipeline, by ``WAIT N timeout``: its writes are acknowledged only once
 N replicas have them (fewer in time: ``Unavailable``; the writes may still survive), so a
-replica promoted after the master died cannot hand out an acknowledged seq again.
+replica promoted after the master died cannot hand out an acknowledged seq again. On a
+cluster the same holds per master for the batched ops (allocations, MarkReads, SetMins), not
+for membership changes.
 
 **Delivery.** See :mod:`._redis_delivery`: every change reaches the listeners once, in
 position order, from the script's reply or Pub/Sub; holes and lost subscriptions end in a
@@ -102,7 +104,7 @@ class RedisStore(OrderedDelivery, ClusterWrites, Store):
 
     ``url``: see :func:`~seqactor.store._redis_keys.parse_url` (query: ``prefix``,
     ``op_deadline_ms``, ``gap_timeout_ms``, ``wait_replicas``, ``wait_timeout_ms``); a bad URL
-    or ``wait_replicas`` on a cluster raises InvalidArgument. Keyword arguments:
+    raises InvalidArgument. Keyword arguments:
     ``max_view_conversations``, ``max_conversation_members``, ``max_tombstones`` (per user,
     default 10 000), ``op_deadline_s`` (cluster, default 0.5 s), ``gap_timeout_s`` (default
     1.5 s, longer than the op deadline). Writes raise Unavailable when Redis fails, lost its
@@ -130,10 +132,6 @@ class RedisStore(OrderedDelivery, ClusterWrites, Store):
         self.keys = KeyLayout(cfg.prefix, cfg.cluster, cfg.db)
         self.wait_replicas: int = cfg.wait_replicas
         self.wait_timeout_ms: int = cfg.wait_timeout_ms
-        if self.wait_replicas and self.cluster:
-            raise InvalidArgument(
-                "wait_replicas is supported on a standalone master with replicas (Sentinel), "
-                "not on Redis Cluster: WAIT must follow the writes on the master's connection")
         self._username: str | None = cfg.username
         self._password: str | None = cfg.password
         if max_view_conversations is not None:
