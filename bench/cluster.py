@@ -76,7 +76,9 @@ GOAL_REDIS_PER_S = 50_000
 GOAL_CEILING_SHARE = 0.30
 GOAL_CLUSTER_RATIO = 1.5
 FOREIGN_NODES = 4
-FOREIGN_SESSIONS = 100  # sessions on the measured node, all following its own group
+FOREIGN_SESSIONS = 1_000  # sessions on the measured node, all following its own group
+FOREIGN_SESSIONS_SMALL = 100  # the same with few sessions (own work small: the worst case)
+FOREIGN_ADD_CHUNK = 2_000  # member ids per AddMembers
 FOREIGN_RATE_PER_S = 100.0  # allocations/s on each node's own group
 FOREIGN_WINDOW_S = 10.0  # CPU measured over this long, per phase
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
@@ -241,14 +243,17 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
 
 
-async def bench_foreign(url: str, tmp: Path, window_s: float) -> dict[str, Any]:
+async def bench_foreign(
+    url: str, tmp: Path, window_s: float, sessions: int = FOREIGN_SESSIONS
+) -> dict[str, Any]:
     """CPU a node spends on changes none of its sessions follow: 4 nodes on one Redis; node 0
-    holds FOREIGN_SESSIONS sessions following its own group g0; each node's backend allocates
-    on its own group at FOREIGN_RATE_PER_S. Node 0's CPU over ``window_s`` with only g0 busy,
-    then with all four groups busy (every node receives every change over Pub/Sub):
-    share = (all - own) / all."""
+    holds ``sessions`` sessions (in a bench/_fanout_client.py process) following its own group
+    g0; each node's backend allocates on its own group at FOREIGN_RATE_PER_S. Node 0's CPU over
+    ``window_s``: idle, with only the other groups busy, with only g0, with all four."""
+    from fanout import call_all, client_processes  # bench/ is on sys.path (the script's dir)
+
     global _NURSERY
-    async with trio.open_nursery() as nursery:
+    async with trio.open_nursery() as nursery, client_processes(1) as clients:
         _NURSERY = nursery
         nodes = [await start_node(url, tmp, f"fnode{i}", nursery)
                  for i in range(FOREIGN_NODES)]
@@ -256,25 +261,21 @@ async def bench_foreign(url: str, tmp: Path, window_s: float) -> dict[str, Any]:
             backends = []
             for i, (_, port) in enumerate(nodes):
                 _, svc = await session(port, "backend", "service")
-                users = [f"g{i}u{k}" for k in range(FOREIGN_SESSIONS)]
-                await svc.request("add_members", conversation_id=f"g{i}", user_ids=users)
+                ids = [f"u{k:06d}" if i == 0 else f"g{i}u{k}" for k in range(sessions)]
+                for first in range(0, sessions, FOREIGN_ADD_CHUNK):
+                    await svc.request("add_members", conversation_id=f"g{i}",
+                                      user_ids=ids[first:first + FOREIGN_ADD_CHUNK])
                 backends.append(svc)
             port0 = nodes[0][1]
-            pushes = 0
+            answer = (await call_all(clients, [{
+                "cmd": "connect", "mode": "seqactor", "port": port0, "users": [0, sessions],
+                "transport": "raw", "concurrency": 100, "sample_every": sessions + 1,
+                "group": "g0", "secret_file": str(tmp / "secret")}]))[0]
+            if answer["connected"] != sessions:
+                raise RuntimeError(f"foreign: only {answer} sessions on node 0")
 
-            async def member(k: int) -> None:
-                nonlocal pushes
-                conn, client = await session(port0, f"g0u{k}")
-                assert body(await client.request("subscribe", all=True)) == "ack"
-                try:
-                    while True:
-                        await conn.get_message()
-                        pushes += 1
-                except tws.ConnectionClosed:
-                    return  # the nodes stop at the end
-
-            for k in range(FOREIGN_SESSIONS):
-                nursery.start_soon(member, k)
+            async def frames() -> int:
+                return int((await call_all(clients, [{"cmd": "mark"}]))[0]["frames"])
 
             allocs = [0] * FOREIGN_NODES
 
@@ -295,10 +296,10 @@ async def bench_foreign(url: str, tmp: Path, window_s: float) -> dict[str, Any]:
                     for i in busy:
                         n.start_soon(allocate, i, stop)
                     await trio.sleep(1.0)  # settle
-                    c0, p0, a0 = cpu_s(nodes[0][0].pid), pushes, sum(allocs[1:])
+                    c0, p0, a0 = cpu_s(nodes[0][0].pid), await frames(), sum(allocs[1:])
                     await trio.sleep(window_s)
                     used = cpu_s(nodes[0][0].pid) - c0
-                    got, foreign = pushes - p0, sum(allocs[1:]) - a0
+                    got, foreign = await frames() - p0, sum(allocs[1:]) - a0
                     stop.set()
                 return used, got, foreign
 
@@ -325,7 +326,7 @@ async def bench_foreign(url: str, tmp: Path, window_s: float) -> dict[str, Any]:
         "foreign_node_cpu_foreign_only_s": foreign_cpu_only,
         "foreign_changes_per_s": foreign / window_s,
         "foreign_node_cpu_own_only_s": own_cpu, "foreign_node_cpu_all_busy_s": all_cpu,
-        "foreign_window_s": window_s, "foreign_sessions": FOREIGN_SESSIONS,
+        "foreign_window_s": window_s, "foreign_sessions": sessions,
         "foreign_rate_per_node_per_s": FOREIGN_RATE_PER_S,
         "foreign_node_frames_per_s_own_only": own_pushes / window_s,
         "foreign_node_frames_per_s_all_busy": all_pushes / window_s,
@@ -411,6 +412,9 @@ async def main(quick: bool) -> dict[str, Any]:
                 res.update(await bench_push(always.url + "?prefix=push", tmp, pushes))
                 res.update(await bench_foreign(every.url + "?prefix=foreign", tmp,
                                                FOREIGN_WINDOW_S))
+                small = await bench_foreign(every.url + "?prefix=foreign_small", tmp,
+                                            FOREIGN_WINDOW_S, FOREIGN_SESSIONS_SMALL)
+                res.update({f"{k}_small": v for k, v in small.items()})
         finally:
             every.cleanup()
             always.cleanup()
@@ -488,6 +492,12 @@ def table(res: dict[str, Any]) -> str:
             f"{res['own_cpu_per_push_frame_us']:.1f} us each): foreign share "
             f"{res['foreign_change_cpu_share']:.1%} (goal <= 10 %: "
             f"{'met' if res['foreign_change_cpu_share'] <= 0.10 else 'NOT met'})")
+    if res.get("foreign_change_cpu_share_small") is not None:
+        lines.append(
+            f"  with {res['foreign_sessions_small']} sessions on node 0: foreign share "
+            f"{res['foreign_change_cpu_share_small']:.1%} "
+            f"({res['foreign_cpu_per_change_us_small']:.0f} us per foreign change, own push "
+            f"frames {res['foreign_node_frames_per_s_own_only_small']:,.0f}/s)")
     missing = [k for k in NODE4_KEYS if res.get(k) is None]
     if missing:
         lines.append(f"not measured: {', '.join(missing)} (bench/nodes.py; the foreign share: "
