@@ -11,8 +11,10 @@ SECRET ?= var/secret
 PYTEST_ARGS ?=
 JS_DIR := clients/js
 CHROMIUM ?= /usr/bin/chromium
+REDIS_PORT ?= 6390
+WORKERS ?= 2
 
-.PHONY: install run test test-compiled test-fallback bench bench-quick lint clean system-deps test-js js-build bench-js
+.PHONY: install run run-redis test test-compiled test-fallback bench bench-quick lint clean system-deps test-js js-build bench-js
 
 install: $(STAMP)
 
@@ -43,6 +45,18 @@ run: install
 	@echo "  $(VENV)/bin/seqactor token --secret-file $(SECRET) --user alice"
 	@echo "  $(VENV)/bin/seqactor token --secret-file $(SECRET) --user backend --role service"
 	$(VENV)/bin/seqactor serve --host $(HOST) --port $(PORT) --store $(STORE) --secret-file $(SECRET)
+
+# A local Redis (AOF on, data in var/redis, left running) and WORKERS server processes on one
+# port sharing it (`seqactor serve --workers`). Stop Redis: redis-cli -p $(REDIS_PORT) shutdown
+run-redis: install system-deps
+	mkdir -p var/redis
+	redis-cli -p $(REDIS_PORT) ping >/dev/null 2>&1 || redis-server --port $(REDIS_PORT) \
+	  --bind 127.0.0.1 --dir $(CURDIR)/var/redis --appendonly yes --save "" --daemonize yes \
+	  --logfile $(CURDIR)/var/redis/redis.log
+	@echo "get a token in another terminal:"
+	@echo "  $(VENV)/bin/seqactor token --secret-file $(SECRET) --user alice"
+	$(VENV)/bin/seqactor serve --workers $(WORKERS) --host $(HOST) --port $(PORT) \
+	  --store redis://127.0.0.1:$(REDIS_PORT)/0 --secret-file $(SECRET)
 
 test: install system-deps test-js test-compiled test-fallback
 

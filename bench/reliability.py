@@ -2,7 +2,7 @@
 
 Usage (from the repo root)::
 
-    .venv/bin/python bench/reliability.py [--quick] [--only crash,storm,slow] [--out FILE]
+    .venv/bin/python bench/reliability.py [--quick] [--only crash,storm,slow,failover] [--out FILE]
 
 The full-size versions of tests/test_reliability.py. The server is a child process (the real
 ``seqactor serve``, or tests/_load.py's launcher where a setting has no CLI flag); clients
@@ -26,6 +26,11 @@ process. Every scenario also checks the promise it measures and reports ``ok``.
   would be ~0) with the stuck sessions online vs without them
   (a fresh server, same membership), as a p99 ratio (goal < 2x); RSS; and when the stuck
   sessions were closed by the write timeout.
+* **failover** (Redis, tests/_failover.py): a master, a replica, Sentinel, two store nodes and
+  16 writers allocating; replication stalls, ``kill -9`` the master, Sentinel promotes the
+  replica, the nodes follow it. Run twice — without ``?wait_replicas`` and with
+  ``?wait_replicas=1`` — and reports the acknowledged seqs handed out twice (goal with the
+  option: 0), allocations refused, promotion and resume times.
 
 Prints a table and writes ``bench/results/reliability.json`` (latest run flat at the top level;
 the latest quick and full runs under ``runs``).
@@ -56,6 +61,7 @@ sys.path.insert(0, str(HERE.parent))  # tests._load: the helpers the tests use
 from seqactor import Backoff, SeqactorError, ServiceClient  # noqa: E402
 from seqactor._kernel import COMPILED  # noqa: E402
 from seqactor.store.sqlite import SQLiteStore  # noqa: E402
+from tests._failover import run_failover  # noqa: E402
 from tests._load import (  # noqa: E402
     Crowd,
     Model,
@@ -83,10 +89,12 @@ CONVERGE_TIMEOUT_S = 600.0
 SIZES = {
     "quick": {"crash_users": 100, "crash_acks": 500, "storm_users": 1_000, "served": 200,
               "stuck": 20, "slow_groups": 10, "slow_rate": 50.0, "slow_window_s": 6.0,
-              "write_timeout_s": 5.0},
+              "write_timeout_s": 5.0, "failover_before": 200, "failover_during": 20,
+              "failover_after": 200},
     "full": {"crash_users": 200, "crash_acks": 2_000, "storm_users": 5_000, "served": 1_000,
              "stuck": 100, "slow_groups": 20, "slow_rate": 100.0, "slow_window_s": 10.0,
-             "write_timeout_s": 10.0},
+             "write_timeout_s": 10.0, "failover_before": 1_000, "failover_during": 100,
+             "failover_after": 1_000},
 }
 
 
@@ -395,6 +403,21 @@ async def slow_phase(tmp: Path, cfg: dict[str, Any], with_stuck: bool) -> dict[s
     return out
 
 
+async def failover(tmp: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for wait in (0, 1):
+        r = await run_failover(tmp / f"failover{wait}", wait_replicas=wait,
+                               before=cfg["failover_before"], during=cfg["failover_during"],
+                               after=cfg["failover_after"])
+        out["with_wait" if wait else "without_wait"] = {
+            "acknowledged": r.acknowledged, "refused": r.refused,
+            "stalled_acknowledged": r.stalled_acknowledged, "reissued": r.reissued,
+            "promote_s": r.promote_s, "resume_s": r.resume_s,
+        }
+    out["ok"] = out["with_wait"]["reissued"] == 0
+    return out
+
+
 async def slow(tmp: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     without = await slow_phase(tmp, cfg, False)
     with_ = await slow_phase(tmp, cfg, True)
@@ -461,6 +484,19 @@ def table(r: dict[str, Any]) -> str:
              f"{w['rss_before_mb']:.1f} / {w['rss_peak_mb']:.1f} / {w['rss_after_mb']:.1f}",
              f"served reconnects {w['served_reconnects']}; ok: {s['ok']}"),
         ]
+    if "failover" in r:
+        fo = r["failover"]
+        wo, w = fo["without_wait"], fo["with_wait"]
+        rows += [
+            ("failover: reissued seqs without / with wait_replicas=1",
+             f"{wo['reissued']} / {w['reissued']}", "with: must be 0"),
+            ("failover: acknowledged after the stall without / with",
+             f"{wo['stalled_acknowledged']} / {w['stalled_acknowledged']}",
+             f"refused {wo['refused']} / {w['refused']}"),
+            ("failover: promoted after s / writes resumed after s (with)",
+             f"{f(w['promote_s'])} / {f(w['resume_s'])}",
+             f"without: {f(wo['promote_s'])} / {f(wo['resume_s'])}; ok: {fo['ok']}"),
+        ]
     w1 = max(len(a) for a, _, _ in rows)
     w2 = max(len(b) for _, b, _ in rows)
     lines = [f"{'reliability (' + r['mode'] + ')':<{w1}}  {'value':>{w2}}  goal / note",
@@ -480,6 +516,8 @@ async def run(mode: str, only: set[str]) -> dict[str, Any]:
             result["storm"] = await storm(tmp, cfg["storm_users"])
         if "slow" in only:
             result["slow"] = await slow(tmp, cfg)
+        if "failover" in only:
+            result["failover"] = await failover(tmp, cfg)
     except BaseException:
         print(f"server logs kept in {tmp}", file=sys.stderr)
         raise
@@ -503,7 +541,7 @@ def _git_head() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller sizes (a few minutes)")
-    ap.add_argument("--only", default="crash,storm,slow")
+    ap.add_argument("--only", default="crash,storm,slow,failover")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     mode = "quick" if args.quick else "full"
@@ -520,7 +558,8 @@ def main() -> None:
     previous = runs.get(mode, {})
     runs[mode] = {**previous, **result}  # --only keeps the other scenarios' last figures
     out.write_text(json.dumps({**runs[mode], "runs": runs}, indent=2) + "\n")
-    failed = [k for k in ("crash", "storm", "slow") if k in result and not result[k]["ok"]]
+    failed = [k for k in ("crash", "storm", "slow", "failover")
+              if k in result and not result[k]["ok"]]
     if failed:
         print(f"FAILED: {', '.join(failed)}", file=sys.stderr)
         sys.exit(1)

@@ -85,8 +85,10 @@ class RedisServer:
         appendonly: bool = True,
         appendfsync: str = "always",
         cluster: bool = False,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.cluster = cluster
+        self.extra_args = extra_args
         self.port = port or free_port(cluster)
         self._tmp = None
         if data_dir is None:
@@ -111,6 +113,7 @@ class RedisServer:
             "--appendonly", "yes" if self.appendonly else "no",
             "--appendfsync", self.appendfsync, "--loglevel", "warning",
         ]
+        args += list(self.extra_args)
         if self.cluster:
             args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                      "--cluster-node-timeout", "5000"]
@@ -163,11 +166,65 @@ class RedisServer:
             shutil.rmtree(self._tmp, ignore_errors=True)
 
 
-class RedisCluster:
-    """A local Redis Cluster: ``masters`` nodes, no replicas, slots spread evenly."""
+class RedisSentinel:
+    """One Sentinel process watching the master ``name`` at ``master_port`` (quorum 1, fast
+    timeouts: a dead master is failed over in about a second)."""
 
-    def __init__(self, masters: int = 3) -> None:
-        self.nodes = [RedisServer(cluster=True, appendfsync="everysec") for _ in range(masters)]
+    DOWN_AFTER_MS = 300  # no reply from the master this long: down
+    FAILOVER_TIMEOUT_MS = 3000
+
+    def __init__(self, master_port: int, name: str = "seqactor") -> None:
+        self.name = name
+        self.master_port = master_port
+        self.port = free_port()
+        self._tmp = tempfile.mkdtemp(prefix="seqactor-sentinel-")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RedisSentinel:
+        require_redis()
+        assert REDIS_SERVER is not None
+        conf = Path(self._tmp) / "sentinel.conf"
+        conf.write_text(
+            f"port {self.port}\nbind 127.0.0.1\nprotected-mode no\ndir {self._tmp}\n"
+            f"sentinel monitor {self.name} 127.0.0.1 {self.master_port} 1\n"
+            f"sentinel down-after-milliseconds {self.name} {self.DOWN_AFTER_MS}\n"
+            f"sentinel failover-timeout {self.name} {self.FAILOVER_TIMEOUT_MS}\n"
+        )
+        log = open(Path(self._tmp) / "sentinel.log", "ab")  # noqa: SIM115 - owned by the process
+        self.proc = subprocess.Popen([REDIS_SERVER, str(conf), "--sentinel"], stdout=log,
+                                     stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while cli(self.port, "PING", check=False).strip() != "PONG":
+            if time.monotonic() > deadline:
+                raise RuntimeError("sentinel did not start")
+            time.sleep(0.02)
+        return self
+
+    def master_port_now(self) -> int:
+        """The port of the master Sentinel currently names."""
+        out = cli(self.port, "SENTINEL", "get-master-addr-by-name", self.name).split()
+        return int(out[1])
+
+    def replicas_known(self) -> int:
+        out = cli(self.port, "SENTINEL", "replicas", self.name)
+        return out.count("\nname\n") + out.startswith("name\n")
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+class RedisCluster:
+    """A local Redis Cluster: ``masters`` nodes with ``replicas`` replicas each (default none),
+    slots spread evenly."""
+
+    def __init__(self, masters: int = 3, replicas: int = 0) -> None:
+        self.replicas = replicas
+        self.nodes = [RedisServer(cluster=True, appendfsync="everysec")
+                      for _ in range(masters * (1 + replicas))]
 
     @property
     def url(self) -> str:
@@ -178,11 +235,13 @@ class RedisCluster:
             n.start()
         cli(self.nodes[0].port, "--cluster", "create",
             *[f"127.0.0.1:{n.port}" for n in self.nodes],
-            "--cluster-replicas", "0", "--cluster-yes")
+            "--cluster-replicas", str(self.replicas), "--cluster-yes")
         deadline = time.monotonic() + START_TIMEOUT_S * 3
         while True:
             states = [cli(n.port, "CLUSTER", "INFO", check=False) for n in self.nodes]
-            if all("cluster_state:ok" in s for s in states):
+            repl = [cli(n.port, "INFO", "replication", check=False) for n in self.nodes]
+            synced = all("role:master" in r or "master_link_status:up" in r for r in repl)
+            if all("cluster_state:ok" in s for s in states) and synced:
                 return self
             if time.monotonic() > deadline:
                 raise RuntimeError(f"cluster did not converge: {states}")

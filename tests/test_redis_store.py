@@ -17,11 +17,15 @@ from seqactor.store._base import (
     Change,
     InvalidArgument,
     MembersAdded,
+    ReadMarked,
     StoreReset,
+    TooLarge,
     Unavailable,
 )
+from seqactor.store._redis_keys import hash_slot
 from seqactor.store.redis import RedisStore, init_store, parse_url
 from tests._redis import (
+    RedisCluster,
     RedisServer,
     cli,
     redis_url,
@@ -63,18 +67,16 @@ def test_parse_url() -> None:
 
 
 def test_cluster_keys_of_one_step_share_a_slot() -> None:
-    from coredis._utils import hash_slot
-
     s = RedisStore("redis+cluster://127.0.0.1:1?prefix=p")
     for cid in ["c", "a{b}c", "}{", "{", "é", "x" * 128]:
-        ck = s.conv_key(cid)
-        slots = {hash_slot(k.encode()) for k in (ck, s.members_key(cid), s.slot_epoch_key(ck))}
+        ck = s.keys.conv_key(cid)
+        slots = {hash_slot(k.encode()) for k in (ck, s.keys.members_key(cid), s.keys.slot_epoch_key(ck))}
         assert len(slots) == 1, cid
     for uid in ["u", "{u}", "}"]:
-        vk = s.view_key(uid)
-        keys = (vk, s.tomb_key(uid), s.horizon_key(uid), s.slot_epoch_key(vk))
+        vk = s.keys.view_key(uid)
+        keys = (vk, s.keys.tomb_key(uid), s.keys.horizon_key(uid), s.keys.slot_epoch_key(vk))
         assert len({hash_slot(k.encode()) for k in keys}) == 1
-    assert len({hash_slot(k.encode()) for k in s.all_slot_epoch_keys()}) == 16384
+    assert len({hash_slot(k.encode()) for k in s.keys.all_slot_epoch_keys()}) == 16384
 
 
 # ------------------------------------------------------------------ several stores, one state
@@ -292,3 +294,175 @@ def test_cluster_fixture_is_three_masters() -> None:
     cl = shared_cluster()
     out = cli(cl.nodes[0].port, "CLUSTER", "NODES")
     assert sum(1 for line in out.splitlines() if "master" in line) == 3
+
+
+# ------------------------------------------------------------------ the whole uint64 range
+
+U64_MAX = 2**64 - 1
+
+
+@pytest.mark.parametrize("cluster", [False, True], ids=["redis", "redis-cluster"])
+async def test_sequences_exact_up_to_uint64_max(cluster: bool) -> None:
+    """Seqs above 2^53 (where Lua numbers stop being exact) allocate, read, clamp, set min and
+    freeze exactly, on this node and on another one, up to 2^64 - 1; one more is TooLarge."""
+    url = redis_url(unique_prefix(), cluster=cluster)
+    a, b = await opened(url), await opened(url)
+    seen: list[Change] = []
+    b.add_listener(seen.append)
+    try:
+        await a.add_members("big", ["u", "v", "w"])
+        port = parse_url(url)["nodes"][0][1]
+        # move the conversation near the end of the range (its hash in the store's layout)
+        cli(port, "-c", "HSET", a.keys.conv_key("big"), "mx", str(U64_MAX - 4))
+        got = await a.allocate("big", 1, sender_user_id="u")
+        assert (got.first, got.last, got.sender_read) == (U64_MAX - 3, U64_MAX - 3, U64_MAX - 3)
+        got = await a.allocate("big", 1)
+        assert (got.first, got.last) == (U64_MAX - 2, U64_MAX - 2)
+        got = await a.allocate("big", 1)
+        assert got.last == U64_MAX - 1 == 2**64 - 2
+        read = await a.mark_read("big", "v", U64_MAX)  # clamped to max
+        assert (read.read_sequence, read.changed) == (U64_MAX - 1, True)
+        same = await a.mark_read("big", "v", U64_MAX - 1)
+        assert (same.read_sequence, same.changed) == (U64_MAX - 1, False)
+        low = await a.mark_read("big", "w", 2**53 + 1)  # exact just above doubles' range
+        assert low.read_sequence == 2**53 + 1
+        mn = await a.set_min_sequence("big", U64_MAX - 3)
+        assert (mn.min_sequence, mn.changed) == (U64_MAX - 3, True)
+        await a.remove_members("big", ["w"], keep_history=True)
+        view = await b.load_view("v")
+        assert (view.max_seq[0], view.read_seq[0], view.min_seq[0]) == (
+            U64_MAX - 1, U64_MAX - 1, U64_MAX - 3)
+        frozen = await b.load_view("w")
+        assert (frozen.max_seq[0], frozen.read_seq[0], frozen.frozen[0]) == (
+            U64_MAX - 1, 2**53 + 1, 1)
+        last = await a.allocate("big", 1)
+        assert last.last == U64_MAX
+        with pytest.raises(TooLarge):
+            await a.allocate("big", 1)
+        st = await b.conversation("big")
+        assert st is not None and (st.max_sequence, st.min_sequence) == (U64_MAX, U64_MAX - 3)
+        await wait_for(lambda: b.position == a.position)
+        allocs = [c for c in seen if isinstance(c, Allocated)]
+        assert [c.last for c in allocs] == [U64_MAX - 3, U64_MAX - 2, U64_MAX - 1, U64_MAX]
+        assert [c.read_sequence for c in seen if isinstance(c, ReadMarked)] == [
+            U64_MAX - 1, 2**53 + 1]
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
+def _slot_owners(port: int) -> dict[int, str]:
+    """slot -> node id of its master (``CLUSTER SLOTS``)."""
+    out: dict[int, str] = {}
+    lines = cli(port, "CLUSTER", "NODES").splitlines()
+    for line in lines:
+        parts = line.split()
+        if "master" not in parts[2]:
+            continue
+        for r in parts[8:]:
+            if r.startswith("["):
+                continue
+            lo, _, hi = r.partition("-")
+            for slot in range(int(lo), int(hi or lo) + 1):
+                out[slot] = parts[0]
+    return out
+
+
+async def test_cluster_allocations_follow_a_resharded_slot() -> None:
+    """A slot moves to another master (``redis-cli --cluster reshard``) after the node learned
+    the slot map: its next allocation there still succeeds, contiguous with the ones before,
+    and the other nodes see the same seqs."""
+    cl = RedisCluster().start()
+    try:
+        port = cl.nodes[0].port
+        url = f"{cl.url}?prefix={unique_prefix()}"
+        a, b = await opened(url), await opened(url)
+        try:
+            before = _slot_owners(port)
+            src = before[0]
+            # a conversation in the slot about to move (the source's first slot)
+            cid = next(f"c{i}" for i in range(100_000) if hash_slot(f"c{i}".encode()) == 0)
+            assert (await a.allocate(cid, 3)).last == 3  # the node knows where slot 0 is
+            dst = next(n for n in set(before.values()) if n != src)
+            cli(port, "--cluster", "reshard", f"127.0.0.1:{port}", "--cluster-from", src,
+                "--cluster-to", dst, "--cluster-slots", "1", "--cluster-yes")
+            assert _slot_owners(port)[0] == dst
+            got = await a.allocate(cid, 2)
+            assert (got.first, got.last) == (4, 5)
+            assert (await b.allocate(cid, 1)).first == 6
+            await wait_for(lambda: a.position == b.position)
+            st = await b.conversation(cid)
+            assert st is not None and st.max_sequence == 6
+        finally:
+            await a.aclose()
+            await b.aclose()
+    finally:
+        cl.cleanup()
+
+
+async def test_silent_server_is_noticed_by_the_keepalive() -> None:
+    """The Pub/Sub connection stalls (no byte gets through, no error either): the keep-alive
+    gives up on it, the node resubscribes once Redis answers again and publishes StoreReset;
+    a change made meanwhile through another node is then in its listeners' view."""
+    from seqactor.store._redis_sub import KEEPALIVE_TIMEOUT_S
+    from tests._proxy import Proxy
+
+    direct = redis_url(unique_prefix())
+    port = parse_url(direct)["nodes"][0][1]
+    async with trio.open_nursery() as nursery:
+        proxy = Proxy(port)
+        await nursery.start(proxy.serve)
+        via_proxy = direct.replace(f":{port}/", f":{proxy.port}/")
+        a, b = await opened(via_proxy), await opened(direct)
+        seen: list[Change] = []
+        a.add_listener(seen.append)
+        try:
+            await b.allocate("c", 1)
+            await wait_for(lambda: a.position == b.position)
+            accepted = proxy.accepted
+            proxy.pause()
+            stalled_at = trio.current_time()
+            await b.allocate("c", 1)  # its event is held in the stalled connection
+            # the keep-alive gives up on the silent connection: the node connects again
+            await wait_for(lambda: proxy.accepted > accepted, timeout=KEEPALIVE_TIMEOUT_S + 10)
+            proxy.resume()
+            await wait_for(lambda: any(isinstance(c, StoreReset) for c in seen))
+            assert trio.current_time() - stalled_at > KEEPALIVE_TIMEOUT_S
+            await wait_for(lambda: a.position >= b.position)
+            st = await a.conversation("c")
+            assert st is not None and st.max_sequence == 2
+        finally:
+            await a.aclose()
+            await b.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_cluster_wait_replicas_acknowledges_only_replicated_writes() -> None:
+    """``?wait_replicas=1`` on a cluster: with a replica per master, allocations and MarkReads
+    are acknowledged; on the shared cluster without replicas they are refused (Unavailable,
+    naming the replicas) — and, committed anyway, they still reach the other nodes."""
+    cl = RedisCluster(masters=3, replicas=1).start()
+    try:
+        url = f"{cl.url}?prefix={unique_prefix()}&wait_replicas=1&wait_timeout_ms=2000"
+        s = await opened(url)
+        try:
+            await s.add_members("c", ["u"])
+            for cid in ["c", "d", "e", "f"]:
+                assert (await s.allocate(cid, 2)).last == 2
+            assert (await s.mark_read("c", "u", 2)).read_sequence == 2
+        finally:
+            await s.aclose()
+    finally:
+        cl.cleanup()
+    lonely = redis_url(unique_prefix(), cluster=True)
+    a = await opened(lonely + "&wait_replicas=1&wait_timeout_ms=100")
+    b = await opened(lonely)
+    try:
+        with pytest.raises(Unavailable, match="replicas"):
+            await a.allocate("c", 1)
+        await wait_for(lambda: b.position == 1)  # committed and published all the same
+        st = await b.conversation("c")
+        assert st is not None and st.max_sequence == 1
+    finally:
+        await a.aclose()
+        await b.aclose()

@@ -90,6 +90,9 @@ def _serve_parser(sub: SubParsers) -> None:
                    help="PEM private key for --tls-cert (default: none)")
     p.add_argument("--log-level", type=log_level, default="INFO", metavar="LEVEL",
                    help=f"one of {', '.join(LOG_LEVELS)} (any case)")
+    p.add_argument("--workers", type=positive_int, default=1, metavar="N",
+                   help="server processes sharing the port (SO_REUSEPORT, one per core); above 1 "
+                   "needs a redis:// or redis+cluster:// store")
     limits = p.add_argument_group("limits")
     limits.add_argument("--max-ids-per-request", type=positive_int, default=C.MAX_IDS_PER_REQUEST,
                         metavar="N", help="conversation or user ids in one request")
@@ -298,6 +301,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from seqactor.metrics import MetricsPortError
     from seqactor.store import InvalidArgument, StoreError, open_store
 
+    if getattr(args, "workers", 1) != 1:  # a supervisor of N worker processes
+        from seqactor._workers import run_workers
+
+        return run_workers(args)
     _check_tls(args)
     try:
         store = open_store(args.store)
@@ -322,6 +329,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_conversation_members=args.max_conversation_members,
         rate_limit_ops_per_s=args.rate_limit, max_connections=args.max_connections,
         write_timeout_s=args.write_timeout,
+        reuse_port=getattr(args, "reuse_port", False),
     )
     server = Server(cfg, store, secret)
 

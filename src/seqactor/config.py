@@ -67,6 +67,7 @@ class ServerConfig:
     metrics_port: int | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    reuse_port: bool = False  # a worker of `serve --workers N`: share the port (SO_REUSEPORT)
 
     @property
     def idle_timeout_s(self) -> float:

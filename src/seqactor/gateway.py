@@ -316,9 +316,14 @@ class Server:
                 actors.start_soon(self.hub.run_fanout)
                 async with trio.open_nursery() as conns:
                     self._conns = conns
-                    self.listeners = await trio.open_tcp_listeners(
-                        self.config.port, host=self.config.host
-                    )
+                    if self.config.reuse_port:
+                        from seqactor._workers import reuse_port_listeners
+
+                        self.listeners = reuse_port_listeners(self.config.host, self.config.port)
+                    else:
+                        self.listeners = await trio.open_tcp_listeners(
+                            self.config.port, host=self.config.host
+                        )
                     self.port = self.listeners[0].socket.getsockname()[1]
                     conns.start_soon(self._accept_loop, conns)
                     conns.start_soon(self._watchdog)

@@ -26,6 +26,7 @@ values (conversation max/min/time for active members, or the member's own read/j
 from __future__ import annotations
 
 import abc
+import logging
 import re
 import time
 from array import array
@@ -40,6 +41,8 @@ DEFAULT_MAX_VIEW_CONVERSATIONS = 1_000_000
 DEFAULT_MAX_CONVERSATION_MEMBERS = 1_000_000
 EPOCH_BYTES = 16
 MAX_UINT64 = 2**64 - 1
+
+log = logging.getLogger("seqactor.store")
 
 # C0 controls, DEL and C1 controls (same set as ``ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0``).
 _CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f]")
@@ -123,6 +126,26 @@ def normalize_count(count: int) -> int:
     if count > MAX_ALLOCATE_COUNT:
         raise TooLarge(f"count {count} is above the limit of {MAX_ALLOCATE_COUNT}")
     return count
+
+
+def check_uint64(value: object, what: str) -> int:
+    """Return ``value`` if it is an int in 0..2^64-1 (a seq or a position), else raise
+    InvalidArgument naming ``what``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidArgument(f"{what} must be an integer")
+    if value < 0:
+        raise InvalidArgument(f"{what} must not be negative")
+    if value > MAX_UINT64:
+        raise InvalidArgument(f"{what} is above the uint64 range")
+    return value
+
+
+def check_user_ids(user_ids: Sequence[str]) -> list[str]:
+    """The valid, de-duplicated user ids of ``user_ids`` in their order; a bad id or a plain
+    string instead of a sequence: InvalidArgument."""
+    if isinstance(user_ids, str | bytes):
+        raise InvalidArgument("user_ids must be a sequence of ids, not a string")
+    return list(dict.fromkeys(validate_id(u, "user_id") for u in user_ids))
 
 
 # ------------------------------------------------------------------ change records
@@ -255,8 +278,14 @@ class Store(abc.ABC):
         self._listeners.remove(fn)
 
     def _publish(self, change: Change) -> None:
-        for fn in list(self._listeners):
-            fn(change)
+        """Hand a committed change to every listener, in the order they were added. Every
+        store calls this (once per change, in position order); a listener that raises is
+        logged and does not keep the change from the others."""
+        for fn in self._listeners[:] if self._listeners else ():
+            try:
+                fn(change)
+            except Exception:
+                log.exception("store listener %r failed on %r", fn, change)
 
     @abc.abstractmethod
     async def open(self) -> None: ...

@@ -1,4 +1,4 @@
-"""A minimal Redis Pub/Sub subscriber on a raw Trio stream (RESP2).
+"""A Redis Pub/Sub subscriber on a raw Trio stream (RESP2, parsed by ``hiredis.Reader``).
 
 The store needs to *know* when its subscription was interrupted (messages published meanwhile
 are lost: Pub/Sub is at-most-once), so it owns this connection instead of a client library's
@@ -9,9 +9,11 @@ each message's payload; any failure (EOF, reset, no reply to a keep-alive PING) 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import cast
 
+import hiredis
 import trio
 
 KEEPALIVE_INTERVAL_S = 1.0  # PING the server this often on an idle subscription
@@ -24,112 +26,79 @@ class SubscriptionLost(Exception):
     """The subscription connection failed; messages may have been missed."""
 
 
-def _command(*args: bytes) -> bytes:
-    out = [b"*%d\r\n" % len(args)]
-    for a in args:
-        out.append(b"$%d\r\n%s\r\n" % (len(a), a))
-    return b"".join(out)
-
-
-class _Reader:
-    """Incremental RESP2 parser over a byte buffer."""
-
-    def __init__(self) -> None:
-        self.buf = bytearray()
-        self.pos = 0
-
-    def feed(self, data: bytes) -> None:
-        if self.pos:
-            del self.buf[: self.pos]
-            self.pos = 0
-        self.buf += data
-
-    def _line(self) -> bytes | None:
-        end = self.buf.find(b"\r\n", self.pos)
-        if end < 0:
-            return None
-        line = bytes(self.buf[self.pos:end])
-        self.pos = end + 2
-        return line
-
-    def parse(self) -> object:
-        """One complete value, or ``_INCOMPLETE`` (the buffer is left as it was)."""
-        start = self.pos
-        value = self._value()
-        if value is _INCOMPLETE:
-            self.pos = start
-        return value
-
-    def _value(self) -> object:
-        line = self._line()
-        if line is None:
-            return _INCOMPLETE
-        kind, rest = line[:1], line[1:]
-        if kind == b"+":
-            return rest
-        if kind == b"-":
-            return RespError(rest.decode("utf-8", "replace"))
-        if kind == b":":
-            return int(rest)
-        if kind == b"$":
-            n = int(rest)
-            if n < 0:
-                return None
-            if len(self.buf) < self.pos + n + 2:
-                return _INCOMPLETE
-            data = bytes(self.buf[self.pos:self.pos + n])
-            self.pos += n + 2
-            return data
-        if kind == b"*":
-            n = int(rest)
-            if n < 0:
-                return None
-            items = []
-            for _ in range(n):
-                item = self._value()
-                if item is _INCOMPLETE:
-                    return _INCOMPLETE
-                items.append(item)
-            return items
-        raise SubscriptionLost(f"unexpected RESP type {kind!r}")
-
-
 class RespError(Exception):
-    pass
+    """An error reply from the server (AUTH failed, ...)."""
 
 
-_INCOMPLETE = object()
+_INCOMPLETE: object = False  # what ``hiredis.Reader.gets`` returns while a reply is partial
 
 
 class _Conn:
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
-        self.reader = _Reader()
+        self.reader = hiredis.Reader(replyError=RespError)
         self.last_rx = trio.current_time()
+        self.lost_reason = ""  # set by the keep-alive when it gives up on the server
 
     async def send(self, *args: bytes) -> None:
-        await self.stream.send_all(_command(*args))
+        # (hiredis' stub types the argument as a 1-tuple; it takes any number of parts)
+        await self.stream.send_all(hiredis.pack_command(cast("tuple[bytes]", args)))
+
+    async def run(self, handle: Callable[[bytes], None]) -> None:
+        """Hand each message's payload to ``handle``, in order, until the subscription fails:
+        then raise SubscriptionLost. A keep-alive task PINGs the server while the connection
+        is idle and closes it when no byte arrived for ``KEEPALIVE_TIMEOUT_S`` (one timer per
+        interval, not a cancel scope per message)."""
+        lost: SubscriptionLost | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._keepalive)
+            try:
+                while True:
+                    handle(await self.message())
+            except SubscriptionLost as exc:
+                lost = exc
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                lost = SubscriptionLost(self.lost_reason or f"subscription failed: {exc!r}")
+            nursery.cancel_scope.cancel()
+        assert lost is not None
+        raise lost
+
+    async def _keepalive(self) -> None:
+        while True:
+            await trio.sleep(KEEPALIVE_INTERVAL_S)
+            idle = trio.current_time() - self.last_rx
+            if idle > KEEPALIVE_TIMEOUT_S:
+                self.lost_reason = "no reply from the server (keep-alive)"
+                await self.stream.aclose()  # the reader's receive fails: SubscriptionLost
+                return
+            if idle >= KEEPALIVE_INTERVAL_S:
+                try:
+                    await self.send(b"PING")
+                except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                    return  # the reader sees the failure too
 
     async def message(self) -> bytes:
-        """The next message's payload. PINGs the server while idle; no byte from it for
-        ``KEEPALIVE_TIMEOUT_S``: SubscriptionLost."""
+        """The next message's payload (PING replies and other frames skipped)."""
         while True:
-            msg: object = _INCOMPLETE
-            with trio.move_on_after(KEEPALIVE_INTERVAL_S):
-                msg = await self.read()
+            msg: object = self._buffered()
             if msg is _INCOMPLETE:
-                if trio.current_time() - self.last_rx > KEEPALIVE_TIMEOUT_S:
-                    raise SubscriptionLost("no reply from the server (keep-alive)")
-                await self.send(b"PING")
-                continue
+                msg = await self.read()
             if isinstance(msg, list) and len(msg) == 3 and msg[0] == b"message":
                 payload = msg[2]
                 if isinstance(payload, bytes):
                     return payload
 
+    def _buffered(self) -> object:
+        """A complete reply already received, or ``_INCOMPLETE``."""
+        try:
+            return self.reader.gets()
+        except hiredis.ProtocolError as exc:
+            raise SubscriptionLost(f"bad reply from the server: {exc}") from None
+
     async def read(self) -> object:
+        """The next complete reply (bytes, int, list, None or a :class:`RespError`)."""
         while True:
-            value = self.reader.parse()
+            value = self._buffered()
             if value is not _INCOMPLETE:
                 return value
             data = await self.stream.receive_some(READ_CHUNK_BYTES)
@@ -147,7 +116,7 @@ async def subscribe(
     username: str | None = None,
     password: str | None = None,
 ) -> AsyncIterator[_Conn]:
-    """Connect and subscribe; the context yields the connection: ``await conn.message()``.
+    """Connect and subscribe; the context yields the connection: ``await conn.run(handle)``.
 
     The subscription is active when the context is entered. Raises SubscriptionLost on any
     failure (also from the iterator).

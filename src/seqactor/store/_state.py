@@ -45,6 +45,8 @@ from seqactor.store._base import (
     TooLarge,
     Unavailable,
     ViewData,
+    check_uint64,
+    check_user_ids,
     normalize_count,
     validate_id,
 )
@@ -601,20 +603,9 @@ class State:
 # ------------------------------------------------------------------ argument checks
 
 
-def _uint64(value: object, what: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise InvalidArgument(f"{what} must be an integer")
-    if value < 0:
-        raise InvalidArgument(f"{what} must not be negative")
-    if value > MAX_UINT64:
-        raise InvalidArgument(f"{what} is above the uint64 range")
-    return value
-
-
-def _user_ids(user_ids: Sequence[str]) -> list[str]:
-    if isinstance(user_ids, str | bytes):
-        raise InvalidArgument("user_ids must be a sequence of ids, not a string")
-    return list(dict.fromkeys(validate_id(u, "user_id") for u in user_ids))
+# written once in _base for every store (the names here are kept for older imports)
+_uint64 = check_uint64
+_user_ids = check_user_ids
 
 
 # ------------------------------------------------------------------ the Store on top
@@ -670,25 +661,17 @@ class StateStore(Store):
         self._state.apply(op)
         change = op.change
         self.position = change.position
-        for fn in self._listeners[:] if self._listeners else ():
-            try:
-                fn(change)
-            except Exception:
-                log.exception("store listener %r failed on %r", fn, change)
+        self._publish(change)
 
     def _apply_many(self, ops: Sequence[Op]) -> None:
         """:meth:`_apply` for a committed batch, in order."""
         apply = self._state.apply
-        listeners = self._listeners[:]
+        publish = self._publish
         for op in ops:
             apply(op)
             change = op.change
             self.position = change.position
-            for fn in listeners:
-                try:
-                    fn(change)
-                except Exception:
-                    log.exception("store listener %r failed on %r", fn, change)
+            publish(change)
 
     async def _run(self, op: Op) -> StateChange:
         if op.change.changed:

@@ -1,0 +1,27 @@
+-- Cluster, one master: the ops of many slots this master serves in one call, run on a
+-- direct connection to the master (after common.lua and op.lua; the script carries the
+-- allow-cross-slot-keys flag). The keys travel in ARGV: Redis checks each access against
+-- the slots this master serves. A slot that moved away fails its op at the first access (the
+-- epoch check, before any write): the op answers {'RETRY', 'MOVED'} and the node refreshes
+-- its slot map and sends the op again with a new position.
+-- ARGV: 'xbatch', n, epoch, mode, position time, deadline, channel, then one string per op:
+-- its slot's epoch key, conversation hash, members hash, op, position, its own arguments,
+-- joined by SEP.
+-- Replies: one per op (as op.lua's); in mode 'c' a position that does not commit is
+-- published as a skip.
+local n = tonumber(ARGV[2])
+local epoch, mode, ptime, deadline, channel = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+local out = {}
+for i = 1, n do
+  local F = split(ARGV[7 + i])
+  local K = {F[1], F[1], F[2], F[3]}
+  local V = {F[4], epoch, mode, F[5], ptime, deadline, channel}
+  for j = 6, #F do V[j + 2] = F[j] end
+  local ok, r = pcall(run_op, K, V)
+  if not ok then r = {'RETRY', 'MOVED'} end
+  if mode == 'c' and r[1] ~= 'OK' then
+    redis.call('PUBLISH', channel, 'S' .. SEP .. V[4])
+  end
+  out[i] = r
+end
+return out
