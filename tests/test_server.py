@@ -208,7 +208,7 @@ async def test_service_sessions_on_one_credential_and_device_are_never_replaced(
         ranges.sort()
         assert len(ranges) == workers * per_worker
         assert ranges[0][0] == 1 and ranges[-1][1] == 3 * workers * per_worker
-        for (_, last), (first, _) in zip(ranges, ranges[1:]):
+        for (_, last), (first, _) in zip(ranges, ranges[1:], strict=False):
             assert first == last + 1
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import abc
 import logging
-import time
 from array import array
 from collections import deque
 from collections.abc import Iterable, Sequence
