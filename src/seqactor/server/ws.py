@@ -365,6 +365,12 @@ class ServerWebSocket:
         if trailing:
             self._feed(trailing)
 
+    @property
+    def parsing(self) -> bool:
+        """A frame parser is held (bytes of an unfinished frame or message are in flight, or
+        the connection is closing); False while idle."""
+        return self._ws is not None
+
     # ---------------------------------------------------------------- receiving
     def _parser(self) -> Connection:
         ws = self._ws
@@ -427,7 +433,7 @@ class ServerWebSocket:
                 if self._parts_bytes + size > self.max_message_bytes:
                     await self._fail(CLOSE_TOO_BIG, "message larger than max_frame_bytes")
                 if event.message_finished and self._parts is None:
-                    return data
+                    return self._deliver(data)
                 if self._parts is None:
                     self._parts = []
                 self._parts.append(data)
@@ -436,7 +442,7 @@ class ServerWebSocket:
                     parts, self._parts, self._parts_bytes = self._parts, None, 0
                     if isinstance(data, str):
                         return "".join(p for p in parts if isinstance(p, str))
-                    return b"".join(p for p in parts if isinstance(p, bytes))
+                    return self._deliver(b"".join(p for p in parts if isinstance(p, bytes)))
             elif isinstance(event, Ping):
                 self._used += _client_frame_bytes(len(event.payload))
                 if not self.close_sent:
@@ -458,6 +464,13 @@ class ServerWebSocket:
                     await self._fail(code, reason)
                 raise ConnectionClosed(code, reason)
         return None
+
+    def _deliver(self, message: bytes) -> bytes:
+        """A complete message: the parser goes now if it holds nothing more (the session may
+        then stay idle for long)."""
+        if self._idle():
+            self._ws = None
+        return message
 
     def _lost(self, reason: str) -> None:
         """The byte stream ended or broke without a Close frame."""
