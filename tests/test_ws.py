@@ -4,9 +4,13 @@ says on the wire."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import h11
 import pytest
 import trio
+import trio.testing
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 from wsproto.frame_protocol import CloseReason
@@ -242,3 +246,31 @@ async def test_server_refuses_other_versions_and_methods_over_http() -> None:
                 while chunk := await s.recv(4096):
                     answer += chunk
             assert answer.startswith(b"HTTP/1.1 " + status)
+
+
+async def test_a_reader_waiting_for_bytes_keeps_no_parser_alive() -> None:
+    """What an idle session costs: nothing of wsproto's while it waits."""
+    a, b = trio.socket.socketpair()
+    ws = ServerWebSocket(ActivityStream(trio.SocketStream(a)), 1024)
+    peer = trio.SocketStream(b)
+    wire = client_bytes(BytesMessage(b"m" * 200))
+    got: list[bytes | str] = []
+
+    async def reader() -> None:
+        while True:
+            got.append(await ws.receive())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        await peer.send_all(wire[:100])
+        await trio.testing.wait_all_tasks_blocked()
+        assert ws.parsing  # half a message in
+        parser = weakref.ref(ws._ws)  # type: ignore[arg-type]
+        await peer.send_all(wire[100:])
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == [b"m" * 200]
+        gc.collect()
+        assert parser() is None and not ws.parsing
+        nursery.cancel_scope.cancel()
+    await peer.aclose()
+    await ws.stream.aclose()

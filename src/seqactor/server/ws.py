@@ -394,9 +394,8 @@ class ServerWebSocket:
     async def receive(self) -> bytes | str:
         """The next message. Raises :class:`ConnectionClosed` when the connection closes."""
         while True:
-            ws = self._ws
-            if ws is not None:
-                message = await self._next_message(ws)
+            if self._ws is not None:  # (no local name for it: it would outlive the drop)
+                message = await self._next_message(self._ws)
                 if message is not None:
                     return message
                 if self._idle():
@@ -465,7 +464,7 @@ class ServerWebSocket:
                 raise ConnectionClosed(code, reason)
         return None
 
-    def _deliver(self, message: bytes) -> bytes:
+    def _deliver(self, message: bytes | str) -> bytes | str:
         """A complete message: the parser goes now if it holds nothing more (the session may
         then stay idle for long)."""
         if self._idle():
