@@ -266,9 +266,10 @@ async def test_a_reader_waiting_for_bytes_keeps_no_parser_alive() -> None:
         await trio.testing.wait_all_tasks_blocked()
         assert ws.parsing  # half a message in
         parser = weakref.ref(ws._ws)  # type: ignore[arg-type]
-        await peer.send_all(wire[100:])
+        await peer.send_all(wire[100:] + client_bytes(Ping(b"after it")))
         await trio.testing.wait_all_tasks_blocked()
         assert got == [b"m" * 200]
+        assert server_events(await peer.receive_some(100)) == [Pong(b"after it")]
         gc.collect()
         assert parser() is None and not ws.parsing
         nursery.cancel_scope.cancel()
