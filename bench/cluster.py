@@ -37,6 +37,8 @@ import trio_websocket as tws
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from _common import percentile  # noqa: E402
+
 from seqactor._proto import seqactor_pb2 as pb  # noqa: E402
 from seqactor.store.redis import RedisStore  # noqa: E402
 from seqactor.store.sqlite import SQLiteStore  # noqa: E402
@@ -132,11 +134,6 @@ async def push_latency(svc: RawClient, watcher: RawClient, cid: str, n: int) -> 
     return out
 
 
-def pct(values: list[float], p: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
-
-
 async def bench_push(url: str, tmp: Path, n: int) -> dict[str, float]:
     global _NURSERY
     async with trio.open_nursery() as nursery:
@@ -163,9 +160,9 @@ async def bench_push(url: str, tmp: Path, n: int) -> dict[str, float]:
             nursery.cancel_scope.cancel()
     return {
         "cross_node_push_p50_ms": statistics.median(cross),
-        "cross_node_push_p99_ms": pct(cross, 99),
+        "cross_node_push_p99_ms": percentile(cross, 0.99),
         "same_node_push_p50_ms": statistics.median(same),
-        "same_node_push_p99_ms": pct(same, 99),
+        "same_node_push_p99_ms": percentile(same, 0.99),
         "push_samples": n,
     }
 
