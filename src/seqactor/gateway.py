@@ -25,7 +25,6 @@ from seqactor.hub import Hub
 from seqactor.metrics import Metrics
 from seqactor.server.ws import (
     ActivityStream,
-    ConnectionClosed,
     DirectSink,
     HandshakeRefused,
     ServerWebSocket,
@@ -46,32 +45,17 @@ WATCHDOG_MIN_TICK_S = 0.01
 
 class WebSocketTransport(ServerWebSocket):
     """A session's view of one connection (:class:`~seqactor._session.Transport`): the
-    connection itself, with its closes reported as the session's ``TransportClosed``."""
+    connection itself, its closes raised as the session's ``TransportClosed``."""
 
     __slots__ = ()
+
+    closed_error = TransportClosed
 
     @property
     def last_rx(self) -> float:
         return self.stream.last_rx
 
-    async def receive(self) -> bytes | str:
-        try:
-            return await super().receive()
-        except ConnectionClosed as exc:
-            raise TransportClosed(exc.code, exc.reason) from None
-
-    async def send(self, frame: bytes) -> None:
-        try:
-            await self.send_message(frame)
-        except ConnectionClosed as exc:
-            raise TransportClosed(exc.code, exc.reason) from None
-
-    async def flush(self) -> None:
-        """Send the held rest of a direct write (if it has not gone out already)."""
-        try:
-            await super().flush()
-        except ConnectionClosed as exc:
-            raise TransportClosed(exc.code, exc.reason) from None
+    send = ServerWebSocket.send_message
 
     def fd_now(self) -> int:
         """The socket's descriptor if a direct write is possible right now, else -1."""

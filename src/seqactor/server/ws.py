@@ -39,7 +39,7 @@ import errno
 import os
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import trio
 from wsproto.connection import Connection, ConnectionState, ConnectionType
@@ -233,6 +233,11 @@ class ActivityStream(trio.abc.Stream):
         self.sink: DirectSink | None = None
 
     @property
+    def tcp(self) -> trio.socket.SocketType | None:
+        """The plain TCP socket (None under TLS): the connection reads it directly."""
+        return self._tcp
+
+    @property
     def fd(self) -> int:
         return -1 if self._sending or self._closing or self.held is not None else self._fd_open
 
@@ -339,8 +344,12 @@ class ServerWebSocket:
     ``receive`` returns whole messages (``bytes``, or ``str`` for a text message) of at most
     ``max_message_bytes``; larger ones close the connection with 1009. ``send_message`` sends
     one binary message; ``close`` sends a Close frame and waits for the peer's (the caller
-    bounds the wait). One task receives at a time; any number may send.
+    bounds the wait). One task receives at a time; any number may send. Closes are raised as
+    ``closed_error(code, reason)`` (a subclass may name its own exception: no wrapper
+    coroutine per call, which an idle connection would hold while it waits).
     """
+
+    closed_error: ClassVar[type[Exception]] = ConnectionClosed
 
     __slots__ = (
         "stream", "max_message_bytes", "_ws", "_fed", "_used", "_frame_bytes", "_in_message",
@@ -401,14 +410,33 @@ class ServerWebSocket:
                 if self._idle():
                     self._ws = None
             if self.closed is not None:
-                raise ConnectionClosed(*self.closed)
+                raise self.closed_error(*self.closed)
             try:
-                data = await self.stream.receive_some(RECEIVE_BYTES)
+                data = await self._receive_bytes()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
             if not data:
                 self._lost("connection lost")
             self._feed(bytes(data))
+
+    async def _receive_bytes(self) -> bytes | bytearray:
+        """The next bytes from the peer (b"": EOF). On plain TCP the socket is read here, not
+        through ``ActivityStream.receive_some``: one coroutine frame less held by every idle
+        connection while it waits (what the stream does, inlined)."""
+        stream = self.stream
+        tcp = stream.tcp
+        if tcp is None:
+            return await stream.receive_some(RECEIVE_BYTES)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        got = _read(tcp.fileno(), RECEIVE_BYTES)
+        if got is None:
+            while got is None:
+                await trio.lowlevel.wait_readable(tcp.fileno())
+                got = _read(tcp.fileno(), RECEIVE_BYTES)
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        stream.last_rx = trio.current_time()
+        return got
 
     async def _next_message(self, ws: Connection) -> bytes | str | None:
         """Handle the parsed events up to the next complete message (None: none yet)."""
@@ -461,7 +489,7 @@ class ServerWebSocket:
                     self.closed = (code, reason)
                 else:  # a protocol error: wsproto names the close code
                     await self._fail(code, reason)
-                raise ConnectionClosed(code, reason)
+                raise self.closed_error(code, reason)
         return None
 
     def _deliver(self, message: bytes | str) -> bytes | str:
@@ -477,14 +505,14 @@ class ServerWebSocket:
         self.close_sent = True
         if self.closed is None:
             self.closed = (CLOSE_ABNORMAL, reason)
-        raise ConnectionClosed(*self.closed)
+        raise self.closed_error(*self.closed)
 
     async def _fail(self, code: int, reason: str) -> None:
         """Close with ``code`` now (no wait for the peer's Close) and raise."""
         if not self.close_sent:
             await self._send_close(code, reason)
         self.closed = (code, reason)
-        raise ConnectionClosed(code, reason)
+        raise self.closed_error(code, reason)
 
     # ---------------------------------------------------------------- sending
     def write_nowait(self, payload: bytes) -> bytes | None:
@@ -519,22 +547,22 @@ class ServerWebSocket:
             self.close_sent = True
             if self.closed is None:
                 self.closed = (CLOSE_ABNORMAL, "connection lost")
-            raise ConnectionClosed(*self.closed) from None
+            raise self.closed_error(*self.closed) from None
         finally:
             stats = lock.statistics()
             if self._lock is lock and not stats.locked and not stats.tasks_waiting:
                 self._lock = None  # free: the next sender makes a new one
 
-    async def send_message(self, payload: bytes) -> None:
+    async def send_message(self, frame: bytes) -> None:
         """Send one binary message. Raises :class:`ConnectionClosed` once closed."""
         if self.close_sent:
-            raise ConnectionClosed(*(self.closed or (CLOSE_ABNORMAL, "closing")))
+            raise self.closed_error(*(self.closed or (CLOSE_ABNORMAL, "closing")))
         await trio.lowlevel.checkpoint_if_cancelled()
-        rest = self.write_nowait(payload)
+        rest = self.write_nowait(frame)
         if rest == b"":
             await trio.lowlevel.cancel_shielded_checkpoint()
             return
-        await self._locked_send(ws_binary_frame(payload) if rest is None else b"")
+        await self._locked_send(ws_binary_frame(frame) if rest is None else b"")
 
     async def flush(self) -> None:
         """Send the held rest of a direct write (nothing if it already went out)."""
@@ -565,5 +593,5 @@ class ServerWebSocket:
                 await self._send_close(code, reason)
             while self.closed is None:
                 await self.receive()  # data is dropped until the peer's Close
-        except ConnectionClosed:
+        except self.closed_error:
             pass
