@@ -10,7 +10,7 @@ STORE  ?= sqlite:///var/seqactor.db
 SECRET ?= var/secret
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-compiled test-fallback bench bench-quick lint clean system-deps
+.PHONY: install run test test-compiled test-fallback bench bench-quick bench-peers lint clean system-deps
 
 install: $(STAMP)
 
@@ -44,10 +44,17 @@ test-compiled: install
 test-fallback: install
 	SEQACTOR_NO_EXTENSIONS=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
-bench: install system-deps
+# The peer servers the benchmarks compare with (Bun, Node + ws): npm, from the committed lock.
+bench-peers: bench/peers/node_modules/.installed
+
+bench/peers/node_modules/.installed: bench/peers/package.json bench/peers/package-lock.json
+	cd bench/peers && npm ci --no-audit --no-fund
+	touch $@
+
+bench: install system-deps bench-peers
 	for b in bench/[a-z]*.py; do $(PY) $$b || exit 1; done
 
-bench-quick: install system-deps
+bench-quick: install system-deps bench-peers
 	for b in bench/[a-z]*.py; do $(PY) $$b --quick || exit 1; done
 
 lint: install
