@@ -11,7 +11,10 @@ takes them, else under the connection's send lock.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import socket
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -41,6 +44,17 @@ log = logging.getLogger("seqactor.gateway")
 
 WATCHDOG_TICK_S = 1.0  # how often idle sessions are looked for (at most)
 WATCHDOG_MIN_TICK_S = 0.01
+NOTSENT_LOWAT_BYTES = 16_384  # unsent bytes a connection's socket takes (trio's choice)
+ACCEPT_RETRY_S = 0.1  # accept ran out of descriptors or memory: try again after this long
+# accept errors that concern only the connection being accepted (trio's list): skip it
+IGNORED_ACCEPT_ERRNOS = frozenset(
+    getattr(errno, name) for name in (
+        "EPERM", "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET",
+        "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH", "ENOSR", "ESOCKTNOSUPPORT",
+        "EPROTONOSUPPORT", "ETIMEDOUT", "ECONNRESET",
+    ) if hasattr(errno, name)
+)
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 
 class WebSocketTransport(ServerWebSocket):
@@ -142,6 +156,8 @@ class Server:
                         self.config.port, host=self.config.host
                     )
                     self.port = self.listeners[0].socket.getsockname()[1]
+                    for listener in self.listeners:
+                        _tune_listener(listener.socket)
                     conns.start_soon(self._accept_loop, conns)
                     conns.start_soon(self._watchdog)
                     if on_listening is not None:
@@ -156,7 +172,26 @@ class Server:
 
     async def _accept_loop(self, conns: trio.Nursery) -> None:
         with self._accepting:
-            await trio.serve_listeners(self._handle, self.listeners, handler_nursery=conns)
+            async with trio.open_nursery() as loops:
+                for listener in self.listeners:
+                    loops.start_soon(self._accept, listener.socket, conns)
+
+    async def _accept(self, sock: trio.socket.SocketType, conns: trio.Nursery) -> None:
+        """What ``trio.serve_listeners`` does for one listener (errors that concern only the
+        connection being accepted are skipped; running out of descriptors or memory is
+        logged and retried after ``ACCEPT_RETRY_S``), without a ``trio.SocketStream`` and a
+        wrapper task frame per connection: the handler gets the socket and peer address."""
+        while True:
+            try:
+                conn, address = await sock.accept()
+            except OSError as exc:
+                if exc.errno in ACCEPT_CAPACITY_ERRNOS:
+                    log.error("accept failed (%s); retrying in %s s", exc, ACCEPT_RETRY_S)
+                    await trio.sleep(ACCEPT_RETRY_S)
+                elif exc.errno not in IGNORED_ACCEPT_ERRNOS:
+                    raise
+                continue
+            conns.start_soon(self._handle, conn, address)
 
     async def _watchdog(self) -> None:
         """One task for every session's idle timeout (cheaper than a task per session)."""
@@ -184,18 +219,20 @@ class Server:
                 await trio.sleep(0.01)
         conns.cancel_scope.cancel()
 
-    async def _handle(self, tcp: trio.abc.Stream) -> None:
-        """One connection, in the task trio's listener started for it: the only task the
+    async def _handle(self, sock: trio.socket.SocketType, address: Any) -> None:
+        """One connection, in the task the accept loop started for it: the only task the
         connection has (it reads; the session starts a writer only while output waits)."""
         self.connections += 1
         self.metrics.connections.set(self.connections)
-        peer = _peer_name(tcp)
-        activity: trio.abc.Stream = tcp  # closed at the end (the wrapper once it exists)
+        peer = _peer_name(address)
+        activity: ActivityStream | None = None
         try:
-            stream: trio.abc.Stream = tcp
             if self._ssl is not None:
-                stream = trio.SSLStream(tcp, self._ssl, server_side=True)
-            activity = ActivityStream(stream)
+                activity = ActivityStream(
+                    trio.SSLStream(trio.SocketStream(sock), self._ssl, server_side=True)
+                )
+            else:
+                activity = ActivityStream(sock)
             transport = await self._upgrade(activity)
             if transport is not None:
                 await Session(self, transport, peer).run()
@@ -205,7 +242,10 @@ class Server:
             log.exception("connection handler failed; the connection is dropped")
         finally:
             with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(activity)
+                if activity is not None:
+                    await trio.aclose_forcefully(activity)
+                else:
+                    sock.close()
             self.connections -= 1
             self.metrics.connections.set(self.connections)
 
@@ -239,9 +279,18 @@ class Server:
             raise HandshakeRefused(503, "connection limit reached; retry later")
 
 
-def _peer_name(stream: Any) -> str:
-    try:
-        host, port = stream.socket.getpeername()[:2]
-        return f"{host}:{port}"
-    except (AttributeError, OSError, ValueError):
-        return "?"
+def _tune_listener(sock: trio.socket.SocketType) -> None:
+    """Socket options every accepted connection inherits from its listener (Linux): no Nagle
+    delay, and at most ``NOTSENT_LOWAT_BYTES`` unsent bytes in the kernel (as
+    ``trio.SocketStream`` sets per connection): a slow reader's socket fills early, so its
+    pushes coalesce in the actor instead of queueing in the kernel (I5)."""
+    with contextlib.suppress(OSError):  # (not every platform has both)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT_BYTES)
+
+
+def _peer_name(address: Any) -> str:
+    """``host:port`` of a peer address as ``accept`` returns it ("?" when it has none)."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"{address[0]}:{address[1]}"
+    return "?"

@@ -202,8 +202,12 @@ class DirectSink(Protocol):
 
 
 class ActivityStream(trio.abc.Stream):
-    """Wraps the connection's byte stream: records when bytes last arrived, holds the unsent
-    rest of a direct write, and publishes the descriptor a push may be written to directly.
+    """The connection's byte stream: records when bytes last arrived, holds the unsent rest
+    of a direct write, and publishes the descriptor a push may be written to directly.
+
+    It wraps either a plain TCP trio socket (read and written here directly: no
+    ``trio.SocketStream`` per connection) or any trio stream (TLS: a ``trio.SSLStream``; a
+    ``trio.SocketStream`` is taken apart into its socket).
 
     Every byte the server sends goes through :meth:`send_all` (under the connection's send
     lock) or a direct write while ``fd`` is published, and the socket is only ever closed
@@ -218,14 +222,16 @@ class ActivityStream(trio.abc.Stream):
         "inner", "last_rx", "held", "_tcp", "_fd_open", "_sending", "_closing", "sink",
     )
 
-    def __init__(self, inner: trio.abc.Stream) -> None:
-        self.inner = inner
+    def __init__(self, inner: trio.abc.Stream | trio.socket.SocketType) -> None:
+        # A plain TCP connection's trio socket: read and written here directly.
+        if isinstance(inner, trio.SocketStream):
+            inner = inner.socket
+        self._tcp = inner if isinstance(inner, trio.socket.SocketType) else None
+        self.inner: trio.abc.Stream | None = None if self._tcp is not None else inner  # type: ignore[assignment]
         self.last_rx = trio.current_time()
         # The unsent rest of a frame written directly to the socket: it goes out before any
         # other byte, whoever writes next, so frames never interleave on the wire.
         self.held: bytes | None = None
-        # A plain TCP stream's trio socket: read here directly (see receive_some).
-        self._tcp = inner.socket if isinstance(inner, trio.SocketStream) else None
         # Direct writes need the plain socket (TLS bytes go through the SSL stream).
         self._fd_open = self._tcp.fileno() if self._tcp is not None else -1
         self._sending = False
@@ -263,6 +269,7 @@ class ActivityStream(trio.abc.Stream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         tcp = self._tcp
         if tcp is None:
+            assert self.inner is not None
             data: bytes | bytearray = await self.inner.receive_some(max_bytes)
         else:
             # What trio.SocketStream.receive_some does (try now, else wait until readable;
@@ -295,21 +302,70 @@ class ActivityStream(trio.abc.Stream):
             held = self.held
             if held is not None:
                 self.held = None
-                await self.inner.send_all(held)
+                await self._send(held)
             if data:
-                await self.inner.send_all(data)
+                await self._send(data)
+            elif held is None and self._tcp is not None and self._tcp.fileno() < 0:
+                raise trio.ClosedResourceError("socket was already closed")
         finally:
             self._sending = False
             self._publish()
 
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
+    async def _send(self, data: bytes | bytearray | memoryview) -> None:
+        tcp = self._tcp
+        if tcp is None:
+            assert self.inner is not None
+            await self.inner.send_all(data)
+            return
+        # What trio.SocketStream.send_all does: write what the socket takes, wait until it
+        # is writable again, repeat; errors as trio's streams report them.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        with memoryview(data) as view:
+            sent = 0
+            while sent < len(view):
+                n = _write(tcp.fileno(), view[sent:])
+                if n is None:
+                    await trio.lowlevel.wait_writable(tcp.fileno())
+                else:
+                    sent += n
+        await trio.lowlevel.cancel_shielded_checkpoint()
 
-    async def aclose(self) -> None:
+    async def wait_send_all_might_not_block(self) -> None:
+        if self._tcp is None:
+            assert self.inner is not None
+            await self.inner.wait_send_all_might_not_block()
+        else:
+            await trio.lowlevel.wait_writable(self._tcp.fileno())
+
+    def close_now(self) -> None:
+        """Close without waiting (a plain socket closes at once; a TLS stream's socket too,
+        without close_notify). A task waiting to read or write gets ClosedResourceError."""
         self._fd_open = -1  # before the descriptor can be closed and its number reused
         self._closing = True
         self._publish()
-        await self.inner.aclose()
+        if self._tcp is not None:
+            self._tcp.close()  # (trio's close wakes the tasks waiting on it)
+
+    async def aclose(self) -> None:
+        self.close_now()
+        if self._tcp is not None:
+            await trio.lowlevel.checkpoint()
+        else:
+            assert self.inner is not None
+            await self.inner.aclose()
+
+
+def _write(fd: int, data: memoryview) -> int | None:
+    """One non-blocking write (None: the socket takes nothing now), errors as trio's streams
+    report them."""
+    try:
+        return os.write(fd, data)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.EBADF:
+            raise trio.ClosedResourceError("this socket was already closed") from None
+        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
 
 
 def _read(fd: int, size: int) -> bytes | None:
@@ -560,8 +616,7 @@ class ServerWebSocket:
         await trio.lowlevel.checkpoint_if_cancelled()
         rest = self.write_nowait(frame)
         if rest == b"":
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return
+            return  # written (no yield to the scheduler: a session writes a bounded outbox)
         await self._locked_send(ws_binary_frame(frame) if rest is None else b"")
 
     async def flush(self) -> None:
