@@ -73,10 +73,16 @@ def write_json(path: Path | str, result: dict[str, Any]) -> Path:
 # --------------------------------------------------------------------------- /proc
 
 
+def cpu_user_system_s(pid: int) -> tuple[float, float]:
+    """CPU seconds (user, system) process ``pid`` has used, from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick  # utime, stime
+
+
 def cpu_s(pid: int) -> float:
     """CPU seconds (user + system) process ``pid`` has used, from /proc/<pid>/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    return sum(cpu_user_system_s(pid))
 
 
 def system_busy_s() -> float:

@@ -42,7 +42,7 @@ import trio
 from _common import (
     Child,
     call_all,
-    cpu_s,
+    cpu_user_system_s,
     git_head,
     percentile,
     raise_nofile,
@@ -69,6 +69,8 @@ CLIENT_PROCESSES = 2
 CONNECT_CONCURRENCY = 256  # opens in flight, all client processes together
 PEER_START_TIMEOUT_S = 30.0
 OPEN_TIMEOUT_S = 300.0
+PROFILE_S = 60  # py-spy's longest run (stopped when the phase ends)
+PROFILE_RATE_HZ = 1000  # samples per second: one phase lasts seconds
 SETTLE_S = 1.0  # after a server starts (and after the group is set up), before the clock
 
 
@@ -107,14 +109,15 @@ async def open_phase(
 ) -> dict[str, Any]:
     """Open ``n`` connections from all clients; rate, server CPU per open, latency."""
     await trio.sleep(SETTLE_S)
-    cpu0 = cpu_s(pid)
+    user0, sys0 = cpu_user_system_s(pid)
     answers = await call_all(clients, [
         {"cmd": "open", "mode": mode, "port": port, "users": list(r),
          "concurrency": CONNECT_CONCURRENCY // len(clients),
          "secret_file": str(secret_file) if secret_file else ""}
         for r in user_ranges(n, len(clients))
     ], OPEN_TIMEOUT_S)
-    cpu1 = cpu_s(pid)
+    user1, sys1 = cpu_user_system_s(pid)
+    cpu0, cpu1 = user0 + sys0, user1 + sys1
     opened = sum(a["opened"] for a in answers)
     failed = sum(a["failed"] for a in answers)
     wall = max(a["t1"] for a in answers) - min(a["t0"] for a in answers)
@@ -125,6 +128,7 @@ async def open_phase(
     return {
         "per_s": opened / wall, "wall_s": wall, "server_cpu_s": cpu1 - cpu0,
         "server_cpu_us_per_open": (cpu1 - cpu0) / opened * 1e6,
+        "server_system_cpu_us_per_open": (sys1 - sys0) / opened * 1e6,
         "latency_p50_ms": percentile(latency, 0.50), "latency_p99_ms": percentile(latency, 0.99),
     }
 
@@ -134,7 +138,8 @@ async def seqactor_phase(
 ) -> dict[str, Any]:
     async with serve_memory(tmp) as served, trio.open_nursery() as nursery:
         backend = await start_backend(nursery, served.port, served.secret, n)
-        spy = await start_profiler(profile, served.child.pid, 60) if profile else None
+        spy = (await start_profiler(profile, served.child.pid, PROFILE_S, PROFILE_RATE_HZ)
+               if profile else None)
         try:
             return await open_phase(
                 clients, served.port, served.child.pid, n, mode, served.secret_file,

@@ -491,13 +491,18 @@ async def baseline_phase(kind: str, cfg: Config, clients: list[Child], payload: 
 # --------------------------------------------------------------------------- profiler
 
 
-async def start_profiler(path: str, pid: int, seconds: float) -> trio.Process:
+PROFILE_RATE_HZ = 100  # py-spy samples per second
+
+
+async def start_profiler(
+    path: str, pid: int, seconds: float, rate_hz: int = PROFILE_RATE_HZ,
+) -> trio.Process:
     spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if spy is None:
         raise RuntimeError("py-spy not found: pip install py-spy")
     fmt = "raw" if path.endswith(".txt") else "speedscope" if path.endswith(".json") else "flamegraph"
     return await trio.lowlevel.open_process(
-        [spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "100",
+        [spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", str(rate_hz),
          "--format", fmt, "--output", path, "--nonblocking"],
         stdout=subprocess.DEVNULL,
     )
