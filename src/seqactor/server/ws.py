@@ -467,32 +467,29 @@ class ServerWebSocket:
                     self._ws = None
             if self.closed is not None:
                 raise self.closed_error(*self.closed)
+            stream = self.stream
+            tcp = stream.tcp
+            data: bytes | bytearray | None
             try:
-                data = await self._receive_bytes()
+                if tcp is None:
+                    data = await stream.receive_some(RECEIVE_BYTES)
+                else:
+                    # ActivityStream.receive_some's plain-TCP read, inlined: every idle
+                    # connection waits here, and a call would hold one coroutine frame more.
+                    await trio.lowlevel.checkpoint_if_cancelled()
+                    data = _read(tcp.fileno(), RECEIVE_BYTES)
+                    if data is None:
+                        while data is None:
+                            await trio.lowlevel.wait_readable(tcp.fileno())
+                            data = _read(tcp.fileno(), RECEIVE_BYTES)
+                    else:
+                        await trio.lowlevel.cancel_shielded_checkpoint()
+                    stream.last_rx = trio.current_time()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
             if not data:
                 self._lost("connection lost")
             self._feed(bytes(data))
-
-    async def _receive_bytes(self) -> bytes | bytearray:
-        """The next bytes from the peer (b"": EOF). On plain TCP the socket is read here, not
-        through ``ActivityStream.receive_some``: one coroutine frame less held by every idle
-        connection while it waits (what the stream does, inlined)."""
-        stream = self.stream
-        tcp = stream.tcp
-        if tcp is None:
-            return await stream.receive_some(RECEIVE_BYTES)
-        await trio.lowlevel.checkpoint_if_cancelled()
-        got = _read(tcp.fileno(), RECEIVE_BYTES)
-        if got is None:
-            while got is None:
-                await trio.lowlevel.wait_readable(tcp.fileno())
-                got = _read(tcp.fileno(), RECEIVE_BYTES)
-        else:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-        stream.last_rx = trio.current_time()
-        return got
 
     async def _next_message(self, ws: Connection) -> bytes | str | None:
         """Handle the parsed events up to the next complete message (None: none yet)."""
