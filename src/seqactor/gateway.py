@@ -236,7 +236,8 @@ class Server:
             transport = await self._upgrade(activity)
             if transport is not None:
                 await Session(self, transport, peer).run()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as exc:
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError,
+                TransportClosed) as exc:
             log.debug("connection from %s ended during handshake: %r", peer, exc)
         except Exception:  # last resort: one connection's bug must not end the server
             log.exception("connection handler failed; the connection is dropped")
@@ -263,8 +264,9 @@ class Server:
                     )
                 log.debug("handshake refused: %s", refused)
                 return None
-            await activity.send_all(accept_response(request.key))
-            return WebSocketTransport(activity, self.config.max_frame_bytes, rest)
+            transport = WebSocketTransport(activity, self.config.max_frame_bytes, rest)
+            await transport.send_raw(accept_response(request.key))
+            return transport
         return None
 
     def _admit(self, path: str) -> None:

@@ -616,6 +616,22 @@ class ServerWebSocket:
             return  # written (no yield to the scheduler: a session writes a bounded outbox)
         await self._locked_send(ws_binary_frame(frame) if rest is None else b"")
 
+    async def send_raw(self, data: bytes) -> None:
+        """Send bytes that are not a data frame (the 101 response): written at once when the
+        socket takes them all (no scheduler round trip), else through the send path."""
+        fd = self.stream.fd
+        if fd >= 0:
+            try:
+                n = os.write(fd, data)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                n = 0  # the locked send meets the error and reports it
+            if n == len(data):
+                return
+            data = data[n:]
+        await self._locked_send(data)
+
     async def flush(self) -> None:
         """Send the held rest of a direct write (nothing if it already went out)."""
         await self._locked_send(b"")
