@@ -21,8 +21,8 @@ feeds the protocol, and every byte written goes through one send path).
 * **Frames out**: one send path. A binary frame (header + payload: no extension is ever
   negotiated) is written straight to the socket when it takes it without waiting
   (:meth:`ServerWebSocket.write_nowait`, the fan-out's direct writes); otherwise, and for
-  control frames, under the connection's one lock (made when first needed, dropped when free:
-  most sessions never make one). :class:`ActivityStream` holds the unsent rest of a partial
+  control frames, under the connection's one lock (made when a send first has to wait: most
+  idle sessions never make one). :class:`ActivityStream` holds the unsent rest of a partial
   direct write, which goes out before any other byte; once a Close frame has gone out
   (``close_sent``) nothing else is written.
 
@@ -424,7 +424,9 @@ class ServerWebSocket:
         self._reusable = True  # False once ``_ws`` must be kept (text decoding, closing)
         self._parts: list[bytes | str] | None = None  # fragments of the message being read
         self._parts_bytes = 0
-        self._lock: trio.StrictFIFOLock | None = None  # made when first needed
+        # Made when a send first has to wait (then kept: a session whose socket filled once
+        # is likely to again); an idle session that never waited holds none (~340 bytes).
+        self._lock: trio.StrictFIFOLock | None = None
         self.close_sent = False  # a Close frame has been handed to the send path
         self.closed: tuple[int, str] | None = None  # (code, reason) once closed
         if trailing:
@@ -601,10 +603,6 @@ class ServerWebSocket:
             if self.closed is None:
                 self.closed = (CLOSE_ABNORMAL, "connection lost")
             raise self.closed_error(*self.closed) from None
-        finally:
-            stats = lock.statistics()
-            if self._lock is lock and not stats.locked and not stats.tasks_waiting:
-                self._lock = None  # free: the next sender makes a new one
 
     async def send_message(self, frame: bytes) -> None:
         """Send one binary message. Raises :class:`ConnectionClosed` once closed."""
