@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import trio
 
-from seqactor.server.ws import ActivityStream, ServerWebSocket
+from seqactor.server.stream import ActivityStream
+from seqactor.server.ws import ServerWebSocket
 
 
 class _Sink:

@@ -15,17 +15,16 @@ from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 from wsproto.frame_protocol import CloseReason
 
-from seqactor.server.ws import (
+from seqactor.server.handshake import (
     MAX_REQUEST_HEAD_BYTES,
-    ActivityStream,
-    ConnectionClosed,
     HandshakeRefused,
-    ServerWebSocket,
     accept_response,
     parse_upgrade_request,
     read_request_head,
     refusal_response,
 )
+from seqactor.server.stream import ActivityStream
+from seqactor.server.ws import ConnectionClosed, ServerWebSocket
 from tests._harness import running_server
 
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 §1.3's example

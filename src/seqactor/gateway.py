@@ -1,12 +1,14 @@
-"""The WebSocket gateway: listener, handshake, connection limit, TLS, graceful shutdown.
+"""The WebSocket gateway: listener, accept loop, handshake admission, connection limit, TLS,
+graceful shutdown.
 
-Each TCP connection (wrapped in TLS when configured) is wrapped in an
-:class:`~seqactor.server.ws.ActivityStream` (every byte received, WebSocket pings included,
-counts as traffic for the idle timeout), upgraded at ``/v1`` by the server's own handshake
-(:mod:`seqactor.server.ws`), and handed to a :class:`~seqactor._session.Session`. One task per
-connection: the handler, which reads (the session's reader calls ``receive``, which answers
-pings as it reads). Pushes are written as ready WebSocket frames, directly when the socket
-takes them, else under the connection's send lock.
+Each accepted TCP socket (wrapped in TLS when configured) becomes an
+:class:`~seqactor.server.stream.ActivityStream` (every byte received, WebSocket pings included,
+counts as traffic for the idle timeout), is upgraded at ``/v1`` by the server's own handshake
+(:mod:`seqactor.server.handshake`), and handed as a :class:`WebSocketTransport`
+(:mod:`seqactor.server.ws`) to a :class:`~seqactor._session.Session`. One task per connection:
+the handler, which reads (the session's reader calls ``receive``, which answers pings as it
+reads). Pushes are written as ready WebSocket frames, directly when the socket takes them,
+else under the connection's send lock.
 """
 
 from __future__ import annotations
@@ -26,16 +28,15 @@ from seqactor._session import CLOSE_GOING_AWAY, CLOSE_REPLACED, Session, Transpo
 from seqactor.config import HANDSHAKE_TIMEOUT_S, WS_PATH, ServerConfig
 from seqactor.hub import Hub
 from seqactor.metrics import Metrics
-from seqactor.server.ws import (
-    ActivityStream,
-    DirectSink,
+from seqactor.server.handshake import (
     HandshakeRefused,
-    ServerWebSocket,
     accept_response,
     parse_upgrade_request,
     read_request_head,
     refusal_response,
 )
+from seqactor.server.stream import ActivityStream, DirectSink
+from seqactor.server.ws import ServerWebSocket
 from seqactor.store import Store
 
 __all__ = ["ActivityStream", "DirectSink", "Server", "WebSocketTransport"]
