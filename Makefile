@@ -9,16 +9,18 @@ PORT   ?= 8765
 STORE  ?= sqlite:///var/seqactor.db
 SECRET ?= var/secret
 PYTEST_ARGS ?=
+JS_DIR := clients/js
+CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: install run test test-compiled test-fallback bench bench-quick bench-peers lint clean system-deps
+.PHONY: install run test test-compiled test-fallback bench bench-quick bench-peers lint clean system-deps test-js js-build bench-js
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py proto/seqactor/v1/seqactor.proto src/seqactor/_delta.pyx
+$(STAMP): pyproject.toml setup.py proto/seqactor/v1/seqactor.proto src/seqactor/_delta.pyx src/seqactor/_readindex.pyx
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip "setuptools>=69" wheel "cython>=3.0,<4" "grpcio-tools>=1.60,<2"
+	$(PIP) install -q --upgrade pip "setuptools>=77" wheel "cython>=3.0,<4" "grpcio-tools>=1.60,<2"
 	$(PIP) install -q --no-build-isolation -e '.[dev]'
-	$(PY) -c "import seqactor._delta, seqactor._proto.seqactor_pb2" \
+	$(PY) -c "import seqactor._delta, seqactor._readindex, seqactor._proto.seqactor_pb2" \
 	  || (echo "error: compiled kernel or generated protobuf module missing" >&2; exit 1)
 	touch $(STAMP)
 
@@ -28,6 +30,12 @@ system-deps:
 	  echo "installing redis-server (Debian package)"; \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
 	  || { echo "error: redis-server missing and apt-get install failed" >&2; exit 1; }; }
+	@# the JS SDK's browser tests drive Debian's chromium (never a downloaded browser build)
+	@test -x $(CHROMIUM) || { \
+	  echo "installing chromium (Debian package)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	  || { echo "error: chromium missing and apt-get install failed" >&2; exit 1; }; }
+	@command -v npm >/dev/null 2>&1 || { echo "error: Node.js 20+ with npm is needed for clients/js" >&2; exit 1; }
 
 run: install
 	mkdir -p var
@@ -36,7 +44,7 @@ run: install
 	@echo "  $(VENV)/bin/seqactor token --secret-file $(SECRET) --user backend --role service"
 	$(VENV)/bin/seqactor serve --host $(HOST) --port $(PORT) --store $(STORE) --secret-file $(SECRET)
 
-test: install system-deps test-compiled test-fallback
+test: install system-deps test-js test-compiled test-fallback
 
 test-compiled: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -51,7 +59,24 @@ bench/peers/node_modules/.installed: bench/peers/package.json bench/peers/packag
 	cd bench/peers && npm ci --no-audit --no-fund
 	touch $@
 
-bench: install system-deps bench-peers
+
+# The TypeScript SDK (clients/js): npm ci, generate from the .proto, compile, bundle; then the
+# Node tests (real `seqactor serve`) and the Chromium tests (the demo page).
+$(JS_DIR)/node_modules/.package-lock.json: $(JS_DIR)/package-lock.json
+	cd $(JS_DIR) && npm ci --no-audit --no-fund --loglevel=error
+
+js-build: $(JS_DIR)/node_modules/.package-lock.json
+	cd $(JS_DIR) && npm run --silent build
+
+test-js: install system-deps js-build
+	cd $(JS_DIR) && SEQACTOR_BIN=$(CURDIR)/$(VENV)/bin/seqactor CHROMIUM_BIN=$(CHROMIUM) npm run --silent test:node
+	cd $(JS_DIR) && SEQACTOR_BIN=$(CURDIR)/$(VENV)/bin/seqactor CHROMIUM_BIN=$(CHROMIUM) npm run --silent test:browser
+
+bench-js: install system-deps js-build
+	SEQACTOR_BIN=$(CURDIR)/$(VENV)/bin/seqactor CHROMIUM_BIN=$(CHROMIUM) node bench/js_client.mjs
+
+
+bench: install system-deps bench-peers bench-js
 	for b in bench/[a-z]*.py; do $(PY) $$b || exit 1; done
 
 bench-quick: install system-deps bench-peers
@@ -62,4 +87,4 @@ lint: install
 	$(VENV)/bin/mypy src
 
 clean:
-	rm -rf build src/*.egg-info src/seqactor/_delta.c src/seqactor/_delta*.so src/seqactor/_proto/seqactor_pb2.py* $(STAMP)
+	rm -rf build src/*.egg-info src/seqactor/_delta.c src/seqactor/_delta*.so src/seqactor/_readindex.c src/seqactor/_readindex*.so src/seqactor/_proto/seqactor_pb2.py* $(STAMP)

@@ -3,7 +3,8 @@
 * ``proto/seqactor/v1/seqactor.proto`` is compiled with grpcio-tools' bundled protoc into
   ``src/seqactor/_proto/seqactor_pb2.py`` (+ ``.pyi``) on every build when the proto is newer.
   The generated file is never edited or committed.
-* ``src/seqactor/_delta.pyx`` is cythonized into ``seqactor._delta``. If Cython or a C compiler is
+* ``src/seqactor/_delta.pyx`` is cythonized into ``seqactor._delta`` (and ``_readindex.pyx``, the
+  read-count kernel, into ``seqactor._readindex``). If Cython or a C compiler is
   missing the build goes on without it and ``seqactor._kernel`` falls back to ``_delta_py``.
   ``SEQACTOR_DEBUG_BUILD=1`` turns on bounds checks and line tracing for debugging.
 """
@@ -64,13 +65,16 @@ def extensions() -> list[object]:
         "cdivision": True,
         "linetrace": debug,
     }
-    ext = Extension(
-        "seqactor._delta",
-        ["src/seqactor/_delta.pyx"],
-        extra_compile_args=["-O2"] if not debug else ["-O0", "-g"],
-        define_macros=[("CYTHON_TRACE", "1")] if debug else [],
-    )
-    return list(cythonize([ext], compiler_directives=directives, quiet=True))
+    exts = [
+        Extension(
+            f"seqactor.{name}",
+            [f"src/seqactor/{name}.pyx"],
+            extra_compile_args=["-O2"] if not debug else ["-O0", "-g"],
+            define_macros=[("CYTHON_TRACE", "1")] if debug else [],
+        )
+        for name in ("_delta", "_readindex")
+    ]
+    return list(cythonize(exts, compiler_directives=directives, quiet=True))
 
 
 generate_proto()

@@ -76,6 +76,7 @@ async def bench_alloc(make_store: Any, total: int) -> float:
 async def start_node(url: str, tmp: Path, name: str, nursery: trio.Nursery) -> tuple[Any, int]:
     secret = tmp / "secret"
     secret.write_bytes(SECRET)
+    secret.chmod(0o600)  # serve warns about group/world-readable secrets
     err = open(tmp / f"{name}.log", "wb")  # noqa: SIM115 - owned by the process
     proc = await trio.lowlevel.open_process(
         [sys.executable, "-m", "seqactor.cli", "serve", "--host", "127.0.0.1", "--port", "0",

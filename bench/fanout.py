@@ -305,6 +305,7 @@ async def serve_memory(tmp: Path) -> AsyncIterator[Served]:
     and stop it on exit (its log tail is printed if the body fails)."""
     secret_file = tmp / "secret"
     secret_file.write_text(secrets.token_hex(32))
+    secret_file.chmod(0o600)  # serve warns about group/world-readable secrets
     secret = secret_file.read_bytes().strip()
     server_log = open(tmp / "server.log", "wb")
     server = await Child.start(

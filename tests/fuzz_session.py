@@ -3,7 +3,7 @@
 The session talks to the network through a small ``Transport``; here that is
 :class:`FakeTransport`, which feeds the frames under test and records what the server sends
 and how it closes. :func:`drive` runs one session over it against a real in-process server
-(hub, actors, memory store), :func:`check_outcome` asserts the SPEC's answer for every frame,
+(hub, actors, memory store), :func:`check_outcome` asserts the documented answer for every frame,
 and :func:`check_server` that the store's invariants hold and a normal client still works.
 
 ``tests/test_hostile.py`` drives this with Hypothesis. Run as a script, it is an atheris
@@ -33,7 +33,10 @@ from tests._load import check_store_invariants, token
 
 Code = pb.Error.Code
 CLOSE_CODES = {1000, 1002, 1003, 1009, 4001, 4002, 4008}
-USER_OPS = {"get_sequences", "subscribe", "unsubscribe", "mark_read", "set_background", "ping"}
+USER_OPS = {"get_sequences", "subscribe", "unsubscribe", "mark_read", "set_background", "ping",
+            "get_read_counts", "watch_read_counts", "get_readers"}
+READ_COUNT_REPLIES = {"get_read_counts": "read_counts", "watch_read_counts": "ack",
+                      "get_readers": "readers"}  # v1.1 (docs/protocol.md "Group read counts")
 SERVICE_OPS = {"allocate_sequences", "add_members", "remove_members", "set_min_sequence"}
 FUZZ_USERS = ("alice", "bob")
 FUZZ_CONVERSATIONS = ("g1", "g2")
@@ -162,7 +165,7 @@ def _decode(frame: bytes | str) -> pb.ClientMessage | None:
 
 
 def check_outcome(out: Outcome) -> None:
-    """The SPEC's answer (docs/protocol.md, errors and close codes) for every frame sent."""
+    """The documented answer (docs/protocol.md, errors and close codes) for every frame sent."""
     replies = out.replies
     errors = [r.error for r in replies if r.WhichOneof("body") == "error"]
     assert all(e.code != Code.INTERNAL for e in errors), errors
@@ -231,6 +234,11 @@ def check_outcome(out: Outcome) -> None:
                 assert a.error.code in (Code.BAD_REQUEST, Code.TOO_LARGE), a
         elif kind == "mark_read" and a.WhichOneof("body") == "ack":
             pass  # checked against the store in check_server (I2)
+        elif kind in READ_COUNT_REPLIES:
+            assert a.WhichOneof("body") in (READ_COUNT_REPLIES[kind], "error"), (kind, a)
+            if a.WhichOneof("body") == "error":
+                assert a.error.code in (Code.BAD_REQUEST, Code.TOO_LARGE, Code.FORBIDDEN,
+                                        Code.NOT_FOUND), a
         else:
             assert a.WhichOneof("body") in ("ack", "update", "error"), (kind, a)
             if a.WhichOneof("body") == "error":

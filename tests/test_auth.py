@@ -111,4 +111,5 @@ def test_issued_tokens_take_the_plain_path_and_verify() -> None:
     assert auth._decode_plain(token, SECRET, time.time()) == jwt.decode(
         token, SECRET, algorithms=["HS256"])
     assert verify_token(SECRET, token) == Identity("alice", "service")
-    assert _outcome(issue_token(SECRET, "bob", ttl_s=-5)) == "AuthError: token expired"
+    expired = issue_token(SECRET, "bob", ttl_s=60, now=time.time() - 120)  # issued in the past
+    assert _outcome(expired) == "AuthError: token expired"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import statistics
+import time
 
 import msgpack
 import pytest
@@ -26,6 +27,7 @@ from seqactor import (
     SessionReplaced,
     unread_count,
 )
+from seqactor.auth import issue_token
 from seqactor.config import ServerConfig
 from seqactor.gateway import Server
 from seqactor.store import open_store
@@ -279,31 +281,41 @@ async def test_cache_of_another_user_is_not_resumed(tmp_path, caplog):
 # ---------------------------------------------------------------------------- heartbeat
 
 
-async def test_ping_only_when_idle():
-    async with running_server(heartbeat_interval_s=0.1) as server:
+# Heartbeat tests run on trio's MockClock: virtual time jumps to the next timer only after
+# every task has been idle this long in real time (loopback bytes in flight land well within
+# it), so a busy machine cannot stretch the intervals the client measures.
+AUTOJUMP_S = 0.01
+
+
+async def test_ping_only_when_idle(mock_clock):
+    """One Ping per heartbeat interval of silence, none while the client's own traffic flows."""
+    mock_clock.autojump_threshold = AUTOJUMP_S
+    interval = 0.1
+    async with running_server(heartbeat_interval_s=interval) as server:
         await setup(server.url, {"p": ["erin"]}, allocs=1)
         async with Client.connect(server.url, token("erin")) as idle:
             before = idle.stats.pings_sent
-            await trio.sleep(0.75)
-            idle_pings = idle.stats.pings_sent - before
-            assert 5 <= idle_pings <= 8  # about one per interval, no more
+            await trio.sleep(7.5 * interval)
+            assert 7 <= idle.stats.pings_sent - before <= 8  # one per interval of silence
             # with the client's own traffic flowing, no pings at all
             before = idle.stats.pings_sent
             for _ in range(25):
                 await idle.mark_read("p", 1)
-                await trio.sleep(0.03)
+                await trio.sleep(interval / 3)
             assert idle.stats.pings_sent - before == 0
             assert idle.connected and idle.stats.connects == 1  # the server never timed us out
 
 
-async def test_background_pings_less_often():
-    async with running_server(heartbeat_interval_s=0.05) as server:
+async def test_background_pings_less_often(mock_clock):
+    mock_clock.autojump_threshold = AUTOJUMP_S
+    interval = 0.05
+    async with running_server(heartbeat_interval_s=interval) as server:
         async with Client.connect(server.url, token("fred")) as c:
             await c.set_background(True)
             before = c.stats.pings_sent
-            await trio.sleep(0.6)
-            assert 1 <= c.stats.pings_sent - before <= 4  # every 4 x 0.05 s
-            assert c.stats.connects == 1
+            await trio.sleep(12.5 * interval)  # a ping every 4 intervals in background
+            assert 3 <= c.stats.pings_sent - before <= 4
+            assert c.stats.connects == 1 and c.connected
 
 
 # ---------------------------------------------------------------------------- reconnects
@@ -391,7 +403,9 @@ async def test_bad_token_surfaces_authentication_error():
             async with Client.connect(server.url, "not-a-token"):
                 pass
         with pytest.raises(AuthenticationError):
-            async with ServiceClient.connect(server.url, token("svc", ttl=-5)):
+            expired = issue_token(SECRET, "svc", role="service", ttl_s=60,
+                                  now=time.time() - 120)  # expired a minute ago
+            async with ServiceClient.connect(server.url, expired):
                 pass
 
 

@@ -244,7 +244,7 @@ async def test_push_overtaking_the_resume_reply_never_moves_the_resume_point():
                 t1 = client.sync_token
                 syncs = len(client.syncs)
 
-                removal_done, _push_seen, release_resume = trio.Event(), trio.Event(), trio.Event()
+                removal_done, release_resume = trio.Event(), trio.Event()
                 resume_ids: list[int] = []
                 phase = ["hold"]
 

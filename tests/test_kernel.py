@@ -625,7 +625,7 @@ def test_kernel_exports_the_record_type() -> None:
 # ------------------------------------------------------------------ ServerMessage
 
 BODY_FIELDS = {"welcome": 2, "update": 3, "ack": 4, "error": 5, "pong": 6, "allocated": 7,
-               "go_away": 8}
+               "go_away": 8, "read_counts": 9, "readers": 10}
 bodies = st.one_of(
     st.builds(lambda u, s, h, r: pb.ServerMessage(welcome=pb.Welcome(
         user_id=u, session_id=s, heartbeat_interval_ms=h, role=r)), ids, ids,
@@ -640,6 +640,11 @@ bodies = st.one_of(
         first_sequence=a, last_sequence=b, time_ms=t)), u64, u64, i64),
     st.builds(lambda r, ms: pb.ServerMessage(go_away=pb.GoAway(reason=r, reconnect_after_ms=ms)),
               ids, st.integers(0, 2**32 - 1)),
+    st.builds(lambda c, f, n, cs: pb.ServerMessage(read_counts=pb.ReadCounts(
+        conversation_id=c, from_sequence=f, member_count=n, counts=cs)), ids, u64,
+        st.integers(0, 2**32 - 1), st.lists(st.integers(0, 2**32 - 1), max_size=20)),
+    st.builds(lambda us, nx: pb.ServerMessage(readers=pb.Readers(user_ids=us, next_after_user_id=nx)),
+              st.lists(ids, max_size=5), ids),
     st.just(pb.ServerMessage()),
 )
 
@@ -681,7 +686,7 @@ def test_split_server_message(msg: pb.ServerMessage, rid: int) -> None:
 
 
 @FAST
-@given(st.lists(bodies, min_size=2, max_size=4), unknown_fields(min_field=9))
+@given(st.lists(bodies, min_size=2, max_size=4), unknown_fields(min_field=11))
 def test_split_concatenated(msgs: list[pb.ServerMessage], extra: bytes) -> None:
     """Concatenated messages: a repeated body kind merges, another kind replaces it."""
     check_split(extra.join(m.SerializeToString() for m in msgs) + extra)

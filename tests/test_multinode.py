@@ -1,5 +1,5 @@
-"""Several ``seqactor serve`` processes on one Redis (SPEC §5): cross-node push, tokens that work
-on any node (I3), no seq reuse across a Redis restart (I1), the data-loss guard, and
+"""Several ``seqactor serve`` processes on one Redis (docs/protocol.md, "Stores"): cross-node
+push, tokens that work on any node (I3), no seq reuse across a Redis restart (I1), the data-loss guard, and
 convergence after a node's Redis connection was cut."""
 
 from __future__ import annotations
@@ -348,9 +348,13 @@ async def test_redis_cut_while_traffic_flows(redis: RedisServer, tmp_path: Path)
 
 
 def test_store_init_cli_on_embedded_store(tmp_path: Path) -> None:
+    """``store init`` creates a SQLite store's epoch; ``--force`` rotates it there too (the
+    full scenario with a server is tests/test_cli_store.py)."""
     url = f"sqlite:///{tmp_path}/s.db"
-    assert "epoch already set" in store_init(url, False)
-    out = subprocess.run([*SEQACTOR, "store", "init", "--force", "--store", url],
-                         capture_output=True, text=True, timeout=30)
-    assert out.returncode != 0 and "--force is for Redis" in out.stderr
+    created = store_init(url, False)
+    assert created.startswith("created new epoch ")
+    epoch = created.split()[3]
+    assert store_init(url, False).strip() == f"epoch already set {epoch}"
+    rotated = store_init(url, True)
+    assert rotated.startswith("created new epoch ") and epoch not in rotated
     assert os.path.exists(tmp_path / "s.db")

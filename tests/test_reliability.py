@@ -1,5 +1,6 @@
-"""SPEC §1 under the conditions that break IM servers: a crash under load, a reconnect storm,
-slow and stuck consumers. CI-sized; ``bench/reliability.py`` runs the same at full size.
+"""The invariants (docs/protocol.md, "Invariants") under the conditions that break IM servers:
+a crash under load, a reconnect storm, slow and stuck consumers. CI-sized;
+``bench/reliability.py`` runs the same at full size.
 
 Servers run as child processes (``seqactor serve`` as a user runs it, or ``tests/_load.py``'s
 launcher for settings the CLI has no flag for) so a crash is a real ``kill -9`` and memory is

@@ -1,4 +1,4 @@
-"""One behaviour suite for every store backend (SPEC §1 invariants, the Store contract).
+"""One behaviour suite for every store backend (docs/protocol.md "Invariants", the Store contract).
 
 Add a backend by adding a factory to ``STORE_FACTORIES`` (and to ``PERSISTENT`` if it
 survives a reopen).

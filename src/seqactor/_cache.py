@@ -73,7 +73,7 @@ def decode(raw: bytes) -> CacheData:
 
 
 def load(path: str | os.PathLike[str]) -> CacheData | None:
-    p = Path(path)
+    p = Path(path).expanduser()  # cache_path="~/..." means the home directory
     try:
         raw = p.read_bytes()
     except FileNotFoundError:
@@ -90,7 +90,7 @@ def load(path: str | os.PathLike[str]) -> CacheData | None:
 
 def write_atomic(path: str | os.PathLike[str], raw: bytes) -> None:
     """Write ``raw`` to ``path`` so that readers see the old or the new file, never a mix."""
-    p = Path(path)
+    p = Path(path).expanduser()  # cache_path="~/..." means the home directory
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:

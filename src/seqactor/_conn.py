@@ -40,8 +40,9 @@ SHUTDOWN_CLOSE_TIMEOUT_S = 0.25  # closing the client: the close handshake gets 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # snapshots of large views exceed the server's inbound limit
 WS_QUEUE_FRAMES = 64
 
-# ServerMessage body field numbers (SPEC §3)
+# ServerMessage body field numbers (docs/protocol.md, "Messages")
 F_WELCOME, F_UPDATE, F_ACK, F_ERROR, F_PONG, F_ALLOCATED, F_GOAWAY = 2, 3, 4, 5, 6, 7, 8
+F_READ_COUNTS = 9  # v1.1: a read-count watch's push (docs/protocol.md "Group read counts")
 
 CLOSE_AUTH_FAILED = 4001
 CLOSE_REPLACED = 4009
@@ -345,7 +346,6 @@ class Link:
         self.error: BaseException | None = None
         self.ready = False  # Client: resumed and synced
         self.alive = True
-        self.opened_at = trio.current_time()
 
     def fail(self, exc: BaseException) -> None:
         if self.error is None:
@@ -635,6 +635,8 @@ class _Endpoint:
                     self._on_push(body, size)
                 elif field == F_GOAWAY:
                     self._goaway(pb.GoAway.FromString(body))
+                elif field == F_READ_COUNTS:
+                    self._on_read_counts(body)
                 elif field == F_ERROR:
                     err = pb.Error.FromString(body)
                     self.last_error = f"server error: {err.message}"
@@ -674,6 +676,9 @@ class _Endpoint:
         pass
 
     def _on_push(self, body: bytes, size: int) -> None:
+        pass
+
+    def _on_read_counts(self, body: bytes) -> None:
         pass
 
     def _on_reply(self, waiter: _Waiter, field: int, body: bytes, size: int) -> None:

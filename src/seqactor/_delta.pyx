@@ -975,7 +975,7 @@ def split_server_message(data):
             p = sa_get_varint(p, end, &request_id)
             if p == NULL:
                 raise DecodeError("truncated or overlong varint")
-        elif 2 <= field <= 8:
+        elif 2 <= field <= 10:  # Welcome .. GoAway, ReadCounts, Readers (v1.1)
             if wire != 2:
                 raise DecodeError(f"wrong wire type {wire} for ServerMessage field {field}")
             p = _len(p, end, &n)

@@ -448,7 +448,7 @@ def split_server_message(data: bytes) -> tuple[int, int, bytes]:
             if wire != 0:
                 raise DecodeError("wrong wire type for request_id")
             request_id, pos = _get_varint(data, pos, end)
-        elif 2 <= field <= 8:
+        elif 2 <= field <= 10:  # Welcome .. GoAway, ReadCounts, Readers (v1.1)
             if wire != 2:
                 raise DecodeError(f"wrong wire type {wire} for ServerMessage field {field}")
             stop, start = _get_len(data, pos, end)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import random
+import shlex
+import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 import trio
 
+from seqactor import _demo_web
+from seqactor._watch import plural
 from seqactor.auth import issue_token, load_or_create_secret
 from seqactor.client import Client, ServiceClient
 from seqactor.config import ServerConfig
@@ -30,13 +36,40 @@ def plan(users: int, groups: int, rng: random.Random) -> dict[str, list[str]]:
     return convs
 
 
+TEMP_DIR_PREFIX = "seqactor-demo-"
+
+
+def self_command() -> str:
+    """How to run this same ``seqactor`` from a shell: ``seqactor`` when that is what PATH
+    finds, else the script's path as invoked (``.venv/bin/seqactor``), else ``python -m``."""
+    script = sys.argv[0] if sys.argv else ""
+    if Path(script).name != "seqactor":
+        return f"{shlex.quote(sys.executable)} -m seqactor.cli"
+    on_path = shutil.which("seqactor")
+    if on_path and os.path.realpath(on_path) == os.path.realpath(script):
+        return "seqactor"
+    rel = os.path.relpath(script)
+    return shlex.quote(script if rel.startswith("..") else rel)
+
+
 async def run_demo(
     host: str, port: int, users: int, groups: int, rate: float, duration: float | None,
     secret_file: str | None, seed: int | None,
 ) -> None:
+    if secret_file is not None:
+        await _run_demo(host, port, users, groups, rate, duration, secret_file, seed)
+        return
+    # A temporary secret, removed when the demo ends (also on Ctrl-C or an error).
+    with tempfile.TemporaryDirectory(prefix=TEMP_DIR_PREFIX) as tmp:
+        await _run_demo(host, port, users, groups, rate, duration, str(Path(tmp) / "secret"),
+                        seed)
+
+
+async def _run_demo(
+    host: str, port: int, users: int, groups: int, rate: float, duration: float | None,
+    secret_file: str, seed: int | None,
+) -> None:
     rng = random.Random(seed)
-    if secret_file is None:
-        secret_file = str(Path(tempfile.mkdtemp(prefix="seqactor-demo-")) / "secret")
     secret, _created = load_or_create_secret(secret_file)
     cfg = ServerConfig(host=host, port=port, store_url="memory://", secret=secret)
     server = Server(cfg, open_store("memory://"), secret)
@@ -45,17 +78,20 @@ async def run_demo(
         url = server.url
         convs = plan(users, groups, rng)
         service = issue_token(secret, "demo-backend", role="service")
-        print(f"seqactor demo: server on {url} (memory://), {users} users, {len(convs)} "
-              f"conversations, {rate:g} messages/s", flush=True)
-        print("watch it live:", flush=True)
-        print(f"  seqactor watch --url {url} --user user1 --secret-file {secret_file}", flush=True)
-        print("send a message yourself:", flush=True)
-        print(f"  seqactor send --url {url} --secret-file {secret_file} group-1 --sender user2",
-              flush=True)
-        print("Ctrl-C stops the demo.", flush=True)
         async with ServiceClient.connect(url, service) as svc:
             for cid, members in convs.items():
                 await svc.add_members(cid, members)
+            # Printed once the conversations exist: the commands work the moment they show.
+            print(f"seqactor demo: server on {url} (memory://), {users} users, "
+                  f"{plural(len(convs), 'conversation')}, {rate:g} messages/s", flush=True)
+            me, secret_arg = self_command(), shlex.quote(secret_file)
+            print("watch it live, in another terminal:", flush=True)
+            print(f"  {me} watch --url {url} --user user1 --secret-file {secret_arg}", flush=True)
+            print("send a message yourself:", flush=True)
+            print(f"  {me} send --url {url} --secret-file {secret_arg} group-1 --sender user2",
+                  flush=True)
+            page = _demo_web.start(host, port + 1 if port else 0, url, issue_token(secret, "user1"))
+            print("Ctrl-C stops the demo.", flush=True)
             async with trio.open_nursery() as traffic:
                 for i in range(2, users + 1):
                     user = f"user{i}"
@@ -66,6 +102,8 @@ async def run_demo(
                     await trio.sleep(duration)
                     traffic.cancel_scope.cancel()
         server.stop()
+        if page is not None:
+            page.close()
 
 
 async def _sender(

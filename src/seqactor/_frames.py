@@ -7,8 +7,6 @@ import time
 
 from seqactor._proto import seqactor_pb2 as pb
 
-ErrorCode = pb.Error.Code
-
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000

@@ -1,4 +1,5 @@
-"""The one place that picks the delta kernel: compiled ``_delta`` or pure-Python ``_delta_py``.
+"""The one place that picks the kernels: compiled ``_delta`` / ``_readindex`` or their pure-Python
+twins ``_delta_py`` / ``_readindex_py``.
 
 ``SEQACTOR_NO_EXTENSIONS=1`` forces the pure-Python twin. A failed import of the compiled
 module falls back with a warning. Everything else imports the kernel from here.
@@ -30,6 +31,28 @@ else:
 
         COMPILED = False
 
+# The read-count kernel (group read counts, docs/protocol.md "Group read counts"): same switch, same fallback.
+if COMPILED:
+    try:
+        from seqactor import _readindex as _ri  # type: ignore[attr-defined, no-redef, unused-ignore]
+
+        READINDEX_COMPILED = True
+    except ImportError as exc:  # pragma: no cover - depends on the build
+        warnings.warn(
+            f"seqactor: compiled read index unavailable ({exc}); using the pure-Python fallback",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        from seqactor import _readindex_py as _ri
+
+        READINDEX_COMPILED = False
+else:
+    from seqactor import _readindex_py as _ri
+
+    READINDEX_COMPILED = False
+
+ReadCounter = _ri.ReadCounter
+
 KeyTable = _impl.KeyTable
 ConversationSeqs = _impl.ConversationSeqs
 DecodeError = _impl.DecodeError
@@ -48,6 +71,8 @@ __all__ = [
     "ConversationSeqs",
     "DecodeError",
     "KeyTable",
+    "READINDEX_COMPILED",
+    "ReadCounter",
     "decode_update",
     "encode_delta",
     "encode_rows",

@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError as ProtoDecodeError
 
 from seqactor import _frames as frames
 from seqactor import _kernel as kernel
+from seqactor import _readcounts as readcounts
 from seqactor._proto import seqactor_pb2 as pb
 from seqactor._synctoken import make_token, token_position
 from seqactor.actor import SessionState, UserActor
@@ -585,4 +586,8 @@ _HANDLERS: dict[str, tuple[_Handler, bool]] = {
     "add_members": (Session.op_add_members, True),  # type: ignore[dict-item]
     "remove_members": (Session.op_remove_members, True),  # type: ignore[dict-item]
     "set_min_sequence": (Session.op_set_min_sequence, True),  # type: ignore[dict-item]
+    # group read counts (docs/protocol.md "Group read counts"), in their own module
+    "get_read_counts": (readcounts.op_get_read_counts, False),  # type: ignore[dict-item]
+    "watch_read_counts": (readcounts.op_watch_read_counts, False),  # type: ignore[dict-item]
+    "get_readers": (readcounts.op_get_readers, False),  # type: ignore[dict-item]
 }

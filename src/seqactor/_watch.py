@@ -27,6 +27,11 @@ def _ago(time_ms: int, now_ms: int) -> str:
     return f"{s // 3600}h ago"
 
 
+def plural(n: int, noun: str) -> str:
+    """``1 conversation``, ``2 conversations``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def by_activity(view: dict[str, Conversation]) -> list[Conversation]:
     """Latest activity first (then id, for a stable order)."""
     return sorted(view.values(), key=lambda c: (-c.time_ms, c.id))
@@ -37,7 +42,7 @@ def render(client: Client, limit: int, changed: set[str] | frozenset[str] = froz
     convs = by_activity(client.view)
     state = "connected" if client.connected else f"reconnecting ({client.last_error or '...'})"
     title = (
-        f"seqactor · {client.user_id or '?'} · {len(convs)} conversations · "
+        f"seqactor · {client.user_id or '?'} · {plural(len(convs), 'conversation')} · "
         f"total unread {client.total_unread} · {state}"
     )
     table = Table(expand=False)

@@ -1,7 +1,11 @@
-"""Tokens: JWT HS256 signed with the server's secret (SPEC §4.1).
+"""Tokens: JWT HS256 signed with the server's secret (docs/protocol.md, "Authentication").
 
 Claims: ``sub`` = user id (required), ``exp`` (required), ``role`` = ``"user"`` (default) or
 ``"service"``. Only HS256 is accepted (``alg: none`` and every other algorithm are refused).
+
+The secret is at least :data:`MIN_SECRET_BYTES` long (RFC 7518 §3.2 asks for a key as long as
+the hash): shorter ones are refused here with one clear message rather than signed with a
+warning.
 """
 
 from __future__ import annotations
@@ -28,7 +32,12 @@ from seqactor.store._base import InvalidArgument, validate_id
 ALGORITHM = "HS256"
 ROLES = ("user", "service")
 DEFAULT_TOKEN_TTL_S = 24 * 3600
-SECRET_BYTES = 32
+SECRET_BYTES = 32  # random bytes in a generated secret (written hex-encoded: 64 characters)
+MIN_SECRET_BYTES = 32  # HS256 needs a key at least as long as its 256-bit hash
+
+
+class SecretError(ValueError):
+    """The secret (or its file) cannot be used; the message names the file and the fault."""
 
 
 class AuthError(Exception):
@@ -51,6 +60,9 @@ def issue_token(
 ) -> str:
     if role not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, not {role!r}")
+    check_secret(secret)
+    if ttl_s <= 0:
+        raise ValueError(f"the token lifetime must be positive, not {ttl_s:g} s")
     validate_id(user_id, "user id")
     issued = time.time() if now is None else now
     claims: dict[str, object] = {"sub": user_id, "exp": int(issued + ttl_s), "iat": int(issued)}
@@ -65,6 +77,8 @@ def verify_token(
 ) -> Identity:
     if not token:
         raise AuthError("missing token")
+    if len(secret) < MIN_SECRET_BYTES:
+        raise AuthError(f"the server's secret is shorter than {MIN_SECRET_BYTES} bytes")
     try:
         claims = _decode(token, secret)
     except jwt.ExpiredSignatureError:
@@ -149,17 +163,67 @@ def _decode_plain(token: str, secret: bytes, now: float) -> dict[str, Any] | Non
     return claims
 
 
-def load_or_create_secret(path: str | os.PathLike[str]) -> tuple[bytes, bool]:
-    """Read the secret file; create it (random, mode 0600) when missing. Returns (secret, created)."""
+def check_secret(secret: bytes, where: str = "the secret") -> bytes:
+    """``secret`` if it is long enough to sign with, else :class:`SecretError`."""
+    if not secret:
+        raise SecretError(f"{where} is empty")
+    if len(secret) < MIN_SECRET_BYTES:
+        raise SecretError(
+            f"{where} is {len(secret)} bytes; at least {MIN_SECRET_BYTES} are needed "
+            "(delete it and let `seqactor serve` create one, or write 64 random hex characters)"
+        )
+    return secret
+
+
+def read_secret(path: str | os.PathLike[str]) -> bytes:
+    """The secret in ``path`` (surrounding whitespace stripped), or one clear
+    :class:`SecretError` naming the file: missing, a directory, not a regular file (a FIFO, a
+    device), unreadable, empty or too short."""
     p = Path(path)
-    if p.exists():
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise SecretError(f"secret file {p} does not exist") from None
+    except OSError as exc:
+        raise SecretError(f"cannot read secret file {p}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise SecretError(f"secret file {p} is a directory, not a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise SecretError(f"secret file {p} is not a regular file")
+    if not os.access(p, os.R_OK):
+        raise SecretError(f"secret file {p} is not readable (permission denied)")
+    try:
         secret = p.read_bytes().strip()
-        if not secret:
-            raise ValueError(f"secret file {p} is empty")
-        return secret, False
-    p.parent.mkdir(parents=True, exist_ok=True)
-    secret = secrets.token_hex(SECRET_BYTES).encode("ascii")
-    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(secret + b"\n")
+    except OSError as exc:
+        raise SecretError(f"cannot read secret file {p}: {exc.strerror or exc}") from None
+    return check_secret(secret, f"secret file {p}")
+
+
+def secret_file_warning(path: str | os.PathLike[str]) -> str | None:
+    """A one-line warning when group or others may read the secret file, else None."""
+    p = Path(path)
+    try:
+        mode = stat.S_IMODE(p.stat().st_mode)
+    except OSError:
+        return None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return (f"secret file {p} is readable by group or others (mode {mode:04o}); "
+                f"anyone who reads it can sign tokens: chmod 600 {p}")
+    return None
+
+
+def load_or_create_secret(path: str | os.PathLike[str]) -> tuple[bytes, bool]:
+    """Read the secret file (see :func:`read_secret`); create it (random, mode 0600) when
+    missing. Returns (secret, created)."""
+    p = Path(path)
+    if p.exists() or p.is_symlink():
+        return read_secret(p), False
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        secret = secrets.token_hex(SECRET_BYTES).encode("ascii")
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(secret + b"\n")
+    except OSError as exc:
+        raise SecretError(f"cannot create secret file {p}: {exc.strerror or exc}") from None
     return secret, True

@@ -1,4 +1,10 @@
-"""Command line: ``seqactor serve | token | watch | send | members | demo`` (SPEC §6)."""
+"""Command line: ``seqactor serve | token | watch | send | members | demo | store``
+(docs/cli.md; the contract for each command is in docs/protocol.md, "Command line").
+
+Errors: a usage error (a bad flag value, a missing argument) prints one line and exits 2;
+any other failure (a file, a port, a URL that does not work) prints one line naming it and
+exits 1. Never a traceback.
+"""
 
 from __future__ import annotations
 
@@ -12,159 +18,225 @@ from typing import Any
 import trio
 
 from seqactor import config as C
+from seqactor._cli_args import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    LOG_LEVELS,
+    CliError,
+    HelpFormatter,
+    OneLineParser,
+    UsageError,
+    check_ws_url,
+    count_arg,
+    id_arg,
+    log_level,
+    nonnegative_float,
+    port_arg,
+    positive_float,
+    positive_int,
+    ttl_arg,
+    warn,
+)
+from seqactor._cli_readers import add_readers_parser, cmd_readers
 from seqactor._cli_store import add_store_parser, cmd_store
 
-EXIT_USAGE = 2
-EXIT_FAILURE = 1
 DEFAULT_URL = f"ws://{C.DEFAULT_HOST}:{C.DEFAULT_PORT}{C.WS_PATH}"
 CLI_SERVICE_USER = "seqactor-cli"  # sub of the service token minted from --secret-file
 CLI_TOKEN_TTL_S = 3600
 CLI_CONNECT_TIMEOUT_S = 10.0
+WATCH_DEVICE_PREFIX = "seqactor-watch-"  # + a random suffix per process (item: two watches)
+DEMO_USERS = 8
+DEMO_GROUPS = 4
+DEMO_RATE_MSG_PER_S = 5.0
+__all__ = ["CliError", "UsageError", "EXIT_FAILURE", "EXIT_USAGE", "build_parser", "main"]
+
+SubParsers = Any  # what add_subparsers() returns (argparse does not name its type publicly)
 
 
-class CliError(Exception):
-    """A failure reported as one line on stderr and a non-zero exit."""
+def _add(sub: SubParsers, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = sub.add_parser(name, formatter_class=HelpFormatter, **kwargs)
+    return p
 
 
-def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "serve", help="run a seqactor server",
-        description="Run a seqactor server.",
+def _serve_parser(sub: SubParsers) -> None:
+    p = _add(
+        sub, "serve", help="run a seqactor server",
+        description="Run a seqactor server. Prints `listening on ws://HOST:PORT/v1` once it "
+        "accepts connections; SIGINT/SIGTERM stop it gracefully.",
         epilog="example: seqactor serve --port 8765 --store sqlite:///var/seqactor.db "
         "--secret-file var/secret",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--host", default=C.DEFAULT_HOST)
-    p.add_argument("--port", type=int, default=C.DEFAULT_PORT)
-    p.add_argument("--store", default=C.DEFAULT_STORE_URL,
-                   help="memory://, sqlite:///path, redis://host:port/db or "
-                   "redis+cluster://host:port,... (default %(default)s)")
-    p.add_argument("--secret-file", required=True,
-                   help="HS256 secret; created (random, mode 0600) when missing")
-    p.add_argument("--hello-timeout", type=float, default=C.HELLO_TIMEOUT_S, metavar="S")
-    p.add_argument("--heartbeat-interval", type=float, default=C.HEARTBEAT_INTERVAL_S, metavar="S")
-    p.add_argument("--max-frame-bytes", type=int, default=C.MAX_FRAME_BYTES, metavar="N")
-    p.add_argument("--metrics-port", type=int, default=None, metavar="P")
-    p.add_argument("--tls-cert", default=None, metavar="F")
-    p.add_argument("--tls-key", default=None, metavar="F")
-    p.add_argument("--log-level", default="INFO")
-    limits = p.add_argument_group("limits (SPEC §4 defaults)")
-    limits.add_argument("--max-ids-per-request", type=int, default=C.MAX_IDS_PER_REQUEST,
-                        metavar="N")
-    limits.add_argument("--max-view-conversations", type=int, default=C.MAX_VIEW_CONVERSATIONS,
-                        metavar="N")
-    limits.add_argument("--max-conversation-members", type=int,
-                        default=C.MAX_CONVERSATION_MEMBERS, metavar="N")
-    limits.add_argument("--rate-limit", type=float, default=C.RATE_LIMIT_OPS_PER_S,
-                        metavar="OPS_PER_S", help="per user session (default %(default)s)")
-    limits.add_argument("--max-connections", type=int, default=C.MAX_CONNECTIONS, metavar="N",
-                        help="per process; beyond: HTTP 503 (default %(default)s)")
-    limits.add_argument("--write-timeout", type=float, default=C.WRITE_TIMEOUT_S, metavar="S",
-                        help="close a session whose socket takes nothing this long "
-                        "(default %(default)s)")
+    p.add_argument("--host", default=C.DEFAULT_HOST, help="interface to listen on")
+    p.add_argument("--port", type=port_arg, default=C.DEFAULT_PORT,
+                   help="TCP port, 0-65535 (0: any free port, printed)")
+    p.add_argument("--store", default=C.DEFAULT_STORE_URL, metavar="URL",
+                   help="memory://, sqlite:///relative/path, sqlite:////absolute/path, "
+                   "redis://host:port/db or redis+cluster://host:port,...")
+    p.add_argument("--secret-file", required=True, metavar="FILE",
+                   help="HS256 secret, at least 32 bytes; created (random, mode 0600) when "
+                   "missing (required)")
+    p.add_argument("--hello-timeout", type=positive_float, default=C.HELLO_TIMEOUT_S, metavar="S",
+                   help="close a connection that sends no Hello within S seconds")
+    p.add_argument("--heartbeat-interval", type=positive_float, default=C.HEARTBEAT_INTERVAL_S,
+                   metavar="S", help="told to clients; a session silent for 2.5 x S is closed")
+    p.add_argument("--max-frame-bytes", type=positive_int, default=C.MAX_FRAME_BYTES,
+                   metavar="N", help="larger frames close the connection (1009)")
+    p.add_argument("--metrics-port", type=partial(port_arg, allow_zero=False), default=None,
+                   metavar="P", help="serve Prometheus /metrics on this port "
+                   "(default: no metrics endpoint)")
+    p.add_argument("--tls-cert", default=None, metavar="FILE",
+                   help="PEM certificate chain; with --tls-key serves wss:// (default: plain ws://)")
+    p.add_argument("--tls-key", default=None, metavar="FILE",
+                   help="PEM private key for --tls-cert (default: none)")
+    p.add_argument("--log-level", type=log_level, default="INFO", metavar="LEVEL",
+                   help=f"one of {', '.join(LOG_LEVELS)} (any case)")
+    limits = p.add_argument_group("limits")
+    limits.add_argument("--max-ids-per-request", type=positive_int, default=C.MAX_IDS_PER_REQUEST,
+                        metavar="N", help="conversation or user ids in one request")
+    limits.add_argument("--max-view-conversations", type=positive_int,
+                        default=C.MAX_VIEW_CONVERSATIONS, metavar="N",
+                        help="conversations in one user's view")
+    limits.add_argument("--max-conversation-members", type=positive_int,
+                        default=C.MAX_CONVERSATION_MEMBERS, metavar="N",
+                        help="members of one conversation")
+    limits.add_argument("--rate-limit", type=positive_float, default=C.RATE_LIMIT_OPS_PER_S,
+                        metavar="OPS_PER_S", help="ops per second per user session")
+    limits.add_argument("--max-connections", type=positive_int, default=C.MAX_CONNECTIONS,
+                        metavar="N", help="per process; beyond: HTTP 503")
+    limits.add_argument("--write-timeout", type=positive_float, default=C.WRITE_TIMEOUT_S,
+                        metavar="S", help="close a session whose socket takes nothing this long")
 
 
-def _token_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _token_parser(sub: SubParsers) -> None:
     from seqactor.auth import DEFAULT_TOKEN_TTL_S
 
-    p = sub.add_parser(
-        "token", help="print a signed token",
-        description="Print a JWT (HS256) for a user or a service, alone on stdout.",
+    p = _add(
+        sub, "token", help="print a signed token",
+        description="Print a JWT (HS256) for a user or a service, alone on stdout. The server "
+        f"refuses tokens that live longer than {C.MAX_TOKEN_LIFETIME_S} s (30 days).",
         epilog="example: seqactor token --secret-file var/secret --user alice --ttl 3600",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--secret-file", required=True)
-    p.add_argument("--user", required=True)
-    p.add_argument("--role", choices=("user", "service"), default="user")
-    p.add_argument("--ttl", type=float, default=DEFAULT_TOKEN_TTL_S, metavar="SECONDS")
+    p.add_argument("--secret-file", required=True, metavar="FILE",
+                   help="the server's secret (required)")
+    p.add_argument("--user", required=True, type=partial(id_arg, what="--user"),
+                   help="the token's subject: a user id, or a backend's name (required)")
+    p.add_argument("--role", choices=("user", "service"), default="user",
+                   help="service: may allocate seqs and manage members")
+    p.add_argument("--ttl", type=ttl_arg, default=DEFAULT_TOKEN_TTL_S, metavar="SECONDS",
+                   help=f"lifetime, above 0 and at most {C.MAX_TOKEN_LIFETIME_S}")
 
 
 def _client_args(p: argparse.ArgumentParser, user: bool) -> None:
-    p.add_argument("--url", default=DEFAULT_URL, help="server URL (default %(default)s)")
-    p.add_argument("--token", default=None, help="a token (see `seqactor token`)")
-    p.add_argument("--secret-file", default=None,
+    p.add_argument("--url", type=check_ws_url, default=DEFAULT_URL,
+                   help="server URL, ws://host:port/v1 or wss://host:port/v1")
+    p.add_argument("--token", default=None,
+                   help="a token (see `seqactor token`) (default: mint one from --secret-file)")
+    p.add_argument("--secret-file", default=None, metavar="FILE",
                    help="the server's secret: mint a " + ("user" if user else "service")
-                   + " token instead of --token")
+                   + " token instead of --token (default: none)")
     if user:
-        p.add_argument("--user", default=None, help="the user to mint a token for")
+        p.add_argument("--user", default=None, type=partial(id_arg, what="--user"),
+                       help="the user to mint a token for, with --secret-file (default: none)")
 
 
-def _watch_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "watch", help="live terminal view of a user's conversations",
+def _watch_parser(sub: SubParsers) -> None:
+    from seqactor._watch import DEFAULT_LIMIT
+
+    p = _add(
+        sub, "watch", help="live terminal view of a user's conversations",
         description="A live view of one user's conversations: sorted by latest activity, "
         "max / read / unread, total unread, updated in place. Ctrl-C quits.",
         epilog="example: seqactor watch --url ws://127.0.0.1:8765/v1 --user alice "
         "--secret-file var/secret\n"
         "         seqactor watch --url ws://127.0.0.1:8765/v1 --token \"$TOKEN\" --once",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _client_args(p, user=True)
-    p.add_argument("--device-id", default="seqactor-watch")
-    p.add_argument("--limit", type=int, default=30, metavar="N", help="rows shown")
+    p.add_argument("--device-id", default=None,
+                   help="device id of this session; a second session with the same id replaces "
+                   f"this one (default: {WATCH_DEVICE_PREFIX}<random>, unique per process)")
+    p.add_argument("--limit", type=positive_int, default=DEFAULT_LIMIT, metavar="N",
+                   help="rows shown, at least 1")
     p.add_argument("--once", action="store_true", help="print the view once and exit")
 
 
-def _send_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "send", help="allocate seqs in a conversation (as a message service would)",
+def _send_parser(sub: SubParsers) -> None:
+    from seqactor.store._base import MAX_ALLOCATE_COUNT
+
+    p = _add(
+        sub, "send", help="allocate seqs in a conversation (as a message service would)",
         description="Allocate the next COUNT seqs of a conversation (creating it if new), "
         "and print them.",
         epilog="example: seqactor send --url ws://127.0.0.1:8765/v1 --secret-file var/secret "
         "group-1 --count 3 --sender bob",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("conversation")
-    p.add_argument("--count", type=int, default=1, metavar="N")
-    p.add_argument("--sender", default=None, metavar="USER",
-                   help="the sender's read seq moves to the new max (own messages are read)")
+    p.add_argument("conversation", type=partial(id_arg, what="conversation"),
+                   help="conversation id (1-128 bytes)")
+    p.add_argument("--count", type=count_arg, default=1, metavar="N",
+                   help=f"seqs to allocate, 1-{MAX_ALLOCATE_COUNT}")
+    p.add_argument("--sender", default=None, metavar="USER", type=partial(id_arg, what="--sender"),
+                   help="the sender's read seq moves to the new max (own messages are read) "
+                   "(default: no sender)")
     _client_args(p, user=False)
 
 
-def _members_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "members", help="add or remove members of a conversation",
-        description="Add users to a conversation (created if new) or remove them.",
+def _members_parser(sub: SubParsers) -> None:
+    p = _add(
+        sub, "members", help="add or remove members of a conversation",
+        description="Add users to a conversation (created if new) or remove them. With "
+        "--secret-file, users who were already members (add) or were not members (remove) "
+        "are named.",
         epilog="example: seqactor members add --url ws://127.0.0.1:8765/v1 "
         "--secret-file var/secret group-1 alice bob\n"
         "         seqactor members remove --secret-file var/secret group-1 bob --keep-history",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("action", choices=("add", "remove"))
-    p.add_argument("conversation")
-    p.add_argument("users", nargs="+", metavar="USER")
+    p.add_argument("action", choices=("add", "remove"), help="add or remove")
+    p.add_argument("conversation", type=partial(id_arg, what="conversation"),
+                   help="conversation id (1-128 bytes)")
+    p.add_argument("users", nargs="+", metavar="USER", type=partial(id_arg, what="user"),
+                   help="user ids")
     p.add_argument("--keep-history", action="store_true",
                    help="remove: keep the conversation in their view, frozen")
     _client_args(p, user=False)
 
 
-def _demo_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "demo", help="run a server on memory:// with synthetic traffic",
+def _demo_parser(sub: SubParsers) -> None:
+    p = _add(
+        sub, "demo", help="run a server on memory:// with synthetic traffic",
         description="Start a server on memory:// with users (user1..N), direct chats and "
         "groups, and a steady message rate; prints how to watch it.",
         epilog="example: seqactor demo --port 8765 --users 8 --groups 4 --rate 5\n"
         "         then, in another terminal, the printed `seqactor watch ...` command",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--host", default=C.DEFAULT_HOST)
-    p.add_argument("--port", type=int, default=C.DEFAULT_PORT)
-    p.add_argument("--users", type=int, default=8)
-    p.add_argument("--groups", type=int, default=4)
-    p.add_argument("--rate", type=float, default=5.0, metavar="MSG_PER_S")
-    p.add_argument("--duration", type=float, default=None, metavar="S",
+    p.add_argument("--host", default=C.DEFAULT_HOST, help="interface to listen on")
+    p.add_argument("--port", type=port_arg, default=C.DEFAULT_PORT,
+                   help="TCP port, 0-65535 (0: any free port, printed)")
+    p.add_argument("--users", type=partial(positive_int, minimum=2), default=DEMO_USERS,
+                   help="simulated users, at least 2")
+    p.add_argument("--groups", type=partial(positive_int, minimum=0), default=DEMO_GROUPS,
+                   help="group conversations (besides user1's direct chats)")
+    p.add_argument("--rate", type=nonnegative_float, default=DEMO_RATE_MSG_PER_S,
+                   metavar="MSG_PER_S", help="messages per second, all conversations together")
+    p.add_argument("--duration", type=positive_float, default=None, metavar="S",
                    help="stop after S seconds (default: until Ctrl-C)")
-    p.add_argument("--secret-file", default=None,
-                   help="secret to use (created if missing; default: a temporary one)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--secret-file", default=None, metavar="FILE",
+                   help="secret to use, created if missing (default: a temporary one, removed "
+                   "when the demo ends)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed, for the same conversations each run (default: random)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from seqactor import __version__
+
+    parser = OneLineParser(
         prog="seqactor",
         description="Real-time conversation sequence service for IM systems.",
+        epilog="example: seqactor serve --secret-file var/secret   (then: seqactor COMMAND --help)",
+        formatter_class=HelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"seqactor {__version__}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     _serve_parser(sub)
     _token_parser(sub)
     _watch_parser(sub)
@@ -172,38 +244,83 @@ def build_parser() -> argparse.ArgumentParser:
     _members_parser(sub)
     _demo_parser(sub)
     add_store_parser(sub)
+    add_readers_parser(sub)
     return parser
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from seqactor.auth import SecretError, issue_token, read_secret
 
-    from seqactor.auth import issue_token
-    from seqactor.store import StoreError
-
-    path = Path(args.secret_file)
-    if not path.exists():
-        raise CliError(f"secret file {path} does not exist (seqactor serve creates it)")
-    secret = path.read_bytes().strip()
     try:
+        secret = read_secret(args.secret_file)
         print(issue_token(secret, args.user, role=args.role, ttl_s=args.ttl))
-    except (ValueError, StoreError) as exc:
+    except SecretError as exc:
         raise CliError(str(exc)) from None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from seqactor._logging import setup_logging
-    from seqactor.auth import load_or_create_secret
-    from seqactor.gateway import Server
-    from seqactor.store import StoreError, open_store
+def _check_tls(args: argparse.Namespace) -> None:
+    import ssl
 
-    setup_logging(args.log_level)
     if bool(args.tls_cert) != bool(args.tls_key):
-        raise CliError("--tls-cert and --tls-key go together")
-    secret, created = load_or_create_secret(args.secret_file)
+        given, missing = ("--tls-cert", "--tls-key") if args.tls_cert else ("--tls-key", "--tls-cert")
+        raise UsageError(f"{given} needs {missing} too (both for wss://, neither for ws://)")
+    if not args.tls_cert:
+        return
+    for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+        _check_readable_file(flag, path)
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(args.tls_cert, args.tls_key)
+    except (ssl.SSLError, OSError) as exc:
+        raise CliError(
+            f"cannot use --tls-cert {args.tls_cert} with --tls-key {args.tls_key}: "
+            f"{getattr(exc, 'reason', None) or exc}"
+        ) from None
+
+
+def _check_readable_file(flag: str, path: str) -> None:
+    import os
+    import stat
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CliError(f"{flag} {path} does not exist") from None
+    except OSError as exc:
+        raise CliError(f"{flag} {path}: {exc.strerror or exc}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise CliError(f"{flag} {path} is a directory, not a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise CliError(f"{flag} {path} is not a regular file")
+    if not os.access(path, os.R_OK):
+        raise CliError(f"{flag} {path} is not readable (permission denied)")
+    if st.st_size == 0:
+        raise CliError(f"{flag} {path} is empty")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from seqactor._logging import StartupLog
+    from seqactor.auth import SecretError, load_or_create_secret, secret_file_warning
+    from seqactor.gateway import Server
+    from seqactor.metrics import MetricsPortError
+    from seqactor.store import InvalidArgument, StoreError, open_store
+
+    _check_tls(args)
+    try:
+        store = open_store(args.store)
+    except InvalidArgument as exc:
+        raise UsageError(f"--store: {exc}") from None
+    try:
+        secret, created = load_or_create_secret(args.secret_file)
+    except SecretError as exc:
+        raise CliError(str(exc)) from None
     if created:
         print(f"created secret file {args.secret_file} (mode 0600)", file=sys.stderr, flush=True)
+    elif (warning := secret_file_warning(args.secret_file)) is not None:
+        warn("serve", warning)
+    log = StartupLog(args.log_level)  # a start that fails is one line, not logs + the error
     cfg = C.ServerConfig(
         host=args.host, port=args.port, store_url=args.store, secret=secret,
         hello_timeout_s=args.hello_timeout, heartbeat_interval_s=args.heartbeat_interval,
@@ -215,13 +332,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         rate_limit_ops_per_s=args.rate_limit, max_connections=args.max_connections,
         write_timeout_s=args.write_timeout,
     )
-    try:
-        store = open_store(args.store)
-    except StoreError as exc:
-        raise CliError(str(exc)) from None
     server = Server(cfg, store, secret)
 
     def listening(url: str) -> None:
+        log.started()
         print(f"listening on {url}", flush=True)
 
     async def main() -> None:
@@ -233,9 +347,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         trio.run(main)
     except BaseException as exc:  # noqa: BLE001 - unwrapped and re-raised below
+        log.failed()
         inner = _unwrap(exc)
         if isinstance(inner, StoreError):
             raise CliError(f"store {args.store}: {inner}") from None
+        if isinstance(inner, MetricsPortError):
+            raise CliError(str(inner.strerror)) from None
         if isinstance(inner, OSError):
             raise CliError(
                 f"cannot serve on {args.host}:{args.port}: {inner.strerror or inner}"
@@ -259,18 +376,12 @@ async def _stop_on_signal(server: object) -> None:
 
 
 def _read_secret(path_str: str) -> bytes:
-    from pathlib import Path
+    from seqactor.auth import SecretError, read_secret
 
-    path = Path(path_str)
     try:
-        secret = path.read_bytes().strip()
-    except FileNotFoundError:
-        raise CliError(f"secret file {path} does not exist") from None
-    except OSError as exc:
-        raise CliError(f"cannot read secret file {path}: {exc.strerror or exc}") from None
-    if not secret:
-        raise CliError(f"secret file {path} is empty")
-    return secret
+        return read_secret(path_str)
+    except SecretError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _client_token(args: argparse.Namespace, user: bool) -> str:
@@ -280,21 +391,42 @@ def _client_token(args: argparse.Namespace, user: bool) -> str:
         return str(args.token)
     if not args.secret_file:
         need = "--token, or --user with --secret-file" if user else "--token or --secret-file"
-        raise CliError(f"no credentials: give {need}")
-    secret = _read_secret(args.secret_file)
+        raise UsageError(f"no credentials: give {need}")
     if user and not args.user:
-        raise CliError("--secret-file needs --user (the user to watch)")
-    try:
-        if user:
-            return issue_token(secret, args.user, ttl_s=CLI_TOKEN_TTL_S)
-        return issue_token(secret, CLI_SERVICE_USER, role="service", ttl_s=CLI_TOKEN_TTL_S)
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
+        raise UsageError("--secret-file needs --user (the user to watch)")
+    secret = _read_secret(args.secret_file)
+    if user:
+        return issue_token(secret, args.user, ttl_s=CLI_TOKEN_TTL_S)
+    return issue_token(secret, CLI_SERVICE_USER, role="service", ttl_s=CLI_TOKEN_TTL_S)
 
 
-def _run_client(fn: Any, *args: Any) -> None:
+def _hint(url: str, message: str) -> str:
+    """What to do about a connection failure the message alone does not explain: a path other
+    than /v1 (HTTP 404), wss:// to a plain server, ws:// to a TLS server."""
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    reason = message.rsplit(": ", 1)[-1]
+    if "HTTP 404" in reason and u.path != C.WS_PATH:
+        fixed = f"{u.scheme}://{u.netloc}{C.WS_PATH}"
+        return f"{message}; the server's path is {C.WS_PATH}: use --url {fixed}"
+    network = ("connection refused", "resolve", "unreachable", "No route")
+    if any(n in reason for n in network):
+        return message
+    if u.scheme == "wss" and "HTTP" not in reason:
+        fixed = f"ws://{u.netloc}{u.path}"
+        return (f"{message.rsplit(': ', 1)[0]}: the TLS handshake failed ({reason}); if the "
+                f"server runs without --tls-cert, use --url {fixed}")
+    if u.scheme == "ws" and ("timed out" in reason or "closed" in reason or "handshake" in reason) \
+            and "4001" not in reason:
+        fixed = f"wss://{u.netloc}{u.path}"
+        return f"{message}; if the server runs with --tls-cert, use --url {fixed}"
+    return message
+
+
+def _run_client(url: str, fn: Any, *args: Any) -> None:
     """trio.run(fn, *args) with every client error turned into one line."""
-    from seqactor.client import SeqactorError, ServerError
+    from seqactor.client import ConnectError, SeqactorError, ServerError
 
     try:
         trio.run(fn, *args)
@@ -303,6 +435,8 @@ def _run_client(fn: Any, *args: Any) -> None:
         if isinstance(inner, ServerError):
             name = getattr(inner.code, "name", inner.code)
             raise CliError(f"{inner.message} ({name})") from None
+        if isinstance(inner, ConnectError):
+            raise CliError(_hint(url, str(inner))) from None
         if isinstance(inner, SeqactorError):
             raise CliError(str(inner)) from None
         if inner is not exc:
@@ -311,12 +445,15 @@ def _run_client(fn: Any, *args: Any) -> None:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
+    import secrets
+
     from seqactor._watch import watch
 
     tok = _client_token(args, user=True)
+    device_id = args.device_id or WATCH_DEVICE_PREFIX + secrets.token_hex(4)
     try:
-        _run_client(partial(watch, args.url, tok, device_id=args.device_id, once=args.once,
-                            limit=args.limit))
+        _run_client(args.url, partial(watch, args.url, tok, device_id=device_id, once=args.once,
+                                      limit=args.limit))
     except KeyboardInterrupt:
         pass  # Ctrl-C is how one leaves the live view
     return 0
@@ -325,8 +462,6 @@ def cmd_watch(args: argparse.Namespace) -> int:
 def cmd_send(args: argparse.Namespace) -> int:
     from seqactor.client import ServiceClient
 
-    if not 1 <= args.count <= 10_000:
-        raise CliError("--count must be between 1 and 10000")
     tok = _client_token(args, user=False)
 
     async def send() -> None:
@@ -338,39 +473,87 @@ def cmd_send(args: argparse.Namespace) -> int:
                 else f"{a.first_sequence}..{a.last_sequence}")
         print(f"{args.conversation}: allocated {seqs}")
 
-    _run_client(send)
+    _run_client(args.url, send)
     return 0
+
+
+async def _in_view(url: str, secret: bytes, user: str, conversation: str) -> bool:
+    """Is ``conversation`` in ``user``'s view? (a short user session, no device id)."""
+    from seqactor.auth import issue_token
+    from seqactor.client import Client
+
+    tok = issue_token(secret, user, ttl_s=CLI_TOKEN_TTL_S)
+    async with Client.connect(url, tok, subscribe_all=False,
+                              connect_timeout_s=CLI_CONNECT_TIMEOUT_S) as client:
+        return conversation in await client.fetch([conversation])
 
 
 def cmd_members(args: argparse.Namespace) -> int:
     from seqactor.client import ServiceClient
 
     tok = _client_token(args, user=False)
+    secret = _read_secret(args.secret_file) if args.secret_file and not args.token else None
+    users: list[str] = list(dict.fromkeys(args.users))
 
     async def members() -> None:
+        before: dict[str, bool] = {}
+        if secret is not None:
+            for u in users:
+                before[u] = await _in_view(args.url, secret, u, args.conversation)
         async with ServiceClient.connect(
             args.url, tok, connect_timeout_s=CLI_CONNECT_TIMEOUT_S
         ) as svc:
             if args.action == "add":
-                await svc.add_members(args.conversation, args.users)
-                print(f"{args.conversation}: added {' '.join(args.users)}")
+                await svc.add_members(args.conversation, users)
             else:
-                await svc.remove_members(args.conversation, args.users, args.keep_history)
-                kept = " (history kept)" if args.keep_history else ""
-                print(f"{args.conversation}: removed {' '.join(args.users)}{kept}")
+                await svc.remove_members(args.conversation, users, args.keep_history)
+        print(_members_report(args.action, args.conversation, users, before, args.keep_history))
 
-    _run_client(members)
+    _run_client(args.url, members)
     return 0
+
+
+def _members_report(
+    action: str, conversation: str, users: list[str], before: dict[str, bool], keep: bool
+) -> str:
+    """``group-1: added alice bob`` / ``... removed bob (history kept); carol was not a
+    member``; without knowing who was a member before (no --secret-file), it says so."""
+    if not before:
+        verb = "added" if action == "add" else "removed"
+        kept = " (history kept)" if keep and action == "remove" else ""
+        unchanged = "already members" if action == "add" else "not members"
+        return f"{conversation}: {verb} {' '.join(users)}{kept} (any who were {unchanged}: unchanged)"
+    if action == "add":
+        done = [u for u in users if not before[u]]
+        skipped = [u for u in users if before[u]]
+        text = f"{conversation}: added {' '.join(done)}" if done else f"{conversation}: added nobody"
+        if skipped:
+            text += f"; already {_members_word(skipped)}: {' '.join(skipped)}"
+        return text
+    done = [u for u in users if before[u]]
+    skipped = [u for u in users if not before[u]]
+    kept = " (history kept)" if keep and done else ""
+    text = (f"{conversation}: removed {' '.join(done)}{kept}" if done
+            else f"{conversation}: removed nobody")
+    if skipped:
+        text += f"; not {_members_word(skipped)}: {' '.join(skipped)}"
+    return text
+
+
+def _members_word(users: list[str]) -> str:
+    return "a member" if len(users) == 1 else "members"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from seqactor._demo import run_demo
+    from seqactor.auth import SecretError
 
-    if args.users < 2 or args.groups < 0 or args.rate < 0:
-        raise CliError("need --users >= 2, --groups >= 0, --rate >= 0")
     try:
-        _run_client(run_demo, args.host, args.port, args.users, args.groups, args.rate,
-                    args.duration, args.secret_file, args.seed)
+        _run_client(f"ws://{args.host}:{args.port}{C.WS_PATH}", run_demo, args.host, args.port,
+                    args.users, args.groups, args.rate, args.duration, args.secret_file,
+                    args.seed)
+    except SecretError as exc:
+        raise CliError(str(exc)) from None
     except OSError as exc:
         raise CliError(f"cannot serve on {args.host}:{args.port}: {exc.strerror or exc}") from None
     except KeyboardInterrupt:
@@ -386,16 +569,27 @@ COMMANDS = {
     "members": cmd_members,
     "demo": cmd_demo,
     "store": cmd_store,
+    "readers": cmd_readers,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:
+        print("seqactor: error: give a command: " + ", ".join(COMMANDS)
+              + " (see seqactor --help)", file=sys.stderr)
+        return EXIT_USAGE
+    prog = f"seqactor {args.command}"
+    if args.command == "store" and getattr(args, "store_command", None):
+        prog += f" {args.store_command}"
     try:
         return COMMANDS[args.command](args)
+    except UsageError as exc:
+        print(f"{prog}: error: {exc} (see {prog} --help)", file=sys.stderr)
+        return EXIT_USAGE
     except CliError as exc:
-        print(f"seqactor {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_FAILURE

@@ -23,6 +23,7 @@ import trio
 from seqactor import _cache
 from seqactor import _kernel as kernel
 from seqactor._backoff import Backoff
+from seqactor._client_readcounts import ReadCounts, ReadCountsMixin, ReadCountsWatch, WatchMixin
 from seqactor._conn import (
     CONNECT_TIMEOUT_S,
     F_ACK,
@@ -61,7 +62,8 @@ Row = tuple[int, int, int, int]  # max, read, min, time_ms
 __all__ = [
     "AuthenticationError", "BadRequest", "Allocation", "Change", "ChangeBatch", "ChangeStream",
     "Client", "ClientClosed", "ClientStats", "ConnectError", "ConnectionLost", "Conversation",
-    "ErrorCode", "Forbidden", "NotFound", "RateLimited", "SeqactorError", "ServerError",
+    "ErrorCode", "Forbidden", "NotFound", "RateLimited", "ReadCounts", "ReadCountsWatch",
+    "SeqactorError", "ServerError",
     "ServiceClient", "SessionReplaced", "SyncInfo", "TooLarge", "Unavailable", "unread_count",
 ]
 
@@ -201,7 +203,7 @@ class ChangeStream:
 # ---------------------------------------------------------------------------------- Client
 
 
-class Client(_Endpoint):
+class Client(WatchMixin, _Endpoint):
     """A user's live view of their conversations. Use :meth:`connect`."""
 
     def __init__(
@@ -226,6 +228,7 @@ class Client(_Endpoint):
         # overtake the resume reply; were its token kept and the link cut before the reply,
         # the next resume would start after changes (a `removed`) this client never saw.
         self._resuming = False
+        self._rc_watches: dict[str, list[ReadCountsWatch]] = {}  # read-count watches (§4.9)
         self.last_sync: SyncInfo | None = None
         self.syncs: list[SyncInfo] = []
         if cache_path is not None:
@@ -396,6 +399,7 @@ class Client(_Endpoint):
                 ("get", recheck),
             )
             self._recheck.clear()
+        await self._rewatch_read_counts(link)
         link.ready = True
         self._synced.set()
         self._notify()
@@ -440,6 +444,7 @@ class Client(_Endpoint):
     def _on_fatal(self, err: SeqactorError) -> None:
         for stream in list(self._streams):
             stream._wake()
+        self._end_watches(err)
 
     # ------------------------------------------------------------------ applying updates
     def _apply(
@@ -480,6 +485,8 @@ class Client(_Endpoint):
             self._token_bytes = token
         if not changed:
             return
+        if self._rc_watches:  # a read-count watch ends when its conversation leaves the view
+            self._watches_left([cid for cid, (_, after) in changed.items() if after is None])
         total = self._total_unread
         for before, after in changed.values():
             total += _unread(after) - _unread(before)
@@ -525,6 +532,7 @@ class Client(_Endpoint):
         await self._shutdown()
         for stream in list(self._streams):
             stream._wake()
+        self._end_watches(None)
         if self.cache_path is not None and self._dirty:
             with trio.CancelScope(shield=True):
                 try:
@@ -536,7 +544,7 @@ class Client(_Endpoint):
 # ---------------------------------------------------------------------------------- service
 
 
-class ServiceClient(_Endpoint):
+class ServiceClient(ReadCountsMixin, _Endpoint):
     """A backend's connection (service token). Requests run concurrently on one connection.
 
     A request in flight when the connection drops raises :class:`ConnectionLost` (it may or

@@ -1,4 +1,4 @@
-"""Server settings. Every default is a named constant with its unit (SPEC §2, §4, §6)."""
+"""Server settings. Every default is a named constant with its unit (docs/protocol.md, "Limits")."""
 
 from __future__ import annotations
 
@@ -22,11 +22,19 @@ SHUTDOWN_GRACE_S = 5.0  # open sessions get this long to take GoAway and close
 GOAWAY_RECONNECT_AFTER_MS = 1_000
 WRITE_TIMEOUT_S = 30.0  # a session whose socket takes no bytes for this long is closed
 MAX_CONNECTIONS = 20_000  # per process; beyond: HTTP 503 at the handshake
-MAX_VIEW_CONVERSATIONS = 1_000_000  # SPEC §4 limits
+MAX_VIEW_CONVERSATIONS = 1_000_000  # docs/protocol.md, "Limits"
 MAX_CONVERSATION_MEMBERS = 1_000_000
 MAX_TOKEN_LIFETIME_S = 30 * 24 * 3600  # tokens whose exp is further out are refused
 REPLY_QUEUE_FRAMES = 32  # replies waiting to be written per session (reader waits beyond)
 HANDSHAKE_TIMEOUT_S = 10.0  # TCP connect -> WebSocket upgrade done
+# Group read counts (docs/protocol.md "Group read counts")
+READ_COUNTS_INTERVAL_MS = 250  # a read-count watch pushes at most once per this interval
+MAX_READ_COUNT_RANGE = 1_000  # seqs per GetReadCounts / per watch push
+MAX_READ_COUNT_WATCHES = 16  # WatchReadCounts per session
+READERS_DEFAULT_LIMIT = 100  # GetReaders.limit = 0 means this many user ids
+MAX_READERS_LIMIT = 1_000  # GetReaders.limit above this: TOO_LARGE
+READ_INDEX_IDLE_S = 300.0  # a read index nobody watched or queried for this long is dropped
+READ_INDEX_MAX_MEMBERS = 4_000_000  # members held in read indexes per node (LRU beyond)
 
 
 @dataclass(slots=True)
@@ -50,6 +58,11 @@ class ServerConfig:
     reply_queue_frames: int = REPLY_QUEUE_FRAMES
     max_view_conversations: int = MAX_VIEW_CONVERSATIONS
     max_conversation_members: int = MAX_CONVERSATION_MEMBERS
+    read_counts_interval_ms: int = READ_COUNTS_INTERVAL_MS
+    max_read_count_range: int = MAX_READ_COUNT_RANGE
+    max_read_count_watches: int = MAX_READ_COUNT_WATCHES
+    read_index_idle_s: float = READ_INDEX_IDLE_S
+    read_index_max_members: int = READ_INDEX_MAX_MEMBERS
     metrics_port: int | None = None
     tls_cert: str | None = None
     tls_key: str | None = None

@@ -8,6 +8,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+
+class MetricsPortError(OSError):
+    """The metrics HTTP server could not listen on its port (the message names it)."""
+
+
 OP_LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -66,5 +71,14 @@ class Metrics:
         )
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
-        """Expose ``/metrics`` over HTTP on a background thread."""
-        start_http_server(port, addr=host, registry=self.registry)
+        """Expose ``/metrics`` over HTTP on a background thread.
+
+        Raises :class:`MetricsPortError` (an ``OSError``) naming the metrics port when it
+        cannot listen, so nobody blames the WebSocket port."""
+        try:
+            start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise MetricsPortError(
+                exc.errno, f"cannot serve metrics on {host}:{port} (--metrics-port): "
+                f"{exc.strerror or exc}"
+            ) from exc

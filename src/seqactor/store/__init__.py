@@ -8,6 +8,7 @@ from seqactor.store._base import (
     ConversationState,
     IncompatibleStore,
     InvalidArgument,
+    MemberReads,
     MembersAdded,
     MembersRemoved,
     MinChanged,
@@ -50,6 +51,7 @@ def open_store(url: str) -> Store:
 
 
 __all__ = [
+    "MemberReads",
     "Allocated",
     "Change",
     "ConversationState",

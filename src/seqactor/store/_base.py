@@ -1,6 +1,7 @@
 """The store contract: what every backend (memory, SQLite, Redis) provides.
 
-The store is the durable truth behind every number seqactor serves (SPEC §1, §5):
+The store is the durable truth behind every number seqactor serves (docs/protocol.md,
+"Invariants" and "Stores"):
 
 * **Positions.** Every committed operation that changes state takes the next *position*
   (``store.position + 1``; a global, durable, gap-free counter). Operations that change
@@ -15,10 +16,10 @@ The store is the durable truth behind every number seqactor serves (SPEC §1, §
   fsync'd, group commit). Reads (``load_view``, ``removed_since``, ``view_contains``,
   ``conversation``) never see uncommitted state.
 
-Views (SPEC §1): a user's view = conversations they are a member of, plus those they left
-with ``keep_history`` (frozen: max, min and time fixed at the moment they left; later
-allocations and min changes do not touch the row; MarkRead still works, clamped to the frozen
-max). A row's change position is the position of the last change that altered any of its
+Views (docs/protocol.md, "Data model"): a user's view = conversations they are a member of,
+plus those they left with ``keep_history`` (frozen: max, min and time fixed at the moment they
+left; later allocations and min changes do not touch the row; MarkRead still works, clamped to
+the frozen max). A row's change position is the position of the last change that altered any of its
 values (conversation max/min/time for active members, or the member's own read/join/freeze).
 """
 
@@ -30,6 +31,8 @@ import time
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+
+import trio
 
 MAX_ID_BYTES = 128
 MAX_ALLOCATE_COUNT = 10_000
@@ -51,7 +54,7 @@ def wall_clock_ms() -> int:
 
 
 class StoreError(Exception):
-    """Base of every error a store raises; ``code`` names the SPEC ``Error.Code``."""
+    """Base of every error a store raises; ``code`` names the protocol's ``Error.Code``."""
 
     code = "INTERNAL"
 
@@ -110,7 +113,7 @@ def validate_id(value: object, what: str) -> str:
 
 
 def normalize_count(count: int) -> int:
-    """SPEC: ``count`` 1–10000, 0 means 1."""
+    """``count`` 1–10000, 0 means 1 (docs/protocol.md, "AllocateSequences")."""
     if not isinstance(count, int) or isinstance(count, bool):
         raise InvalidArgument("count must be an integer")
     if count < 0:
@@ -213,6 +216,20 @@ class ViewData:
     frozen: bytearray = field(default_factory=bytearray)
 
 
+@dataclass(slots=True)
+class MemberReads:
+    """The current (not frozen) members of one conversation and their read seqs, as of store
+    position ``position``: every change of this conversation at or below it is included, none
+    above (``user_ids[i]`` has read ``read_seq[i]``; unordered)."""
+
+    conversation_id: str
+    position: int
+    max_sequence: int
+    min_sequence: int
+    user_ids: list[str] = field(default_factory=list)
+    read_seq: array[int] = field(default_factory=lambda: array("Q"))
+
+
 # ------------------------------------------------------------------ the interface
 
 
@@ -292,3 +309,16 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def conversation(self, conversation_id: str) -> ConversationState | None: ...
+
+    async def load_members(self, conversation_id: str) -> MemberReads | None:
+        """Current members' read seqs (group read counts, docs/protocol.md "Group read counts"); None when the
+        conversation does not exist. A change with a position above ``MemberReads.position``
+        reaches the listeners after the call started (a reader buffers changes while loading)."""
+        raise NotImplementedError(f"{type(self).__name__} does not provide load_members")
+
+    async def sync(self) -> None:
+        """Return once every change committed before the call (on any node sharing the store)
+        has been handed to this store's listeners (docs/protocol.md, "Group read counts":
+        consistency). A single-process store publishes each change as it commits: nothing to
+        wait for."""
+        await trio.lowlevel.checkpoint()

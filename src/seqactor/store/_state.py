@@ -34,6 +34,7 @@ from seqactor.store._base import (
     Allocated,
     ConversationState,
     InvalidArgument,
+    MemberReads,
     MembersAdded,
     MembersRemoved,
     MinChanged,
@@ -586,6 +587,16 @@ class State:
             return None
         return ConversationState(cid, c.max, c.min, c.time, c.active)
 
+    def load_members(self, cid: str) -> MemberReads | None:
+        c = self.convs.get(cid)
+        if c is None:
+            return None
+        active = [(uid, m.read) for uid, m in c.members.items() if not m.frozen]
+        return MemberReads(
+            cid, self.position, c.max, c.min, [uid for uid, _ in active],
+            array("Q", [read for _, read in active]),
+        )
+
 
 # ------------------------------------------------------------------ argument checks
 
@@ -773,3 +784,8 @@ class StateStore(Store):
         await trio.lowlevel.checkpoint()
         validate_id(conversation_id, "conversation_id")
         return self._state.conversation(conversation_id)
+
+    async def load_members(self, conversation_id: str) -> MemberReads | None:
+        await trio.lowlevel.checkpoint()
+        validate_id(conversation_id, "conversation_id")
+        return self._state.load_members(conversation_id)

@@ -1,5 +1,5 @@
 """``redis://host:port/db`` and ``redis+cluster://host:port,host:port,...``: several seqactor
-nodes share one state (SPEC §5). docs/deployment.md explains the design for operators.
+nodes share one state (docs/protocol.md, "Stores"). docs/deployment.md explains the design for operators.
 
 **Layout.** Every key starts with the prefix (``?prefix=``, default ``sa``) and a hash tag,
 so every atomic step touches one slot::
@@ -72,6 +72,7 @@ from seqactor.store._base import (
     Change,
     ConversationState,
     InvalidArgument,
+    MemberReads,
     MembersAdded,
     MembersRemoved,
     MinChanged,
@@ -109,6 +110,15 @@ SEP = "\x1f"
 USEP = "\x1e"
 
 _slot_tags: list[str] | None = None
+
+# Group read counts (docs/protocol.md "Group read counts"): a conversation's state and all its
+# members in one atomic step (both keys carry the conversation's hash tag: one slot), so the
+# member rows are exactly those as of the conversation's last change position ``lp``.
+_MEMBERS_LUA = """
+local v = redis.call('HMGET', KEYS[1], 'mx', 'mn', 'lp', 'ps')
+if not v[4] then return {} end
+return {v[1] or '0', v[2] or '0', v[3] or '0', redis.call('HGETALL', KEYS[2])}
+"""
 
 
 def slot_tags() -> list[str]:
@@ -1091,7 +1101,46 @@ class RedisStore(Store):
         await c.publish(self.channel, f"E{SEP}0".encode())
         return fresh, True
 
+    # ------------------------------------------------------------------ group read counts
 
+    async def load_members(self, conversation_id: str) -> MemberReads | None:
+        """Current members' read seqs, read atomically with the conversation's last change
+        position (``lp``): every change of it at or below is in the rows, none above."""
+        await trio.lowlevel.checkpoint()
+        validate_id(conversation_id, "conversation_id")
+        c = self._check_readable()
+        script = getattr(self, "_members_script", None)
+        if script is None:  # registered on first use: a node that never serves counts skips it
+            script = c.register_script(_MEMBERS_LUA)
+            self._members_script = script
+        try:
+            r = await script(
+                keys=[self.conv_key(conversation_id), self.members_key(conversation_id)], args=[]
+            )
+        except (RedisError, OSError) as exc:
+            raise Unavailable(f"Redis: {exc}") from None
+        if not r:
+            return None
+        data = MemberReads(conversation_id, _num(r[2]), _num(r[0]), _num(r[1]))
+        flat = r[3]
+        uids = data.user_ids
+        reads = data.read_seq
+        for i in range(0, len(flat), 2):
+            read, _pos, frozen, _rest = flat[i + 1].decode().split(",", 3)
+            if frozen == "0":
+                uids.append(flat[i].decode())
+                reads.append(int(read))
+        return data
+
+    async def sync(self) -> None:
+        """Wait until every position handed out before the call was delivered to the
+        listeners (committed ones in order; ones that cannot commit any more as skips)."""
+        self._check_readable()
+        try:
+            pos, _ = await self._read_position()
+        except (RedisError, OSError) as exc:
+            raise Unavailable(f"Redis: {exc}") from None
+        await self._delivered(pos)
 
 async def init_store(url: str, force: bool) -> tuple[bytes, bool]:
     """``seqactor store init [--force]`` without opening a node: (epoch, created)."""

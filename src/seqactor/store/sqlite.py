@@ -32,6 +32,7 @@ from typing import Any
 import outcome
 import trio
 
+from seqactor.store import _sqlite_admin as admin
 from seqactor.store._base import EPOCH_BYTES, IncompatibleStore, InvalidArgument, Unavailable
 from seqactor.store._state import Op, Row, Sink, State, StateStore
 
@@ -173,6 +174,7 @@ class SQLiteStore(StateStore):
         self._inflight: Batch | None = None  # being committed by the writer
         self._flush_scheduled = False
         self._failed: BaseException | None = None
+        self._lock_fd: int | None = None  # shared flock on <path>.lock while open
 
     # ---------------------------------------------------------- lifecycle
 
@@ -183,6 +185,7 @@ class SQLiteStore(StateStore):
         if self._closed:
             raise Unavailable("the store was closed")
         self._token = trio.lowlevel.current_trio_token()
+        self._lock_fd = admin.hold_shared(self.path)  # `seqactor store restore` waits for us
         self._thread = threading.Thread(
             target=self._writer_main, name="seqactor-sqlite-writer", daemon=True
         )
@@ -222,6 +225,8 @@ class SQLiteStore(StateStore):
                 self._jobs.put(None)
                 await trio.to_thread.run_sync(thread.join, WRITER_JOIN_TIMEOUT_S)
                 self._thread = None
+                admin.release(self._lock_fd)
+                self._lock_fd = None
 
     def _unwritable(self) -> Unavailable:
         if self._failed is not None:
@@ -422,10 +427,24 @@ class SQLiteStore(StateStore):
                     f"{path} is not a SQLite database, so not a seqactor store; refusing to "
                     "touch it (point the store URL at a new or a seqactor file)"
                 )
-        conn = sqlite3.connect(path, isolation_level=None)
+        if path != ":memory:":
+            where = os.path.abspath(path)
+            if os.path.isdir(path):
+                raise Unavailable(f"{where} is a directory, not a database file")
+            if not os.path.isdir(os.path.dirname(where)):
+                raise Unavailable(
+                    f"cannot create {where}: directory {os.path.dirname(where)} does not exist"
+                )
+        try:
+            conn = sqlite3.connect(path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise Unavailable(f"cannot open {os.path.abspath(path)}: {exc}") from None
         try:
             epoch = self._prepare(conn)
             self._load(conn)
+        except sqlite3.Error as exc:
+            conn.close()
+            raise Unavailable(f"cannot use {os.path.abspath(path)}: {exc}") from None
         except BaseException:
             conn.close()
             raise

@@ -1,0 +1,62 @@
+"""``seqactor demo``'s web page: the static files of ``clients/js/demo/`` over HTTP.
+
+A stdlib ``ThreadingHTTPServer`` in a daemon thread (static files only; the page talks to the
+seqactor server itself over its WebSocket). The page gets the server URL and a freshly minted
+user token in the URL fragment, which browsers never send to the HTTP server.
+"""
+
+from __future__ import annotations
+
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+DEMO_DIR = Path(__file__).resolve().parents[2] / "clients" / "js" / "demo"
+BUILT_FILE = DEMO_DIR / "dist" / "demo.js"
+
+
+class _Quiet(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib's name)
+        pass
+
+    def end_headers(self) -> None:
+        self.send_header("Cache-Control", "no-store")
+        super().end_headers()
+
+
+class DemoPage:
+    """The running page server; :meth:`close` stops it."""
+
+    def __init__(self, httpd: ThreadingHTTPServer, url: str) -> None:
+        self.httpd = httpd
+        self.url = url
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def start(host: str, port: int, ws_url: str, token: str) -> DemoPage | None:
+    """Serve the demo page on ``host:port`` (0: any free port) and print its URL.
+
+    Returns None (with a hint on stdout) when the page has not been built or the port is taken.
+    """
+    if not BUILT_FILE.exists():
+        print("web page: not built (run `make test-js` or `npm ci && npm run build` in "
+              "clients/js)", flush=True)
+        return None
+    handler = partial(_Quiet, directory=str(DEMO_DIR))
+    try:
+        httpd = ThreadingHTTPServer((host, port), handler)
+    except OSError:
+        httpd = ThreadingHTTPServer((host, 0), handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, name="seqactor-demo-web", daemon=True).start()
+    web_host = f"[{host}]" if ":" in host else host
+    url = (f"http://{web_host}:{httpd.server_address[1]}/"
+           f"#url={quote(ws_url, safe='')}&token={quote(token, safe='')}")
+    print(f"open the web page (user1's view): {url}", flush=True)
+    return DemoPage(httpd, url)
