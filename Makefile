@@ -14,7 +14,7 @@ CHROMIUM ?= /usr/bin/chromium
 REDIS_PORT ?= 6390
 WORKERS ?= 2
 
-.PHONY: install run run-redis test test-compiled test-fallback bench bench-quick lint clean system-deps test-js js-build bench-js
+.PHONY: install run run-redis test test-compiled test-fallback bench bench-quick bench-peers lint clean system-deps test-js js-build bench-js
 
 install: $(STAMP)
 
@@ -66,6 +66,14 @@ test-compiled: install
 test-fallback: install
 	SEQACTOR_NO_EXTENSIONS=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
+# The peer servers the benchmarks compare with (Bun, Node + ws): npm, from the committed lock.
+bench-peers: bench/peers/node_modules/.installed
+
+bench/peers/node_modules/.installed: bench/peers/package.json bench/peers/package-lock.json
+	cd bench/peers && npm ci --no-audit --no-fund
+	touch $@
+
+
 # The TypeScript SDK (clients/js): npm ci, generate from the .proto, compile, bundle; then the
 # Node tests (real `seqactor serve`) and the Chromium tests (the demo page).
 $(JS_DIR)/node_modules/.package-lock.json: $(JS_DIR)/package-lock.json
@@ -81,10 +89,11 @@ test-js: install system-deps js-build
 bench-js: install system-deps js-build
 	SEQACTOR_BIN=$(CURDIR)/$(VENV)/bin/seqactor CHROMIUM_BIN=$(CHROMIUM) node bench/js_client.mjs
 
-bench: install system-deps bench-js
+
+bench: install system-deps bench-peers bench-js
 	for b in bench/[a-z]*.py; do $(PY) $$b || exit 1; done
 
-bench-quick: install system-deps
+bench-quick: install system-deps bench-peers
 	for b in bench/[a-z]*.py; do $(PY) $$b --quick || exit 1; done
 
 lint: install

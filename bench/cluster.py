@@ -56,6 +56,8 @@ import trio_websocket as tws
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from _common import percentile  # noqa: E402
+
 from seqactor._proto import seqactor_pb2 as pb  # noqa: E402
 from seqactor.store import _redis_lua as lua  # noqa: E402
 from seqactor.store.redis import RedisStore  # noqa: E402
@@ -334,11 +336,6 @@ async def bench_foreign(
     }
 
 
-def pct(values: list[float], p: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
-
-
 async def bench_push(url: str, tmp: Path, n: int) -> dict[str, float]:
     global _NURSERY
     async with trio.open_nursery() as nursery:
@@ -365,9 +362,9 @@ async def bench_push(url: str, tmp: Path, n: int) -> dict[str, float]:
             nursery.cancel_scope.cancel()
     return {
         "cross_node_push_p50_ms": statistics.median(cross),
-        "cross_node_push_p99_ms": pct(cross, 99),
+        "cross_node_push_p99_ms": percentile(cross, 0.99),
         "same_node_push_p50_ms": statistics.median(same),
-        "same_node_push_p99_ms": pct(same, 99),
+        "same_node_push_p99_ms": percentile(same, 0.99),
         "push_samples": n,
     }
 

@@ -40,10 +40,8 @@ import json
 import os
 import pickle
 import platform
-import resource
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -57,6 +55,18 @@ from typing import Any
 
 import trio
 import trio_websocket as tws
+from _common import (
+    Child,
+    call_all,
+    cpu_s,
+    git_head,
+    own_cpu_s,
+    percentile,
+    raise_nofile,
+    rss_kb,
+    stop_process,
+    system_busy_s,
+)
 
 from seqactor._kernel import COMPILED
 from seqactor._proto import seqactor_pb2 as pb
@@ -81,7 +91,6 @@ HEARTBEAT_INTERVAL_S = 600  # the bench's sessions send nothing; keep them from 
 SERVER_START_TIMEOUT_S = 30.0
 SETTLE_S = 2.0  # before reading RSS
 DRAIN_S = 2.0  # after the window: late pushes still count toward staleness
-STOP_TIMEOUT_S = 10.0
 
 
 @dataclass
@@ -100,121 +109,6 @@ FULL = Config("full", members=10_000, rate_per_s=100.0, warmup_s=3.0, duration_s
 
 
 # --------------------------------------------------------------------------- processes
-
-
-def _child_setup() -> None:
-    """preexec_fn: the hard fd limit.
-
-    (No PR_SET_PDEATHSIG: trio spawns from a worker thread, and the signal fires when that
-    thread exits. The clients and baseline servers exit on stdin EOF; the seqactor server is
-    stopped in a ``finally``.)
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-class Child:
-    """A subprocess driven by JSON lines (stdin) with JSON-line answers (stdout)."""
-
-    def __init__(self, proc: trio.Process, name: str) -> None:
-        self.proc = proc
-        self.name = name
-        self._buf = b""
-
-    @classmethod
-    async def start(cls, args: list[str], name: str, stderr: Any = None) -> Child:
-        proc = await trio.lowlevel.open_process(
-            args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
-            preexec_fn=_child_setup,
-        )
-        return cls(proc, name)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    async def readline(self, timeout: float = 600.0) -> str:
-        assert self.proc.stdout is not None
-        with trio.fail_after(timeout):
-            while b"\n" not in self._buf:
-                chunk = await self.proc.stdout.receive_some(65536)
-                if not chunk:
-                    raise RuntimeError(f"{self.name} exited (rc={self.proc.poll()})")
-                self._buf += chunk
-        line, self._buf = self._buf.split(b"\n", 1)
-        return line.decode()
-
-    async def send(self, obj: dict[str, Any]) -> None:
-        assert self.proc.stdin is not None
-        await self.proc.stdin.send_all((json.dumps(obj) + "\n").encode())
-
-    async def recv(self, timeout: float = 600.0) -> dict[str, Any]:
-        answer: dict[str, Any] = json.loads(await self.readline(timeout))
-        if "error" in answer:
-            raise RuntimeError(f"{self.name}: {answer}")
-        return answer
-
-    async def call(self, obj: dict[str, Any], timeout: float = 600.0) -> dict[str, Any]:
-        await self.send(obj)
-        return await self.recv(timeout)
-
-    def kill(self) -> None:
-        if self.proc.returncode is None:
-            try:
-                self.proc.kill()
-            except ProcessLookupError:
-                pass
-
-
-async def stop_process(proc: trio.Process, sig: int = signal.SIGTERM) -> None:
-    if proc.returncode is not None:
-        return
-    try:
-        proc.send_signal(sig)
-        with trio.move_on_after(STOP_TIMEOUT_S):
-            await proc.wait()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-
-
-async def call_all(
-    children: list[Child], objs: list[dict[str, Any]], timeout: float = 600.0,
-) -> list[dict[str, Any]]:
-    answers: list[dict[str, Any]] = [{} for _ in children]
-
-    async def one(i: int) -> None:
-        answers[i] = await children[i].call(objs[i], timeout)
-
-    async with trio.open_nursery() as n:
-        for i in range(len(children)):
-            n.start_soon(one, i)
-    return answers
-
-
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
-
-
-def system_busy_s() -> float:
-    """CPU seconds all CPUs spent busy (not idle/iowait) since boot, from /proc/stat."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
-
-
-def own_cpu_s() -> float:
-    t = os.times()
-    return t.user + t.system
 
 
 def rate_between(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> float:
@@ -337,13 +231,6 @@ def staleness_ms(
                     values.append((horizon - t_alloc) * 1000.0)
     values.sort()
     return values, sessions, missing
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    i = min(len(sorted_values) - 1, max(0, int(round(q * (len(sorted_values) - 1)))))
-    return sorted_values[i]
 
 
 # --------------------------------------------------------------------------- phases
@@ -605,13 +492,18 @@ async def baseline_phase(kind: str, cfg: Config, clients: list[Child], payload: 
 # --------------------------------------------------------------------------- profiler
 
 
-async def start_profiler(path: str, pid: int, seconds: float) -> trio.Process:
+PROFILE_RATE_HZ = 100  # py-spy samples per second
+
+
+async def start_profiler(
+    path: str, pid: int, seconds: float, rate_hz: int = PROFILE_RATE_HZ,
+) -> trio.Process:
     spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if spy is None:
         raise RuntimeError("py-spy not found: pip install py-spy")
     fmt = "raw" if path.endswith(".txt") else "speedscope" if path.endswith(".json") else "flamegraph"
     return await trio.lowlevel.open_process(
-        [spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "100",
+        [spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", str(rate_hz),
          "--format", fmt, "--output", path, "--nonblocking"],
         stdout=subprocess.DEVNULL,
     )
@@ -671,23 +563,11 @@ async def run(cfg: Config, profile: str | None) -> dict[str, Any]:
             "cpus": os.cpu_count(), "python": platform.python_version(),
             "platform": platform.platform(), "compiled_kernel": COMPILED,
             "client_processes": CLIENT_PROCESSES,
-            "git_head": _git_head(),
+            "git_head": git_head(),
         },
         "profiled": bool(profile),
     }
     return result
-
-
-def _git_head() -> str:
-    """The commit measured (plus ``+dirty``: the server runs from the working tree)."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
-                              capture_output=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "../src"], cwd=HERE,
-                               text=True, capture_output=True, check=True).stdout.strip()
-        return head + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "?"
 
 
 def table(r: dict[str, Any]) -> str:
@@ -762,8 +642,7 @@ def main() -> None:
         cfg.rate_per_s = args.rate
     if args.duration is not None:
         cfg.duration_s = args.duration
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raise_nofile()
     t0 = time.monotonic()
     result = trio.run(run, cfg, args.profile)
     result["total_s"] = time.monotonic() - t0

@@ -29,7 +29,6 @@ import argparse
 import gc
 import json
 import platform
-import resource
 import secrets
 import shutil
 import sys
@@ -43,15 +42,12 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import Child, call_all, git_head, raise_nofile, rss_kb  # noqa: E402
 from fanout import (  # noqa: E402 - the fan-out benchmark's process helpers
     GOAL_RSS_PER_SESSION_KB,
     GROUP,
     HEARTBEAT_INTERVAL_S,
-    Child,
-    _git_head,
-    call_all,
     client_processes,
-    rss_kb,
     serve_memory,
     start_backend,
     user_ranges,
@@ -206,7 +202,7 @@ async def run(n: int, top: int) -> dict[str, Any]:
         "rss_minus_python_heap_per_session_kb":
             rss["rss_per_session_kb"] - trace["python_heap_per_session_kb"],
         "machine": {"python": platform.python_version(), "platform": platform.platform(),
-                    "compiled_kernel": COMPILED, "git_head": _git_head()},
+                    "compiled_kernel": COMPILED, "git_head": git_head()},
     }
 
 
@@ -242,8 +238,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS), help="results JSON (default %(default)s)")
     args = ap.parse_args()
     sessions = args.sessions or (QUICK_SESSIONS if args.quick else DEFAULT_SESSIONS)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raise_nofile()
     t0 = time.monotonic()
     result = trio.run(run, sessions, args.top)
     result["quick"] = args.quick

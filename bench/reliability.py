@@ -46,7 +46,6 @@ import platform
 import random
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -57,6 +56,8 @@ import trio
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # tests._load: the helpers the tests use
+
+from _common import git_head, percentile  # noqa: E402
 
 from seqactor import Backoff, SeqactorError, ServiceClient  # noqa: E402
 from seqactor._kernel import COMPILED  # noqa: E402
@@ -100,13 +101,6 @@ SIZES = {
 
 def default_backoff(i: int) -> Backoff:
     return Backoff(rng=random.Random(i))
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q * len(s)))]
 
 
 def nofile_to_hard() -> None:
@@ -390,7 +384,7 @@ async def slow_phase(tmp: Path, cfg: dict[str, Any], with_stuck: bool) -> dict[s
             out = {
                 "allocations": len(acks), "staleness_points": len(stale),
                 "staleness_missing": missing,
-                "staleness_p50_ms": pct(stale, 0.50), "staleness_p99_ms": pct(stale, 0.99),
+                "staleness_p50_ms": percentile(stale, 0.50), "staleness_p99_ms": percentile(stale, 0.99),
                 "staleness_max_ms": max(stale, default=float("nan")),
                 "rss_before_mb": rss0 / 1024, "rss_peak_mb": peak / 1024,
                 "rss_after_mb": server.rss_kb() / 1024,
@@ -525,17 +519,9 @@ async def run(mode: str, only: set[str]) -> dict[str, Any]:
     result["machine"] = {
         "cpus": os.cpu_count(), "python": platform.python_version(),
         "platform": platform.platform(), "compiled_kernel": COMPILED,
-        "loadavg_at_end": os.getloadavg()[0], "git_head": _git_head(),
+        "loadavg_at_end": os.getloadavg()[0], "git_head": git_head(),
     }
     return result
-
-
-def _git_head() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
-                              capture_output=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "?"
 
 
 def main() -> None:

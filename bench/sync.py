@@ -26,7 +26,6 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import h11
 import trio
+from _common import git_head, percentile
 
 from seqactor import Client, ServiceClient
 from seqactor import _kernel as kernel
@@ -188,11 +188,6 @@ def progress(what: str) -> None:
     print(f"... {what}", file=sys.stderr, flush=True)
 
 
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
-
-
 async def run(quick: bool) -> dict[str, object]:
     reps = 3 if quick else 10
     samples = 100 if quick else 500
@@ -309,10 +304,10 @@ async def run(quick: bool) -> dict[str, object]:
             "polling_bytes_per_change_with_tcpip": round(polling_tcpip),
             "push_bytes_per_change_with_tcpip": round(push_tcpip),
             "polling_over_push_bytes_with_tcpip": round(polling_tcpip / push_tcpip, 1),
-            "polling_latency_p50_ms": round(POLL_INTERVAL_S * 1000 / 2 + pct(req_ms, 0.5), 1),
-            "push_latency_p50_ms": round(pct(push_lat, 0.5), 3),
-            "push_latency_p99_ms": round(pct(push_lat, 0.99), 3),
-            "http_request_ms_p50": round(pct(req_ms, 0.5), 3),
+            "polling_latency_p50_ms": round(POLL_INTERVAL_S * 1000 / 2 + percentile(req_ms, 0.5), 1),
+            "push_latency_p50_ms": round(percentile(push_lat, 0.5), 3),
+            "push_latency_p99_ms": round(percentile(push_lat, 0.99), 3),
+            "http_request_ms_p50": round(percentile(req_ms, 0.5), 3),
             "poll_empty_bytes": round(poll_empty),
             "poll_with_change_bytes": round(poll_change),
             "push_frame_bytes": round(push_frame),
@@ -327,14 +322,6 @@ async def run(quick: bool) -> dict[str, object]:
         })
         server.stop()
     return results
-
-
-def git_head() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
 
 
 def print_table(r: dict[str, object]) -> None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import trio
 
-from seqactor.gateway import ActivityStream
+from seqactor.server.stream import ActivityStream
+from seqactor.server.ws import ServerWebSocket
 
 
 class _Sink:
@@ -55,8 +56,12 @@ async def test_fd_gone_for_good_after_close_frame_or_aclose() -> None:
     stream, peer, fd = await _pair()
     sink = _Sink()
     stream.attach(sink)
-    await stream.send_all(b"\x88\x02\x03\xe8")  # a Close frame (1000): no data frame after it
-    assert sink.fd == -1
+    ws = ServerWebSocket(stream, 1024)
+    with trio.move_on_after(0.2):  # the peer never answers the Close: the caller's deadline
+        await ws.close(1000, "bye")
+    assert sink.fd == -1  # no data frame after a Close frame
+    assert await peer.receive_some(100) == b"\x88\x05\x03\xe8bye"
+    assert ws.write_nowait(b"late") is None
     await stream.send_all(b"")  # anything later keeps it hidden
     assert sink.fd == -1
 

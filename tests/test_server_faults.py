@@ -134,16 +134,16 @@ async def test_actor_failure_closes_only_that_users_sessions(monkeypatch):
 
 
 async def test_websocket_reader_failure_drops_only_that_connection(monkeypatch):
-    """trio-websocket's reader runs in the server's connection nursery: a bug there must end
-    that connection (logged), never the server or other sessions."""
-    async def broken_ping(self, event):
+    """A bug in the WebSocket layer's read path (here: answering a ping) ends that connection
+    (logged), never the server or other sessions."""
+    from seqactor.server.ws import ServerWebSocket
+
+    async def broken_control(self, data):
         raise RuntimeError("reader bug")
 
     async with running_server() as server, raw_connect(server, "bob") as other:
         async with raw_connect(server, "alice") as victim:
-            # Only a server-side reader meets it: clients never receive pings (and
-            # trio-websocket's own client reader bound its handlers when it started).
-            monkeypatch.setattr(tws.WebSocketConnection, "_handle_ping_event", broken_ping)
+            monkeypatch.setattr(ServerWebSocket, "_send_control", broken_control)
             with trio.move_on_after(2):
                 await victim.conn.ping(b"boom")  # never answered: the server drops it
             closed = await victim.wait_closed()
@@ -294,9 +294,9 @@ async def test_activity_stream_reads_like_trio_socket_stream():
 
 
 async def test_no_task_outlives_its_connection(tmp_path):
-    """trio-websocket's reader runs in the server's connection nursery: however a connection
-    ends (client close, abrupt drop, server close, refused handshake; plain and TLS), its
-    tasks end with it."""
+    """A connection has one task in the server's connection nursery (its handler, which also
+    reads): however the connection ends (client close, abrupt drop, server close, refused
+    handshake; plain and TLS), it ends with it."""
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1")
     cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
@@ -313,7 +313,7 @@ async def test_no_task_outlives_its_connection(tmp_path):
             async with tws.open_websocket_url(url + "/v1", **kw) as conn:  # client closes
                 r = await RawClient(conn).request("hello", token=token("alice"))
                 assert body(r) == "welcome"
-                assert len(server._conns.child_tasks) == base + 2  # its handler and reader
+                assert len(server._conns.child_tasks) == base + 1  # its handler, its only task
             async with trio.open_nursery() as n:  # abrupt drop
                 conn = await tws.connect_websocket_url(n, url + "/v1", **kw)
                 r = await RawClient(conn).request("hello", token=token("bob"))

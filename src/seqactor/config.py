@@ -27,7 +27,6 @@ MAX_CONVERSATION_MEMBERS = 1_000_000
 MAX_TOKEN_LIFETIME_S = 30 * 24 * 3600  # tokens whose exp is further out are refused
 REPLY_QUEUE_FRAMES = 32  # replies waiting to be written per session (reader waits beyond)
 HANDSHAKE_TIMEOUT_S = 10.0  # TCP connect -> WebSocket upgrade done
-WS_MESSAGE_QUEUE = 8  # frames trio-websocket buffers per session before the reader waits
 # Group read counts (docs/protocol.md "Group read counts")
 READ_COUNTS_INTERVAL_MS = 250  # a read-count watch pushes at most once per this interval
 MAX_READ_COUNT_RANGE = 1_000  # seqs per GetReadCounts / per watch push

@@ -1,0 +1,199 @@
+"""What every benchmark shares: percentiles, the commit measured, the open-file limit, JSON
+results, and child processes driven by JSON lines (with their CPU and memory from /proc).
+
+Import from a bench script (``bench/`` is the script's directory, so it is on ``sys.path``)::
+
+    from _common import percentile, git_head, raise_nofile, write_json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import statistics
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+HERE = Path(__file__).resolve().parent
+QUANTILE_CUTS = 1000  # percentiles are read from 999 cut points: p0.1 ... p99.9
+STOP_TIMEOUT_S = 10.0  # a child asked to stop gets this long before it is killed
+CHILD_REPLY_TIMEOUT_S = 600.0  # default wait for one answer line from a child
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (0 < q < 1, e.g. 0.99) of ``values`` (any order), by
+    ``statistics.quantiles`` (inclusive method: interpolated between the two nearest
+    samples); rounded to the nearest 0.1 percentile. NaN for no values."""
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return float(values[0])
+    if not 0.0 < q < 1.0:
+        raise ValueError(f"q must be within (0, 1), got {q}")
+    cuts = statistics.quantiles(values, n=QUANTILE_CUTS, method="inclusive")
+    index = min(len(cuts) - 1, max(0, round(q * QUANTILE_CUTS) - 1))
+    return cuts[index]
+
+
+def git_head() -> str:
+    """The commit measured (short hash, ``+dirty`` when ``src/`` has uncommitted changes:
+    the server runs from the working tree); ``?`` outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, text=True,
+                              capture_output=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "../src"], cwd=HERE,
+                               text=True, capture_output=True, check=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "?"
+
+
+def raise_nofile() -> int:
+    """Raise this process's open-file limit (RLIMIT_NOFILE) to the hard limit; returns it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def write_json(path: Path | str, result: dict[str, Any]) -> Path:
+    """Write ``result`` as indented JSON (parent folders made); returns the path."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return out
+
+
+# --------------------------------------------------------------------------- /proc
+
+
+def cpu_user_system_s(pid: int) -> tuple[float, float]:
+    """CPU seconds (user, system) process ``pid`` has used, from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick  # utime, stime
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used, from /proc/<pid>/stat."""
+    return sum(cpu_user_system_s(pid))
+
+
+def system_busy_s() -> float:
+    """CPU seconds all CPUs spent busy (not idle/iowait) since boot, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kb(pid: int) -> int:
+    """Resident memory of process ``pid`` in KiB (VmRSS, /proc/<pid>/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def own_cpu_s() -> float:
+    """CPU seconds (user + system) this process has used."""
+    t = os.times()
+    return t.user + t.system
+
+
+# --------------------------------------------------------------------------- child processes
+
+
+def child_setup() -> None:
+    """preexec_fn: the hard fd limit.
+
+    (No PR_SET_PDEATHSIG: trio spawns from a worker thread, and the signal fires when that
+    thread exits. Children exit on stdin EOF or are stopped in a ``finally``.)
+    """
+    raise_nofile()
+
+
+class Child:
+    """A subprocess driven by JSON lines (stdin) with JSON-line answers (stdout)."""
+
+    def __init__(self, proc: trio.Process, name: str) -> None:
+        self.proc = proc
+        self.name = name
+        self._buf = b""
+
+    @classmethod
+    async def start(cls, args: list[str], name: str, stderr: Any = None) -> Child:
+        proc = await trio.lowlevel.open_process(
+            args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
+            preexec_fn=child_setup,
+        )
+        return cls(proc, name)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    async def readline(self, timeout: float = CHILD_REPLY_TIMEOUT_S) -> str:
+        assert self.proc.stdout is not None
+        with trio.fail_after(timeout):
+            while b"\n" not in self._buf:
+                chunk = await self.proc.stdout.receive_some(65536)
+                if not chunk:
+                    raise RuntimeError(f"{self.name} exited (rc={self.proc.poll()})")
+                self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return line.decode()
+
+    async def send(self, obj: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        await self.proc.stdin.send_all((json.dumps(obj) + "\n").encode())
+
+    async def recv(self, timeout: float = CHILD_REPLY_TIMEOUT_S) -> dict[str, Any]:
+        answer: dict[str, Any] = json.loads(await self.readline(timeout))
+        if "error" in answer:
+            raise RuntimeError(f"{self.name}: {answer}")
+        return answer
+
+    async def call(self, obj: dict[str, Any], timeout: float = CHILD_REPLY_TIMEOUT_S) -> dict[str, Any]:
+        await self.send(obj)
+        return await self.recv(timeout)
+
+    def kill(self) -> None:
+        if self.proc.returncode is None:
+            try:
+                self.proc.kill()
+            except ProcessLookupError:
+                pass
+
+
+async def stop_process(proc: trio.Process, sig: int = signal.SIGTERM) -> None:
+    """Signal ``proc`` (SIGTERM), wait up to ``STOP_TIMEOUT_S``, then kill it."""
+    if proc.returncode is not None:
+        return
+    try:
+        proc.send_signal(sig)
+        with trio.move_on_after(STOP_TIMEOUT_S):
+            await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def call_all(
+    children: list[Child], objs: list[dict[str, Any]], timeout: float = CHILD_REPLY_TIMEOUT_S,
+) -> list[dict[str, Any]]:
+    """Send ``objs[i]`` to ``children[i]``, all at once; their answers, in order."""
+    answers: list[dict[str, Any]] = [{} for _ in children]
+
+    async def one(i: int) -> None:
+        answers[i] = await children[i].call(objs[i], timeout)
+
+    async with trio.open_nursery() as n:
+        for i in range(len(children)):
+            n.start_soon(one, i)
+    return answers

@@ -1,0 +1,276 @@
+"""The server's own WebSocket layer (seqactor.server.ws): the upgrade handshake as bytes in and
+out, and a connection fed the bytes a client sends, split anywhere, answering what RFC 6455
+says on the wire."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import h11
+import pytest
+import trio
+import trio.testing
+from wsproto.connection import Connection, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
+from wsproto.frame_protocol import CloseReason
+
+from seqactor.server.handshake import (
+    MAX_REQUEST_HEAD_BYTES,
+    HandshakeRefused,
+    accept_response,
+    parse_upgrade_request,
+    read_request_head,
+    refusal_response,
+)
+from seqactor.server.stream import ActivityStream
+from seqactor.server.ws import ConnectionClosed, ServerWebSocket
+from tests._harness import running_server
+
+KEY = b"dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 §1.3's example
+GOOD = (
+    b"GET /v1?x=1 HTTP/1.1\r\nHost: example\r\nUpgrade: WebSocket\r\n"
+    b"Connection: keep-alive, Upgrade\r\nSec-WebSocket-Key: " + KEY + b"\r\n"
+    b"Sec-WebSocket-Version: 13"
+)
+
+
+class ChunkStream(trio.abc.Stream):
+    """A peer that delivers ``chunks`` one per read (then EOF) and records what is sent."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = list(chunks)
+        self.sent = bytearray()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await trio.lowlevel.checkpoint()
+        return self.chunks.pop(0) if self.chunks else b""
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await trio.lowlevel.checkpoint()
+        self.sent += data
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+def client_bytes(*events: object) -> bytes:
+    """What a client sends for ``events`` (masked frames, as RFC 6455 requires)."""
+    conn = Connection(ConnectionType.CLIENT)
+    return b"".join(conn.send(e) for e in events)  # type: ignore[arg-type]
+
+
+def server_events(data: bytes) -> list[object]:
+    """The frames the server wrote, as a client parses them."""
+    conn = Connection(ConnectionType.CLIENT)
+    conn.receive_data(bytes(data))
+    return list(conn.events())
+
+
+def split(data: bytes, size: int) -> list[bytes]:
+    return [data[i:i + size] for i in range(0, len(data), size)]
+
+
+def test_accept_token_is_rfc6455s_example() -> None:
+    assert parse_upgrade_request(GOOD).path == "/v1"
+    assert parse_upgrade_request(GOOD).target == "/v1?x=1"
+    assert accept_response(KEY) == (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+    )
+
+
+@pytest.mark.parametrize(("head", "status"), [
+    (GOOD.replace(b"GET", b"POST"), 405),
+    (GOOD.replace(b"HTTP/1.1", b"HTTP/1.0"), 400),
+    (GOOD.replace(b"GET /v1?x=1 HTTP/1.1", b"GET /v1"), 400),
+    (GOOD.replace(b"Upgrade: WebSocket\r\n", b""), 400),
+    (GOOD.replace(b"keep-alive, Upgrade", b"keep-alive"), 400),
+    (GOOD.replace(b"Version: 13", b"Version: 8"), 426),
+    (GOOD.replace(KEY, b"not base64!"), 400),
+    (GOOD.replace(KEY, b"c2hvcnQ="), 400),  # decodes to 5 bytes, not 16
+    (GOOD.replace(b"Host: example", b"Host example"), 400),
+    (GOOD.replace(b"Host: example", b" folded: header"), 400),
+])
+def test_bad_upgrade_requests_get_the_http_answer(head: bytes, status: int) -> None:
+    with pytest.raises(HandshakeRefused) as info:
+        parse_upgrade_request(head)
+    refused = info.value
+    assert refused.status == status
+    # The refusal is a well-formed HTTP response (as an HTTP client parses it).
+    assert refused.status is not None
+    client = h11.Connection(h11.CLIENT)
+    client.send(h11.Request(method="GET", target="/v1", headers=[("Host", "x")]))
+    client.receive_data(refusal_response(refused.status, refused.message, refused.headers))
+    response = client.next_event()
+    assert isinstance(response, h11.Response) and response.status_code == status
+    if status == 426:
+        assert (b"sec-websocket-version", b"13") in response.headers
+    data = client.next_event()
+    assert isinstance(data, h11.Data) and refused.message.encode() in data.data
+
+
+async def test_request_head_is_read_across_reads_and_bounded() -> None:
+    stream = ChunkStream(split(GOOD + b"\r\n\r\n" + b"\x82", 5))
+    head, rest = await read_request_head(stream)
+    assert head == GOOD and rest == b"\x82"
+    huge = ChunkStream([b"GET / HTTP/1.1\r\nX: " + b"y" * MAX_REQUEST_HEAD_BYTES])
+    with pytest.raises(HandshakeRefused) as info:
+        await read_request_head(huge)
+    assert info.value.status == 431
+    with pytest.raises(HandshakeRefused) as info:
+        await read_request_head(ChunkStream([b"GET / HT"]))  # then EOF
+    assert info.value.status is None
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5, 7, 64, 1 << 20])
+async def test_messages_split_anywhere_arrive_whole_and_pings_are_answered(chunk: int) -> None:
+    medium = bytes(range(256)) * 2  # 512 bytes: a 2-byte length
+    large = b"L" * 70_000  # an 8-byte length
+    wire = client_bytes(
+        BytesMessage(b"hello"),
+        BytesMessage(b"frag-1|", message_finished=False),
+        Ping(b"in the middle"),  # control frames may come between fragments
+        BytesMessage(b"frag-2", message_finished=True),
+        BytesMessage(medium),
+        BytesMessage(b""),
+        BytesMessage(large),
+        Ping(b"last"),
+    )
+    peer = ChunkStream(split(wire, chunk))
+    ws = ServerWebSocket(ActivityStream(peer), max_message_bytes=100_000)
+    got = [await ws.receive() for _ in range(5)]
+    assert got == [b"hello", b"frag-1|frag-2", medium, b"", large]
+    with pytest.raises(ConnectionClosed) as info:
+        await ws.receive()  # the last ping is answered on the way to EOF
+    assert info.value.code == 1006
+    assert server_events(peer.sent) == [Pong(b"in the middle"), Pong(b"last")]
+
+
+async def test_an_idle_connection_holds_no_frame_parser() -> None:
+    wire = client_bytes(BytesMessage(b"one"), BytesMessage(b"two" * 100))
+    peer = ChunkStream([wire[:4], wire[4:12], wire[12:]])
+    ws = ServerWebSocket(ActivityStream(peer), max_message_bytes=1024)
+    assert not ws.parsing
+    assert await ws.receive() == b"one"
+    assert ws.parsing  # the second message's first bytes are already in
+    assert await ws.receive() == b"two" * 100
+    peer.chunks = [b""]  # nothing more for now; EOF on the read after
+    with pytest.raises(ConnectionClosed):
+        await ws.receive()
+    half = client_bytes(BytesMessage(b"x" * 300))
+    peer = ChunkStream([half[:150], half[150:]])
+    ws = ServerWebSocket(ActivityStream(peer), max_message_bytes=1024)
+    assert await ws.receive() == b"x" * 300
+    peer.chunks = [client_bytes(BytesMessage(b"after idle"))]
+    assert await ws.receive() == b"after idle"  # a fresh parser takes the next message
+    assert not ws.parsing
+
+
+async def test_bytes_after_the_handshake_are_the_first_frames() -> None:
+    first = client_bytes(BytesMessage(b"pipelined"))
+    ws = ServerWebSocket(ActivityStream(ChunkStream([])), 1024, trailing=first)
+    assert await ws.receive() == b"pipelined"
+
+
+async def test_text_messages_are_returned_as_text() -> None:
+    peer = ChunkStream(split(client_bytes(TextMessage("héllo wörld")), 3))
+    ws = ServerWebSocket(ActivityStream(peer), 1024)
+    assert await ws.receive() == "héllo wörld"
+
+
+async def test_a_message_over_the_limit_closes_1009_even_in_fragments() -> None:
+    wire = client_bytes(
+        BytesMessage(b"a" * 600, message_finished=False), BytesMessage(b"b" * 600),
+    )
+    peer = ChunkStream([wire])
+    ws = ServerWebSocket(ActivityStream(peer), max_message_bytes=1000)
+    with pytest.raises(ConnectionClosed) as info:
+        await ws.receive()
+    assert info.value.code == 1009
+    (close,) = server_events(peer.sent)
+    assert isinstance(close, CloseConnection) and close.code == 1009
+    assert ws.write_nowait(b"no more") is None
+
+
+async def test_protocol_errors_close_with_wsprotos_code() -> None:
+    unmasked = b"\x82\x02hi"  # a client frame without a mask
+    peer = ChunkStream([unmasked])
+    ws = ServerWebSocket(ActivityStream(peer), 1024)
+    with pytest.raises(ConnectionClosed) as info:
+        await ws.receive()
+    assert info.value.code == CloseReason.PROTOCOL_ERROR == 1002
+    (close,) = server_events(peer.sent)
+    assert isinstance(close, CloseConnection) and close.code == 1002
+
+
+async def test_peer_close_is_answered_and_reported() -> None:
+    peer = ChunkStream([client_bytes(BytesMessage(b"last words"), CloseConnection(4321, "bye"))])
+    ws = ServerWebSocket(ActivityStream(peer), 1024)
+    assert await ws.receive() == b"last words"
+    with pytest.raises(ConnectionClosed) as info:
+        await ws.receive()
+    assert (info.value.code, info.value.reason) == (4321, "bye")
+    (close,) = server_events(peer.sent)
+    assert isinstance(close, CloseConnection) and close.code == 4321
+    with pytest.raises(ConnectionClosed):
+        await ws.send_message(b"after close")
+
+
+async def test_server_close_waits_for_the_peers_close_dropping_data() -> None:
+    peer = ChunkStream([client_bytes(BytesMessage(b"ignored"), CloseConnection(4009, "ok"))])
+    ws = ServerWebSocket(ActivityStream(peer), 1024)
+    await ws.send_message(b"final")
+    await ws.close(4009, "replaced")
+    assert ws.closed == (4009, "ok")
+    final, close = server_events(peer.sent)
+    assert isinstance(final, BytesMessage) and final.data == b"final"
+    assert isinstance(close, CloseConnection) and (close.code, close.reason) == (4009, "replaced")
+
+
+async def test_server_refuses_other_versions_and_methods_over_http() -> None:
+    async with running_server() as server:
+        for request, status in [
+            (GOOD.replace(b"Version: 13", b"Version: 8"), b"426"),
+            (GOOD.replace(b"GET", b"PUT"), b"405"),
+            (GOOD.replace(b"/v1?x=1", b"/v2"), b"404"),
+        ]:
+            with trio.socket.socket() as s:
+                await s.connect(("127.0.0.1", server.port))
+                await s.send(request + b"\r\n\r\n")
+                answer = b""
+                while chunk := await s.recv(4096):
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.1 " + status)
+
+
+async def test_a_reader_waiting_for_bytes_keeps_no_parser_alive() -> None:
+    """What an idle session costs: nothing of wsproto's while it waits."""
+    a, b = trio.socket.socketpair()
+    ws = ServerWebSocket(ActivityStream(trio.SocketStream(a)), 1024)
+    peer = trio.SocketStream(b)
+    wire = client_bytes(BytesMessage(b"m" * 200))
+    got: list[bytes | str] = []
+
+    async def reader() -> None:
+        while True:
+            got.append(await ws.receive())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        await peer.send_all(wire[:100])
+        await trio.testing.wait_all_tasks_blocked()
+        assert ws.parsing  # half a message in
+        parser = weakref.ref(ws._ws)  # type: ignore[arg-type]
+        await peer.send_all(wire[100:] + client_bytes(Ping(b"after it")))
+        await trio.testing.wait_all_tasks_blocked()
+        assert got == [b"m" * 200]
+        assert server_events(await peer.receive_some(100)) == [Pong(b"after it")]
+        gc.collect()
+        assert parser() is None and not ws.parsing
+        nursery.cancel_scope.cancel()
+    await peer.aclose()
+    await ws.stream.aclose()
