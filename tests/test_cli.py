@@ -169,6 +169,9 @@ class LiveView:
         self.proc = subprocess.Popen(
             [*CLI, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "COLUMNS": "120", "TTY_COMPATIBLE": "1"},
+            # Ctrl-C as in a terminal: a test run started in the background (`cmd &` in a
+            # script) hands its children SIGINT ignored, and Python keeps it ignored.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         self._out: list[str] = []
         self._lock = threading.Lock()
