@@ -138,3 +138,31 @@ async def test_serve_limit_flags_are_enforced(tmp_path):
     finally:
         proc.kill()
         await proc.wait()
+
+
+async def test_one_server_per_sqlite_file_and_the_absolute_path_is_printed(tmp_path):
+    """A second `serve` on the file a running server has open would hand out the same seqs
+    again (each numbers allocations in its own memory): it is refused with one line. The
+    running server names the absolute path of the file it opened."""
+    db = tmp_path / "db.sqlite"
+    proc, _url = await start_serve(tmp_path, f"sqlite:///{db}")
+    try:
+        stderr = (tmp_path / "stderr.log").read_text()
+        assert f"seqactor serve: store sqlite:///{db}" in stderr  # absolute, as opened
+        out = await trio.run_process(
+            [*SEQACTOR, "serve", "--port", "0", "--store", f"sqlite:///{db}",
+             "--secret-file", str(tmp_path / "secret")],
+            capture_stdout=True, capture_stderr=True, check=False,
+        )
+        err = out.stderr.decode().strip().splitlines()
+        assert out.returncode == 1 and out.stdout == b""
+        assert len(err) == 1 and str(db) in err[0] and "one server per SQLite file" in err[0]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(START_TIMEOUT_S):
+            await proc.wait()
+    # stopped: the file can be served again
+    again, _ = await start_serve(tmp_path, f"sqlite:///{db}")
+    again.send_signal(signal.SIGTERM)
+    with trio.fail_after(START_TIMEOUT_S):
+        assert await again.wait() == 0

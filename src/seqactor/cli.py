@@ -9,6 +9,7 @@ exits 1. Never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -335,6 +336,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     def listening(url: str) -> None:
         log.started()
+        opened = getattr(store, "path", None)
+        if isinstance(opened, str) and opened != ":memory:":  # which file, whatever the URL said
+            print(f"seqactor serve: store sqlite:///{os.path.abspath(opened)}", file=sys.stderr,
+                  flush=True)
         print(f"listening on {url}", flush=True)
 
     async def main() -> None:

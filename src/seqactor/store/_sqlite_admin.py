@@ -1,9 +1,12 @@
 """Operator actions on a SQLite store file: backup, restore, epoch rotation, and the lock that
 keeps them away from a running server.
 
-* **The lock.** A server holds a *shared* ``flock`` on ``<db>.lock`` (beside the database) for
-  as long as its store is open. ``restore`` and ``init --force`` take it *exclusively*, so they
-  refuse to run while any server uses the file (they rewrite what the server holds in memory).
+* **The lock.** A server holds an *exclusive* ``flock`` on ``<db>.lock`` (beside the database)
+  for as long as its store is open: one server per file. The store serves reads from memory and
+  numbers allocations in memory before committing them, so a second process on the same file
+  would hand out the same seqs again (I1); it is refused with one line instead (several nodes
+  share a ``redis://`` store). ``restore`` and ``init --force`` take the same lock, so they
+  refuse to run while a server uses the file (they rewrite what the server holds in memory).
   ``backup`` needs no lock: it reads through SQLite's online backup API.
 * **Backup** (:func:`backup`): ``sqlite3.Connection.backup`` copies every page in one step,
   inside one read transaction, so the copy is one committed state even while the server keeps
@@ -48,9 +51,10 @@ def lock_path(db_path: str) -> str:
     return db_path + LOCK_SUFFIX
 
 
-def hold_shared(db_path: str) -> int | None:
-    """Take the shared lock a running store holds; returns the fd to release (None for
-    ``:memory:``). Never blocks: only an operator action holds it exclusively, briefly."""
+def hold_open(db_path: str) -> int | None:
+    """Take the lock an open store holds (exclusive: one server per file); returns the fd to
+    release (None for ``:memory:``). Never blocks: :class:`StoreInUse` when another server (or
+    an operator action) has it."""
     if db_path == ":memory:":
         return None
     where = os.path.abspath(db_path)
@@ -65,12 +69,13 @@ def hold_shared(db_path: str) -> int | None:
             f"cannot create the lock file {lock_path(db_path)}: {exc.strerror or exc}"
         ) from None
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         raise StoreInUse(
-            f"{db_path} is being restored or re-initialised (`seqactor store`); try again "
-            "when that has finished"
+            f"{where} is open in another seqactor process (a server, or `seqactor store` "
+            "restoring it): one server per SQLite file; stop the other one, or share a "
+            "redis:// store between nodes"
         ) from None
     return fd
 

@@ -174,7 +174,7 @@ class SQLiteStore(StateStore):
         self._inflight: Batch | None = None  # being committed by the writer
         self._flush_scheduled = False
         self._failed: BaseException | None = None
-        self._lock_fd: int | None = None  # shared flock on <path>.lock while open
+        self._lock_fd: int | None = None  # exclusive flock on <path>.lock while open
 
     # ---------------------------------------------------------- lifecycle
 
@@ -185,7 +185,7 @@ class SQLiteStore(StateStore):
         if self._closed:
             raise Unavailable("the store was closed")
         self._token = trio.lowlevel.current_trio_token()
-        self._lock_fd = admin.hold_shared(self.path)  # `seqactor store restore` waits for us
+        self._lock_fd = admin.hold_open(self.path)  # one server per file (and no restore meanwhile)
         self._thread = threading.Thread(
             target=self._writer_main, name="seqactor-sqlite-writer", daemon=True
         )
