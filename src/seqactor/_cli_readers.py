@@ -40,7 +40,7 @@ def add_readers_parser(sub: Any) -> None:
     p.add_argument("--unread", action="store_true", help="list who has NOT read SEQ")
     p.add_argument("--limit", type=positive_int, default=None, metavar="N",
                    help="list at most N users (default: all)")
-    _client_args(p, user=True)
+    _client_args(p, user=True, minted="a service token, or with --user that user's token")
 
 
 def _role(tok: str) -> str:
@@ -68,7 +68,7 @@ def cmd_readers(args: argparse.Namespace) -> int:
 
 
 def _readers(args: argparse.Namespace) -> int:
-    from seqactor.cli import CLI_CONNECT_TIMEOUT_S, _client_token, _run_client
+    from seqactor.cli import CLI_CONNECT_TIMEOUT_S, CliError, _client_token, _run_client
     from seqactor.client import Client, ServiceClient
 
     tok = _client_token(args, user=bool(args.user))
@@ -76,6 +76,12 @@ def _readers(args: argparse.Namespace) -> int:
     lines: list[str] = []
 
     async def collect(client: Client | ServiceClient) -> None:
+        rc = await client.read_counts(args.conversation, args.seq, args.seq)
+        read = rc.count(args.seq)
+        if read is None:  # the reply's range was clamped away from SEQ
+            where = (f"its history starts at seq {rc.from_sequence} (cleared below)"
+                     if rc.from_sequence > args.seq else "it has no message with that seq yet")
+            raise CliError(f"seq {args.seq} of {args.conversation} is not readable: {where}")
         shown = 0
         async for page in client.readers(args.conversation, args.seq, unread=args.unread,
                                          page_size=READERS_PAGE_SIZE):
@@ -88,14 +94,7 @@ def _readers(args: argparse.Namespace) -> int:
             else:
                 continue
             break
-        rc = await client.read_counts(args.conversation, args.seq, args.seq)
-        read = rc.count(args.seq)
-        if read is None:
-            lines.append(f"{args.conversation}: seq {args.seq} is not readable "
-                         f"(range {rc.from_sequence}..{rc.to_sequence}), "
-                         f"{rc.member_count} members")
-        else:
-            lines.append(f"{read} of {rc.member_count} have read {args.seq}")
+        lines.append(f"{read} of {rc.member_count} have read {args.seq}")
 
     async def run() -> None:
         if as_user:

@@ -7,8 +7,10 @@ user token in the URL fragment, which browsers never send to the HTTP server.
 
 from __future__ import annotations
 
+import os
 import threading
 from functools import partial
+from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -16,11 +18,17 @@ from urllib.parse import quote
 
 DEMO_DIR = Path(__file__).resolve().parents[2] / "clients" / "js" / "demo"
 BUILT_FILE = DEMO_DIR / "dist" / "demo.js"
+MAX_PORT = 65_535
 
 
 class _Quiet(SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib's name)
         pass
+
+    def list_directory(self, path: str | os.PathLike[str]) -> None:
+        """No directory listings: only the page's files are served."""
+        self.send_error(HTTPStatus.NOT_FOUND, "not found")
+        return None
 
     def end_headers(self) -> None:
         self.send_header("Cache-Control", "no-store")
@@ -42,17 +50,22 @@ class DemoPage:
 def start(host: str, port: int, ws_url: str, token: str) -> DemoPage | None:
     """Serve the demo page on ``host:port`` (0: any free port) and print its URL.
 
-    Returns None (with a hint on stdout) when the page has not been built or the port is taken.
+    ``port`` outside 1-65535 or taken: any free port. Returns None (with a one-line note on
+    stdout) when the page has not been built or no port can be had.
     """
     if not BUILT_FILE.exists():
-        print("web page: not built (run `make test-js` or `npm ci && npm run build` in "
+        print("web page: not built (run `make js-build`, or `npm ci && npm run build` in "
               "clients/js)", flush=True)
         return None
     handler = partial(_Quiet, directory=str(DEMO_DIR))
     try:
-        httpd = ThreadingHTTPServer((host, port), handler)
+        httpd = ThreadingHTTPServer((host, port if 0 < port <= MAX_PORT else 0), handler)
     except OSError:
-        httpd = ThreadingHTTPServer((host, 0), handler)
+        try:
+            httpd = ThreadingHTTPServer((host, 0), handler)
+        except OSError as exc:
+            print(f"web page: not served ({exc.strerror or exc})", flush=True)
+            return None
     httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, name="seqactor-demo-web", daemon=True).start()
     web_host = f"[{host}]" if ":" in host else host

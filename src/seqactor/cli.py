@@ -130,14 +130,16 @@ def _token_parser(sub: SubParsers) -> None:
                    help=f"lifetime, above 0 and at most {C.MAX_TOKEN_LIFETIME_S}")
 
 
-def _client_args(p: argparse.ArgumentParser, user: bool) -> None:
+def _client_args(p: argparse.ArgumentParser, user: bool, minted: str | None = None) -> None:
+    """--url, --token, --secret-file (and --user with ``user``); ``minted`` says which token
+    --secret-file mints (default: a user token with ``user``, else a service token)."""
+    minted = minted or ("a user token" if user else "a service token")
     p.add_argument("--url", type=check_ws_url, default=DEFAULT_URL,
                    help="server URL, ws://host:port/v1 or wss://host:port/v1")
     p.add_argument("--token", default=None,
                    help="a token (see `seqactor token`) (default: mint one from --secret-file)")
     p.add_argument("--secret-file", default=None, metavar="FILE",
-                   help="the server's secret: mint a " + ("user" if user else "service")
-                   + " token instead of --token (default: none)")
+                   help=f"the server's secret: mint {minted} instead of --token (default: none)")
     if user:
         p.add_argument("--user", default=None, type=partial(id_arg, what="--user"),
                        help="the user to mint a token for, with --secret-file (default: none)")
