@@ -126,6 +126,15 @@ async def test_request_head_is_read_across_reads_and_bounded() -> None:
     assert info.value.status is None
 
 
+async def test_a_tls_client_hello_on_the_plain_port_is_refused_at_once() -> None:
+    """wss:// against a plain server: the ClientHello never ends in a blank line, so waiting
+    for one would hold the client until the handshake timeout; it gets a 400 at once."""
+    client_hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 32
+    with pytest.raises(HandshakeRefused) as info:
+        await read_request_head(ChunkStream([client_hello]))  # no EOF: the peer waits
+    assert info.value.status == 400 and "TLS" in info.value.message
+
+
 @pytest.mark.parametrize("chunk", [1, 2, 5, 7, 64, 1 << 20])
 async def test_messages_split_anywhere_arrive_whole_and_pings_are_answered(chunk: int) -> None:
     medium = bytes(range(256)) * 2  # 512 bytes: a 2-byte length

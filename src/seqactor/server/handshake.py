@@ -22,6 +22,7 @@ import trio
 from wsproto.utilities import generate_accept_token
 
 MAX_REQUEST_HEAD_BYTES = 8_192  # request line + headers; beyond: 431
+TLS_HANDSHAKE_RECORD = b"\x16"  # first byte of a TLS record carrying a ClientHello (RFC 8446 §5.1)
 WEBSOCKET_VERSION = b"13"  # RFC 6455; other versions get 426 naming this one
 WEBSOCKET_KEY_BYTES = 16  # Sec-WebSocket-Key decodes to this many bytes
 
@@ -135,6 +136,10 @@ async def read_request_head(stream: trio.abc.ReceiveStream) -> tuple[bytes, byte
         if not data:
             raise HandshakeRefused(None, "peer closed during the handshake")
         buf += data
+        if buf[:1] == TLS_HANDSHAKE_RECORD:
+            # A TLS ClientHello (wss:// to a plain server) never ends in a blank line: refuse
+            # at once, so the client fails now instead of after the handshake timeout.
+            raise HandshakeRefused(400, "TLS handshake on a plain ws:// port")
         end = buf.find(b"\r\n\r\n")
         if end >= 0:
             return buf[:end], buf[end + 4:]
