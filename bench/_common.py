@@ -14,7 +14,9 @@ import resource
 import signal
 import statistics
 import subprocess
-from collections.abc import Sequence
+import sys
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ HERE = Path(__file__).resolve().parent
 QUANTILE_CUTS = 1000  # percentiles are read from 999 cut points: p0.1 ... p99.9
 STOP_TIMEOUT_S = 10.0  # a child asked to stop gets this long before it is killed
 CHILD_REPLY_TIMEOUT_S = 600.0  # default wait for one answer line from a child
+CHILD_EXIT_TIMEOUT_S = 10.0  # a load client asked to exit gets this long before it is killed
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -168,6 +171,25 @@ class Child:
                 self.proc.kill()
             except ProcessLookupError:
                 pass
+
+
+@asynccontextmanager
+async def client_processes(script: Path, n: int) -> AsyncIterator[list[Child]]:
+    """``n`` load-client processes running ``script`` (JSON lines on stdin/stdout, see
+    :class:`Child`); asked to exit at the end, killed if they do not (or if the body fails)."""
+    clients: list[Child] = []
+    try:
+        for i in range(n):
+            clients.append(await Child.start([sys.executable, str(script)], f"client {i}"))
+        yield clients
+        for c in clients:
+            await c.send({"cmd": "exit"})
+        for c in clients:
+            with trio.move_on_after(CHILD_EXIT_TIMEOUT_S):
+                await c.proc.wait()
+    finally:
+        for c in clients:
+            c.kill()
 
 
 async def stop_process(proc: trio.Process, sig: int = signal.SIGTERM) -> None:

@@ -56,7 +56,7 @@ import trio_websocket as tws
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from _common import percentile  # noqa: E402
+from _common import cpu_s, percentile  # noqa: E402
 
 from seqactor._proto import seqactor_pb2 as pb  # noqa: E402
 from seqactor.store import _redis_lua as lua  # noqa: E402
@@ -83,7 +83,6 @@ FOREIGN_SESSIONS_SMALL = 100  # the same with few sessions (own work small: the 
 FOREIGN_ADD_CHUNK = 2_000  # member ids per AddMembers
 FOREIGN_RATE_PER_S = 100.0  # allocations/s on each node's own group
 FOREIGN_WINDOW_S = 10.0  # CPU measured over this long, per phase
-CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 NODE4_KEYS = ("nodes4_frames_per_server_cpu_s", "node1_frames_per_server_cpu_s",
               "nodes4_staleness_p99_ms", "nodes4_sweep_ms", "failover_converge_s",
               "foreign_change_cpu_share")
@@ -238,12 +237,6 @@ async def push_latency(svc: RawClient, watcher: RawClient, cid: str, n: int) -> 
         assert reply.request_id == rid and body(reply) == "allocated", reply
         await trio.sleep(0.002)
     return out
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far (/proc/<pid>/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
 
 
 async def bench_foreign(

@@ -30,11 +30,10 @@ from __future__ import annotations
 import argparse
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +48,7 @@ from _common import (
     stop_process,
     write_json,
 )
+from _common import client_processes as _common_client_processes  # noqa: E402
 from fanout import finish_profiler, serve_memory, start_backend, start_profiler, user_ranges
 
 from seqactor._kernel import COMPILED
@@ -74,21 +74,9 @@ PROFILE_RATE_HZ = 1000  # samples per second: one phase lasts seconds
 SETTLE_S = 1.0  # after a server starts (and after the group is set up), before the clock
 
 
-@asynccontextmanager
-async def client_processes(n: int = CLIENT_PROCESSES) -> AsyncIterator[list[Child]]:
-    clients: list[Child] = []
-    try:
-        for i in range(n):
-            clients.append(await Child.start([sys.executable, str(CLIENT)], f"client {i}"))
-        yield clients
-        for c in clients:
-            await c.send({"cmd": "exit"})
-        for c in clients:
-            with trio.move_on_after(10):
-                await c.proc.wait()
-    finally:
-        for c in clients:
-            c.kill()
+def client_processes(n: int = CLIENT_PROCESSES) -> AbstractAsyncContextManager[list[Child]]:
+    """``n`` processes of this benchmark's load client (see ``_common.client_processes``)."""
+    return _common_client_processes(CLIENT, n)
 
 
 @asynccontextmanager

@@ -48,7 +48,7 @@ import tempfile
 import time
 from array import array
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,7 @@ from _common import (
     stop_process,
     system_busy_s,
 )
+from _common import client_processes as _common_client_processes  # noqa: E402
 
 from seqactor._kernel import COMPILED
 from seqactor._proto import seqactor_pb2 as pb
@@ -270,23 +271,9 @@ async def start_backend(
     return backend
 
 
-@asynccontextmanager
-async def client_processes(n: int = CLIENT_PROCESSES) -> AsyncIterator[list[Child]]:
-    """``n`` client processes (bench/_fanout_client.py); asked to exit at the end, killed if
-    they do not (or if the body fails)."""
-    clients: list[Child] = []
-    try:
-        for i in range(n):
-            clients.append(await Child.start([sys.executable, str(CLIENT)], f"client {i}"))
-        yield clients
-        for c in clients:
-            await c.send({"cmd": "exit"})
-        for c in clients:
-            with trio.move_on_after(10):
-                await c.proc.wait()
-    finally:
-        for c in clients:
-            c.kill()
+def client_processes(n: int = CLIENT_PROCESSES) -> AbstractAsyncContextManager[list[Child]]:
+    """``n`` processes of this benchmark's load client (see ``_common.client_processes``)."""
+    return _common_client_processes(CLIENT, n)
 
 
 @dataclass
