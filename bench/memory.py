@@ -137,8 +137,7 @@ async def trace_run(n: int, clients: list[Child], tmp: Path, top: int) -> dict[s
     secret = secrets.token_hex(32).encode()
     secret_file = tmp / "secret-trace"
     secret_file.write_bytes(secret)
-    cfg = ServerConfig(host="127.0.0.1", port=0, store_url="memory://", secret=secret,
-                       heartbeat_interval_s=HEARTBEAT_INTERVAL_S)
+    cfg = ServerConfig(host="127.0.0.1", port=0, heartbeat_interval_s=HEARTBEAT_INTERVAL_S)
     server = Server(cfg, open_store("memory://"), secret)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve)

@@ -192,8 +192,7 @@ async def run(quick: bool) -> dict[str, object]:
     reps = 3 if quick else 10
     samples = 100 if quick else 500
     rng = random.Random(1)
-    cfg = ServerConfig(host="127.0.0.1", port=0, store_url="memory://", secret=SECRET,
-                       rate_limit_ops_per_s=1e9, rate_limit_burst_ops=10**9)
+    cfg = ServerConfig(host="127.0.0.1", port=0, rate_limit_ops_per_s=1e9, rate_limit_burst_ops=10**9)
     server = Server(cfg, open_store("memory://"), SECRET)
     results: dict[str, object] = {}
     async with trio.open_nursery() as nursery:

@@ -28,7 +28,7 @@ REPLY_TIMEOUT_S = 5.0
 
 @asynccontextmanager
 async def running_server(store_url: str = "memory://", **overrides: Any) -> AsyncIterator[Server]:
-    cfg = ServerConfig(host="127.0.0.1", port=0, store_url=store_url, secret=SECRET, **overrides)
+    cfg = ServerConfig(host="127.0.0.1", port=0, **overrides)
     server = Server(cfg, open_store(store_url), SECRET)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve)

@@ -392,8 +392,7 @@ async def _serve_main(args: argparse.Namespace) -> None:
 
     config = json.loads(args.config)
     store = open_store(args.store)
-    cfg = ServerConfig(host="127.0.0.1", port=args.port, store_url=args.store, secret=SECRET,
-                       **config)
+    cfg = ServerConfig(host="127.0.0.1", port=args.port, **config)
     server = Server(cfg, store, SECRET)
 
     async def on_signal() -> None:

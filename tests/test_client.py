@@ -322,7 +322,7 @@ async def test_background_pings_less_often(mock_clock):
 
 
 def _server(store_url: str = "memory://", **kw) -> Server:
-    cfg = ServerConfig(host="127.0.0.1", port=0, store_url=store_url, secret=SECRET, **kw)
+    cfg = ServerConfig(host="127.0.0.1", port=0, **kw)
     return Server(cfg, open_store(store_url), SECRET)
 
 
@@ -330,25 +330,28 @@ async def test_goaway_is_honoured_and_resume_is_a_delta(tmp_path):
     db = f"sqlite:///{tmp_path}/g.db"
     async with trio.open_nursery() as nursery:
         first = _server(db, goaway_reconnect_after_ms=400)
-        await nursery.start(first.serve)
+        first_closed = trio.Event()
+
+        async def serve_first(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            try:
+                await first.serve(task_status=task_status)
+            finally:
+                first_closed.set()
+
+        await nursery.start(serve_first)
         await setup(first.url, {"k": ["gina"], "l": ["gina"]}, allocs=2)
         async with running_proxy(first.port) as proxy:
             async with Client.connect(proxy.url, token("gina"), backoff=fast_backoff()) as c:
-                done = trio.Event()
-
-                async def stop_first() -> None:
-                    first.stop()
-                    done.set()
-
-                # the replacement must exist before the old one says GoAway
-                await trio.sleep(0)
                 c_before = c.stats.connects
                 started = trio.current_time()
-                nursery.start_soon(stop_first)
+                first.stop()
                 with trio.fail_after(5):
                     while c.stats.goaways == 0:
                         await trio.sleep(0.005)
                 seen = trio.current_time()
+                # one server per SQLite file: the replacement opens it once the old one closed it
+                with trio.fail_after(5):
+                    await first_closed.wait()
                 second = _server(db, goaway_reconnect_after_ms=400)
                 await nursery.start(second.serve)
                 proxy.target_port = second.port

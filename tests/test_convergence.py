@@ -32,8 +32,7 @@ SETTLE_TIMEOUT_S = 15.0
 
 def _config(store_url: str) -> ServerConfig:
     return ServerConfig(
-        host="127.0.0.1", port=0, store_url=store_url, secret=SECRET,
-        goaway_reconnect_after_ms=100, rate_limit_ops_per_s=100_000.0,
+        host="127.0.0.1", port=0, goaway_reconnect_after_ms=100, rate_limit_ops_per_s=100_000.0,
         rate_limit_burst_ops=100_000, shutdown_grace_s=1.0,
     )
 

@@ -562,8 +562,7 @@ async def test_fd_exhaustion_is_survived_and_accept_resumes(tmp_path):
 
 async def test_view_and_group_size_limits_are_enforced():
     store = MemoryStore()
-    cfg = ServerConfig(host="127.0.0.1", port=0, store_url="memory://", secret=SECRET,
-                       max_view_conversations=3, max_conversation_members=4)
+    cfg = ServerConfig(host="127.0.0.1", port=0, max_view_conversations=3, max_conversation_members=4)
     server = Server(cfg, store, SECRET)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve)

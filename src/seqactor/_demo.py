@@ -71,7 +71,7 @@ async def _run_demo(
 ) -> None:
     rng = random.Random(seed)
     secret, _created = load_or_create_secret(secret_file)
-    cfg = ServerConfig(host=host, port=port, store_url="memory://", secret=secret)
+    cfg = ServerConfig(host=host, port=port)
     server = Server(cfg, open_store("memory://"), secret)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve)

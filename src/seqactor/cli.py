@@ -323,7 +323,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         warn("serve", warning)
     log = StartupLog(args.log_level)  # a start that fails is one line, not logs + the error
     cfg = C.ServerConfig(
-        host=args.host, port=args.port, store_url=args.store, secret=secret,
+        host=args.host, port=args.port,
         hello_timeout_s=args.hello_timeout, heartbeat_interval_s=args.heartbeat_interval,
         max_frame_bytes=args.max_frame_bytes, metrics_port=args.metrics_port,
         tls_cert=args.tls_cert, tls_key=args.tls_key,

@@ -41,8 +41,6 @@ READ_INDEX_MAX_MEMBERS = 4_000_000  # members held in read indexes per node (LRU
 class ServerConfig:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
-    store_url: str = DEFAULT_STORE_URL
-    secret: bytes = b""
     hello_timeout_s: float = HELLO_TIMEOUT_S
     heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S
     max_frame_bytes: int = MAX_FRAME_BYTES
