@@ -34,7 +34,7 @@ from google.protobuf.internal import api_implementation
 from seqactor import _delta as C
 from seqactor import _delta_py as P
 from seqactor._proto import seqactor_pb2 as pb
-from seqactor._view import ViewTable
+from seqactor.server._view import ViewTable
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kernel.json"
 TOKEN = b"\x01" * 24

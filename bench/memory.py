@@ -54,8 +54,8 @@ from fanout import (  # noqa: E402 - the fan-out benchmark's process helpers
 )
 
 from seqactor._kernel import COMPILED  # noqa: E402
-from seqactor.config import ServerConfig  # noqa: E402
-from seqactor.gateway import Server  # noqa: E402
+from seqactor.server.config import ServerConfig
+from seqactor.server.gateway import Server  # noqa: E402
 from seqactor.store import open_store  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

@@ -62,8 +62,8 @@ from seqactor import _readindex as C
 from seqactor import _readindex_py as P
 from seqactor._kernel import split_server_message
 from seqactor._proto import seqactor_pb2 as pb
-from seqactor._readcounts import ReadIndex
 from seqactor.auth import issue_token
+from seqactor.server.readcounts import ReadIndex
 from seqactor.store import MemberReads, ReadMarked
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -39,11 +39,11 @@ from _common import git_head, percentile
 
 from seqactor import Client, ServiceClient
 from seqactor import _kernel as kernel
-from seqactor._conn import ws_header_len
 from seqactor._proto import seqactor_pb2 as pb
 from seqactor.auth import issue_token
-from seqactor.config import ServerConfig
-from seqactor.gateway import Server
+from seqactor.client._connection import ws_header_len
+from seqactor.server.config import ServerConfig
+from seqactor.server.gateway import Server
 from seqactor.store import open_store
 
 SECRET = b"bench-secret-0123456789abcdef0123456789"

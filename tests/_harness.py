@@ -18,8 +18,8 @@ import trio_websocket as tws
 from seqactor._kernel import ConversationSeqs, decode_update
 from seqactor._proto import seqactor_pb2 as pb
 from seqactor.auth import issue_token
-from seqactor.config import ServerConfig
-from seqactor.gateway import Server
+from seqactor.server.config import ServerConfig
+from seqactor.server.gateway import Server
 from seqactor.store import open_store
 
 SECRET = b"test-secret-0123456789abcdef0123456789"

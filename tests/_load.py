@@ -386,8 +386,8 @@ async def setup_members(svc: ServiceClient, model: Model, groups: dict[str, list
 async def _serve_main(args: argparse.Namespace) -> None:
     import signal
 
-    from seqactor.config import ServerConfig
-    from seqactor.gateway import Server
+    from seqactor.server.config import ServerConfig
+    from seqactor.server.gateway import Server
     from seqactor.store import open_store
 
     config = json.loads(args.config)

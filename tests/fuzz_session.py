@@ -1,4 +1,4 @@
-"""Session fuzzing: hostile frames straight into :class:`seqactor._session.Session`.
+"""Session fuzzing: hostile frames straight into :class:`seqactor.server.session.Session`.
 
 The session talks to the network through a small ``Transport``; here that is
 :class:`FakeTransport`, which feeds the frames under test and records what the server sends
@@ -28,7 +28,7 @@ if __name__ == "__main__":  # run as a script: make ``tests`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from seqactor._proto import seqactor_pb2 as pb
-from seqactor._session import Session, TransportClosed
+from seqactor.server.session import Session, TransportClosed
 from tests._load import check_store_invariants, token
 
 Code = pb.Error.Code

@@ -32,7 +32,7 @@ async def test_cache_path_with_tilde_is_in_the_home_directory(tmp_path, monkeypa
 
 @pytest.mark.parametrize("path", ["~/seq", "~/deeper/dir/seq"])
 def test_cache_module_expands_tilde(tmp_path, monkeypatch, path):
-    from seqactor import _cache
+    from seqactor.client import _cache
 
     monkeypatch.setenv("HOME", str(tmp_path))
     data = _cache.CacheData(user="u", url="ws://x/v1", token=b"t", view={"c": (1, 0, 0, 5)})

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from seqactor.config import MAX_TOKEN_LIFETIME_S
+from seqactor.protocol import MAX_TOKEN_LIFETIME_S
 
 CLI = [sys.executable, "-m", "seqactor.cli"]
 TIMEOUT_S = 20

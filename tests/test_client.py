@@ -28,8 +28,8 @@ from seqactor import (
     unread_count,
 )
 from seqactor.auth import issue_token
-from seqactor.config import ServerConfig
-from seqactor.gateway import Server
+from seqactor.server.config import ServerConfig
+from seqactor.server.gateway import Server
 from seqactor.store import open_store
 from tests._harness import SECRET, running_server, token
 from tests._proxy import running_proxy
@@ -261,7 +261,7 @@ async def test_corrupt_or_foreign_cache_is_ignored(tmp_path, caplog, content):
                 assert c.get("x").max_sequence == 3
         assert "ignored" in caplog.text
     # the next start finds a valid cache again
-    from seqactor import _cache
+    from seqactor.client import _cache
 
     assert _cache.load(cache).user == "alice"
 

@@ -17,8 +17,8 @@ import trio
 
 from seqactor import Backoff, Client, SeqactorError, ServiceClient
 from seqactor._proto import seqactor_pb2 as pb
-from seqactor.config import ServerConfig
-from seqactor.gateway import Server
+from seqactor.server.config import ServerConfig
+from seqactor.server.gateway import Server
 from seqactor.store import open_store
 from tests._harness import SECRET, token
 from tests._proxy import Proxy

@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 
 from seqactor import _delta as C
 from seqactor import _delta_py as P
-from seqactor._view import FIELD_MAX, FIELD_READ
-from seqactor.actor import SessionState, UserActor
-from seqactor.metrics import HotCounters
+from seqactor.server._view import FIELD_MAX, FIELD_READ
+from seqactor.server.actor import SessionState, UserActor
+from seqactor.server.metrics import HotCounters
 
 IMPLS = [C, P]
 KEY = 7

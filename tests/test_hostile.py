@@ -23,11 +23,12 @@ import trio_websocket as tws
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import seqactor.gateway
+import seqactor.server.gateway
 from seqactor._proto import seqactor_pb2 as pb
 from seqactor._synctoken import make_token
-from seqactor.config import MAX_TOKEN_LIFETIME_S, ServerConfig
-from seqactor.gateway import Server
+from seqactor.protocol import MAX_TOKEN_LIFETIME_S
+from seqactor.server.config import ServerConfig
+from seqactor.server.gateway import Server
 from seqactor.store.memory import MemoryStore
 from tests._harness import SECRET, Closed, body, raw_connect, running_server, token, update_of
 from tests._load import ServerProcess, free_port, serve_argv, write_secret
@@ -458,7 +459,7 @@ async def test_backend_flood_is_back_pressured_and_gapless():
 
 
 async def test_unauthenticated_and_handshake_slowloris_are_cut(monkeypatch):
-    monkeypatch.setattr(seqactor.gateway, "HANDSHAKE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(seqactor.server.gateway, "HANDSHAKE_TIMEOUT_S", 0.5)
     async with running_server(hello_timeout_s=0.5) as server:
         async with trio.open_nursery() as nursery:
             idle_tcp = []

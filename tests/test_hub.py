@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import pytest
 
-import seqactor.hub
+import seqactor.server.hub
 from seqactor._kernel import decode_update, split_server_message
-from seqactor.hub import Hub
-from seqactor.metrics import Metrics
+from seqactor.server.hub import Hub
+from seqactor.server.metrics import Metrics
 from seqactor.store.memory import MemoryStore
 
 
 @pytest.fixture
 async def hub_with_rounds(monkeypatch, nursery):
     """A hub whose big-group allocations queue a round that only runs when the test says."""
-    monkeypatch.setattr(seqactor.hub, "FANOUT_INLINE_MEMBERS", 0)
+    monkeypatch.setattr(seqactor.server.hub, "FANOUT_INLINE_MEMBERS", 0)
     store = MemoryStore()
     await store.open()
     hub = Hub(store, Metrics())
@@ -90,7 +90,7 @@ async def test_round_delivers_the_newest_max_once(hub_with_rounds, nursery):
 
 async def test_push_while_own_read_is_held_back_carries_no_token(nursery):
     from seqactor._kernel import decode_update, split_server_message
-    from seqactor.actor import SessionState
+    from seqactor.server.actor import SessionState
     from seqactor.store import ReadMarked
 
     store = MemoryStore()
@@ -124,7 +124,7 @@ async def test_push_while_own_read_is_held_back_carries_no_token(nursery):
 
 async def test_a_session_joins_its_actor_in_the_attach_step(nursery):
     """Another session closing right after attach must not retire the actor under it."""
-    from seqactor.actor import SessionState
+    from seqactor.server.actor import SessionState
 
     store = MemoryStore()
     await store.open()
@@ -151,10 +151,10 @@ async def test_a_session_joins_its_actor_in_the_attach_step(nursery):
 async def test_one_users_failure_never_stops_the_others_pushes(monkeypatch, nursery, rounds):
     """A session that cannot take output any more (here: starting its writer fails) ends its
     own user's sessions; every other member still gets the change."""
-    from seqactor.actor import SessionState
+    from seqactor.server.actor import SessionState
 
     if rounds:
-        monkeypatch.setattr(seqactor.hub, "FANOUT_INLINE_MEMBERS", 0)
+        monkeypatch.setattr(seqactor.server.hub, "FANOUT_INLINE_MEMBERS", 0)
     store = MemoryStore()
     await store.open()
     hub = Hub(store, Metrics())
@@ -191,7 +191,7 @@ async def test_the_reply_queue_is_bounded_with_its_semaphore_made_on_demand():
     the writer takes one; an idle session holds no semaphore for it."""
     import trio
 
-    from seqactor.actor import SessionState
+    from seqactor.server.actor import SessionState
 
     store = MemoryStore()
     await store.open()
@@ -228,7 +228,7 @@ async def test_one_sessions_failure_never_stops_the_change_reaching_the_users_ot
     starting its writer raise, and that aborted the loop over the user's sessions, so the
     user's other devices missed the change while later pushes carried tokens past it. Now
     only the failing session ends; the user's other sessions get the change, the actor lives."""
-    from seqactor.actor import SessionState
+    from seqactor.server.actor import SessionState
 
     store = MemoryStore()
     await store.open()

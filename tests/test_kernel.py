@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from seqactor import _delta as C  # the compiled kernel must be importable
 from seqactor import _delta_py as P
 from seqactor._proto import seqactor_pb2 as pb
-from seqactor._view import FIELD_MAX, FIELD_MIN, FIELD_READ, ViewTable
+from seqactor.server._view import FIELD_MAX, FIELD_MIN, FIELD_READ, ViewTable
 
 U64 = (1 << 64) - 1
 IMPLS = [C, P]

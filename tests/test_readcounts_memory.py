@@ -7,8 +7,8 @@ from __future__ import annotations
 import trio
 import trio.testing
 
-from seqactor._readcounts import ReadIndexes
-from seqactor.config import ServerConfig
+from seqactor.server.config import ServerConfig
+from seqactor.server.readcounts import ReadIndexes
 from seqactor.store.memory import MemoryStore
 from tests.test_readcounts_watch import FakeSession, StuckState
 

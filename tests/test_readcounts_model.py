@@ -12,10 +12,11 @@ import pytest
 import trio
 import trio.testing
 
-from seqactor import _kernel, _readcounts
+from seqactor import _kernel
+from seqactor.server import readcounts as _readcounts
 from seqactor import _readindex as C
 from seqactor import _readindex_py as P
-from seqactor.config import ServerConfig
+from seqactor.server.config import ServerConfig
 from seqactor.store import NotFound, NotMember
 from tests.test_store import STORE_FACTORIES
 

@@ -8,8 +8,8 @@ import trio
 import trio.testing
 
 from seqactor._proto import seqactor_pb2 as pb
-from seqactor._readcounts import ReadIndexes
-from seqactor.config import ServerConfig
+from seqactor.server.config import ServerConfig
+from seqactor.server.readcounts import ReadIndexes
 from seqactor.store.memory import MemoryStore
 
 MEMBERS = [f"u{i:03d}" for i in range(100)]

@@ -19,8 +19,9 @@ import pytest
 import trio
 
 from seqactor import Backoff, Client, ServerError, ServiceClient
-from seqactor._conn import ErrorCode, _Closed
 from seqactor.auth import issue_token
+from seqactor.client._connection import _Closed
+from seqactor.protocol import ErrorCode
 
 SCENARIOS = Path(__file__).parent / "scenarios"
 SEQACTOR = [str(Path(sys.executable).with_name("seqactor"))]  # the console script of this venv

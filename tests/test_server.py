@@ -29,11 +29,11 @@ Code = pb.Error.Code
 def fanout_mode(request, monkeypatch):
     """Every server test runs with group pushes inline and with fan-out rounds (big groups)."""
     if request.param == "rounds":
-        import seqactor.hub
+        import seqactor.server.hub
 
-        monkeypatch.setattr(seqactor.hub, "FANOUT_INLINE_MEMBERS", 0)
-        monkeypatch.setattr(seqactor.hub, "FANOUT_SLICE_S", 0.0)
-        monkeypatch.setattr(seqactor.hub, "FANOUT_CLOCK_EVERY", 1)
+        monkeypatch.setattr(seqactor.server.hub, "FANOUT_INLINE_MEMBERS", 0)
+        monkeypatch.setattr(seqactor.server.hub, "FANOUT_SLICE_S", 0.0)
+        monkeypatch.setattr(seqactor.server.hub, "FANOUT_CLOCK_EVERY", 1)
     return request.param
 
 

@@ -14,7 +14,7 @@ import trio_websocket as tws
 import trustme
 
 from seqactor._proto import seqactor_pb2 as pb
-from seqactor.actor import UserActor
+from seqactor.server.actor import UserActor
 from tests._harness import RawClient, body, raw_connect, running_server, token, update_of
 from tests.test_server import service_setup
 
@@ -245,7 +245,7 @@ async def test_pings_while_a_frame_is_half_written_never_corrupt_the_stream():
 async def test_activity_stream_reads_like_trio_socket_stream():
     """The gateway's direct read path: data, EOF, a reset, and closing while a read waits
     behave as trio.SocketStream's receive_some (what trio-websocket's reader expects)."""
-    from seqactor.gateway import ActivityStream
+    from seqactor.server.gateway import ActivityStream
 
     a, b = trio.socket.socketpair()
     ours = ActivityStream(trio.SocketStream(a))

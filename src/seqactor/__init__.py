@@ -4,10 +4,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from seqactor._backoff import Backoff  # noqa: E402
 from seqactor.client import (  # noqa: E402
     Allocation,
     AuthenticationError,
+    Backoff,
     BadRequest,
     Change,
     ChangeBatch,

@@ -1,6 +1,6 @@
 """Pure-Python twin of the compiled delta kernel (``_delta.pyx``): same API, same bytes.
 
-The kernel turns a user's view (columnar tables, see :mod:`seqactor._view`) straight into
+The kernel turns a user's view (columnar tables, see :mod:`seqactor.server._view`) straight into
 protobuf wire bytes of ``seqactor.v1.SequenceUpdate`` without building protobuf objects, and
 decodes such bytes back into plain Python data for the client.
 
@@ -10,7 +10,7 @@ Wire layout written (field order = field number order, as the protobuf runtime w
   ``value`` is a ``ConversationSequence`` whose fields equal to 0 are omitted;
 * ``sync_token`` (2) when non-empty, ``full`` (3) when true, ``removed`` (4) per id.
 
-Push masks (``FIELD_MAX``/``FIELD_READ``/``FIELD_MIN`` from :mod:`seqactor._view`) select which
+Push masks (``FIELD_MAX``/``FIELD_READ``/``FIELD_MIN`` from :mod:`seqactor.server._view`) select which
 fields of a row a push carries; unselected fields are written as 0 = unchanged.
 """
 

@@ -27,7 +27,7 @@ from typing import Any
 import jwt
 
 from seqactor._files import FileProblem, check_readable_file
-from seqactor.config import MAX_TOKEN_LIFETIME_S
+from seqactor.protocol import MAX_TOKEN_LIFETIME_S
 from seqactor.store._base import InvalidArgument, validate_id
 
 ALGORITHM = "HS256"

@@ -36,7 +36,8 @@ import trio
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
-from seqactor._frames import ws_binary_frame
+from seqactor.protocol import Close
+from seqactor.server._frames import ws_binary_frame
 from seqactor.server.stream import RECEIVE_BYTES, ActivityStream, read_fd
 
 CONTROL_SEND_TIMEOUT_S = 5.0  # a pong or Close reply the socket does not take by then: drop
@@ -44,8 +45,6 @@ MASK_BYTES = 4  # every client frame is masked
 SHORT_PAYLOAD_MAX = 125  # payload lengths up to this fit the first header bytes
 MEDIUM_PAYLOAD_MAX = 65_535  # ... up to this take 2 more bytes, beyond 8 (RFC 6455 §5.2)
 
-CLOSE_ABNORMAL = 1006  # the connection ended without a Close frame
-CLOSE_TOO_BIG = 1009
 
 
 class ConnectionClosed(Exception):
@@ -192,7 +191,7 @@ class ServerWebSocket:
                 if self.close_sent:
                     continue  # waiting for the peer's Close: data is dropped
                 if self._parts_bytes + size > self.max_message_bytes:
-                    await self._fail(CLOSE_TOO_BIG, "message larger than max_frame_bytes")
+                    await self._fail(Close.TOO_BIG, "message larger than max_frame_bytes")
                 if event.message_finished and self._parts is None:
                     return self._deliver(data)
                 if self._parts is None:
@@ -238,7 +237,7 @@ class ServerWebSocket:
         self.stream.stop_direct()
         self.close_sent = True
         if self.closed is None:
-            self.closed = (CLOSE_ABNORMAL, reason)
+            self.closed = (Close.ABNORMAL, reason)
         raise self.closed_error(*self.closed)
 
     async def _fail(self, code: int, reason: str) -> None:
@@ -280,13 +279,13 @@ class ServerWebSocket:
             self.stream.stop_direct()
             self.close_sent = True
             if self.closed is None:
-                self.closed = (CLOSE_ABNORMAL, "connection lost")
+                self.closed = (Close.ABNORMAL, "connection lost")
             raise self.closed_error(*self.closed) from None
 
     async def send_message(self, frame: bytes) -> None:
         """Send one binary message. Raises :class:`ConnectionClosed` once closed."""
         if self.close_sent:
-            raise self.closed_error(*(self.closed or (CLOSE_ABNORMAL, "closing")))
+            raise self.closed_error(*(self.closed or (Close.ABNORMAL, "closing")))
         await trio.lowlevel.checkpoint_if_cancelled()
         rest = self.write_nowait(frame)
         if rest == b"":

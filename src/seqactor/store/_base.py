@@ -28,19 +28,25 @@ from __future__ import annotations
 import abc
 import logging
 import re
-import time
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import trio
 
-MAX_ID_BYTES = 128
-MAX_ALLOCATE_COUNT = 10_000
-DEFAULT_MAX_VIEW_CONVERSATIONS = 1_000_000
-DEFAULT_MAX_CONVERSATION_MEMBERS = 1_000_000
+from seqactor.protocol import (
+    MAX_ALLOCATE_COUNT,
+    MAX_CONVERSATION_MEMBERS,
+    MAX_ID_BYTES,
+    MAX_SEQ,
+    MAX_VIEW_CONVERSATIONS,
+    now_ms,
+)
+
+DEFAULT_MAX_VIEW_CONVERSATIONS = MAX_VIEW_CONVERSATIONS
+DEFAULT_MAX_CONVERSATION_MEMBERS = MAX_CONVERSATION_MEMBERS
 EPOCH_BYTES = 16
-MAX_UINT64 = 2**64 - 1
+MAX_UINT64 = MAX_SEQ
 
 log = logging.getLogger("seqactor.store")
 
@@ -48,9 +54,7 @@ log = logging.getLogger("seqactor.store")
 _CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
-def wall_clock_ms() -> int:
-    """The system's wall clock, in ms since the Unix epoch."""
-    return time.time_ns() // 1_000_000
+wall_clock_ms = now_ms  # the stores' default clock (``Store.clock_ms``)
 
 
 # ------------------------------------------------------------------ errors

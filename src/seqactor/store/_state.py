@@ -28,8 +28,8 @@ from collections.abc import Iterable, Sequence
 
 import trio
 
+from seqactor.protocol import MAX_ALLOCATE_COUNT
 from seqactor.store._base import (
-    MAX_ALLOCATE_COUNT,
     MAX_UINT64,
     Allocated,
     ConversationState,

@@ -10,7 +10,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from seqactor.client import Client, Conversation
+from seqactor.client._client import Client, Conversation
 
 REFRESH_S = 1.0  # redraw at least this often (connection state, "x s ago")
 DEFAULT_LIMIT = 30

@@ -5,7 +5,7 @@ Each accepted TCP socket (wrapped in TLS when configured) becomes an
 :class:`~seqactor.server.stream.ActivityStream` (every byte received, WebSocket pings included,
 counts as traffic for the idle timeout), is upgraded at ``/v1`` by the server's own handshake
 (:mod:`seqactor.server.handshake`), and handed as a :class:`WebSocketTransport`
-(:mod:`seqactor.server.ws`) to a :class:`~seqactor._session.Session`. One task per connection:
+(:mod:`seqactor.server.ws`) to a :class:`~seqactor.server.session.Session`. One task per connection:
 the handler, which reads (the session's reader calls ``receive``, which answers pings as it
 reads). Pushes are written as ready WebSocket frames, directly when the socket takes them,
 else under the connection's send lock.
@@ -23,11 +23,9 @@ from typing import Any
 
 import trio
 
-from seqactor import _frames as frames
-from seqactor._session import CLOSE_GOING_AWAY, CLOSE_REPLACED, Session, TransportClosed
-from seqactor.config import HANDSHAKE_TIMEOUT_S, WS_PATH, ServerConfig
-from seqactor.hub import Hub
-from seqactor.metrics import Metrics
+from seqactor.protocol import WS_PATH, Close
+from seqactor.server import _frames as frames
+from seqactor.server.config import HANDSHAKE_TIMEOUT_S, ServerConfig
 from seqactor.server.handshake import (
     HandshakeRefused,
     accept_response,
@@ -35,6 +33,9 @@ from seqactor.server.handshake import (
     read_request_head,
     refusal_response,
 )
+from seqactor.server.hub import Hub
+from seqactor.server.metrics import Metrics
+from seqactor.server.session import Session, TransportClosed
 from seqactor.server.stream import ActivityStream, DirectSink
 from seqactor.server.ws import ServerWebSocket
 from seqactor.store import Store
@@ -59,7 +60,7 @@ ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, er
 
 
 class WebSocketTransport(ServerWebSocket):
-    """A session's view of one connection (:class:`~seqactor._session.Transport`): the
+    """A session's view of one connection (:class:`~seqactor.server.session.Transport`): the
     connection itself, its closes raised as the session's ``TransportClosed``."""
 
     __slots__ = ()
@@ -126,7 +127,7 @@ class Server:
             old = self.devices.get(key)
             self.devices[key] = session
             if old is not None and old is not session:
-                old.request_close(CLOSE_REPLACED, "session replaced by a newer one")
+                old.request_close(Close.REPLACED, "session replaced by a newer one")
 
     def unregister(self, session: Session) -> None:
         self.sessions.discard(session)
@@ -154,7 +155,7 @@ class Server:
                 async with trio.open_nursery() as conns:
                     self._conns = conns
                     if self.config.reuse_port:
-                        from seqactor._workers import reuse_port_listeners
+                        from seqactor.cli._workers import reuse_port_listeners
 
                         self.listeners = reuse_port_listeners(self.config.host, self.config.port)
                     else:
@@ -219,7 +220,7 @@ class Server:
             await listener.aclose()
         goaway = frames.go_away("server shutting down", self.config.goaway_reconnect_after_ms)
         for session in list(self.sessions):
-            session.request_close(CLOSE_GOING_AWAY, "server shutting down", goaway)
+            session.request_close(Close.GOING_AWAY, "server shutting down", goaway)
         with trio.move_on_after(self.config.shutdown_grace_s):
             while self.connections:
                 await trio.sleep(0.01)

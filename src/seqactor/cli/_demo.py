@@ -12,12 +12,12 @@ from pathlib import Path
 
 import trio
 
-from seqactor import _demo_web
-from seqactor._watch import plural
 from seqactor.auth import issue_token, load_or_create_secret
-from seqactor.client import Client, ServiceClient
-from seqactor.config import ServerConfig
-from seqactor.gateway import Server
+from seqactor.cli import _demo_web
+from seqactor.client._client import Client, ServiceClient
+from seqactor.client._watch import plural
+from seqactor.server.config import ServerConfig
+from seqactor.server.gateway import Server
 from seqactor.store import open_store
 
 READ_PROBABILITY = 0.6  # a simulated user reads a conversation when a message arrives

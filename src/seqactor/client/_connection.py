@@ -11,7 +11,6 @@ replaced) end the loop: the error is kept and surfaced to the caller.
 
 from __future__ import annotations
 
-import enum
 import itertools
 import logging
 import socket
@@ -25,12 +24,13 @@ import trio
 import trio_websocket as tws
 
 from seqactor import _kernel as kernel
-from seqactor._backoff import Backoff
 from seqactor._proto import seqactor_pb2 as pb
+from seqactor.client._backoff import Backoff
+from seqactor.protocol import WS_PATH, Close, ErrorCode
 
 log = logging.getLogger("seqactor.client")
 
-DEFAULT_PATH = "/v1"
+DEFAULT_PATH = WS_PATH
 CONNECT_TIMEOUT_S = 10.0
 DEFAULT_HEARTBEAT_S = 25.0  # used until the server's Welcome says otherwise
 BACKGROUND_PING_FACTOR = 4.0  # in background the server's idle timeout is 4x: ping 4x less
@@ -44,8 +44,6 @@ WS_QUEUE_FRAMES = 64
 F_WELCOME, F_UPDATE, F_ACK, F_ERROR, F_PONG, F_ALLOCATED, F_GOAWAY = 2, 3, 4, 5, 6, 7, 8
 F_READ_COUNTS = 9  # v1.1: a read-count watch's push (docs/protocol.md "Group read counts")
 
-CLOSE_AUTH_FAILED = 4001
-CLOSE_REPLACED = 4009
 
 TokenSource = str | Callable[[], str] | Callable[[], Awaitable[str]]
 
@@ -79,19 +77,6 @@ class ConnectionLost(SeqactorError):
 class ClientClosed(SeqactorError):
     """The client was closed."""
 
-
-class ErrorCode(enum.IntEnum):
-    """``seqactor.v1.Error.Code``."""
-
-    UNSPECIFIED = 0
-    BAD_REQUEST = 1
-    UNAUTHENTICATED = 2
-    FORBIDDEN = 3
-    NOT_FOUND = 4
-    TOO_LARGE = 5
-    RATE_LIMITED = 6
-    UNAVAILABLE = 7
-    INTERNAL = 8
 
 
 class ServerError(SeqactorError):
@@ -611,9 +596,9 @@ class _Endpoint:
                 return data
 
     def _closed_error(self, code: int | None, reason: str | None) -> Exception:
-        if code == CLOSE_AUTH_FAILED:
+        if code == Close.AUTH_FAILED:
             return AuthenticationError(f"authentication failed: {reason or 'closed 4001'}")
-        if code == CLOSE_REPLACED:
+        if code == Close.REPLACED:
             return SessionReplaced(reason or "session replaced by a newer one")
         return _Closed(code, reason)
 

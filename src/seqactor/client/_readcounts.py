@@ -1,6 +1,6 @@
 """Group read counts in the Python SDK (docs/protocol.md "Group read counts"):
-``read_counts``, ``readers`` and ``watch_read_counts`` for :class:`~seqactor.client.Client`
-(and the first two for :class:`~seqactor.client.ServiceClient`). See docs/client.md,
+``read_counts``, ``readers`` and ``watch_read_counts`` for :class:`~seqactor.client._client.Client`
+(and the first two for :class:`~seqactor.client._client.ServiceClient`). See docs/client.md,
 "Group read counts".
 """
 
@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from seqactor._conn import ErrorCode, Forbidden, Link, ServerError
 from seqactor._proto import seqactor_pb2 as pb
+from seqactor.client._connection import Forbidden, Link, ServerError
+from seqactor.protocol import ErrorCode
 
 F_READ_COUNTS = 9  # ServerMessage.read_counts
 F_READERS = 10  # ServerMessage.readers
@@ -111,7 +112,7 @@ class ReadCountsWatch:
 
 
 if TYPE_CHECKING:
-    from seqactor._conn import _Endpoint as _Base
+    from seqactor.client._connection import _Endpoint as _Base
 else:
     _Base = object
 
@@ -159,7 +160,7 @@ class ReadCountsMixin(_Base):
 
 
 class WatchMixin(ReadCountsMixin):
-    """``watch_read_counts`` for :class:`~seqactor.client.Client` (re-watched on reconnect)."""
+    """``watch_read_counts`` for :class:`~seqactor.client._client.Client` (re-watched on reconnect)."""
 
     _rc_watches: dict[str, list[ReadCountsWatch]]
 

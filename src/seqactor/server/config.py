@@ -1,20 +1,29 @@
-"""Server settings. Every default is a named constant with its unit (docs/protocol.md, "Limits")."""
+"""Server settings. Every default is a named constant with its unit; the protocol's limits
+(docs/protocol.md, "Limits") start from :mod:`seqactor.protocol`'s."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 8765
-DEFAULT_STORE_URL = "sqlite:///var/seqactor.db"
-WS_PATH = "/v1"
+from seqactor.protocol import (
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    HEARTBEAT_INTERVAL_S,
+    HELLO_TIMEOUT_S,
+    MAX_CONVERSATION_MEMBERS,
+    MAX_FRAME_BYTES,
+    MAX_IDS_PER_REQUEST,
+    MAX_READ_COUNT_RANGE,
+    MAX_READ_COUNT_WATCHES,
+    MAX_TOKEN_LIFETIME_S,
+    MAX_VIEW_CONVERSATIONS,
+    READ_COUNTS_INTERVAL_MS,
+)
 
-HELLO_TIMEOUT_S = 10.0
-HEARTBEAT_INTERVAL_S = 25.0
+DEFAULT_STORE_URL = "sqlite:///var/seqactor.db"
+
 IDLE_TIMEOUT_FACTOR = 2.5  # a session silent for 2.5 x heartbeat interval is closed
 BACKGROUND_IDLE_FACTOR = 4.0  # ... and 4x that while in background
-MAX_FRAME_BYTES = 65_536
-MAX_IDS_PER_REQUEST = 10_000
 RATE_LIMIT_OPS_PER_S = 200.0  # per user session; service sessions (backends) are not limited
 RATE_LIMIT_BURST_OPS = 200  # bucket size
 RATE_LIMIT_MAX_REJECTED = 100  # rejected ops in a row before close 4008
@@ -22,17 +31,9 @@ SHUTDOWN_GRACE_S = 5.0  # open sessions get this long to take GoAway and close
 GOAWAY_RECONNECT_AFTER_MS = 1_000
 WRITE_TIMEOUT_S = 30.0  # a session whose socket takes no bytes for this long is closed
 MAX_CONNECTIONS = 20_000  # per process; beyond: HTTP 503 at the handshake
-MAX_VIEW_CONVERSATIONS = 1_000_000  # docs/protocol.md, "Limits"
-MAX_CONVERSATION_MEMBERS = 1_000_000
-MAX_TOKEN_LIFETIME_S = 30 * 24 * 3600  # tokens whose exp is further out are refused
 REPLY_QUEUE_FRAMES = 32  # replies waiting to be written per session (reader waits beyond)
 HANDSHAKE_TIMEOUT_S = 10.0  # TCP connect -> WebSocket upgrade done
 # Group read counts (docs/protocol.md "Group read counts")
-READ_COUNTS_INTERVAL_MS = 250  # a read-count watch pushes at most once per this interval
-MAX_READ_COUNT_RANGE = 1_000  # seqs per GetReadCounts / per watch push
-MAX_READ_COUNT_WATCHES = 16  # WatchReadCounts per session
-READERS_DEFAULT_LIMIT = 100  # GetReaders.limit = 0 means this many user ids
-MAX_READERS_LIMIT = 1_000  # GetReaders.limit above this: TOO_LARGE
 READ_INDEX_IDLE_S = 300.0  # a read index nobody watched or queried for this long is dropped
 READ_INDEX_MAX_MEMBERS = 4_000_000  # members held in read indexes per node (LRU beyond)
 

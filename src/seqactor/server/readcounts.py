@@ -19,9 +19,9 @@ change committed on any node before the request has reached this node's listener
 MarkRead acknowledged on node A is counted by node B's next reply.
 
 **Bounded memory.** An index that no watch uses and nobody queried for ``read_index_idle_s``
-(default :data:`~seqactor.config.READ_INDEX_IDLE_S`) is dropped at the next load or query, and
+(default :data:`~seqactor.server.config.READ_INDEX_IDLE_S`) is dropped at the next load or query, and
 indexes beyond ``read_index_max_members`` members in total (default
-:data:`~seqactor.config.READ_INDEX_MAX_MEMBERS`) are dropped least recently used first; indexes
+:data:`~seqactor.server.config.READ_INDEX_MAX_MEMBERS`) are dropped least recently used first; indexes
 with watches are kept while watched.
 
 **Watches.** A session's watches (at most ``max_read_count_watches``) are served by one task in
@@ -45,10 +45,11 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from seqactor import _frames as frames
 from seqactor import _kernel as kernel
 from seqactor._proto import seqactor_pb2 as pb
-from seqactor.config import MAX_READERS_LIMIT, READERS_DEFAULT_LIMIT, ServerConfig
+from seqactor.protocol import MAX_READERS_LIMIT, READERS_DEFAULT_LIMIT
+from seqactor.server import _frames as frames
+from seqactor.server.config import ServerConfig
 from seqactor.store import (
     Allocated,
     Change,
@@ -67,9 +68,9 @@ from seqactor.store import (
 from seqactor.store._base import validate_id
 
 if TYPE_CHECKING:
-    from seqactor._session import Session
-    from seqactor.actor import SessionState
-    from seqactor.gateway import Server
+    from seqactor.server.actor import SessionState
+    from seqactor.server.gateway import Server
+    from seqactor.server.session import Session
 
 log = logging.getLogger("seqactor.readcounts")
 

@@ -12,7 +12,8 @@ import sys
 from typing import NoReturn
 from urllib.parse import urlsplit
 
-from seqactor import config as C
+from seqactor import protocol as P
+from seqactor.protocol import MAX_SEQ
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -54,7 +55,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-MAX_SEQ = 2**64 - 1  # seqs are uint64
+
 
 
 def _int(text: str) -> int:
@@ -98,7 +99,7 @@ def seq_arg(text: str, what: str = "seq") -> int:
 
 
 def count_arg(text: str) -> int:
-    from seqactor.store._base import MAX_ALLOCATE_COUNT
+    from seqactor.protocol import MAX_ALLOCATE_COUNT
 
     value = positive_int(text)
     if value > MAX_ALLOCATE_COUNT:
@@ -128,10 +129,10 @@ def ttl_arg(text: str) -> float:
         raise argparse.ArgumentTypeError(
             f"{text} s: a token's lifetime must be above 0 (it would be expired when printed)"
         )
-    if value > C.MAX_TOKEN_LIFETIME_S:
+    if value > P.MAX_TOKEN_LIFETIME_S:
         raise argparse.ArgumentTypeError(
             f"{text} s is above the server's maximum token lifetime of "
-            f"{C.MAX_TOKEN_LIFETIME_S} s (30 days): the server would refuse the token"
+            f"{P.MAX_TOKEN_LIFETIME_S} s (30 days): the server would refuse the token"
         )
     return value
 
@@ -171,3 +172,10 @@ def check_ws_url(text: str) -> str:
 def warn(command: str, message: str) -> None:
     """One warning line on stderr."""
     print(f"seqactor {command}: warning: {message}", file=sys.stderr, flush=True)
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The single exception inside (nested) one-member exception groups."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import struct
-import time
 
 from seqactor._proto import seqactor_pb2 as pb
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
+from seqactor.protocol import now_ms
 
 
 def error(request_id: int, code: int, message: str) -> bytes:

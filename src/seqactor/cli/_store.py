@@ -22,7 +22,7 @@ STORE_ACTIONS = ("init", "backup", "restore")
 
 
 def add_store_parser(sub: Any) -> None:
-    from seqactor._cli_args import HelpFormatter
+    from seqactor.cli._args import HelpFormatter
 
     p = sub.add_parser(
         "store",
@@ -92,7 +92,7 @@ def add_store_parser(sub: Any) -> None:
 
 
 def _sqlite_path(url: str, action: str) -> str:
-    from seqactor.cli import UsageError
+    from seqactor.cli._args import UsageError
     from seqactor.store import InvalidArgument, open_store
     from seqactor.store.sqlite import SQLiteStore
 
@@ -109,7 +109,7 @@ def _sqlite_path(url: str, action: str) -> str:
 
 
 def cmd_store(args: argparse.Namespace) -> int:
-    from seqactor.cli import CliError, UsageError
+    from seqactor.cli._args import CliError, UsageError
     from seqactor.store import StoreError
 
     action = args.store_command
@@ -149,7 +149,7 @@ def _restore(args: argparse.Namespace) -> int:
 
 
 def _init(args: argparse.Namespace) -> int:
-    from seqactor.cli import UsageError
+    from seqactor.cli._args import UsageError
     from seqactor.store import InvalidArgument, open_store
     from seqactor.store.memory import MemoryStore
     from seqactor.store.sqlite import SQLiteStore

@@ -9,17 +9,13 @@ exits 1. Never a traceback.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import sys
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
-import trio
-
-from seqactor import config as C
-from seqactor._cli_args import (
+from seqactor import protocol as P
+from seqactor.cli._args import (
     EXIT_FAILURE,
     EXIT_USAGE,
     LOG_LEVELS,
@@ -27,7 +23,6 @@ from seqactor._cli_args import (
     HelpFormatter,
     OneLineParser,
     UsageError,
-    check_ws_url,
     count_arg,
     id_arg,
     log_level,
@@ -36,20 +31,23 @@ from seqactor._cli_args import (
     positive_float,
     positive_int,
     ttl_arg,
-    warn,
 )
-from seqactor._cli_readers import add_readers_parser, cmd_readers
-from seqactor._cli_store import add_store_parser, cmd_store
+from seqactor.cli._connect import (
+    CLI_CONNECT_TIMEOUT_S,
+    CLI_TOKEN_TTL_S,
+    client_args,
+    client_token,
+    read_secret_file,
+    run_client,
+)
+from seqactor.cli._readers import add_readers_parser, cmd_readers
+from seqactor.cli._store import add_store_parser, cmd_store
+from seqactor.server import config as S
 
-DEFAULT_URL = f"ws://{C.DEFAULT_HOST}:{C.DEFAULT_PORT}{C.WS_PATH}"
-CLI_SERVICE_USER = "seqactor-cli"  # sub of the service token minted from --secret-file
-CLI_TOKEN_TTL_S = 3600
-CLI_CONNECT_TIMEOUT_S = 10.0
 WATCH_DEVICE_PREFIX = "seqactor-watch-"  # + a random suffix per process (item: two watches)
 DEMO_USERS = 8
 DEMO_GROUPS = 4
 DEMO_RATE_MSG_PER_S = 5.0
-__all__ = ["CliError", "UsageError", "EXIT_FAILURE", "EXIT_USAGE", "build_parser", "main"]
 
 SubParsers = Any  # what add_subparsers() returns (argparse does not name its type publicly)
 
@@ -67,20 +65,20 @@ def _serve_parser(sub: SubParsers) -> None:
         epilog="example: seqactor serve --port 8765 --store sqlite:///var/seqactor.db "
         "--secret-file var/secret",
     )
-    p.add_argument("--host", default=C.DEFAULT_HOST, help="interface to listen on")
-    p.add_argument("--port", type=port_arg, default=C.DEFAULT_PORT,
+    p.add_argument("--host", default=P.DEFAULT_HOST, help="interface to listen on")
+    p.add_argument("--port", type=port_arg, default=P.DEFAULT_PORT,
                    help="TCP port, 0-65535 (0: any free port, printed)")
-    p.add_argument("--store", default=C.DEFAULT_STORE_URL, metavar="URL",
+    p.add_argument("--store", default=S.DEFAULT_STORE_URL, metavar="URL",
                    help="memory://, sqlite:///relative/path, sqlite:////absolute/path, "
                    "redis://host:port/db or redis+cluster://host:port,...")
     p.add_argument("--secret-file", required=True, metavar="FILE",
                    help="HS256 secret, at least 32 bytes; created (random, mode 0600) when "
                    "missing (required)")
-    p.add_argument("--hello-timeout", type=positive_float, default=C.HELLO_TIMEOUT_S, metavar="S",
+    p.add_argument("--hello-timeout", type=positive_float, default=P.HELLO_TIMEOUT_S, metavar="S",
                    help="close a connection that sends no Hello within S seconds")
-    p.add_argument("--heartbeat-interval", type=positive_float, default=C.HEARTBEAT_INTERVAL_S,
+    p.add_argument("--heartbeat-interval", type=positive_float, default=P.HEARTBEAT_INTERVAL_S,
                    metavar="S", help="told to clients; a session silent for 2.5 x S is closed")
-    p.add_argument("--max-frame-bytes", type=positive_int, default=C.MAX_FRAME_BYTES,
+    p.add_argument("--max-frame-bytes", type=positive_int, default=P.MAX_FRAME_BYTES,
                    metavar="N", help="larger frames close the connection (1009)")
     p.add_argument("--metrics-port", type=partial(port_arg, allow_zero=False), default=None,
                    metavar="P", help="serve Prometheus /metrics on this port "
@@ -95,19 +93,19 @@ def _serve_parser(sub: SubParsers) -> None:
                    help="server processes sharing the port (SO_REUSEPORT, one per core); above 1 "
                    "needs a redis:// or redis+cluster:// store")
     limits = p.add_argument_group("limits")
-    limits.add_argument("--max-ids-per-request", type=positive_int, default=C.MAX_IDS_PER_REQUEST,
+    limits.add_argument("--max-ids-per-request", type=positive_int, default=P.MAX_IDS_PER_REQUEST,
                         metavar="N", help="conversation or user ids in one request")
     limits.add_argument("--max-view-conversations", type=positive_int,
-                        default=C.MAX_VIEW_CONVERSATIONS, metavar="N",
+                        default=P.MAX_VIEW_CONVERSATIONS, metavar="N",
                         help="conversations in one user's view")
     limits.add_argument("--max-conversation-members", type=positive_int,
-                        default=C.MAX_CONVERSATION_MEMBERS, metavar="N",
+                        default=P.MAX_CONVERSATION_MEMBERS, metavar="N",
                         help="members of one conversation")
-    limits.add_argument("--rate-limit", type=positive_float, default=C.RATE_LIMIT_OPS_PER_S,
+    limits.add_argument("--rate-limit", type=positive_float, default=S.RATE_LIMIT_OPS_PER_S,
                         metavar="OPS_PER_S", help="ops per second per user session")
-    limits.add_argument("--max-connections", type=positive_int, default=C.MAX_CONNECTIONS,
+    limits.add_argument("--max-connections", type=positive_int, default=S.MAX_CONNECTIONS,
                         metavar="N", help="per process; beyond: HTTP 503")
-    limits.add_argument("--write-timeout", type=positive_float, default=C.WRITE_TIMEOUT_S,
+    limits.add_argument("--write-timeout", type=positive_float, default=S.WRITE_TIMEOUT_S,
                         metavar="S", help="close a session whose socket takes nothing this long")
 
 
@@ -117,7 +115,7 @@ def _token_parser(sub: SubParsers) -> None:
     p = _add(
         sub, "token", help="print a signed token",
         description="Print a JWT (HS256) for a user or a service, alone on stdout. The server "
-        f"refuses tokens that live longer than {C.MAX_TOKEN_LIFETIME_S} s (30 days).",
+        f"refuses tokens that live longer than {P.MAX_TOKEN_LIFETIME_S} s (30 days).",
         epilog="example: seqactor token --secret-file var/secret --user alice --ttl 3600",
     )
     p.add_argument("--secret-file", required=True, metavar="FILE",
@@ -127,26 +125,11 @@ def _token_parser(sub: SubParsers) -> None:
     p.add_argument("--role", choices=("user", "service"), default="user",
                    help="service: may allocate seqs and manage members")
     p.add_argument("--ttl", type=ttl_arg, default=DEFAULT_TOKEN_TTL_S, metavar="SECONDS",
-                   help=f"lifetime, above 0 and at most {C.MAX_TOKEN_LIFETIME_S}")
-
-
-def _client_args(p: argparse.ArgumentParser, user: bool, minted: str | None = None) -> None:
-    """--url, --token, --secret-file (and --user with ``user``); ``minted`` says which token
-    --secret-file mints (default: a user token with ``user``, else a service token)."""
-    minted = minted or ("a user token" if user else "a service token")
-    p.add_argument("--url", type=check_ws_url, default=DEFAULT_URL,
-                   help="server URL, ws://host:port/v1 or wss://host:port/v1")
-    p.add_argument("--token", default=None,
-                   help="a token (see `seqactor token`) (default: mint one from --secret-file)")
-    p.add_argument("--secret-file", default=None, metavar="FILE",
-                   help=f"the server's secret: mint {minted} instead of --token (default: none)")
-    if user:
-        p.add_argument("--user", default=None, type=partial(id_arg, what="--user"),
-                       help="the user to mint a token for, with --secret-file (default: none)")
+                   help=f"lifetime, above 0 and at most {P.MAX_TOKEN_LIFETIME_S}")
 
 
 def _watch_parser(sub: SubParsers) -> None:
-    from seqactor._watch import DEFAULT_LIMIT
+    from seqactor.client._watch import DEFAULT_LIMIT
 
     p = _add(
         sub, "watch", help="live terminal view of a user's conversations",
@@ -156,7 +139,7 @@ def _watch_parser(sub: SubParsers) -> None:
         "--secret-file var/secret\n"
         "         seqactor watch --url ws://127.0.0.1:8765/v1 --token \"$TOKEN\" --once",
     )
-    _client_args(p, user=True)
+    client_args(p, user=True)
     p.add_argument("--device-id", default=None,
                    help="device id of this session; a second session with the same id replaces "
                    f"this one (default: {WATCH_DEVICE_PREFIX}<random>, unique per process)")
@@ -166,7 +149,7 @@ def _watch_parser(sub: SubParsers) -> None:
 
 
 def _send_parser(sub: SubParsers) -> None:
-    from seqactor.store._base import MAX_ALLOCATE_COUNT
+    from seqactor.protocol import MAX_ALLOCATE_COUNT
 
     p = _add(
         sub, "send", help="allocate seqs in a conversation (as a message service would)",
@@ -182,7 +165,7 @@ def _send_parser(sub: SubParsers) -> None:
     p.add_argument("--sender", default=None, metavar="USER", type=partial(id_arg, what="--sender"),
                    help="the sender's read seq moves to the new max (own messages are read) "
                    "(default: no sender)")
-    _client_args(p, user=False)
+    client_args(p, user=False)
 
 
 def _members_parser(sub: SubParsers) -> None:
@@ -202,7 +185,7 @@ def _members_parser(sub: SubParsers) -> None:
                    help="user ids")
     p.add_argument("--keep-history", action="store_true",
                    help="remove: keep the conversation in their view, frozen")
-    _client_args(p, user=False)
+    client_args(p, user=False)
 
 
 def _demo_parser(sub: SubParsers) -> None:
@@ -213,8 +196,8 @@ def _demo_parser(sub: SubParsers) -> None:
         epilog="example: seqactor demo --port 8765 --users 8 --groups 4 --rate 5\n"
         "         then, in another terminal, the printed `seqactor watch ...` command",
     )
-    p.add_argument("--host", default=C.DEFAULT_HOST, help="interface to listen on")
-    p.add_argument("--port", type=port_arg, default=C.DEFAULT_PORT,
+    p.add_argument("--host", default=P.DEFAULT_HOST, help="interface to listen on")
+    p.add_argument("--port", type=port_arg, default=P.DEFAULT_PORT,
                    help="TCP port, 0-65535 (0: any free port, printed)")
     p.add_argument("--users", type=partial(positive_int, minimum=2), default=DEMO_USERS,
                    help="simulated users, at least 2")
@@ -254,6 +237,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``seqactor serve``: one process, or with ``--workers N`` a supervisor of N."""
+    if getattr(args, "workers", 1) != 1:
+        from seqactor.cli._workers import run_workers
+
+        return run_workers(args)
+    from seqactor.cli._serve import serve_one
+
+    return serve_one(args)
+
+
 def cmd_token(args: argparse.Namespace) -> int:
     from seqactor.auth import SecretError, issue_token, read_secret
 
@@ -267,198 +261,15 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_tls(args: argparse.Namespace) -> None:
-    import ssl
-
-    if bool(args.tls_cert) != bool(args.tls_key):
-        given, missing = ("--tls-cert", "--tls-key") if args.tls_cert else ("--tls-key", "--tls-cert")
-        raise UsageError(f"{given} needs {missing} too (both for wss://, neither for ws://)")
-    if not args.tls_cert:
-        return
-    for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
-        _check_readable_file(flag, path)
-    try:
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(args.tls_cert, args.tls_key)
-    except (ssl.SSLError, OSError) as exc:
-        raise CliError(
-            f"cannot use --tls-cert {args.tls_cert} with --tls-key {args.tls_key}: "
-            f"{getattr(exc, 'reason', None) or exc}"
-        ) from None
-
-
-def _check_readable_file(flag: str, path: str) -> None:
-    from seqactor._files import FileProblem, check_readable_file
-
-    try:
-        st = check_readable_file(flag, path)
-    except FileProblem as exc:
-        raise CliError(str(exc)) from None
-    if st.st_size == 0:
-        raise CliError(f"{flag} {path} is empty")
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    from seqactor._logging import StartupLog
-    from seqactor.auth import SecretError, load_or_create_secret, secret_file_warning
-    from seqactor.gateway import Server
-    from seqactor.metrics import MetricsPortError
-    from seqactor.store import InvalidArgument, StoreError, open_store
-
-    if getattr(args, "workers", 1) != 1:  # a supervisor of N worker processes
-        from seqactor._workers import run_workers
-
-        return run_workers(args)
-    _check_tls(args)
-    try:
-        store = open_store(args.store)
-    except InvalidArgument as exc:
-        raise UsageError(f"--store: {exc}") from None
-    try:
-        secret, created = load_or_create_secret(args.secret_file)
-    except SecretError as exc:
-        raise CliError(str(exc)) from None
-    if created:
-        print(f"created secret file {args.secret_file} (mode 0600)", file=sys.stderr, flush=True)
-    elif (warning := secret_file_warning(args.secret_file)) is not None:
-        warn("serve", warning)
-    log = StartupLog(args.log_level)  # a start that fails is one line, not logs + the error
-    cfg = C.ServerConfig(
-        host=args.host, port=args.port,
-        hello_timeout_s=args.hello_timeout, heartbeat_interval_s=args.heartbeat_interval,
-        max_frame_bytes=args.max_frame_bytes, metrics_port=args.metrics_port,
-        tls_cert=args.tls_cert, tls_key=args.tls_key,
-        max_ids_per_request=args.max_ids_per_request,
-        max_view_conversations=args.max_view_conversations,
-        max_conversation_members=args.max_conversation_members,
-        rate_limit_ops_per_s=args.rate_limit, max_connections=args.max_connections,
-        write_timeout_s=args.write_timeout,
-        reuse_port=getattr(args, "reuse_port", False),
-    )
-    server = Server(cfg, store, secret)
-
-    def listening(url: str) -> None:
-        log.started()
-        opened = getattr(store, "path", None)
-        if isinstance(opened, str) and opened != ":memory:":  # which file, whatever the URL said
-            print(f"seqactor serve: store sqlite:///{os.path.abspath(opened)}", file=sys.stderr,
-                  flush=True)
-        print(f"listening on {url}", flush=True)
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signal, server)
-            await server.serve(on_listening=listening)
-            nursery.cancel_scope.cancel()
-
-    try:
-        trio.run(main)
-    except BaseException as exc:  # noqa: BLE001 - unwrapped and re-raised below
-        log.failed()
-        inner = _unwrap(exc)
-        if isinstance(inner, StoreError):
-            raise CliError(f"store {args.store}: {inner}") from None
-        if isinstance(inner, MetricsPortError):
-            raise CliError(str(inner.strerror)) from None
-        if isinstance(inner, OSError):
-            raise CliError(
-                f"cannot serve on {args.host}:{args.port}: {inner.strerror or inner}"
-            ) from None
-        raise
-    return 0
-
-
-def _unwrap(exc: BaseException) -> BaseException:
-    """The single exception inside (nested) one-member exception groups."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
-
-
-async def _stop_on_signal(server: object) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for _ in signals:
-            server.stop()  # type: ignore[attr-defined]
-            return
-
-
-def _read_secret(path_str: str) -> bytes:
-    from seqactor.auth import SecretError, read_secret
-
-    try:
-        return read_secret(path_str)
-    except SecretError as exc:
-        raise CliError(str(exc)) from None
-
-
-def _client_token(args: argparse.Namespace, user: bool) -> str:
-    from seqactor.auth import issue_token
-
-    if args.token:
-        return str(args.token)
-    if not args.secret_file:
-        need = "--token, or --user with --secret-file" if user else "--token or --secret-file"
-        raise UsageError(f"no credentials: give {need}")
-    if user and not args.user:
-        raise UsageError("--secret-file needs --user (the user to watch)")
-    secret = _read_secret(args.secret_file)
-    if user:
-        return issue_token(secret, args.user, ttl_s=CLI_TOKEN_TTL_S)
-    return issue_token(secret, CLI_SERVICE_USER, role="service", ttl_s=CLI_TOKEN_TTL_S)
-
-
-def _hint(url: str, message: str) -> str:
-    """What to do about a connection failure the message alone does not explain: a path other
-    than /v1 (HTTP 404), wss:// to a plain server, ws:// to a TLS server."""
-    from urllib.parse import urlsplit
-
-    u = urlsplit(url)
-    reason = message.rsplit(": ", 1)[-1]
-    if "HTTP 404" in reason and u.path != C.WS_PATH:
-        fixed = f"{u.scheme}://{u.netloc}{C.WS_PATH}"
-        return f"{message}; the server's path is {C.WS_PATH}: use --url {fixed}"
-    network = ("connection refused", "resolve", "unreachable", "No route")
-    if any(n in reason for n in network):
-        return message
-    if u.scheme == "wss" and "HTTP" not in reason:
-        fixed = f"ws://{u.netloc}{u.path}"
-        return (f"{message.rsplit(': ', 1)[0]}: the TLS handshake failed ({reason}); if the "
-                f"server runs without --tls-cert, use --url {fixed}")
-    if u.scheme == "ws" and ("timed out" in reason or "closed" in reason or "handshake" in reason) \
-            and "4001" not in reason:
-        fixed = f"wss://{u.netloc}{u.path}"
-        return f"{message}; if the server runs with --tls-cert, use --url {fixed}"
-    return message
-
-
-def _run_client(url: str, fn: Any, *args: Any) -> None:
-    """trio.run(fn, *args) with every client error turned into one line."""
-    from seqactor.client import ConnectError, SeqactorError, ServerError
-
-    try:
-        trio.run(fn, *args)
-    except BaseException as exc:  # noqa: BLE001 - unwrapped and re-raised below
-        inner = _unwrap(exc)
-        if isinstance(inner, ServerError):
-            name = getattr(inner.code, "name", inner.code)
-            raise CliError(f"{inner.message} ({name})") from None
-        if isinstance(inner, ConnectError):
-            raise CliError(_hint(url, str(inner))) from None
-        if isinstance(inner, SeqactorError):
-            raise CliError(str(inner)) from None
-        if inner is not exc:
-            raise inner from None
-        raise
-
-
 def cmd_watch(args: argparse.Namespace) -> int:
     import secrets
 
-    from seqactor._watch import watch
+    from seqactor.client._watch import watch
 
-    tok = _client_token(args, user=True)
+    tok = client_token(args, user=True)
     device_id = args.device_id or WATCH_DEVICE_PREFIX + secrets.token_hex(4)
     try:
-        _run_client(args.url, partial(watch, args.url, tok, device_id=device_id, once=args.once,
+        run_client(args.url, partial(watch, args.url, tok, device_id=device_id, once=args.once,
                                       limit=args.limit))
     except KeyboardInterrupt:
         pass  # Ctrl-C is how one leaves the live view
@@ -466,9 +277,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from seqactor.client import ServiceClient
+    from seqactor.client._client import ServiceClient
 
-    tok = _client_token(args, user=False)
+    tok = client_token(args, user=False)
 
     async def send() -> None:
         async with ServiceClient.connect(
@@ -479,14 +290,14 @@ def cmd_send(args: argparse.Namespace) -> int:
                 else f"{a.first_sequence}..{a.last_sequence}")
         print(f"{args.conversation}: allocated {seqs}")
 
-    _run_client(args.url, send)
+    run_client(args.url, send)
     return 0
 
 
 async def _in_view(url: str, secret: bytes, user: str, conversation: str) -> bool:
     """Is ``conversation`` in ``user``'s view? (a short user session, no device id)."""
     from seqactor.auth import issue_token
-    from seqactor.client import Client
+    from seqactor.client._client import Client
 
     tok = issue_token(secret, user, ttl_s=CLI_TOKEN_TTL_S)
     async with Client.connect(url, tok, subscribe_all=False,
@@ -495,10 +306,10 @@ async def _in_view(url: str, secret: bytes, user: str, conversation: str) -> boo
 
 
 def cmd_members(args: argparse.Namespace) -> int:
-    from seqactor.client import ServiceClient
+    from seqactor.client._client import ServiceClient
 
-    tok = _client_token(args, user=False)
-    secret = _read_secret(args.secret_file) if args.secret_file and not args.token else None
+    tok = client_token(args, user=False)
+    secret = read_secret_file(args.secret_file) if args.secret_file and not args.token else None
     users: list[str] = list(dict.fromkeys(args.users))
 
     async def members() -> None:
@@ -515,7 +326,7 @@ def cmd_members(args: argparse.Namespace) -> int:
                 await svc.remove_members(args.conversation, users, args.keep_history)
         print(_members_report(args.action, args.conversation, users, before, args.keep_history))
 
-    _run_client(args.url, members)
+    run_client(args.url, members)
     return 0
 
 
@@ -551,11 +362,11 @@ def _members_word(users: list[str]) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from seqactor._demo import run_demo
     from seqactor.auth import SecretError
+    from seqactor.cli._demo import run_demo
 
     try:
-        _run_client(f"ws://{args.host}:{args.port}{C.WS_PATH}", run_demo, args.host, args.port,
+        run_client(f"ws://{args.host}:{args.port}{P.WS_PATH}", run_demo, args.host, args.port,
                     args.users, args.groups, args.rate, args.duration, args.secret_file,
                     args.seed)
     except SecretError as exc:
@@ -600,6 +411,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return EXIT_FAILURE
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,7 +8,7 @@ supervisor (the process the user started):
 2. creates the secret file if needed (once, before any worker starts);
 3. reserves the port: a socket bound with ``SO_REUSEPORT`` (``--port 0`` becomes a free port
    this way), kept bound but not listening, so the number stays ours;
-4. starts N workers — ``python -m seqactor._workers <serve arguments as JSON>``, each in its
+4. starts N workers — ``python -m seqactor.cli._workers <serve arguments as JSON>``, each in its
    own session (a terminal's Ctrl-C reaches only the supervisor) — each listening on that
    port with ``SO_REUSEPORT``: the kernel spreads new connections over them;
 5. prints ``listening on ws://H:P/v1`` once every worker listens;
@@ -33,9 +33,9 @@ from typing import Any
 
 import trio
 
+from seqactor.cli._args import EXIT_FAILURE, EXIT_USAGE
+
 EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
 SHARED_STORE_SCHEMES = ("redis://", "redis+cluster://")
 WORKER_START_TIMEOUT_S = 60.0  # every worker must listen within this
 WORKER_STOP_TIMEOUT_S = 30.0  # after SIGTERM, a worker that has not exited by then is killed
@@ -117,7 +117,7 @@ def _jsonable(value: Any) -> bool:
 
 async def _supervise(args: argparse.Namespace, worker_args: dict[str, Any], port: int) -> int:
     n = int(args.workers)
-    cmd = [sys.executable, "-m", "seqactor._workers", json.dumps(worker_args)]
+    cmd = [sys.executable, "-m", "seqactor.cli._workers", json.dumps(worker_args)]
     procs: list[trio.Process] = []
     failed: list[str] = []
     stopping = False
@@ -197,11 +197,12 @@ async def _stop_all(procs: list[trio.Process]) -> None:
 
 def worker_main(argv: list[str]) -> int:
     """A worker: ``seqactor serve`` with the supervisor's arguments and a shared port."""
-    from seqactor.cli import CliError, cmd_serve
+    from seqactor.cli._args import CliError
+    from seqactor.cli._serve import serve_one
 
     args = argparse.Namespace(**json.loads(argv[0]))
     try:
-        return cmd_serve(args)
+        return serve_one(args)
     except CliError as exc:
         print(f"seqactor serve: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE

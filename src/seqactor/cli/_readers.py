@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import Any
 
-from seqactor._client_readcounts import READERS_PAGE_SIZE
+from seqactor.client._readcounts import READERS_PAGE_SIZE
 
 EXAMPLE = (
     "example: seqactor readers --url ws://127.0.0.1:8765/v1 --secret-file var/secret group-1 42\n"
@@ -23,8 +23,8 @@ def add_readers_parser(sub: Any) -> None:
     """Add ``readers`` to the subcommands ``sub`` (what ``add_subparsers()`` returns)."""
     from functools import partial
 
-    from seqactor._cli_args import HelpFormatter, id_arg, positive_int, seq_arg
-    from seqactor.cli import _client_args
+    from seqactor.cli._args import HelpFormatter, id_arg, positive_int, seq_arg
+    from seqactor.cli._connect import client_args
 
     p = sub.add_parser(
         "readers", help="who has (or has not) read a message of a group",
@@ -40,7 +40,7 @@ def add_readers_parser(sub: Any) -> None:
     p.add_argument("--unread", action="store_true", help="list who has NOT read SEQ")
     p.add_argument("--limit", type=positive_int, default=None, metavar="N",
                    help="list at most N users (default: all)")
-    _client_args(p, user=True, minted="a service token, or with --user that user's token")
+    client_args(p, user=True, minted="a service token, or with --user that user's token")
 
 
 def _role(tok: str) -> str:
@@ -57,8 +57,8 @@ def _role(tok: str) -> str:
 
 def cmd_readers(args: argparse.Namespace) -> int:
     """Run the command; a failure is one line on stderr and exit status 1 (reported here, so
-    it holds also when ``seqactor.cli`` runs as ``__main__``, a second copy of its classes)."""
-    from seqactor.cli import EXIT_FAILURE, CliError
+    one copy of its classes whichever way the CLI was started)."""
+    from seqactor.cli._args import EXIT_FAILURE, CliError
 
     try:
         return _readers(args)
@@ -68,10 +68,11 @@ def cmd_readers(args: argparse.Namespace) -> int:
 
 
 def _readers(args: argparse.Namespace) -> int:
-    from seqactor.cli import CLI_CONNECT_TIMEOUT_S, CliError, _client_token, _run_client
-    from seqactor.client import Client, ServiceClient
+    from seqactor.cli._args import CliError
+    from seqactor.cli._connect import CLI_CONNECT_TIMEOUT_S, client_token, run_client
+    from seqactor.client._client import Client, ServiceClient
 
-    tok = _client_token(args, user=bool(args.user))
+    tok = client_token(args, user=bool(args.user))
     as_user = _role(tok) != "service"
     lines: list[str] = []
 
@@ -106,6 +107,6 @@ def _readers(args: argparse.Namespace) -> int:
                                              connect_timeout_s=CLI_CONNECT_TIMEOUT_S) as s:
                 await collect(s)
 
-    _run_client(args.url, run)
+    run_client(args.url, run)
     print("\n".join(lines))
     return 0

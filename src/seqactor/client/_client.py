@@ -20,11 +20,11 @@ from typing import Any
 
 import trio
 
-from seqactor import _cache
 from seqactor import _kernel as kernel
-from seqactor._backoff import Backoff
-from seqactor._client_readcounts import ReadCounts, ReadCountsMixin, ReadCountsWatch, WatchMixin
-from seqactor._conn import (
+from seqactor._proto import seqactor_pb2 as pb
+from seqactor.client import _cache
+from seqactor.client._backoff import Backoff
+from seqactor.client._connection import (
     CONNECT_TIMEOUT_S,
     F_ACK,
     F_ALLOCATED,
@@ -35,7 +35,6 @@ from seqactor._conn import (
     ClientStats,
     ConnectError,
     ConnectionLost,
-    ErrorCode,
     Forbidden,
     Link,
     NotFound,
@@ -50,7 +49,8 @@ from seqactor._conn import (
     _Waiter,
     unwrap,
 )
-from seqactor._proto import seqactor_pb2 as pb
+from seqactor.client._readcounts import ReadCounts, ReadCountsMixin, ReadCountsWatch, WatchMixin
+from seqactor.protocol import ErrorCode, unread_count
 
 log = logging.getLogger("seqactor.client")
 
@@ -125,14 +125,6 @@ class Allocation:
     first_sequence: int
     last_sequence: int
     time_ms: int
-
-
-def unread_count(max_sequence: int, read_sequence: int, min_sequence: int) -> int:
-    """Unread messages of one conversation: ``max − max(read, min − 1)`` when ``min > 0``,
-    else ``max − read``; never negative. Seqs below ``min_sequence`` (cleared history) are
-    never unread (docs/protocol.md, "Unread")."""
-    floor = read_sequence if min_sequence <= read_sequence + 1 else min_sequence - 1
-    return max(0, max_sequence - floor)
 
 
 def _conv(cid: str, row: Row | None) -> Conversation | None:

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING
 import trio
 
 from seqactor import _kernel as kernel
-from seqactor._view import FIELD_ALL, FIELD_MAX, FIELD_MIN, FIELD_READ, ViewTable
-from seqactor.metrics import HotCounters
+from seqactor.server._view import FIELD_ALL, FIELD_MAX, FIELD_MIN, FIELD_READ, ViewTable
+from seqactor.server.metrics import HotCounters
 from seqactor.store import ViewData
 
 if TYPE_CHECKING:
-    from seqactor.hub import Hub
+    from seqactor.server.hub import Hub
 
 log = logging.getLogger("seqactor.actor")
 

@@ -15,31 +15,22 @@ from typing import TYPE_CHECKING, Protocol
 import trio
 from google.protobuf.message import DecodeError as ProtoDecodeError
 
-from seqactor import _frames as frames
 from seqactor import _kernel as kernel
-from seqactor import _readcounts as readcounts
 from seqactor._proto import seqactor_pb2 as pb
 from seqactor._synctoken import make_token, token_position
-from seqactor.actor import SessionState, UserActor
 from seqactor.auth import AuthError, Identity, verify_token
+from seqactor.protocol import Close
+from seqactor.server import _frames as frames
+from seqactor.server import readcounts as readcounts
+from seqactor.server.actor import SessionState, UserActor
 from seqactor.store import NotFound, NotMember, StoreError
 
 if TYPE_CHECKING:
-    from seqactor.gateway import Server
+    from seqactor.server.gateway import Server
 
 log = logging.getLogger("seqactor.session")
 Code = pb.Error.Code
 
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
-CLOSE_PROTOCOL_ERROR = 1002
-CLOSE_UNSUPPORTED_DATA = 1003
-CLOSE_TOO_BIG = 1009
-CLOSE_INTERNAL = 1011
-CLOSE_AUTH_FAILED = 4001
-CLOSE_HELLO_TIMEOUT = 4002
-CLOSE_RATE_LIMITED = 4008
-CLOSE_REPLACED = 4009
 
 SERVICE_INFLIGHT_OPS = 256  # concurrent service ops per connection (reader waits beyond)
 CLOSE_HANDSHAKE_TIMEOUT_S = 2.0
@@ -129,7 +120,7 @@ class Session:
             self._nursery.cancel_scope.cancel()
 
     async def _finish(self) -> tuple[int, str]:
-        code, reason, final = self._close or (CLOSE_NORMAL, "closed", None)
+        code, reason, final = self._close or (Close.NORMAL, "closed", None)
         with trio.move_on_after(CLOSE_HANDSHAKE_TIMEOUT_S) as cs:
             cs.shield = True
             try:
@@ -153,7 +144,8 @@ class Session:
             self._peer_closed(exc)
 
     async def run(self) -> None:
-        code, reason = CLOSE_NORMAL, "closed"
+        code: int = Close.NORMAL
+        reason = "closed"
         try:
             # The session's one nursery: its body reads (Hello, then ops), the writer and
             # service ops are its children, and cancelling it ends the session. The peer
@@ -204,7 +196,7 @@ class Session:
                 self.server.secret, msg.token, self.cfg.max_token_lifetime_s
             )
         except AuthError as exc:
-            self._fail(request_id, Code.UNAUTHENTICATED, str(exc), CLOSE_AUTH_FAILED)
+            self._fail(request_id, Code.UNAUTHENTICATED, str(exc), Close.AUTH_FAILED)
             return False
         self.identity = identity
         self.device_id = msg.device_id[:128]
@@ -274,21 +266,21 @@ class Session:
             if msg.WhichOneof("body") != "hello":
                 self._fail(
                     msg.request_id, Code.UNAUTHENTICATED, "the first message must be Hello",
-                    CLOSE_AUTH_FAILED,
+                    Close.AUTH_FAILED,
                 )
                 return None
             return msg.request_id, msg.hello
-        self.request_close(CLOSE_HELLO_TIMEOUT, "no Hello within the hello timeout")
+        self.request_close(Close.HELLO_TIMEOUT, "no Hello within the hello timeout")
         return None
 
     def _decode(self, data: bytes | str) -> pb.ClientMessage | None:
         if isinstance(data, str):
-            self.request_close(CLOSE_UNSUPPORTED_DATA, "text frames are not supported")
+            self.request_close(Close.UNSUPPORTED_DATA, "text frames are not supported")
             return None
         try:
             return pb.ClientMessage.FromString(data)
         except (ProtoDecodeError, ValueError) as exc:
-            self._fail(0, Code.BAD_REQUEST, f"undecodable frame: {exc}", CLOSE_PROTOCOL_ERROR)
+            self._fail(0, Code.BAD_REQUEST, f"undecodable frame: {exc}", Close.PROTOCOL_ERROR)
             return None
 
     # ------------------------------------------------------------------ tasks
@@ -301,7 +293,7 @@ class Session:
             else self.cfg.idle_timeout_s
         )
         if now - self.transport.last_rx >= timeout:
-            self.request_close(CLOSE_NORMAL, "idle timeout")
+            self.request_close(Close.NORMAL, "idle timeout")
 
     def _start_writer(self) -> None:
         if self._nursery is None:
@@ -328,7 +320,7 @@ class Session:
                     else:
                         await transport.send(frame)
                 if cs.cancelled_caught:
-                    self._close = (CLOSE_GOING_AWAY, "write timeout", None)
+                    self._close = (Close.GOING_AWAY, "write timeout", None)
                     self._cancel()
                     return
                 if not raw:
@@ -356,7 +348,7 @@ class Session:
                 if self._rejected >= self.cfg.rate_limit_max_rejected:
                     self._fail(
                         msg.request_id, Code.RATE_LIMITED, "rate limit exceeded persistently",
-                        CLOSE_RATE_LIMITED,
+                        Close.RATE_LIMITED,
                     )
                     return
                 await self.state.put_reply(

@@ -15,12 +15,12 @@ from collections.abc import Iterable
 
 import trio
 
-from seqactor import _frames as frames
 from seqactor import _kernel as kernel
 from seqactor._synctoken import make_token
-from seqactor._view import FIELD_MAX
-from seqactor.actor import FanoutBatch, SessionState, UserActor
-from seqactor.metrics import Metrics
+from seqactor.server import _frames as frames
+from seqactor.server._view import FIELD_MAX
+from seqactor.server.actor import FanoutBatch, SessionState, UserActor
+from seqactor.server.metrics import Metrics
 from seqactor.store import (
     Allocated,
     Change,
