@@ -13,9 +13,9 @@ import trio
 import trio.testing
 
 from seqactor import _kernel
-from seqactor.server import readcounts as _readcounts
 from seqactor import _readindex as C
 from seqactor import _readindex_py as P
+from seqactor.server import readcounts as _readcounts
 from seqactor.server.config import ServerConfig
 from seqactor.store import NotFound, NotMember
 from tests.test_store import STORE_FACTORIES

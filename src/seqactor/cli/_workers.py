@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from typing import Any
@@ -34,37 +33,13 @@ from typing import Any
 import trio
 
 from seqactor.cli._args import EXIT_FAILURE, EXIT_USAGE
+from seqactor.server.listen import reuse_port_socket
 
 EXIT_OK = 0
 SHARED_STORE_SCHEMES = ("redis://", "redis+cluster://")
 WORKER_START_TIMEOUT_S = 60.0  # every worker must listen within this
 WORKER_STOP_TIMEOUT_S = 30.0  # after SIGTERM, a worker that has not exited by then is killed
-LISTEN_BACKLOG = 1024  # each worker's listen() backlog
 MAX_WORKERS = 256
-
-
-def reuse_port_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host:port`` with ``SO_REUSEADDR`` and ``SO_REUSEPORT`` (not
-    listening). ``port`` 0: a free port (read it with ``getsockname()``). Raises OSError."""
-    family, kind, proto, _, addr = socket.getaddrinfo(
-        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(addr)
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def reuse_port_listeners(host: str, port: int) -> list[trio.SocketListener]:
-    """The worker side: one listener on ``host:port`` sharing the port with the other
-    workers (``SO_REUSEPORT``). Raises OSError (port taken by a process of another user)."""
-    sock = reuse_port_socket(host, port)
-    sock.listen(LISTEN_BACKLOG)
-    return [trio.SocketListener(trio.socket.from_stdlib_socket(sock))]
 
 
 def check_workers(args: argparse.Namespace) -> str | None:

@@ -155,7 +155,7 @@ class Server:
                 async with trio.open_nursery() as conns:
                     self._conns = conns
                     if self.config.reuse_port:
-                        from seqactor.cli._workers import reuse_port_listeners
+                        from seqactor.server.listen import reuse_port_listeners
 
                         self.listeners = reuse_port_listeners(self.config.host, self.config.port)
                     else:
