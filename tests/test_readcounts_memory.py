@@ -10,7 +10,7 @@ import trio.testing
 from seqactor.server.config import ServerConfig
 from seqactor.server.readcounts import ReadIndexes
 from seqactor.store.memory import MemoryStore
-from tests.test_readcounts_watch import FakeSession, StuckState
+from tests.test_readcounts_watch import StuckState, starter
 
 
 async def _store() -> MemoryStore:
@@ -45,7 +45,7 @@ async def test_member_budget_drops_least_recently_used_unwatched(
     state = StuckState()
     state.sent.append(b"")  # never blocks
     async with trio.open_nursery() as nursery:
-        sw = reg.session_watches(FakeSession(state, nursery))  # type: ignore[arg-type]
+        sw = reg.session_watches(state, False, starter(nursery))  # type: ignore[arg-type]
         await reg.get("a")
         reg.add_watch(sw, "a", 0)  # watched: kept whatever the budget
         await trio.sleep(1)

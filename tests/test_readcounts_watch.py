@@ -31,16 +31,12 @@ class StuckState:
         await self.release.wait()
 
 
-class FakeIdentity:
-    user_id = "u000"
-    is_service = False
-
-
-class FakeSession:
-    def __init__(self, state: StuckState, nursery: trio.Nursery) -> None:
-        self.state = state
-        self.identity = FakeIdentity()
-        self._nursery = nursery
+def starter(nursery: trio.Nursery):
+    """The session's ``start_soon`` (ops.OpContext): start in ``nursery``."""
+    def start_soon(fn) -> bool:
+        nursery.start_soon(fn)
+        return True
+    return start_soon
 
 
 def counts(frame: bytes) -> list[int]:
@@ -55,8 +51,7 @@ async def test_stuck_reader_keeps_one_frame_and_gets_the_latest_counts():
     reg = ReadIndexes(store, ServerConfig(read_counts_interval_ms=0))
     state = StuckState()
     async with trio.open_nursery() as nursery:
-        session = FakeSession(state, nursery)
-        sw = reg.session_watches(session)  # type: ignore[arg-type]
+        sw = reg.session_watches(state, False, starter(nursery))  # type: ignore[arg-type]
         await reg.get("g")
         reg.add_watch(sw, "g", 0)
         await trio.testing.wait_all_tasks_blocked()
@@ -89,7 +84,7 @@ async def test_watch_range_is_the_newest_range_limit_seqs():
     state = StuckState()
     state.sent.append(b"")  # never blocks
     async with trio.open_nursery() as nursery:
-        sw = reg.session_watches(FakeSession(state, nursery))  # type: ignore[arg-type]
+        sw = reg.session_watches(state, False, starter(nursery))  # type: ignore[arg-type]
         await reg.get("g")
         reg.add_watch(sw, "g", 5)
         await trio.testing.wait_all_tasks_blocked()

@@ -35,6 +35,7 @@ from seqactor.server.handshake import (
 )
 from seqactor.server.hub import Hub
 from seqactor.server.metrics import Metrics
+from seqactor.server.readcounts import ReadIndexes
 from seqactor.server.session import Session, TransportClosed
 from seqactor.server.stream import ActivityStream, DirectSink
 from seqactor.server.ws import ServerWebSocket
@@ -104,6 +105,7 @@ class Server:
         self._accepting = trio.CancelScope()
         self._conns: trio.Nursery | None = None  # connection handlers (one task each)
         self._ssl: ssl.SSLContext | None = None
+        self._read_indexes: ReadIndexes | None = None
         if config.tls_cert and config.tls_key:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ctx.load_cert_chain(config.tls_cert, config.tls_key)
@@ -113,6 +115,13 @@ class Server:
     def url(self) -> str:
         scheme = "wss" if self._ssl else "ws"
         return f"{scheme}://{self.config.host}:{self.port}{WS_PATH}"
+
+    def read_indexes(self) -> ReadIndexes:
+        """The node's read-count indexes (made, and registered as a store listener, on first
+        use: a node nobody asks for read counts keeps none)."""
+        if self._read_indexes is None:
+            self._read_indexes = ReadIndexes(self.store, self.config)
+        return self._read_indexes
 
     # ------------------------------------------------------------------ sessions
     def register(self, session: Session) -> None:

@@ -1,6 +1,6 @@
 """Group read counts (docs/protocol.md "Group read counts"): the per-conversation read indexes
-of a node, their upkeep from the store's change stream, read-count watches, and the ops
-``GetReadCounts``, ``WatchReadCounts`` and ``GetReaders``.
+of a node, their upkeep from the store's change stream, and read-count watches (the ops
+``GetReadCounts``, ``WatchReadCounts`` and ``GetReaders`` are in :mod:`seqactor.server.ops`).
 
 **Index.** :class:`ReadIndex` wraps the kernel's :class:`~seqactor._kernel.ReadCounter` (counts
 over seqs, see ``_readindex_py``) with the member ids: ``slots`` (user id → slot), ``uids``
@@ -37,18 +37,14 @@ from __future__ import annotations
 
 import logging
 import math
-import weakref
 from array import array
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import trio
 
 from seqactor import _kernel as kernel
-from seqactor._proto import seqactor_pb2 as pb
-from seqactor.protocol import MAX_READERS_LIMIT, READERS_DEFAULT_LIMIT
-from seqactor.server import _frames as frames
 from seqactor.server.config import ServerConfig
 from seqactor.store import (
     Allocated,
@@ -68,9 +64,10 @@ from seqactor.store import (
 from seqactor.store._base import validate_id
 
 if TYPE_CHECKING:
+    from seqactor.auth import Identity
     from seqactor.server.actor import SessionState
-    from seqactor.server.gateway import Server
-    from seqactor.server.session import Session
+
+StartSoon = Callable[[Callable[[], Awaitable[None]]], bool]  # start a task; False: closing
 
 log = logging.getLogger("seqactor.readcounts")
 
@@ -380,19 +377,19 @@ class ReadIndexes:
             del self.indexes[idx.conversation_id]
             total -= idx.counter.size
 
-    async def authorized(self, session: Session, conversation_id: str) -> ReadIndex:
-        """The index for a request of ``session`` after ``sync`` (docs/protocol.md, "Group read
-        counts": who may ask)."""
+    async def authorized(
+        self, identity: Identity, in_view: Callable[[str], bool], conversation_id: str
+    ) -> ReadIndex:
+        """The index for a request of ``identity`` after ``sync`` (docs/protocol.md, "Group read
+        counts": who may ask); ``in_view`` says whether a conversation is in the user's view."""
         validate_id(conversation_id, "conversation_id")
-        identity = session.identity
-        assert identity is not None
         await self.store.sync()
         if identity.is_service:
             idx = await self.get(conversation_id)
             if idx is None:
                 raise NotFound(f"conversation {conversation_id[:128]!r} does not exist")
             return idx
-        if session._view_key(conversation_id) < 0:  # not in the view: no index is loaded
+        if not in_view(conversation_id):  # not in the view: no index is loaded
             raise NotMember(NOT_IN_VIEW)
         idx = await self.get(conversation_id)
         if idx is None or identity.user_id not in idx.slots:  # frozen (keep_history) too
@@ -402,22 +399,20 @@ class ReadIndexes:
 
     # ------------------------------------------------------------ watches
 
-    def session_watches(self, session: Session) -> SessionWatches:
-        """The session's watches, with their push task running in the session's nursery."""
-        state = session.state
-        assert state is not None
+    def session_watches(
+        self, state: SessionState, service: bool, start_soon: StartSoon
+    ) -> SessionWatches:
+        """The session's watches, with their push task running in the session's nursery
+        (``start_soon`` starts it there; False: the session is closing)."""
         sw = self.sessions.get(id(state))
         if sw is not None and sw.running:
             return sw
-        nursery = session._nursery
-        if nursery is None:
-            raise Unavailable("the session is closing")
         if sw is None:
-            identity = session.identity
-            service = identity is not None and identity.is_service
-            sw = self.sessions[id(state)] = SessionWatches(self, state, service)
+            sw = SessionWatches(self, state, service)
+        if not start_soon(sw.run):
+            raise Unavailable("the session is closing")
+        self.sessions[id(state)] = sw
         sw.running = True
-        nursery.start_soon(sw.run)
         return sw
 
     def add_watch(self, sw: SessionWatches, conversation_id: str, from_sequence: int) -> None:
@@ -463,71 +458,4 @@ class ReadIndexes:
         return bytes(idx.counter.encode(0, w.conversation_id, lo, n))
 
 
-# ---------------------------------------------------------------- one registry per server
 
-_registries: weakref.WeakKeyDictionary[Server, ReadIndexes] = weakref.WeakKeyDictionary()
-
-
-def registry(server: Server) -> ReadIndexes:
-    """The server's read indexes (made, and registered as a store listener, on first use)."""
-    reg = _registries.get(server)
-    if reg is None:
-        reg = _registries[server] = ReadIndexes(server.store, server.config)
-    return reg
-
-
-# ---------------------------------------------------------------- ops
-
-
-def _readers_frame(rid: int, ids: Iterable[str], next_after: str) -> bytes:
-    return pb.ServerMessage(
-        request_id=rid, readers=pb.Readers(user_ids=ids, next_after_user_id=next_after)
-    ).SerializeToString()
-
-
-async def op_get_read_counts(session: Session, rid: int, m: pb.GetReadCounts) -> bytes:
-    """``GetReadCounts`` → ``ReadCounts`` (docs/protocol.md "Group read counts"); TOO_LARGE above
-    the range limit."""
-    reg = registry(session.server)
-    idx = await reg.authorized(session, m.conversation_id)
-    lo, n = idx.clamp(m.from_sequence, m.to_sequence)
-    limit = session.cfg.max_read_count_range
-    if n > limit:
-        raise TooLarge(f"{n} seqs in the range; the limit is {limit}")
-    return bytes(idx.counter.encode(rid, m.conversation_id, lo, n))
-
-
-async def op_watch_read_counts(session: Session, rid: int, m: pb.WatchReadCounts) -> None:
-    """``WatchReadCounts`` → ``Ack``, then pushes (docs/protocol.md "Group read counts"); the Ack
-    goes out before the first push."""
-    reg = registry(session.server)
-    state = session.state
-    assert state is not None
-    if m.stop:
-        validate_id(m.conversation_id, "conversation_id")
-        sw = reg.sessions.get(id(state))
-        if sw is not None and m.conversation_id in sw.watches:
-            reg.end_watch(sw.watches[m.conversation_id])
-        await state.put_reply(frames.ack(rid))
-        return None
-    await reg.authorized(session, m.conversation_id)
-    sw = reg.session_watches(session)
-    if m.conversation_id not in sw.watches and len(sw.watches) >= session.cfg.max_read_count_watches:
-        raise TooLarge(
-            f"at most {session.cfg.max_read_count_watches} read-count watches per session"
-        )
-    await state.put_reply(frames.ack(rid))
-    reg.add_watch(sw, m.conversation_id, m.from_sequence)
-    return None
-
-
-async def op_get_readers(session: Session, rid: int, m: pb.GetReaders) -> bytes:
-    """``GetReaders`` → ``Readers`` (docs/protocol.md "Group read counts"): limit 0 = 100, above
-    1 000 TOO_LARGE."""
-    limit = m.limit or READERS_DEFAULT_LIMIT
-    if limit > MAX_READERS_LIMIT:
-        raise TooLarge(f"limit {limit} is above {MAX_READERS_LIMIT}")
-    reg = registry(session.server)
-    idx = await reg.authorized(session, m.conversation_id)
-    ids, next_after = idx.readers(m.sequence, m.unread, limit, m.after_user_id)
-    return _readers_frame(rid, ids, next_after)
