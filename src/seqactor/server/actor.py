@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from array import array
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import trio
 
@@ -22,8 +22,15 @@ from seqactor.server._view import FIELD_ALL, FIELD_MAX, FIELD_MIN, FIELD_READ, V
 from seqactor.server.metrics import HotCounters
 from seqactor.store import ViewData
 
-if TYPE_CHECKING:
-    from seqactor.server.hub import Hub
+
+class ActorHost(Protocol):
+    """What an actor needs of its hub (:class:`~seqactor.server.hub.Hub`)."""
+
+    keys: Any  # the node's kernel KeyTable: conversation id <-> key id
+    counters: HotCounters
+
+    def latest_max(self, key_id: int) -> tuple[int, int] | None: ...
+    def token(self) -> bytes: ...
 
 log = logging.getLogger("seqactor.actor")
 
@@ -243,7 +250,7 @@ class UserActor:
         "_retired", "failed",
     )
 
-    def __init__(self, hub: Hub, user_id: str) -> None:
+    def __init__(self, hub: ActorHost, user_id: str) -> None:
         self.hub = hub
         self.user_id = user_id
         self.table = ViewTable()

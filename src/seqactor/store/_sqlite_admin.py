@@ -1,9 +1,9 @@
 """Operator actions on a SQLite store file: backup, restore, epoch rotation, and the lock that
 keeps them away from a running server.
 
-* **The lock.** A server holds an *exclusive* ``flock`` on ``<db>.lock`` (beside the database)
-  for as long as its store is open: one server per file. The store serves reads from memory and
-  numbers allocations in memory before committing them, so a second process on the same file
+* **The lock** (:mod:`seqactor.store._sqlite_lock`). A server holds an *exclusive* ``flock``
+  on ``<db>.lock`` (beside the database) for as long as its store is open: one server per
+  file. The store serves reads from memory and numbers allocations in memory before committing them, so a second process on the same file
   would hand out the same seqs again (I1); it is refused with one line instead (several nodes
   share a ``redis://`` store). ``restore`` and ``init --force`` take the same lock, so they
   refuse to run while a server uses the file (they rewrite what the server holds in memory).
@@ -28,82 +28,16 @@ keeps them away from a running server.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 from seqactor.store._base import EPOCH_BYTES, IncompatibleStore, Unavailable
+from seqactor.store._sqlite_lock import exclusive
 
 APP_MARKER = "seqactor"
-LOCK_SUFFIX = ".lock"
 RESTORE_TMP_SUFFIX = ".restore-tmp"
 SIDE_FILE_SUFFIXES = ("-wal", "-shm", "-journal")
-
-
-class StoreInUse(Unavailable):
-    """A server has the store open; the operator action needs it stopped."""
-
-
-def lock_path(db_path: str) -> str:
-    return db_path + LOCK_SUFFIX
-
-
-def hold_open(db_path: str) -> int | None:
-    """Take the lock an open store holds (exclusive: one server per file); returns the fd to
-    release (None for ``:memory:``). Never blocks: :class:`StoreInUse` when another server (or
-    an operator action) has it."""
-    if db_path == ":memory:":
-        return None
-    where = os.path.abspath(db_path)
-    if os.path.isdir(where):
-        raise Unavailable(f"{where} is a directory, not a database file")
-    if not os.path.isdir(os.path.dirname(where)):
-        raise Unavailable(f"cannot create {where}: directory {os.path.dirname(where)} does not exist")
-    try:
-        fd = os.open(lock_path(db_path), os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as exc:
-        raise Unavailable(
-            f"cannot create the lock file {lock_path(db_path)}: {exc.strerror or exc}"
-        ) from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise StoreInUse(
-            f"{where} is open in another seqactor process (a server, or `seqactor store` "
-            "restoring it): one server per SQLite file; stop the other one, or share a "
-            "redis:// store between nodes"
-        ) from None
-    return fd
-
-
-def release(fd: int | None) -> None:
-    if fd is not None:
-        os.close(fd)  # closing the descriptor drops its flock
-
-
-@contextlib.contextmanager
-def exclusive(db_path: str) -> Iterator[None]:
-    """Hold the store file exclusively (no server has it open) for an operator action."""
-    try:
-        fd = os.open(lock_path(db_path), os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as exc:
-        raise Unavailable(
-            f"cannot create the lock file {lock_path(db_path)}: {exc.strerror or exc}"
-        ) from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StoreInUse(
-                f"{db_path} is open in a running seqactor server; stop the server first"
-            ) from None
-        yield
-    finally:
-        os.close(fd)
 
 
 def _connect_existing(path: str, what: str) -> sqlite3.Connection:

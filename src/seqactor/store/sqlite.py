@@ -32,7 +32,7 @@ from typing import Any
 import outcome
 import trio
 
-from seqactor.store import _sqlite_admin as admin
+from seqactor.store import _sqlite_lock as lock
 from seqactor.store._base import EPOCH_BYTES, IncompatibleStore, InvalidArgument, Unavailable
 from seqactor.store._state import Op, Row, Sink, State, StateStore
 
@@ -185,7 +185,7 @@ class SQLiteStore(StateStore):
         if self._closed:
             raise Unavailable("the store was closed")
         self._token = trio.lowlevel.current_trio_token()
-        self._lock_fd = admin.hold_open(self.path)  # one server per file (and no restore meanwhile)
+        self._lock_fd = lock.hold_open(self.path)  # one server per file (and no restore meanwhile)
         self._thread = threading.Thread(
             target=self._writer_main, name="seqactor-sqlite-writer", daemon=True
         )
@@ -225,7 +225,7 @@ class SQLiteStore(StateStore):
                 self._jobs.put(None)
                 await trio.to_thread.run_sync(thread.join, WRITER_JOIN_TIMEOUT_S)
                 self._thread = None
-                admin.release(self._lock_fd)
+                lock.release(self._lock_fd)
                 self._lock_fd = None
 
     def _unwritable(self) -> Unavailable:
