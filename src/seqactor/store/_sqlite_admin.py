@@ -3,11 +3,12 @@ keeps them away from a running server.
 
 * **The lock** (:mod:`seqactor.store._sqlite_lock`). A server holds an *exclusive* ``flock``
   on ``<db>.lock`` (beside the database) for as long as its store is open: one server per
-  file. The store serves reads from memory and numbers allocations in memory before committing them, so a second process on the same file
-  would hand out the same seqs again (I1); it is refused with one line instead (several nodes
-  share a ``redis://`` store). ``restore`` and ``init --force`` take the same lock, so they
-  refuse to run while a server uses the file (they rewrite what the server holds in memory).
-  ``backup`` needs no lock: it reads through SQLite's online backup API.
+  file. The store serves reads from memory and numbers allocations in memory before
+  committing them, so a second process on the same file would hand out the same seqs again
+  (I1); it is refused with one line instead (several nodes share a ``redis://`` store).
+  ``restore`` and ``init --force`` take the same lock, so they refuse to run while a server
+  uses the file (they rewrite what the server holds in memory). ``backup`` needs no lock: it
+  reads through SQLite's online backup API.
 * **Backup** (:func:`backup`): ``sqlite3.Connection.backup`` copies every page in one step,
   inside one read transaction, so the copy is one committed state even while the server keeps
   committing (WAL mode: readers never block the writer).
