@@ -1,4 +1,7 @@
-"""Session fuzzing: hostile frames straight into :class:`seqactor.server.session.Session`.
+"""Session fuzzing: hostile frames into the sans-IO
+:class:`~seqactor.server.session_protocol.SessionProtocol` alone (:func:`check_protocol`, no
+trio, no sockets: thousands of frames a second), and through a whole
+:class:`seqactor.server.session.Session` with its ops.
 
 The session talks to the network through a small ``Transport``; here that is
 :class:`FakeTransport`, which feeds the frames under test and records what the server sends
@@ -10,6 +13,7 @@ and :func:`check_server` that the store's invariants hold and a normal client st
 (libFuzzer) harness over the same code::
 
     .venv/bin/python tests/fuzz_session.py -atheris_runs=20000   # or -max_total_time=60
+    FUZZ_TARGET=protocol .venv/bin/python tests/fuzz_session.py -atheris_runs=200000
 """
 
 from __future__ import annotations
@@ -28,7 +32,18 @@ if __name__ == "__main__":  # run as a script: make ``tests`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from seqactor._proto import seqactor_pb2 as pb
+from seqactor.server.config import ServerConfig
+from seqactor.server.ops import HANDLERS
 from seqactor.server.session import Session, TransportClosed
+from seqactor.server.session_protocol import (
+    CloseConnection,
+    Opened,
+    Phase,
+    Reply,
+    RunOp,
+    SessionProtocol,
+)
+from tests._harness import SECRET
 from tests._load import check_store_invariants, token
 
 Code = pb.Error.Code
@@ -79,6 +94,58 @@ OP_FIELDS = {
     "set_background": 7, "ping": 8, "allocate_sequences": 20, "add_members": 21,
     "remove_members": 22, "set_min_sequence": 23,
 }
+
+
+# ------------------------------------------------------------------ the sans-IO protocol alone
+
+REFUSALS = {Code.BAD_REQUEST, Code.FORBIDDEN, Code.RATE_LIMITED}  # answered without running an op
+
+
+def check_protocol(frames: Sequence[bytes | str], config: ServerConfig | None = None,
+                   step_s: float = 0.0) -> list[object]:
+    """Feed ``frames`` to a fresh :class:`SessionProtocol` (``step_s`` seconds apart) and
+    assert the documented decision for each (docs/protocol.md, errors and close codes);
+    returns the actions."""
+    proto = SessionProtocol(config or ServerConfig(), SECRET, now=0.0)
+    actions: list[object] = []
+    now = 0.0
+    for i, frame in enumerate(frames):
+        action = proto.receive(frame, now)
+        now += step_s
+        actions.append(action)
+        msg = _decode(frame)
+        if isinstance(action, CloseConnection):
+            assert action.code in CLOSE_CODES, action
+            if action.final_frame is not None:
+                err = pb.ServerMessage.FromString(action.final_frame).error
+                assert err.code != Code.INTERNAL, err
+            if isinstance(frame, str):
+                assert action.code == 1003
+            elif msg is None:
+                assert action.code == 1002
+            elif i == 0:
+                assert action.code == 4001
+            # once closed, every later frame gets the same decision
+            assert all(proto.receive(f, now) is action for f in frames[i + 1:])
+            assert proto.phase is Phase.CLOSED
+            break
+        assert msg is not None, (frame, action)
+        if i == 0:
+            assert isinstance(action, Opened) and msg.WhichOneof("body") == "hello", action
+            pb.ServerMessage.FromString(proto.welcome(msg.request_id, "s"))
+            continue
+        kind = msg.WhichOneof("body")
+        if isinstance(action, RunOp):
+            assert action.kind == kind and action.request_id == msg.request_id != 0
+            op, service_only = HANDLERS[kind]
+            assert action.op is op
+            assert proto.identity is not None and (proto.identity.is_service or not service_only)
+        else:
+            assert isinstance(action, Reply), action
+            err = pb.ServerMessage.FromString(action.frame).error
+            assert err.code in REFUSALS, err
+            assert action.result == Code.Name(err.code)
+    return actions
 
 
 # ------------------------------------------------------------------ the fake transport
@@ -375,9 +442,19 @@ def _instrument_seqactor(atheris) -> int:
 
 
 def main() -> None:  # pragma: no cover - run by hand or by test_hostile in a subprocess
+    import os
     import threading
 
     import atheris
+
+    if os.environ.get("FUZZ_TARGET") == "protocol":  # the sans-IO class alone: no trio
+        def test_protocol(data: bytes) -> None:
+            check_protocol(_frames_from_bytes(data))
+
+        _instrument_seqactor(atheris)
+        atheris.Setup(sys.argv, test_protocol)
+        atheris.Fuzz()
+        return
 
     from tests._harness import running_server
 

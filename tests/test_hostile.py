@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -189,8 +190,10 @@ async def test_fuzzed_service_ops_keep_the_store_consistent(ops):
         await check_server(server, [out])
 
 
-def test_atheris_short_run(tmp_path):
-    """A bounded libFuzzer run over the same session harness (tests/fuzz_session.py)."""
+@pytest.mark.parametrize("target, runs", [("session", 4_000), ("protocol", 50_000)])
+def test_atheris_short_run(tmp_path, target, runs):
+    """A bounded libFuzzer run over the session harness (tests/fuzz_session.py): a whole
+    Session with its ops, and the sans-IO SessionProtocol alone (no trio: far more runs)."""
     import atheris  # noqa: F401  (dev extra: the harness below needs it)
 
     from tests.fuzz_session import seed_corpus
@@ -199,12 +202,13 @@ def test_atheris_short_run(tmp_path):
     corpus = tmp_path / "corpus"
     seed_corpus(corpus)
     out = subprocess.run(
-        [sys.executable, str(harness), "-atheris_runs=4000", "-max_len=512", "-seed=7",
+        [sys.executable, str(harness), f"-atheris_runs={runs}", "-max_len=512", "-seed=7",
          f"-artifact_prefix={tmp_path}/", str(corpus)],
         capture_output=True, text=True, timeout=240, cwd=harness.parent.parent,
+        env={**os.environ, "FUZZ_TARGET": target},
     )
     assert out.returncode == 0, out.stderr[-4000:]
-    assert "Done 4000 " in out.stderr, out.stderr[-2000:]
+    assert f"Done {runs} " in out.stderr, out.stderr[-2000:]
 
 
 # ---------------------------------------------------------------- each case on the wire
