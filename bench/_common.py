@@ -4,6 +4,9 @@ results, and child processes driven by JSON lines (with their CPU and memory fro
 Import from a bench script (``bench/`` is the script's directory, so it is on ``sys.path``)::
 
     from _common import percentile, git_head, raise_nofile, write_json
+
+Also the peer servers (``bench/peers/``: Bun and Node + ws, ``make bench-peers``) and the
+one plot helper (:func:`figure`: matplotlib, PNG in ``docs/img/``).
 """
 
 from __future__ import annotations
@@ -11,18 +14,25 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import trio
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+IMG = ROOT / "docs" / "img"  # the benchmarks' plots
+PEERS = HERE / "peers"  # the peer servers: Bun and Node + ws (make bench-peers)
+BUN = PEERS / "node_modules" / "@oven" / "bun-linux-x64" / "bin" / "bun"
+WS_MODULE = PEERS / "node_modules" / "ws"
+PEER_START_TIMEOUT_S = 30.0
 QUANTILE_CUTS = 1000  # percentiles are read from 999 cut points: p0.1 ... p99.9
 STOP_TIMEOUT_S = 10.0  # a child asked to stop gets this long before it is killed
 CHILD_REPLY_TIMEOUT_S = 600.0  # default wait for one answer line from a child
@@ -206,6 +216,35 @@ async def stop_process(proc: trio.Process, sig: int = signal.SIGTERM) -> None:
             await proc.wait()
 
 
+def peer_argv(name: str, *args: str) -> list[str]:
+    """The command line of peer server ``name`` (``"bun"`` or ``"ws"``: ``bench/peers/
+    bun_server.js`` under Bun, ``ws_server.js`` under Node) with ``args``; exits with a hint
+    when the peers are not installed."""
+    for path, what in ((BUN, "Bun"), (WS_MODULE, "ws")):
+        if not path.exists():
+            raise SystemExit(f"error: {what} is not installed under {PEERS}: run `make bench-peers`")
+    if name == "bun":
+        return [str(BUN), str(PEERS / "bun_server.js"), *args]
+    node = shutil.which("node")
+    if node is None:
+        raise SystemExit("error: node not found (Node.js runs the ws peer)")
+    return [node, str(PEERS / "ws_server.js"), *args]
+
+
+@asynccontextmanager
+async def listening_server(argv: list[str], name: str) -> AsyncIterator[tuple[Child, int]]:
+    """A server child that prints ``listening on PORT`` once it accepts (the peers in
+    ``bench/peers/``, ``bench/_fanout_servers.py``); yields it and the port; stopped on exit."""
+    child = await Child.start(argv, name)
+    try:
+        line = await child.readline(PEER_START_TIMEOUT_S)
+        if not line.startswith("listening on "):
+            raise RuntimeError(f"{name} said {line!r}")
+        yield child, int(line.split()[-1])
+    finally:
+        await stop_process(child.proc)
+
+
 async def call_all(
     children: list[Child], objs: list[dict[str, Any]], timeout: float = CHILD_REPLY_TIMEOUT_S,
 ) -> list[dict[str, Any]]:
@@ -219,3 +258,31 @@ async def call_all(
         for i in range(len(children)):
             n.start_soon(one, i)
     return answers
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def plot_path(name: str, full: bool) -> Path:
+    """Where a benchmark's plot ``name`` goes: ``docs/img/`` for a full run (what the docs
+    show), ``bench/results/`` (not committed) for a quick or custom one."""
+    return (IMG if full else HERE / "results") / name
+
+
+@contextmanager
+def figure(path: Path, *args: Any, dpi: int = 110, **kwargs: Any) -> Iterator[tuple[Any, Any]]:
+    """``plt.subplots(*args, **kwargs)`` on the Agg backend: yields ``(figure, axes)``; on
+    exit the figure is laid out, saved as PNG to ``path`` (folders made) and closed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(*args, **kwargs)
+    try:
+        yield fig, axes
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=dpi)
+    finally:
+        plt.close(fig)

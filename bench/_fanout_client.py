@@ -30,7 +30,6 @@ import base64
 import json
 import os
 import pickle
-import resource
 import select
 import struct
 import sys
@@ -41,6 +40,7 @@ from typing import Any
 
 import trio
 import trio_websocket as tws
+from _common import raise_nofile
 
 from seqactor._kernel import decode_update, split_server_message
 from seqactor._proto import seqactor_pb2 as pb
@@ -50,12 +50,6 @@ UPDATE_FIELD = 3  # ServerMessage.update
 SETUP_TIMEOUT_S = 60.0
 TOKEN_TTL_S = 3600.0
 RECEIVE_BYTES = 262_144
-
-
-def raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 class Phase:

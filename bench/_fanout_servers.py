@@ -1,8 +1,9 @@
 """Fan-out benchmark baselines: the raw-socket ceiling and the naive trio-websocket server.
 
 Run by ``bench/fanout.py`` as a subprocess: ``python bench/_fanout_servers.py raw|naive
---frame HEX``. It prints ``{"port": P}`` once listening, accepts WebSocket handshakes on
-``/v1`` from then on, and obeys JSON lines on stdin:
+--payload HEX``. It prints ``listening on PORT`` once listening (as the peer servers in
+``bench/peers/`` do), accepts WebSocket handshakes on ``/v1`` from then on, and obeys JSON
+lines on stdin (the peers' fan-out mode speaks the same, ``bench/peers/control.js``):
 
 * ``{"cmd": "count"}`` -> ``{"connected": n}``
 * ``{"cmd": "blast", "seconds": S}`` -> writes the frame to every connection, round after
@@ -24,7 +25,6 @@ import argparse
 import functools
 import json
 import os
-import resource
 import select
 import selectors
 import socket
@@ -33,16 +33,11 @@ import sys
 import time
 from typing import Any
 
+from _common import raise_nofile
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request
 
 LISTEN_BACKLOG = 4096
-
-
-def raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def ws_binary_frame(payload: bytes) -> bytes:
@@ -138,7 +133,7 @@ def serve_raw(frame: bytes) -> None:
     handshaking: dict[int, tuple[socket.socket, WSConnection]] = {}
     open_socks: list[socket.socket] = []
     buf = b""
-    reply({"port": listener.getsockname()[1]})
+    print(f"listening on {listener.getsockname()[1]}", flush=True)
     while True:
         for key, _ in sel.select():
             if key.data == "accept":
@@ -227,7 +222,7 @@ def serve_naive(payload: bytes) -> None:
                                   host="127.0.0.1")
             )
             port = listeners[0].socket.getsockname()[1]
-            reply({"port": port})
+            print(f"listening on {port}", flush=True)
             stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
             buf = b""
             while True:

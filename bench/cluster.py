@@ -56,7 +56,7 @@ import trio_websocket as tws
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from _common import cpu_s, percentile  # noqa: E402
+from _common import cpu_s, figure, percentile  # noqa: E402
 
 from seqactor._proto import seqactor_pb2 as pb  # noqa: E402
 from seqactor.store import _redis_lua as lua  # noqa: E402
@@ -497,11 +497,6 @@ def table(res: dict[str, Any]) -> str:
 
 
 def plot(res: dict[str, Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     bars = [
         ("Redis ceiling\n(pipelined)", "redis_evalsha_ceiling_per_s"),
         ("Redis ceiling\n(unpipelined)", "redis_evalsha_unpipelined_per_s"),
@@ -512,19 +507,16 @@ def plot(res: dict[str, Any]) -> None:
         ("MarkRead\nRedis", "markread_per_s_redis"),
         ("SQLite\n64 tasks", "alloc_per_s_sqlite"),
     ]
-    fig, ax = plt.subplots(figsize=(10, 4.5))
-    values = [res[k] / 1000 for _, k in bars]
-    colors = ["#999999", "#bbbbbb", "#d62728", "#ff7f0e", "#1f77b4", "#17becf", "#9467bd",
-              "#2ca02c"]
-    ax.bar([label for label, _ in bars], values, color=colors)
-    for i, v in enumerate(values):
-        ax.text(i, v, f"{v:.1f}k", ha="center", va="bottom", fontsize=8)
-    ax.set_ylabel("operations / s (thousands)")
-    ax.set_title(f"seqactor store writes, one node process ({res['cpus']} shared cores, "
-                 f"{'quick' if res['quick'] else 'full'} run)")
-    fig.tight_layout()
-    PLOT.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(PLOT, dpi=110)
+    with figure(PLOT, figsize=(10, 4.5)) as (fig, ax):
+        values = [res[k] / 1000 for _, k in bars]
+        colors = ["#999999", "#bbbbbb", "#d62728", "#ff7f0e", "#1f77b4", "#17becf", "#9467bd",
+                  "#2ca02c"]
+        ax.bar([label for label, _ in bars], values, color=colors)
+        for i, v in enumerate(values):
+            ax.text(i, v, f"{v:.1f}k", ha="center", va="bottom", fontsize=8)
+        ax.set_ylabel("operations / s (thousands)")
+        ax.set_title(f"seqactor store writes, one node process ({res['cpus']} shared cores, "
+                     f"{'quick' if res['quick'] else 'full'} run)")
 
 
 if __name__ == "__main__":

@@ -32,20 +32,22 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import trio
 from _common import (
+    IMG,
     Child,
     call_all,
     cpu_user_system_s,
+    figure,
     git_head,
+    listening_server,
+    peer_argv,
     percentile,
     raise_nofile,
-    stop_process,
     write_json,
 )
 from _common import client_processes as _common_client_processes  # noqa: E402
@@ -54,20 +56,15 @@ from fanout import finish_profiler, serve_memory, start_backend, start_profiler,
 from seqactor._kernel import COMPILED
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 RESULTS = HERE / "results" / "connect.json"
-PLOT = ROOT / "docs" / "img" / "connect.png"
+PLOT = IMG / "connect.png"
 CLIENT = HERE / "_connect_client.py"
-PEERS = HERE / "peers"
-BUN = PEERS / "node_modules" / "@oven" / "bun-linux-x64" / "bin" / "bun"
-WS_MODULE = PEERS / "node_modules" / "ws"
 
 GOAL_OPENS_PER_S = 5_000.0
 FULL_SESSIONS = 10_000  # per phase
 QUICK_SESSIONS = 3_000  # --quick: the whole run well under 90 s
 CLIENT_PROCESSES = 2
 CONNECT_CONCURRENCY = 256  # opens in flight, all client processes together
-PEER_START_TIMEOUT_S = 30.0
 OPEN_TIMEOUT_S = 300.0
 PROFILE_S = 60  # py-spy's longest run (stopped when the phase ends)
 PROFILE_RATE_HZ = 1000  # samples per second: one phase lasts seconds
@@ -77,19 +74,6 @@ SETTLE_S = 1.0  # after a server starts (and after the group is set up), before 
 def client_processes(n: int = CLIENT_PROCESSES) -> AbstractAsyncContextManager[list[Child]]:
     """``n`` processes of this benchmark's load client (see ``_common.client_processes``)."""
     return _common_client_processes(CLIENT, n)
-
-
-@asynccontextmanager
-async def peer_server(argv: list[str], name: str) -> AsyncIterator[tuple[Child, int]]:
-    """A peer server child that prints ``listening on PORT``; stopped on exit."""
-    child = await Child.start(argv, name)
-    try:
-        line = await child.readline(PEER_START_TIMEOUT_S)
-        if not line.startswith("listening on "):
-            raise RuntimeError(f"{name} said {line!r}")
-        yield child, int(line.split()[-1])
-    finally:
-        await stop_process(child.proc)
 
 
 async def open_phase(
@@ -140,18 +124,13 @@ async def seqactor_phase(
             nursery.cancel_scope.cancel()
 
 
-async def peer_phase(clients: list[Child], argv: list[str], name: str, n: int) -> dict[str, Any]:
-    async with peer_server(argv, name) as (child, port):
+async def peer_phase(clients: list[Child], name: str, n: int) -> dict[str, Any]:
+    async with listening_server(peer_argv(name), name) as (child, port):
         return await open_phase(clients, port, child.pid, n, "plain", None)
 
 
 async def run(n: int, profile: str | None) -> dict[str, Any]:
-    for path, what in ((BUN, "Bun"), (WS_MODULE, "ws")):
-        if not path.exists():
-            raise SystemExit(f"error: {what} is not installed under {PEERS}: run `make bench-peers`")
-    node = shutil.which("node")
-    if node is None:
-        raise SystemExit("error: node not found (Node.js runs the ws peer)")
+    peer_argv("bun"), peer_argv("ws")  # fail early when the peers are not installed
     tmp = Path(tempfile.mkdtemp(prefix="seqactor-connect-"))
     phases: dict[str, dict[str, Any]] = {}
     try:
@@ -159,9 +138,8 @@ async def run(n: int, profile: str | None) -> dict[str, Any]:
             steps: list[tuple[str, Any]] = [
                 ("seqactor", lambda: seqactor_phase(clients, tmp, n, "seqactor", profile)),
                 ("seqactor_handshake", lambda: seqactor_phase(clients, tmp, n, "plain", None)),
-                ("bun", lambda: peer_phase(clients, [str(BUN), str(PEERS / "bun_server.js")],
-                                           "bun", n)),
-                ("ws", lambda: peer_phase(clients, [node, str(PEERS / "ws_server.js")], "ws", n)),
+                ("bun", lambda: peer_phase(clients, "bun", n)),
+                ("ws", lambda: peer_phase(clients, "ws", n)),
             ]
             for name, phase in steps:
                 print(f"  {name}: {n} connections ...", flush=True)
@@ -223,30 +201,21 @@ def table(r: dict[str, Any]) -> str:
 
 
 def plot(r: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     p = r["phases"]
     labels = ["seqactor\nsession open", "seqactor\nhandshake", "Bun\nhandshake",
               "Node ws\nhandshake"]
     keys = ["seqactor", "seqactor_handshake", "bun", "ws"]
     colors = ["#1f77b4", "#aec7e8", "#ff7f0e", "#2ca02c"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.bar(labels, [p[k]["per_s"] for k in keys], color=colors)
-    left.axhline(GOAL_OPENS_PER_S, color="grey", linestyle="--", linewidth=1)
-    left.text(3.4, GOAL_OPENS_PER_S, "goal", va="bottom", ha="right", color="grey")
-    left.set_ylabel("opens per second")
-    left.set_title(f"{r['sessions']:,} connections per phase")
-    right.bar(labels, [p[k]["server_cpu_us_per_open"] for k in keys], color=colors)
-    right.set_ylabel("server CPU per open (µs)")
-    right.set_title("server CPU per open")
-    fig.suptitle(f"Session opens vs WebSocket handshakes (git {r['machine']['git_head']})")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, 1, 2, figsize=(10, 4), dpi=100) as (fig, (left, right)):
+        left.bar(labels, [p[k]["per_s"] for k in keys], color=colors)
+        left.axhline(GOAL_OPENS_PER_S, color="grey", linestyle="--", linewidth=1)
+        left.text(3.4, GOAL_OPENS_PER_S, "goal", va="bottom", ha="right", color="grey")
+        left.set_ylabel("opens per second")
+        left.set_title(f"{r['sessions']:,} connections per phase")
+        right.bar(labels, [p[k]["server_cpu_us_per_open"] for k in keys], color=colors)
+        right.set_ylabel("server CPU per open (µs)")
+        right.set_title("server CPU per open")
+        fig.suptitle(f"Session opens vs WebSocket handshakes (git {r['machine']['git_head']})")
 
 
 def main() -> None:

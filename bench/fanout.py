@@ -20,16 +20,34 @@ matched by request id). After a warm-up, for a fixed window:
 * server CPU (utime+stime, /proc/<pid>/stat) over the window, RSS, and RSS per idle session
   ((RSS with N sessions connected - RSS before) / N).
 
-Then, with the same client processes on the same machine, two baselines from
-``bench/_fanout_servers.py``, each blasting a typical push frame to N connections:
+Then, with the same client processes on the same machine, four baselines, each blasting a
+typical push frame (the same bytes) to N connections round after round, as fast as the
+receivers take them, for a fixed time; the clients count binary frames exactly as from
+seqactor:
 
-* ``raw_socket_frames_per_s``: the ceiling — ready frames written with plain non-blocking
-  ``socket.send``; nothing else per frame.
+* ``raw_socket_frames_per_s``: the ceiling (``bench/_fanout_servers.py raw``) — ready frames
+  written with plain non-blocking ``socket.send``; nothing else per frame.
 * ``naive_frames_per_s``: a trio-websocket server calling ``await conn.send_message(frame)``
-  per message per member.
+  per message per member (``bench/_fanout_servers.py naive``).
+* ``bun_frames_per_s``: Bun's ``server.publish(topic, frame)``, every connection subscribed
+  to the topic (``bench/peers/bun_server.js``).
+* ``ws_frames_per_s``: Node + ``ws``, its broadcast idiom: ``client.send(frame)`` for each
+  open client (``bench/peers/ws_server.js``).
 
-Prints a table and writes ``bench/results/fanout.json`` (latest run flat at the top level; the
-latest quick and full runs under ``runs``).
+The peers skip a connection with more than 64 KiB unsent, as the raw ceiling skips a full
+socket. Each baseline's server CPU over its blast gives its frames per server CPU-second (the
+clients share the two cores, so this is the figure least moved by them). The raw sweep time
+(members / raw frames/s) is what one push to every member takes at the ceiling; p99
+staleness is compared with it.
+
+Then a member sweep (full: 1 000 ... 16 000; ``--quick``: 1 000 and 4 000): at each size,
+fresh servers, seqactor at an allocation rate high enough to saturate it (at least
+``SWEEP_DEMAND_FRAMES_PER_S`` wanted deliveries), then raw, Bun and ws, shorter windows.
+
+Prints tables, writes ``bench/results/fanout.json`` (latest run flat at the top level; the
+latest quick and full runs under ``runs``) and two plots (full run: ``docs/img/``; else
+``bench/results/``): ``fanout_staleness_cdf.png`` (seqactor's staleness CDF at N) and
+``fanout_members.png`` (frames/s and frames per server CPU-second against members).
 """
 
 from __future__ import annotations
@@ -49,7 +67,7 @@ import time
 from array import array
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +77,13 @@ from _common import (
     Child,
     call_all,
     cpu_s,
+    figure,
     git_head,
+    listening_server,
     own_cpu_s,
+    peer_argv,
     percentile,
+    plot_path,
     raise_nofile,
     rss_kb,
     stop_process,
@@ -83,6 +105,8 @@ GROUP = "g:fanout"
 GOAL_STALENESS_P99_MS = 500.0  # at 10 000 members, 100 allocations/s
 GOAL_FRAMES_VS_NAIVE = 3.0
 GOAL_RSS_PER_SESSION_KB = 20.0
+GOAL_FRAMES_VS_RAW = 0.9  # issue #12
+GOAL_STALENESS_VS_SWEEP = 1.2  # p99 staleness / raw sweep time (members / raw frames/s)
 
 ADD_MEMBERS_CHUNK = 2_000  # ids per AddMembers (max_frame_bytes 65 536)
 CLIENT_PROCESSES = 2
@@ -90,8 +114,10 @@ CONNECT_CONCURRENCY = 200  # handshakes in flight, all client processes together
 SAMPLED_SESSIONS = 1_000  # sessions recording every push, all client processes together
 HEARTBEAT_INTERVAL_S = 600  # the bench's sessions send nothing; keep them from idling out
 SERVER_START_TIMEOUT_S = 30.0
-SETTLE_S = 2.0  # before reading RSS
-DRAIN_S = 2.0  # after the window: late pushes still count toward staleness
+BASELINE_RAMP_S = 1.0  # a baseline's blast is measured after this (at most a quarter of it) ...
+BASELINE_TAIL_S = 0.5  # ... until this before its end
+SWEEP_DEMAND_FRAMES_PER_S = 400_000.0  # sweep: allocs/s x members at least this (saturated)
+STALENESS_CDF_POINTS = 200  # quantiles kept in the JSON for the CDF plot
 
 
 @dataclass
@@ -103,10 +129,29 @@ class Config:
     duration_s: float
     baseline_s: float
     client_transport: str = "raw"
+    settle_s: float = 2.0  # before reading RSS
+    drain_s: float = 2.0  # after the window: late pushes still count toward staleness
+    sweep: tuple[int, ...] = ()  # member counts of the sweep
+    sweep_warmup_s: float = 2.0
+    sweep_duration_s: float = 5.0
+    sweep_baseline_s: float = 4.0
 
 
-QUICK = Config("quick", members=2_000, rate_per_s=100.0, warmup_s=2.0, duration_s=8.0, baseline_s=4.0)
-FULL = Config("full", members=10_000, rate_per_s=100.0, warmup_s=3.0, duration_s=20.0, baseline_s=6.0)
+QUICK = Config("quick", members=2_000, rate_per_s=100.0, warmup_s=2.0, duration_s=5.0, baseline_s=3.0,
+               settle_s=1.0, drain_s=1.0,
+               sweep=(1_000, 4_000), sweep_warmup_s=1.0, sweep_duration_s=2.0, sweep_baseline_s=2.5)
+FULL = Config("full", members=10_000, rate_per_s=100.0, warmup_s=3.0, duration_s=20.0, baseline_s=6.0,
+              sweep=(1_000, 2_000, 4_000, 8_000, 16_000))
+
+
+def sweep_config(cfg: Config, members: int) -> Config:
+    """One sweep point: ``members``, an allocation rate that saturates seqactor, short windows."""
+    return replace(
+        cfg, mode=f"sweep {members}", members=members,
+        rate_per_s=max(cfg.rate_per_s, SWEEP_DEMAND_FRAMES_PER_S / members),
+        warmup_s=cfg.sweep_warmup_s, duration_s=cfg.sweep_duration_s,
+        baseline_s=cfg.sweep_baseline_s, settle_s=0.5, drain_s=0.5, sweep=(),
+    )
 
 
 # --------------------------------------------------------------------------- processes
@@ -328,7 +373,7 @@ async def seqactor_phase(
             t0 = time.monotonic()
             backend = await start_backend(nursery, port, secret, cfg.members)
             out["add_members_s"] = time.monotonic() - t0
-            await trio.sleep(SETTLE_S)
+            await trio.sleep(cfg.settle_s)
             rss_before = rss_kb(pid)
 
             print(f"  connecting {cfg.members} sessions ...", flush=True)
@@ -350,7 +395,7 @@ async def seqactor_phase(
             out["connect_s"] = connect_s
             out["sessions_per_s_connect"] = cfg.members / connect_s
             out["server_cpu_s_connect"] = cpu_s(pid) - cpu0
-            await trio.sleep(SETTLE_S)
+            await trio.sleep(cfg.settle_s)
             rss_idle = rss_kb(pid)
             out["server_rss_before_sessions_mb"] = rss_before / 1024
             out["server_rss_idle_mb"] = rss_idle / 1024
@@ -375,7 +420,7 @@ async def seqactor_phase(
                 marks1 = await call_all(clients, [{"cmd": "mark"}] * len(clients))
                 rss_load = rss_kb(pid)
                 load.cancel_scope.cancel()
-            await trio.sleep(DRAIN_S)
+            await trio.sleep(cfg.drain_s)
             horizon = time.monotonic()
             dumps = [tmp / f"records{i}.pkl" for i in range(len(clients))]
             dumped = await call_all(clients, [{"cmd": "dump", "path": str(p)} for p in dumps])
@@ -411,6 +456,10 @@ async def seqactor_phase(
                 "staleness_p90_ms": percentile(values, 0.90),
                 "staleness_p99_ms": percentile(values, 0.99),
                 "staleness_max_ms": values[-1] if values else float("nan"),
+                "staleness_cdf_ms": [  # the quantiles 0, 1/K ... 1 (K = STALENESS_CDF_POINTS)
+                    round(values[round(i * (len(values) - 1) / STALENESS_CDF_POINTS)], 3)
+                    for i in range(STALENESS_CDF_POINTS + 1)
+                ] if values else [],
                 "staleness_points": len(values),
                 "from_request_p50_ms": percentile(e2e, 0.50),
                 "from_request_p99_ms": percentile(e2e, 0.99),
@@ -428,12 +477,22 @@ async def seqactor_phase(
     return out
 
 
+BASELINES = {  # name -> (what it is, its command line for a payload)
+    "naive": ("naive trio-websocket send_message",
+              lambda payload: [sys.executable, str(SERVERS), "naive", "--payload", payload.hex()]),
+    "raw": ("raw-socket ceiling: socket.send of ready frames",
+            lambda payload: [sys.executable, str(SERVERS), "raw", "--payload", payload.hex()]),
+    "bun": ("Bun server.publish to one topic", lambda payload: peer_argv("bun", "0", payload.hex())),
+    "ws": ("Node ws: client.send per client", lambda payload: peer_argv("ws", "0", payload.hex())),
+}
+
+
 async def baseline_phase(kind: str, cfg: Config, clients: list[Child], payload: bytes) -> dict[str, Any]:
-    server = await Child.start(
-        [sys.executable, str(SERVERS), kind, "--payload", payload.hex()], f"{kind} server",
-    )
-    try:
-        port = (await server.recv(SERVER_START_TIMEOUT_S))["port"]
+    """Server ``kind`` of :data:`BASELINES` with ``cfg.members`` plain connections, blasting
+    ``payload`` for ``cfg.baseline_s``: frames/s counted by the clients over the blast's steady
+    part, the server's CPU over the whole blast."""
+    argv = BASELINES[kind][1](payload)
+    async with listening_server(argv, f"{kind} server") as (server, port):
         t0 = time.monotonic()
         await call_all(clients, [
             {"cmd": "connect", "mode": "plain", "port": port, "users": list(r_),
@@ -446,14 +505,15 @@ async def baseline_phase(kind: str, cfg: Config, clients: list[Child], payload: 
                 await trio.sleep(0.1)
         connect_s = time.monotonic() - t0
         await trio.sleep(0.5)
+        ramp = min(BASELINE_RAMP_S, cfg.baseline_s / 4)
         cpu0 = cpu_s(server.pid)
         ccpu0 = [cpu_s(c.pid) for c in clients]
         busy0, own0 = system_busy_s(), own_cpu_s()
         t0 = time.monotonic()
         await server.send({"cmd": "blast", "seconds": cfg.baseline_s})
-        await trio.sleep(1.0)  # measure the steady state, not the ramp
+        await trio.sleep(ramp)  # measure the steady state, not the ramp
         marks0 = await call_all(clients, [{"cmd": "mark"}] * len(clients))
-        await trio.sleep(cfg.baseline_s - 1.5)
+        await trio.sleep(cfg.baseline_s - ramp - BASELINE_TAIL_S)
         marks1 = await call_all(clients, [{"cmd": "mark"}] * len(clients))
         blast = await server.recv(cfg.baseline_s + 60)
         cpu1 = cpu_s(server.pid)
@@ -463,17 +523,41 @@ async def baseline_phase(kind: str, cfg: Config, clients: list[Child], payload: 
         other = (busy1 - busy0 - (own1 - own0)) / elapsed - sum(ccpu) - (cpu1 - cpu0) / elapsed
         await call_all(clients, [{"cmd": "close"}] * len(clients))
         await server.send({"cmd": "exit"})
-    finally:
-        await stop_process(server.proc)
+    frames_per_s = rate_between(marks0, marks1)
     return {
-        "frames_per_s": rate_between(marks0, marks1),
+        "frames_per_s": frames_per_s,
         "server_sent_per_s": blast["sent"] / blast["secs"],
+        "server_cpu_s": cpu1 - cpu0,
         "server_cpu_util": (cpu1 - cpu0) / blast["secs"],
         "client_cpu_util": ccpu,
         "other_processes_cpu_util": other,
-        "frames_per_server_cpu_s": rate_between(marks0, marks1) / max(1e-9, (cpu1 - cpu0) / blast["secs"]),
+        "frames_per_server_cpu_s": frames_per_s / max(1e-9, (cpu1 - cpu0) / blast["secs"]),
         "connect_s": connect_s,
     }
+
+
+async def sweep_point(
+    cfg: Config, clients: list[Child], tmp: Path, payload: bytes,
+) -> dict[str, Any]:
+    """seqactor (saturated), raw, Bun and ws at one member count (``cfg`` from
+    :func:`sweep_config`)."""
+    print(f"sweep: {cfg.members} members (seqactor at {cfg.rate_per_s:g} allocations/s, "
+          "raw, Bun, ws) ...", flush=True)
+    seq = await seqactor_phase(cfg, clients, tmp, None)
+    point: dict[str, Any] = {
+        "members": cfg.members, "rate_per_s": cfg.rate_per_s,
+        "seqactor_frames_per_s": seq["frames_per_s"],
+        "seqactor_frames_per_server_cpu_s": seq["frames_per_server_cpu_s"],
+        "seqactor_staleness_p99_ms": seq["staleness_p99_ms"],
+    }
+    for kind in ("raw", "bun", "ws"):
+        b = await baseline_phase(kind, cfg, clients, payload)
+        point[f"{kind}_frames_per_s"] = b["frames_per_s"]
+        point[f"{kind}_frames_per_server_cpu_s"] = b["frames_per_server_cpu_s"]
+    point["frames_vs_raw_socket"] = point["seqactor_frames_per_s"] / point["raw_frames_per_s"]
+    point["raw_sweep_ms"] = cfg.members / point["raw_frames_per_s"] * 1000
+    point["staleness_p99_vs_raw_sweep"] = point["seqactor_staleness_p99_ms"] / point["raw_sweep_ms"]
+    return point
 
 
 # --------------------------------------------------------------------------- profiler
@@ -514,14 +598,16 @@ async def run(cfg: Config, profile: str | None) -> dict[str, Any]:
             print(f"seqactor: {cfg.members} members, {cfg.rate_per_s:g} allocations/s", flush=True)
             seq = await seqactor_phase(cfg, clients, tmp, profile)
             payload = typical_push()
-            print(f"naive baseline: trio-websocket send_message, {cfg.members} connections",
-                  flush=True)
-            naive = await baseline_phase("naive", cfg, clients, payload)
-            print(f"raw-socket ceiling: socket.send of ready frames, {cfg.members} connections",
-                  flush=True)
-            raw = await baseline_phase("raw", cfg, clients, payload)
+            base: dict[str, dict[str, Any]] = {}
+            for kind in ("naive", "raw", "bun", "ws"):
+                print(f"{BASELINES[kind][0]}: {cfg.members} connections", flush=True)
+                base[kind] = await baseline_phase(kind, cfg, clients, payload)
+            sweep = [await sweep_point(sweep_config(cfg, m), clients, tmp, payload)
+                     for m in ([] if profile else cfg.sweep)]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    naive, raw, bun, ws = base["naive"], base["raw"], base["bun"], base["ws"]
+    raw_sweep_ms = cfg.members / raw["frames_per_s"] * 1000
     result: dict[str, Any] = {
         "mode": cfg.mode,
         "members": cfg.members,
@@ -535,6 +621,20 @@ async def run(cfg: Config, profile: str | None) -> dict[str, Any]:
         "frames_vs_naive": seq["frames_per_s"] / naive["frames_per_s"],
         "frames_vs_raw_socket": seq["frames_per_s"] / raw["frames_per_s"],
         "frames_per_cpu_vs_naive": seq["frames_per_server_cpu_s"] / naive["frames_per_server_cpu_s"],
+        "bun_frames_per_s": bun["frames_per_s"],
+        "ws_frames_per_s": ws["frames_per_s"],
+        "frames_vs_bun": seq["frames_per_s"] / bun["frames_per_s"],
+        "frames_vs_ws": seq["frames_per_s"] / ws["frames_per_s"],
+        "seqactor_frames_per_server_cpu_s": seq["frames_per_server_cpu_s"],
+        "raw_frames_per_server_cpu_s": raw["frames_per_server_cpu_s"],
+        "bun_frames_per_server_cpu_s": bun["frames_per_server_cpu_s"],
+        "ws_frames_per_server_cpu_s": ws["frames_per_server_cpu_s"],
+        "naive_frames_per_server_cpu_s": naive["frames_per_server_cpu_s"],
+        "raw_server_cpu_s": raw["server_cpu_s"],
+        "bun_server_cpu_s": bun["server_cpu_s"],
+        "ws_server_cpu_s": ws["server_cpu_s"],
+        "raw_sweep_ms": raw_sweep_ms,
+        "staleness_p99_vs_raw_sweep": seq["staleness_p99_ms"] / raw_sweep_ms,
         "load_average_at_start": load_at_start,
         "goal_staleness_p99_ms": GOAL_STALENESS_P99_MS,
         "goal_staleness_met": seq["staleness_p99_ms"] <= GOAL_STALENESS_P99_MS,
@@ -542,9 +642,17 @@ async def run(cfg: Config, profile: str | None) -> dict[str, Any]:
         "goal_frames_vs_naive_met": seq["frames_per_s"] / naive["frames_per_s"] >= GOAL_FRAMES_VS_NAIVE,
         "goal_rss_per_session_kb": GOAL_RSS_PER_SESSION_KB,
         "goal_rss_per_session_met": seq["rss_per_session_kb"] <= GOAL_RSS_PER_SESSION_KB,
+        "goal_frames_vs_raw_socket": GOAL_FRAMES_VS_RAW,
+        "goal_frames_vs_raw_socket_met": seq["frames_per_s"] / raw["frames_per_s"] >= GOAL_FRAMES_VS_RAW,
+        "goal_staleness_vs_raw_sweep": GOAL_STALENESS_VS_SWEEP,
+        "goal_staleness_vs_raw_sweep_met":
+            seq["staleness_p99_ms"] / raw_sweep_ms <= GOAL_STALENESS_VS_SWEEP,
+        "sweep": sweep,
         "seqactor": seq,
         "naive": naive,
         "raw_socket": raw,
+        "bun": bun,
+        "ws": ws,
         "config": asdict(cfg),
         "machine": {
             "cpus": os.cpu_count(), "python": platform.python_version(),
@@ -558,7 +666,7 @@ async def run(cfg: Config, profile: str | None) -> dict[str, Any]:
 
 
 def table(r: dict[str, Any]) -> str:
-    s, n, w = r["seqactor"], r["naive"], r["raw_socket"]
+    s, n, w, b, ws = r["seqactor"], r["naive"], r["raw_socket"], r["bun"], r["ws"]
 
     def ok(flag: bool) -> str:
         return "yes" if flag else "NO"
@@ -579,12 +687,25 @@ def table(r: dict[str, Any]) -> str:
          f"server cpu {n['server_cpu_util']:.2f}"),
         ("raw socket.send frames/s (ceiling)", f"{r['raw_socket_frames_per_s']:,.0f}",
          f"server sent {w['server_sent_per_s']:,.0f}/s, cpu {w['server_cpu_util']:.2f}"),
+        ("Bun server.publish frames/s", f"{r['bun_frames_per_s']:,.0f}",
+         f"server cpu {b['server_cpu_util']:.2f} ({b['server_cpu_s']:.1f} s)"),
+        ("Node ws client.send frames/s", f"{r['ws_frames_per_s']:,.0f}",
+         f"server cpu {ws['server_cpu_util']:.2f} ({ws['server_cpu_s']:.1f} s)"),
         ("seqactor / naive", f"{r['frames_vs_naive']:.2f}x",
          f">= {GOAL_FRAMES_VS_NAIVE:g}x: {ok(r['goal_frames_vs_naive_met'])}"),
-        ("seqactor / raw ceiling", f"{r['frames_vs_raw_socket']:.2f}x", ""),
-        ("frames per server cpu-s: seqactor / naive / raw",
-         f"{s['frames_per_server_cpu_s']:,.0f} / {n['frames_per_server_cpu_s']:,.0f} / "
-         f"{w['frames_per_server_cpu_s']:,.0f}", f"seqactor/naive {r['frames_per_cpu_vs_naive']:.2f}x"),
+        ("seqactor / raw ceiling", f"{r['frames_vs_raw_socket']:.2f}x",
+         f">= {GOAL_FRAMES_VS_RAW:g}x: {ok(r['goal_frames_vs_raw_socket_met'])}"),
+        ("seqactor / Bun / ws", f"{r['frames_vs_bun']:.2f}x / {r['frames_vs_ws']:.2f}x", ""),
+        ("frames per server cpu-s: seqactor / raw",
+         f"{s['frames_per_server_cpu_s']:,.0f} / {w['frames_per_server_cpu_s']:,.0f}",
+         f"seqactor/raw {s['frames_per_server_cpu_s'] / w['frames_per_server_cpu_s']:.2f}x"),
+        ("frames per server cpu-s: Bun / ws / naive",
+         f"{b['frames_per_server_cpu_s']:,.0f} / {ws['frames_per_server_cpu_s']:,.0f} / "
+         f"{n['frames_per_server_cpu_s']:,.0f}", f"seqactor/naive {r['frames_per_cpu_vs_naive']:.2f}x"),
+        ("p99 staleness / raw sweep time",
+         f"{r['staleness_p99_vs_raw_sweep']:.2f}x",
+         f"sweep {r['raw_sweep_ms']:.1f} ms = members / raw frames/s; <= "
+         f"{GOAL_STALENESS_VS_SWEEP:g}x: {ok(r['goal_staleness_vs_raw_sweep_met'])}"),
         ("cpu util: server / clients / others",
          f"{s['server_cpu_util']:.2f} / {sum(s['client_cpu_util']):.2f} / "
          f"{s['other_processes_cpu_util']:.2f}", "others: processes outside the bench"),
@@ -603,15 +724,88 @@ def table(r: dict[str, Any]) -> str:
     lines = [f"fan-out ({r['mode']}): {'metric':<{w1 - 8}}", "-" * (w1 + w2 + 30)]
     lines[0] = f"{'fan-out (' + r['mode'] + ')':<{w1}}  {'value':>{w2}}  goal / note"
     lines += [f"{a:<{w1}}  {b:>{w2}}  {c}" for a, b, c in rows]
+    if r["sweep"]:
+        lines += ["", sweep_table(r["sweep"])]
+    lines.append(f"load average at start {' / '.join(f'{x:.2f}' for x in r['load_average_at_start'])}")
     return "\n".join(lines)
+
+
+SWEEP_SERIES = (("seqactor", "seqactor"), ("raw", "raw socket"), ("bun", "Bun publish"),
+                ("ws", "Node ws"))
+
+
+def sweep_table(sweep: list[dict[str, Any]]) -> str:
+    """frames/s (k) and frames per server CPU-second (k) per member count."""
+    names = " ".join(f"{k:>8}" for k, _ in SWEEP_SERIES)
+    lines = [
+        "member sweep: push frames/s (k) | frames per server cpu-s (k)",
+        f"{'members':>7} {'allocs/s':>8} {names} | {names} | {'seq/raw':>7} {'p99 ms':>7} "
+        f"{'p99/sweep':>9}",
+    ]
+    for p in sweep:
+        rates = " ".join(f"{p[f'{k}_frames_per_s'] / 1000:8.1f}" for k, _ in SWEEP_SERIES)
+        per_cpu = " ".join(f"{p[f'{k}_frames_per_server_cpu_s'] / 1000:8.1f}" for k, _ in SWEEP_SERIES)
+        lines.append(
+            f"{p['members']:>7} {p['rate_per_s']:>8.0f} {rates} | {per_cpu} | "
+            f"{p['frames_vs_raw_socket']:6.2f}x {p['seqactor_staleness_p99_ms']:7.1f} "
+            f"{p['staleness_p99_vs_raw_sweep']:8.2f}x"
+        )
+    return "\n".join(lines)
+
+
+def plot(r: dict[str, Any], full: bool) -> list[Path]:
+    """The staleness CDF at N and, with a sweep, frames/s against members; returns the paths."""
+    s = r["seqactor"]
+    cdf = plot_path("fanout_staleness_cdf.png", full)
+    with figure(cdf, figsize=(7, 4)) as (_, ax):
+        qs = s["staleness_cdf_ms"]
+        ax.plot(qs, [i / (len(qs) - 1) for i in range(len(qs))], color="#1f77b4",
+                label=f"seqactor: p50 {s['staleness_p50_ms']:.0f} ms, p99 {s['staleness_p99_ms']:.0f} ms")
+        ax.axvline(r["raw_sweep_ms"], color="grey", linestyle="--", linewidth=1,
+                   label=f"raw sweep time {r['raw_sweep_ms']:.0f} ms (members / raw frames/s)")
+        ax.axvline(r["raw_sweep_ms"] * GOAL_STALENESS_VS_SWEEP, color="#d62728", linestyle=":",
+                   linewidth=1, label=f"goal: p99 <= {GOAL_STALENESS_VS_SWEEP:g}x sweep")
+        ax.set_xlabel("staleness (ms): Allocated at the backend -> member holds the seq")
+        ax.set_ylabel("fraction of (member, seq) points")
+        ax.set_ylim(0, 1.0)
+        ax.set_xlim(left=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+        ax.set_title(f"Fan-out staleness, {r['members']:,} members, {r['rate_per_s']:g} allocations/s "
+                     f"(git {r['machine']['git_head']})", fontsize=10)
+    paths = [cdf]
+    if r["sweep"]:
+        members_png = plot_path("fanout_members.png", full)
+        members = [p["members"] for p in r["sweep"]]
+        with figure(members_png, 1, 2, figsize=(11, 4)) as (fig, (left, right)):
+            for key, label in SWEEP_SERIES:
+                left.plot(members, [p[f"{key}_frames_per_s"] / 1000 for p in r["sweep"]],
+                          marker="o", label=label)
+                right.plot(members, [p[f"{key}_frames_per_server_cpu_s"] / 1000 for p in r["sweep"]],
+                           marker="o", label=label)
+            for ax, what in ((left, "push frames/s (thousands)"),
+                             (right, "frames per server CPU-second (thousands)")):
+                ax.set_xscale("log", base=2)
+                ax.set_xticks(members, [f"{m / 1000:g}k" for m in members])
+                ax.set_xlabel("members (connections)")
+                ax.set_ylabel(what)
+                ax.set_ylim(bottom=0)
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=8)
+            fig.suptitle("Fan-out of one push frame to every member: seqactor (saturated) vs the "
+                         f"peers, same clients (git {r['machine']['git_head']})", fontsize=10)
+        paths.append(members_png)
+    return paths
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="2 000 members, ~8 s window (< 60 s)")
+    ap.add_argument("--quick", action="store_true",
+                    help="2 000 members, 5 s window, sweep of 1 000 and 4 000 (< 90 s)")
     ap.add_argument("--members", type=int, help="override the member count")
     ap.add_argument("--rate", type=float, help="override allocations per second")
     ap.add_argument("--duration", type=float, help="override the measured window, seconds")
+    ap.add_argument("--sweep", help="member counts of the sweep, comma-separated (0: none)")
     ap.add_argument("--client-transport", choices=("raw", "tws"), default="raw",
                     help="clients read with a minimal frame parser (raw, default) or "
                     "trio-websocket get_message (tws)")
@@ -621,7 +815,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = QUICK if args.quick else FULL
     overridden = (args.members is not None or args.rate is not None or args.duration is not None
-                  or args.client_transport != "raw")
+                  or args.sweep is not None or args.client_transport != "raw")
     cfg.client_transport = args.client_transport
     if args.members is not None:
         cfg.members = args.members
@@ -629,6 +823,8 @@ def main() -> None:
         cfg.rate_per_s = args.rate
     if args.duration is not None:
         cfg.duration_s = args.duration
+    if args.sweep is not None:
+        cfg.sweep = tuple(int(m) for m in args.sweep.split(",") if int(m) > 0)
     raise_nofile()
     t0 = time.monotonic()
     result = trio.run(run, cfg, args.profile)
@@ -636,6 +832,9 @@ def main() -> None:
     print()
     print(table(result))
     print(f"total {result['total_s']:.0f} s")
+    if not args.profile:
+        for path in plot(result, full=cfg.mode == "full" and not overridden):
+            print(f"wrote {path}")
     if args.profile:
         print(f"profile written to {args.profile} (results not saved: the profiler perturbs them)")
         return

@@ -2,15 +2,18 @@
 
 Usage (from the repo root)::
 
-    .venv/bin/python bench/memory.py [--sessions N] [--top K] [--out FILE]
+    .venv/bin/python bench/memory.py [--quick] [--sessions N] [--top K] [--out FILE]
 
-N users are added to one group by a service connection (``AddMembers``), then each opens a
-session (Hello, GetSequences snapshot, Subscribe{all}) from client processes
-(``bench/_fanout_client.py``, the fan-out benchmark's; client memory never counts). Two runs:
+N (default 10 000; ``--quick`` 1 000) users are added to one group by a service connection
+(``AddMembers``), then each opens a session (Hello, GetSequences snapshot, Subscribe{all}) from
+client processes (``bench/_fanout_client.py``, the fan-out benchmark's; client memory never
+counts). Two runs:
 
-* **RSS**: a ``seqactor serve`` subprocess (``memory://`` store), measured exactly as
-  ``bench/fanout.py`` does: (VmRSS with N idle sessions - VmRSS before they connected) / N,
-  each read after a settle pause.
+* **RSS**, a sweep over 1 000, 2 500, 5 000 ... N sessions, a fresh server each: a
+  ``seqactor serve`` subprocess (``memory://`` store), measured exactly as
+  ``bench/fanout.py`` does: (VmRSS with n idle sessions - VmRSS before they connected) / n,
+  each read after a settle pause; then, the same way, the peers of ``bench/peers/`` holding n
+  idle WebSocket connections (handshake only: they have no sessions): Node + ``ws`` and Bun.
 * **tracemalloc**: the server in this process with ``tracemalloc`` on; a snapshot before the
   sessions connect and one after (both after ``gc.collect()``), compared by allocation line.
   The difference / N is the Python-heap bytes one idle session holds, by file:line (top K)
@@ -20,7 +23,8 @@ session (Hello, GetSequences snapshot, Subscribe{all}) from client processes
 The two figures differ by what the allocator keeps around: freed blocks (handshake buffers,
 transient objects) that stay in pymalloc arenas or malloc's free lists count in RSS only.
 
-Prints a table and writes ``bench/results/memory.json``.
+Prints a table, writes ``bench/results/memory.json`` and plots RSS per session against
+sessions (``memory_rss.png``: ``docs/img/`` for a default run, else ``bench/results/``).
 """
 
 from __future__ import annotations
@@ -42,7 +46,17 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import Child, call_all, git_head, raise_nofile, rss_kb  # noqa: E402
+from _common import (  # noqa: E402
+    Child,
+    call_all,
+    figure,
+    git_head,
+    listening_server,
+    peer_argv,
+    plot_path,
+    raise_nofile,
+    rss_kb,
+)
 from fanout import (  # noqa: E402 - the fan-out benchmark's process helpers
     GOAL_RSS_PER_SESSION_KB,
     GROUP,
@@ -61,8 +75,11 @@ from seqactor.store import open_store  # noqa: E402
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "memory.json"
 
-DEFAULT_SESSIONS = 2_000
-QUICK_SESSIONS = 1_000  # --quick (make bench-quick): about 10 s
+DEFAULT_SESSIONS = 10_000
+QUICK_SESSIONS = 1_000  # --quick (make bench-quick): about 20 s
+SWEEP = (1_000, 2_500, 5_000)  # RSS also at these session counts below N
+GOAL_RSS_AT_10K_KB = 6.0  # issue #12: at 10 000 sessions (Node ws's level)
+PEERS = (("ws", "Node ws"), ("bun", "Bun"))
 DEFAULT_TOP = 25
 CLIENT_PROCESSES = 2
 CONNECT_CONCURRENCY = 200  # handshakes in flight, all client processes together
@@ -73,13 +90,15 @@ CONNECT_TIMEOUT_S = 600.0
 
 
 async def _connect_sessions(
-    clients: list[Child], port: int, members: int, secret_file: Path,
+    clients: list[Child], port: int, members: int, secret_file: Path | None, mode: str = "seqactor",
 ) -> float:
+    """``members`` sessions (``mode`` "plain": WebSocket handshakes only); seconds taken."""
     t0 = time.monotonic()
     answers = await call_all(clients, [
-        {"cmd": "connect", "mode": "seqactor", "port": port, "users": list(r_),
+        {"cmd": "connect", "mode": mode, "port": port, "users": list(r_),
          "transport": "raw", "concurrency": CONNECT_CONCURRENCY // len(clients),
-         "sample_every": NO_SAMPLING, "group": GROUP, "secret_file": str(secret_file)}
+         "sample_every": NO_SAMPLING, "group": GROUP,
+         "secret_file": str(secret_file) if secret_file else ""}
         for r_ in user_ranges(members, len(clients))
     ], CONNECT_TIMEOUT_S)
     connected = sum(a["connected"] for a in answers)
@@ -105,6 +124,20 @@ async def rss_run(n: int, clients: list[Child], tmp: Path) -> dict[str, Any]:
         "rss_per_session_kb": (idle - before) / n,
         "connect_s": connect_s,
     }
+
+
+async def peer_rss_run(name: str, n: int, clients: list[Child]) -> float:
+    """RSS per idle connection (KB) of peer ``name`` (bench/peers) holding ``n`` connections."""
+    async with listening_server(peer_argv(name), name) as (peer, port):
+        await trio.sleep(SETTLE_S)
+        before = rss_kb(peer.pid)
+        await _connect_sessions(clients, port, n, None, mode="plain")
+        while (await peer.call({"cmd": "count"}))["connected"] < n:
+            await trio.sleep(0.1)
+        await trio.sleep(SETTLE_S)
+        idle = rss_kb(peer.pid)
+        await call_all(clients, [{"cmd": "close"}] * len(clients))
+    return (idle - before) / n
 
 
 def _component(filename: str) -> str:
@@ -184,19 +217,33 @@ async def trace_run(n: int, clients: list[Child], tmp: Path, top: int) -> dict[s
 
 async def run(n: int, top: int) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="seqactor-memory-"))
+    sweep: list[dict[str, Any]] = []
     try:
         async with client_processes() as clients:
-            print(f"RSS: {n} idle sessions on a seqactor serve subprocess ...", flush=True)
-            rss = await rss_run(n, clients, tmp)
+            for size in [s for s in SWEEP if s < n] + [n]:
+                print(f"RSS: {size} idle sessions on a seqactor serve subprocess, then "
+                      f"{size} connections on {', '.join(label for _, label in PEERS)} ...",
+                      flush=True)
+                rss = await rss_run(size, clients, tmp)
+                point = {"sessions": size, "seqactor_rss_per_session_kb": rss["rss_per_session_kb"]}
+                for name, _ in PEERS:
+                    point[f"{name}_rss_per_session_kb"] = await peer_rss_run(name, size, clients)
+                sweep.append(point)
             print(f"tracemalloc: {n} idle sessions on an in-process server ...", flush=True)
             trace = await trace_run(n, clients, tmp, top)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {
         "sessions": n,
-        **rss,
+        **rss,  # the sweep's last point: n sessions
+        "ws_rss_per_session_kb": sweep[-1]["ws_rss_per_session_kb"],
+        "bun_rss_per_session_kb": sweep[-1]["bun_rss_per_session_kb"],
+        "rss_vs_ws": rss["rss_per_session_kb"] / sweep[-1]["ws_rss_per_session_kb"],
         "goal_rss_per_session_kb": GOAL_RSS_PER_SESSION_KB,
         "goal_rss_per_session_met": rss["rss_per_session_kb"] <= GOAL_RSS_PER_SESSION_KB,
+        "goal_rss_at_10k_kb": GOAL_RSS_AT_10K_KB,
+        "goal_rss_at_10k_met": n == 10_000 and rss["rss_per_session_kb"] <= GOAL_RSS_AT_10K_KB,
+        "sweep": sweep,
         **trace,
         "rss_minus_python_heap_per_session_kb":
             rss["rss_per_session_kb"] - trace["python_heap_per_session_kb"],
@@ -212,10 +259,19 @@ def table(r: dict[str, Any]) -> str:
         f"  server RSS before / idle MB     {r['server_rss_before_sessions_mb']:8.1f} / "
         f"{r['server_rss_idle_mb']:.1f}",
         f"  RSS per idle session KB        {r['rss_per_session_kb']:8.1f}   "
-        f"goal <= {r['goal_rss_per_session_kb']:g}: {met}",
+        f"goal <= {r['goal_rss_per_session_kb']:g}: {met}; at 10 000 <= "
+        f"{r['goal_rss_at_10k_kb']:g}: {'met' if r['goal_rss_at_10k_met'] else 'MISSED'}",
+        f"  Node ws / Bun per connection KB {r['ws_rss_per_session_kb']:7.1f} / "
+        f"{r['bun_rss_per_session_kb']:.1f}   (handshake only; seqactor / ws "
+        f"{r['rss_vs_ws']:.2f}x)",
         f"  Python heap per session KB     {r['python_heap_per_session_kb']:8.1f}   "
         f"({r['blocks_per_session']:.0f} blocks; tracemalloc)",
         f"  RSS - Python heap KB           {r['rss_minus_python_heap_per_session_kb']:8.1f}",
+        "",
+        "RSS per idle session / connection KB, against sessions",
+        f"  {'sessions':>8} {'seqactor':>9} {'Node ws':>8} {'Bun':>8}",
+        *(f"  {p['sessions']:>8} {p['seqactor_rss_per_session_kb']:9.1f} "
+          f"{p['ws_rss_per_session_kb']:8.1f} {p['bun_rss_per_session_kb']:8.1f}" for p in r["sweep"]),
         "",
         "by component (bytes per session)",
     ]
@@ -225,6 +281,24 @@ def table(r: dict[str, Any]) -> str:
     out += [f"  {t['where']:<52} {t['bytes_per_session']:7.0f} {t['blocks_per_session']:6.2f}"
             for t in r["top"]]
     return "\n".join(out)
+
+
+def plot(r: dict[str, Any], path: Path) -> None:
+    sessions = [p["sessions"] for p in r["sweep"]]
+    with figure(path, figsize=(7, 4)) as (_, ax):
+        for key, label in (("seqactor", "seqactor session (Hello, snapshot, Subscribe)"),
+                           ("ws", "Node ws connection"), ("bun", "Bun connection")):
+            ax.plot(sessions, [p[f"{key}_rss_per_session_kb"] for p in r["sweep"]], marker="o",
+                    label=label)
+        ax.axhline(GOAL_RSS_AT_10K_KB, color="grey", linestyle="--", linewidth=1,
+                   label=f"goal at 10 000: {GOAL_RSS_AT_10K_KB:g} KB")
+        ax.set_xlabel("idle sessions / connections")
+        ax.set_ylabel("server RSS per session (KB)")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.set_title(f"Server memory per idle session (git {r['machine']['git_head']})",
+                     fontsize=10)
 
 
 def main() -> None:
@@ -244,6 +318,9 @@ def main() -> None:
     result["total_s"] = time.monotonic() - t0
     print()
     print(table(result))
+    png = plot_path("memory_rss.png", full=sessions == DEFAULT_SESSIONS and not args.quick)
+    plot(result, png)
+    print(f"wrote {png}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

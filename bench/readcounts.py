@@ -67,6 +67,7 @@ from seqactor.server.readcounts import ReadIndex
 from seqactor.store import MemberReads, ReadMarked
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import figure  # noqa: E402
 from _fanout_client import RawConn  # noqa: E402 - the lean client of bench/fanout.py
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -415,32 +416,23 @@ async def live(members: int, rate: int, seconds: float) -> dict[str, Any]:
 
 
 def plot(r: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     labels = list(SIZES)
     series = [
         ("read index (compiled)", "read_counts_1000_us"),
         ("read index (pure Python)", "fallback_read_counts_1000_us"),
         ("SQLite COUNT(*) per seq", "sql_read_counts_1000_us"),
     ]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.26
-    for i, (name, key) in enumerate(series):
-        xs = [j + (i - 1) * width for j in range(len(labels))]
-        ax.bar(xs, [r[f"{key}_{s}"] for s in labels], width, label=name)
-    ax.axhline(GOAL_RANGE_1M_US, color="grey", linestyle="--", linewidth=1, label="goal (1 ms)")
-    ax.set_yscale("log")
-    ax.set_xticks(range(len(labels)), [f"{SIZES[s]:,} members" for s in labels])
-    ax.set_ylabel("µs per GetReadCounts of 1 000 seqs (log)")
-    ax.set_title("Group read counts: one 1 000-seq range")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, figsize=(7, 4)) as (fig, ax):
+        width = 0.26
+        for i, (name, key) in enumerate(series):
+            xs = [j + (i - 1) * width for j in range(len(labels))]
+            ax.bar(xs, [r[f"{key}_{s}"] for s in labels], width, label=name)
+        ax.axhline(GOAL_RANGE_1M_US, color="grey", linestyle="--", linewidth=1, label="goal (1 ms)")
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(labels)), [f"{SIZES[s]:,} members" for s in labels])
+        ax.set_ylabel("µs per GetReadCounts of 1 000 seqs (log)")
+        ax.set_title("Group read counts: one 1 000-seq range")
+        ax.legend(fontsize=8)
 
 
 def print_table(r: dict[str, Any]) -> None:
