@@ -113,3 +113,19 @@ def test_issued_tokens_take_the_plain_path_and_verify() -> None:
     assert verify_token(SECRET, token) == Identity("alice", "service")
     expired = issue_token(SECRET, "bob", ttl_s=60, now=time.time() - 120)  # issued in the past
     assert _outcome(expired) == "AuthError: token expired"
+
+
+@pytest.mark.parametrize("token, says", [
+    ("abc", "not a JWT"),
+    ("a.b.c", "not a JWT"),
+    ("", "missing token"),
+    (None, "signature does not match"),  # a well-formed token signed with another secret
+])
+def test_a_refused_token_says_what_is_wrong_in_plain_words(token: str | None, says: str) -> None:
+    secret = b"s" * 32
+    if token is None:
+        token = issue_token(b"o" * 32, "alice")
+    with pytest.raises(AuthError) as err:
+        verify_token(secret, token)
+    assert says in str(err.value)
+    assert "segments" not in str(err.value)  # not PyJWT's internal wording

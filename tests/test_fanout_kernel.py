@@ -142,6 +142,37 @@ def test_fan_slice_what_each_member_gets(impl: Any) -> None:
     assert state[5] == ((20, 777, 50), True, [({KEY: FIELD_MAX}, SHARED)])
 
 
+def _route(impl: Any, spec: list[Any], shared: Any) -> Any:
+    """``route`` over the sessions of one member built from ``spec`` (its row is not touched)."""
+    (actor,) = _build([((10, False), spec)])
+    fds = (array("i"), array("i"))
+    out: tuple[list[SessionState], list[SessionState]] = ([], [])
+    marked = impl.route(actor.sessions, KEY, FIELD_READ, shared, fds, out)
+    names = {id(s): s.session_id for s in actor.sessions}
+    return (marked, [list(f) for f in fds], [[names[id(s)] for s in lst] for lst in out],
+            [(dict(s.pending), s.shared) for s in actor.sessions])
+
+
+@SETTINGS
+@given(st.lists(session_st, max_size=6), st.sampled_from([None, SHARED]))
+def test_route_compiled_equals_python(spec: list[Any], shared: Any) -> None:
+    """The one fan-out rule (who gets a change, and how): both kernels agree, and without a
+    shared frame no session is picked for a batch write."""
+    got = _route(C, spec, shared)
+    assert got == _route(P, spec, shared)
+    if shared is None:
+        assert got[1] == [[], []]
+    followers = [n for n, (sub, _, _) in enumerate(spec) if sub != "other"]
+    picked = set(got[2][0] + got[2][1])
+    for n, (pending, _) in enumerate(got[3]):
+        name = f"s0.{n}"
+        if n in followers:  # a follower is either written now or has it pending
+            assert (name in picked) != (KEY in pending), (name, got)
+        else:
+            assert name not in picked and KEY not in pending
+    assert got[0] == any(KEY in p for p, _ in got[3])
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_fan_slice_stops_at_the_deadline(impl: Any) -> None:
     spec = [((1, False), [("all", "", 10 + n)]) for n in range(10)]

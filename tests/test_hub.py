@@ -7,6 +7,8 @@ allocation; these tests freeze the hub in that state and check what users could 
 from __future__ import annotations
 
 import pytest
+import trio
+import trio.testing
 
 import seqactor.server.hub
 from seqactor._kernel import decode_update, split_server_message
@@ -179,6 +181,7 @@ async def test_one_users_failure_never_stops_the_others_pushes(monkeypatch, nurs
     await store.allocate("g", 1)
     if rounds:
         await hub._fanout_round(hub.keys.lookup("g"))
+    await trio.testing.wait_all_tasks_blocked()  # the actors' flushes (no socket: no direct write)
     for u in ("good1", "good2"):
         s = states[u]
         assert s.push_frame is not None or s.pending, f"{u} got nothing"

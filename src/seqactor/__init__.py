@@ -1,66 +1,14 @@
-"""seqactor: real-time conversation sequences (max / read seqs, unread) over one WebSocket."""
+"""seqactor: real-time conversation sequences (max / read seqs, unread) over one WebSocket.
+
+The Python SDK's names (:mod:`seqactor.client`) are importable from here: ``from seqactor
+import Client, ServiceClient``.
+"""
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from seqactor.client import (  # noqa: E402
-    Allocation,
-    AuthenticationError,
-    Backoff,
-    BadRequest,
-    Change,
-    ChangeBatch,
-    ChangeStream,
-    Client,
-    ClientClosed,
-    ClientStats,
-    ConnectError,
-    ConnectionLost,
-    Conversation,
-    ErrorCode,
-    Forbidden,
-    NotFound,
-    RateLimited,
-    ReadCounts,
-    ReadCountsWatch,
-    SeqactorError,
-    ServerError,
-    ServiceClient,
-    SessionReplaced,
-    SyncInfo,
-    TooLarge,
-    Unavailable,
-    unread_count,
-)
+from seqactor.client import *  # noqa: E402, F403 - the SDK is the package's public API
+from seqactor.client import __all__ as _client_names  # noqa: E402
 
-__all__ = [
-    "Allocation",
-    "AuthenticationError",
-    "Backoff",
-    "BadRequest",
-    "Change",
-    "ChangeBatch",
-    "ChangeStream",
-    "Client",
-    "ClientClosed",
-    "ClientStats",
-    "ConnectError",
-    "ConnectionLost",
-    "Conversation",
-    "ErrorCode",
-    "Forbidden",
-    "NotFound",
-    "RateLimited",
-    "ReadCounts",
-    "ReadCountsWatch",
-    "SeqactorError",
-    "ServerError",
-    "ServiceClient",
-    "SessionReplaced",
-    "SyncInfo",
-    "TooLarge",
-    "Unavailable",
-    "__version__",
-    "unread_count",
-]
+__all__ = [*_client_names, "__version__"]

@@ -818,6 +818,47 @@ cdef inline void _push_fd(_carray fds, int fd) except *:
     fds.data.as_ints[n] = fd
 
 
+cdef bint _route(
+    list sessions, object key_id, object mask, object shared, _carray fd0, list s0, _carray fd1,
+    list s1,
+) except -1:
+    """The fan-out rule (see :func:`route`): True when a session got the change pending."""
+    cdef bint with_token, marked = False
+    cdef int fd
+    for s in sessions:
+        if s.subscribed_all:
+            with_token = True
+        elif key_id in s.subscribed:
+            with_token = False
+        else:
+            continue
+        if shared is not None and not (
+            s.writer_running or s.background or s.pending or s.pending_removed
+        ):
+            fd = s.fd
+            if fd >= 0:
+                if with_token:
+                    _push_fd(fd0, fd)
+                    s0.append(s)
+                else:
+                    _push_fd(fd1, fd)
+                    s1.append(s)
+                continue
+        s.mark(key_id, mask, shared)
+        marked = True
+    return marked
+
+
+def route(list sessions not None, key_id, mask, shared, tuple fds not None,
+          tuple out not None):
+    """The fan-out rule: who gets a change, and how (see the pure-Python twin)."""
+    cdef _carray fd0 = <_carray?>fds[0]
+    cdef _carray fd1 = <_carray?>fds[1]
+    if fd0.ob_descr.typecode != c'i' or fd1.ob_descr.typecode != c'i':
+        raise TypeError("fds must be array('i')")
+    return _route(sessions, key_id, mask, shared, fd0, <list?>out[0], fd1, <list?>out[1])
+
+
 cdef int _fan_one(
     object actor, object key_id, u64 max_seq, long long time_ms, u64 pos, object mask,
     object shared, _carray fd0, list s0, _carray fd1, list s1,
@@ -841,29 +882,7 @@ cdef int _fan_one(
     tm.data.as_longlongs[row] = time_ms
     if pos > ps.data.as_ulonglongs[row]:
         ps.data.as_ulonglongs[row] = pos
-    cdef list sessions = actor.sessions
-    cdef bint with_token, marked = False
-    cdef int fd
-    for s in sessions:
-        if s.subscribed_all:
-            with_token = True
-        elif key_id in s.subscribed:
-            with_token = False
-        else:
-            continue
-        if not (s.writer_running or s.background or s.pending or s.pending_removed):
-            fd = s.fd
-            if fd >= 0:
-                if with_token:
-                    _push_fd(fd0, fd)
-                    s0.append(s)
-                else:
-                    _push_fd(fd1, fd)
-                    s1.append(s)
-                continue
-        s.mark(key_id, mask, shared)
-        marked = True
-    if marked:
+    if _route(actor.sessions, key_id, mask, shared, fd0, s0, fd1, s1):
         actor.wake()
     return 0
 

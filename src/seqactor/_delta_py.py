@@ -485,6 +485,48 @@ def write_many(fds: Any, data: bytes, results: Any) -> None:
             results[i] = -(exc.errno or 1)
 
 
+def route(
+    sessions: Sequence[Any], key_id: int, mask: int, shared: Any, fds: tuple[Any, Any],
+    out: tuple[list[Any], list[Any]],
+) -> bool:
+    """The fan-out rule — who gets a change, and how — written once for every path (a fan-out
+    round's slice and an actor's own changes).
+
+    For each session state (``subscribed_all``, ``subscribed``, ``writer_running``,
+    ``background``, ``pending``, ``pending_removed``, ``fd``, ``mark()``) that follows
+    ``key_id`` (subscribed to all, or to it): when ``shared`` (the ready frames, with token and
+    without) is given and the session is idle with a published descriptor, its ``fd`` and
+    itself go to ``fds[0]``/``out[0]`` if it follows all (the frame with the sync token) else
+    ``fds[1]``/``out[1]``, for one batch write; otherwise the change is marked pending
+    (``mark(key_id, mask, shared)``: coalesced, latest wins). Returns True when a session got
+    it pending (the caller wakes the actor)."""
+    fd0, fd1 = fds
+    s0, s1 = out
+    marked = False
+    for s in sessions:
+        if s.subscribed_all:
+            with_token = True
+        elif key_id in s.subscribed:
+            with_token = False
+        else:
+            continue
+        if shared is not None and not (
+            s.writer_running or s.background or s.pending or s.pending_removed
+        ):
+            fd = s.fd
+            if fd >= 0:
+                if with_token:
+                    fd0.append(fd)
+                    s0.append(s)
+                else:
+                    fd1.append(fd)
+                    s1.append(s)
+                continue
+        s.mark(key_id, mask, shared)
+        marked = True
+    return marked
+
+
 def fan_slice(
     members: Sequence[Any], start: int, key_id: int, max_seq: int, time_ms: int, pos: int,
     mask: int, shared: Any, fds: tuple[Any, Any], sessions: tuple[list[Any], list[Any]],
@@ -495,19 +537,15 @@ def fan_slice(
     Duck-typed over the server's actors (``table``: a ViewTable, ``sessions``, ``wake()``) and
     session states (``subscribed_all``, ``subscribed``, ``writer_running``, ``background``,
     ``pending``, ``pending_removed``, ``fd``, ``mark()``). Per member whose row moves forward
-    (not frozen, max greater): the row takes ``max_seq``/``time_ms``/``pos``; each session
-    following the conversation is either idle with a direct-write descriptor — its ``fd`` and
-    itself are appended to ``fds[0]``/``sessions[0]`` (it follows all: the frame with the
-    token) or ``fds[1]``/``sessions[1]`` — or gets the change marked pending (``mark(key_id,
-    mask, shared)``) and its actor woken. Stops after ``slice_s`` seconds (the clock is read
-    every ``clock_every`` members). Returns (index of the next member, failures): a member
-    whose handling raised is reported as (actor, exception) and the slice goes on.
+    (not frozen, max greater): the row takes ``max_seq``/``time_ms``/``pos`` and its sessions
+    are routed by :func:`route` into ``fds``/``sessions`` or pending (then its actor is
+    woken). Stops after ``slice_s`` seconds (the clock is read every ``clock_every`` members).
+    Returns (index of the next member, failures): a member whose handling raised is reported
+    as (actor, exception) and the slice goes on.
     """
     i, n = start, len(members)
     deadline = time.perf_counter() + slice_s
     failures: list[tuple[Any, Exception]] | None = None
-    fd0, fd1 = fds
-    s0, s1 = sessions
     while i < n:
         actor = members[i]
         i += 1
@@ -519,27 +557,7 @@ def fan_slice(
                 t.time_ms[row] = time_ms
                 if pos > t.pos[row]:
                     t.pos[row] = pos
-                marked = False
-                for s in actor.sessions:
-                    if s.subscribed_all:
-                        with_token = True
-                    elif key_id in s.subscribed:
-                        with_token = False
-                    else:
-                        continue
-                    if not (s.writer_running or s.background or s.pending or s.pending_removed):
-                        fd = s.fd
-                        if fd >= 0:
-                            if with_token:
-                                fd0.append(fd)
-                                s0.append(s)
-                            else:
-                                fd1.append(fd)
-                                s1.append(s)
-                            continue
-                    s.mark(key_id, mask, shared)
-                    marked = True
-                if marked:
+                if route(actor.sessions, key_id, mask, shared, fds, sessions):
                     actor.wake()
         except Exception as exc:  # one member's failure never stops the others' pushes
             if failures is None:

@@ -65,6 +65,7 @@ decode_update = _impl.decode_update
 split_server_message = _impl.split_server_message
 write_many = _impl.write_many
 fan_slice = _impl.fan_slice
+route = _impl.route
 
 __all__ = [
     "COMPILED",
@@ -79,6 +80,7 @@ __all__ = [
     "encode_single",
     "encode_snapshot",
     "fan_slice",
+    "route",
     "frame_update",
     "split_server_message",
     "write_many",

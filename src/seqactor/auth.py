@@ -86,6 +86,12 @@ def verify_token(
         raise AuthError("token expired") from None
     except jwt.MissingRequiredClaimError as exc:
         raise AuthError(f"token lacks the {exc.claim!r} claim") from None
+    except jwt.InvalidSignatureError:
+        raise AuthError("invalid token: its signature does not match this server's secret") from None
+    except jwt.DecodeError:
+        raise AuthError(
+            "invalid token: not a JWT (three base64url parts, header.claims.signature)"
+        ) from None
     except jwt.InvalidTokenError as exc:
         raise AuthError(f"invalid token: {exc}") from None
     current = time.time() if now is None else now

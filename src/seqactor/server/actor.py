@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import trio
 
 from seqactor import _kernel as kernel
+from seqactor.server._frames import ws_binary_frame
 from seqactor.server._view import FIELD_ALL, FIELD_MAX, FIELD_MIN, FIELD_READ, ViewTable
 from seqactor.server.metrics import HotCounters
 from seqactor.store import ViewData
@@ -242,6 +243,9 @@ class FanoutBatch:
         return served
 
 
+_ACTOR_BATCH = FanoutBatch()  # an actor's own changes: filled and written in one call, never nested
+
+
 class UserActor:
     """The actor of one online user. Created and retired by the hub."""
 
@@ -294,21 +298,14 @@ class UserActor:
         return trio.lowlevel.Abort.SUCCEEDED
 
     def _mark_all(self, key_id: int, mask: int, shared: tuple[bytes, bytes] | None = None) -> None:
-        marked = False
-        for s in self.sessions:
-            if s.follows(key_id):
-                if shared is not None and s.idle():
-                    # The common case in a busy group: the push is the same ready bytes for
-                    # every recipient, written straight to an idle socket.
-                    try:
-                        s.deliver(shared[0] if s.subscribed_all else shared[1])
-                    except Exception as exc:  # that session ends; the others still get it
-                        self.session_failed(s, exc)
-                        continue
-                    self.hub.counters.pushes += 1
-                    continue
-                s.mark(key_id, mask, shared)
-                marked = True
+        """Hand a change to the user's sessions by the kernel's fan-out rule (``kernel.route``,
+        the same rule a fan-out round applies): with ``shared`` (the ready push, with token and
+        without), idle sessions get it written now in one batch; the others get it pending."""
+        batch = _ACTOR_BATCH  # route() fills it only with a shared frame; write() empties it
+        marked = kernel.route(self.sessions, key_id, mask, shared, batch.fds, batch.sessions)
+        if shared is not None and (batch.sessions[0] or batch.sessions[1]):
+            raw = (ws_binary_frame(shared[0]), ws_binary_frame(shared[1]))
+            self.hub.counters.pushes += batch.write(raw)
         if marked:
             self.wake()
 
