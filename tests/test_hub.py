@@ -10,6 +10,7 @@ import pytest
 
 import seqactor.server.hub
 from seqactor._kernel import decode_update, split_server_message
+from seqactor.server.actor import SessionState, UserActor
 from seqactor.server.hub import Hub
 from seqactor.server.metrics import Metrics
 from seqactor.store.memory import MemoryStore
@@ -88,9 +89,18 @@ async def test_round_delivers_the_newest_max_once(hub_with_rounds, nursery):
         assert row_values(hub, f"u{i}", "g")[0] == 10
 
 
+async def background_session(hub: Hub, user: str, nursery) -> tuple[UserActor, SessionState]:
+    """(actor, session state): the user's actor with one `all` session in background, so
+    changes stay pending and the test encodes them itself (``actor.encode_push``)."""
+    actor = await hub.attach(user, nursery)
+    s = SessionState("s1", user, "phone", 8, lambda code, reason: None, hub.counters)
+    s.subscribed_all = True
+    s.background = True
+    actor.sessions.append(s)
+    return actor, s
+
+
 async def test_push_while_own_read_is_held_back_carries_no_token(nursery):
-    from seqactor._kernel import decode_update, split_server_message
-    from seqactor.server.actor import SessionState
     from seqactor.store import ReadMarked
 
     store = MemoryStore()
@@ -100,11 +110,7 @@ async def test_push_while_own_read_is_held_back_carries_no_token(nursery):
     await store.add_members("b", ["alice"])
     await store.allocate("a", 5)
     await store.allocate("b", 5)
-    actor = await hub.attach("alice", nursery)
-    s = SessionState("s1", "alice", "phone", 8, lambda code, reason: None, hub.counters)
-    s.subscribed_all = True
-    s.background = True  # changes stay pending; the test encodes them itself
-    actor.sessions.append(s)
+    actor, s = await background_session(hub, "alice", nursery)
     key_a = hub.keys.lookup("a")
     s.inflight_reads[key_a] = 1  # this session's MarkRead on "a" awaits its Ack
     result = await store.mark_read("a", "alice", 3)
@@ -125,19 +131,12 @@ async def test_push_while_own_read_is_held_back_carries_no_token(nursery):
 async def test_resync_applies_a_freeze_and_a_re_add_it_missed_and_pushes_them(nursery):
     """Events lost (e.g. a Redis reconnect): resync_actor brings the frozen flag to the store's
     and pushes the membership change, in both directions."""
-    from seqactor._kernel import decode_update, split_server_message
-    from seqactor.server.actor import SessionState
-
     store = MemoryStore()
     await store.open()
     hub = Hub(store, Metrics())
     await store.add_members("g", ["alice", "bob"])
     await store.allocate("g", 3)
-    actor = await hub.attach("alice", nursery)
-    s = SessionState("s1", "alice", "phone", 8, lambda code, reason: None, hub.counters)
-    s.subscribed_all = True
-    s.background = True  # changes stay pending; the test encodes them itself
-    actor.sessions.append(s)
+    actor, s = await background_session(hub, "alice", nursery)
 
     def pushed() -> dict[str, tuple[int, ...]]:
         frame = actor.encode_push(s)
