@@ -605,3 +605,13 @@ def test_watch_marks_a_frozen_row(server):
     assert "❄ left" in row
     assert re.search(r"past ❄ left\s*\S\s*2\s*\S\s*0\s*\S\s*2\s", row), row  # max 2, unread 2
     assert "❄" not in next(line for line in res.stdout.splitlines() if " now " in line)
+
+
+def test_demo_finds_the_web_page_of_the_checkout():
+    """`seqactor demo` serves clients/js/demo of this checkout (it looked one level too high
+    once the CLI moved into the cli/ package, and said "web page: not built")."""
+    from seqactor.cli import _demo_web
+
+    repo = Path(__file__).resolve().parents[1]
+    assert _demo_web.DEMO_DIR == repo / "clients" / "js" / "demo"
+    assert (_demo_web.DEMO_DIR / "index.html").is_file()
