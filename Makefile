@@ -96,9 +96,12 @@ bench: install system-deps bench-peers bench-js
 bench-quick: install system-deps bench-peers
 	for b in bench/[a-z]*.py; do $(PY) $$b --quick || exit 1; done
 
+# mypy types the compiled kernels from their stubs (src/seqactor/_delta.pyi, _readindex.pyi);
+# stubtest checks those stubs against the built modules.
 lint: install
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/mypy src
+	$(PY) -m mypy.stubtest seqactor._delta seqactor._readindex --allowlist tests/stubtest-allowlist.txt
 
 clean:
 	rm -rf build src/*.egg-info src/seqactor/_delta.c src/seqactor/_delta*.so src/seqactor/_readindex.c src/seqactor/_readindex*.so src/seqactor/_proto/seqactor_pb2.py* $(STAMP)

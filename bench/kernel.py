@@ -11,7 +11,7 @@ best-of-N wall times (``time.perf_counter``) of one call.
   from plain Python data (dict id -> (max, read, min, time)), builds the message with the
   runtime and serializes it — what the server would do without the kernel.
 * delta 1M 1%: ``encode_delta`` over a 1 000 000-row view where 1% of rows changed after ``since``.
-* decode 10k: bytes -> dict id -> (max, read, min, time): ``decode_update`` returns
+* decode 10k: bytes -> dict id -> (max, read, min, time, membership): ``decode_update`` returns
   ``ConversationSeqs`` records, which compare equal to those tuples (checked); the protobuf
   baseline is ``ParseFromString`` plus the conversion of the map into a dict of tuples.
 """
@@ -87,6 +87,7 @@ def build(impl: Any, rows: list[tuple[str, int, int, int, int, int]]) -> tuple[A
     table.min_seq = array("Q", [r[3] for r in rows])
     table.time_ms = array("q", [r[4] for r in rows])
     table.pos = array("Q", [r[5] for r in rows])
+    table.frozen = bytearray(len(rows))  # every row a member
     return keys, table
 
 
@@ -114,11 +115,12 @@ def protobuf_snapshot_ctor(conv: dict[str, tuple[int, int, int, int]]) -> bytes:
     ).SerializeToString()
 
 
-def protobuf_decode(data: bytes) -> dict[str, tuple[int, int, int, int]]:
+def protobuf_decode(data: bytes) -> dict[str, tuple[int, int, int, int, int]]:
     msg = pb.SequenceUpdate()
     msg.ParseFromString(data)
     return {
-        k: (v.max_sequence, v.read_sequence, v.min_sequence, v.max_sequence_time_ms)
+        k: (v.max_sequence, v.read_sequence, v.min_sequence, v.max_sequence_time_ms,
+            v.membership)
         for k, v in msg.conversations.items()
     }
 

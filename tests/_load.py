@@ -220,7 +220,7 @@ async def snapshot(url: str, user: str) -> dict[str, Row]:
             if msg.request_id == 2:
                 convs, _tok, full, _removed = decode_update(msg.update.SerializeToString())
                 assert full
-                return dict(convs)
+                return {cid: seqs[:4] for cid, seqs in convs.items()}  # as Client.rows()
 
 
 def check_store_invariants(store: Any) -> dict[str, int]:

@@ -35,7 +35,8 @@ def test_cache_module_expands_tilde(tmp_path, monkeypatch, path):
     from seqactor.client import _cache
 
     monkeypatch.setenv("HOME", str(tmp_path))
-    data = _cache.CacheData(user="u", url="ws://x/v1", token=b"t", view={"c": (1, 0, 0, 5)})
+    data = _cache.CacheData(user="u", url="ws://x/v1", token=b"t",
+                            view={"c": (1, 0, 0, 5, False), "f": (7, 3, 0, 9, True)})
     _cache.write_atomic(path, _cache.encode(data))
     assert (tmp_path / path.removeprefix("~/")).is_file()
     assert _cache.load(path) == data

@@ -580,3 +580,38 @@ def test_watch_title_counts_one_conversation_in_the_singular(server):
     res = run("watch", "--url", url, "--user", "eve", "--secret-file", secret, "--once")
     assert res.returncode == 0, res.stderr
     assert "· 1 conversation ·" in res.stdout
+
+
+def test_watch_marks_a_frozen_row(server):
+    """A user removed with --keep-history keeps the row, frozen: watch marks it (live, as the
+    freeze is pushed, and in a fresh `--once`), and its max stays at the moment of leaving."""
+    url, secret = server
+    base = ["--url", url, "--secret-file", secret]
+    run("members", "add", *base, "past", "fred", "gus")
+    run("members", "add", *base, "now", "fred")
+    run("send", *base, "past", "--count", "2")
+    view = LiveView("watch", *base, "--user", "fred")
+    view.wait_for("total unread 2 · connected")
+    assert "❄" not in view.text
+    res = run("members", "remove", *base, "past", "fred", "--keep-history")
+    assert res.stdout.strip() == "past: removed fred (history kept)"
+    view.wait_for("❄ left")
+    code, err = view.quit()
+    assert code == 0, err
+    run("send", *base, "past", "--count", "3")  # does not reach fred's frozen row
+    res = run("watch", *base, "--user", "fred", "--once")
+    assert res.returncode == 0, res.stderr
+    row = next(line for line in res.stdout.splitlines() if "past" in line)
+    assert "❄ left" in row
+    assert re.search(r"past ❄ left\s*\S\s*2\s*\S\s*0\s*\S\s*2\s", row), row  # max 2, unread 2
+    assert "❄" not in next(line for line in res.stdout.splitlines() if " now " in line)
+
+
+def test_demo_finds_the_web_page_of_the_checkout():
+    """`seqactor demo` serves clients/js/demo of this checkout (it looked one level too high
+    once the CLI moved into the cli/ package, and said "web page: not built")."""
+    from seqactor.cli import _demo_web
+
+    repo = Path(__file__).resolve().parents[1]
+    assert _demo_web.DEMO_DIR == repo / "clients" / "js" / "demo"
+    assert (_demo_web.DEMO_DIR / "index.html").is_file()

@@ -244,6 +244,70 @@ async def test_cache_restart_resumes_with_a_delta(tmp_path):
             assert {type(row) for row in c.rows().values()} == {tuple}
 
 
+async def test_keep_history_row_is_frozen_across_pushes_resume_cache_and_rejoin(tmp_path):
+    """Removed with keep_history: the online client sees the row freeze (``frozen``), later
+    messages leave its max alone, a resume from before the freeze and a fresh snapshot mark
+    it, the cache keeps it; re-added: ``frozen`` is False again and pushes resume."""
+    cache = tmp_path / "alice.cache"
+    async with running_server() as server:
+        await setup(server.url, {"g": ["alice", "bob"], "h": ["alice"]}, allocs=5)
+        async with ServiceClient.connect(server.url, token("backend", "service")) as svc:
+            async with Client.connect(server.url, token("alice"), cache_path=cache) as c:
+                assert c.get("g").frozen is False  # the cache now holds a pre-freeze token
+            async with Client.connect(server.url, token("alice"), device_id="live") as live:
+                stream = live.changes()
+                await svc.remove_members("g", ["alice"], keep_history=True)
+                with trio.fail_after(5):
+                    batch = await stream.__anext__()
+                (change,) = batch.changes
+                assert change.old.frozen is False and change.new.frozen is True
+                assert live.get("g").frozen is True and live.get("g").max_sequence == 5
+                await svc.allocate("g", 3)
+                await svc.allocate("h", 1)  # pushed after g's allocation, if that were pushed
+                with trio.fail_after(5):
+                    while live.get("h").max_sequence != 6:
+                        await stream.__anext__()
+                assert live.get("g").max_sequence == 5 and live.get("g").unread == 5
+                assert await live.mark_read("g") == 5  # a frozen row can still be read
+                assert live.get("g").frozen is True and live.get("g").unread == 0
+                # a resume across the freeze (the cached token is from before it)
+                async with Client.connect(server.url, token("alice"), cache_path=cache) as c:
+                    assert c.last_sync.since_token and not c.last_sync.full
+                    assert c.get("g").frozen is True and not c.get("h").frozen
+                # the cache keeps it (format version 2)
+                assert Client(server.url, token("alice"), cache_path=cache).get("g").frozen
+                # a fresh client's snapshot marks it
+                async with Client.connect(server.url, token("alice"), device_id="new") as c:
+                    assert c.last_sync.full
+                    assert c.get("g").frozen is True and c.get("g").max_sequence == 5
+                    assert not c.get("h").frozen
+                # re-added: a member again, at the current max, and pushes resume
+                await svc.add_members("g", ["alice"])
+                with trio.fail_after(5):
+                    while live.get("g").frozen:
+                        await stream.__anext__()
+                assert live.get("g").max_sequence == 8 and live.get("g").read_sequence == 8
+                await svc.allocate("g", 1)
+                with trio.fail_after(5):
+                    while live.get("g").max_sequence != 9:
+                        await stream.__anext__()
+                assert live.get("g").frozen is False
+
+
+def test_cache_of_version_1_is_ignored(tmp_path, caplog):
+    """A cache written before ``frozen`` existed (version 1) is ignored with a warning."""
+    from seqactor.client import _cache
+
+    old = tmp_path / "v1.cache"
+    old.write_bytes(msgpack.packb({
+        "format": _cache.CACHE_FORMAT, "version": 1, "user": "u", "url": "ws://x/v1",
+        "token": b"t", "view": {"c": [1, 0, 0, 5]},
+    }, use_bin_type=True))
+    with caplog.at_level(logging.WARNING, logger="seqactor.client"):
+        assert _cache.load(old) is None
+    assert "cache version 1 is not 2" in caplog.text
+
+
 @pytest.mark.parametrize("content", [
     b"\x00garbage\xff" * 10,
     msgpack.packb({"some": "other app's file"}),

@@ -77,6 +77,14 @@ def _expected(view) -> dict[str, tuple[int, int, int, int]]:
     }
 
 
+def _frozen_in_store(view) -> set[str]:
+    return {cid for i, cid in enumerate(view.conversation_ids) if view.frozen[i]}
+
+
+def _frozen_in_client(client: Client) -> set[str]:
+    return {cid for cid, c in client.view.items() if c.frozen}
+
+
 async def _quiet(op: Awaitable[object]) -> None:
     try:
         await op
@@ -193,15 +201,19 @@ async def _scenario(tmp_path, seed):
                     while True:
                         diffs = []
                         for client in clients:
-                            want = _expected(await store.load_view(client.user_id))
-                            if not client.connected or client.rows() != want:
+                            view = await store.load_view(client.user_id)
+                            if (not client.connected or client.rows() != _expected(view)
+                                    or _frozen_in_client(client) != _frozen_in_store(view)):
                                 diffs.append(client)
                         if not diffs:
                             break
                         await trio.sleep(0.05)
                 for client in clients:
-                    want = _expected(await store.load_view(client.user_id))
+                    view = await store.load_view(client.user_id)
+                    want = _expected(view)
                     assert client.rows() == want, f"{client.user_id}/{client.device_id} diverged"
+                    # I3 holds for membership too: frozen rows exactly where the store has them
+                    assert _frozen_in_client(client) == _frozen_in_store(view), client.user_id
                     assert client.total_unread == sum(
                         max(0, m - max(r, n - 1)) if n else max(0, m - r)
                         for m, r, n, _ in want.values()

@@ -12,6 +12,7 @@ import trio.testing
 
 import seqactor.server.hub
 from seqactor._kernel import decode_update, split_server_message
+from seqactor.server.actor import SessionState, UserActor
 from seqactor.server.hub import Hub
 from seqactor.server.metrics import Metrics
 from seqactor.store.memory import MemoryStore
@@ -90,9 +91,18 @@ async def test_round_delivers_the_newest_max_once(hub_with_rounds, nursery):
         assert row_values(hub, f"u{i}", "g")[0] == 10
 
 
+async def background_session(hub: Hub, user: str, nursery) -> tuple[UserActor, SessionState]:
+    """(actor, session state): the user's actor with one `all` session in background, so
+    changes stay pending and the test encodes them itself (``actor.encode_push``)."""
+    actor = await hub.attach(user, nursery)
+    s = SessionState("s1", user, "phone", 8, lambda code, reason: None, hub.counters)
+    s.subscribed_all = True
+    s.background = True
+    actor.sessions.append(s)
+    return actor, s
+
+
 async def test_push_while_own_read_is_held_back_carries_no_token(nursery):
-    from seqactor._kernel import decode_update, split_server_message
-    from seqactor.server.actor import SessionState
     from seqactor.store import ReadMarked
 
     store = MemoryStore()
@@ -102,11 +112,7 @@ async def test_push_while_own_read_is_held_back_carries_no_token(nursery):
     await store.add_members("b", ["alice"])
     await store.allocate("a", 5)
     await store.allocate("b", 5)
-    actor = await hub.attach("alice", nursery)
-    s = SessionState("s1", "alice", "phone", 8, lambda code, reason: None, hub.counters)
-    s.subscribed_all = True
-    s.background = True  # changes stay pending; the test encodes them itself
-    actor.sessions.append(s)
+    actor, s = await background_session(hub, "alice", nursery)
     key_a = hub.keys.lookup("a")
     s.inflight_reads[key_a] = 1  # this session's MarkRead on "a" awaits its Ack
     result = await store.mark_read("a", "alice", 3)
@@ -122,6 +128,35 @@ async def test_push_while_own_read_is_held_back_carries_no_token(nursery):
     _, _, body = split_server_message(actor.encode_push(s))
     conversations, token, _, _ = decode_update(body)
     assert conversations["a"][1] == 3 and token  # with nothing held back, a token again
+
+
+async def test_resync_applies_a_freeze_and_a_re_add_it_missed_and_pushes_them(nursery):
+    """Events lost (e.g. a Redis reconnect): resync_actor brings the frozen flag to the store's
+    and pushes the membership change, in both directions."""
+    store = MemoryStore()
+    await store.open()
+    hub = Hub(store, Metrics())
+    await store.add_members("g", ["alice", "bob"])
+    await store.allocate("g", 3)
+    actor, s = await background_session(hub, "alice", nursery)
+
+    def pushed() -> dict[str, tuple[int, ...]]:
+        frame = actor.encode_push(s)
+        assert frame is not None
+        return {k: tuple(v) for k, v in decode_update(split_server_message(frame)[2])[0].items()}
+
+    for keep, (frozen, membership) in ((True, (1, 2)), (False, (0, 1))):
+        store.remove_listener(hub.apply)  # the hub misses this change
+        if keep:
+            await store.remove_members("g", ["alice"], keep_history=True)
+        else:
+            await store.add_members("g", ["alice"])
+        store.add_listener(hub.apply)
+        await store.allocate("g", 1)  # reaches the hub: a member row would move
+        await hub.resync_actor(actor)
+        assert row_values(hub, "alice", "g")[2] == frozen == (await store_values(hub, "alice", "g"))[2]
+        assert pushed()["g"][4] == membership
+    assert row_values(hub, "alice", "g")[0] == 5  # max of the re-add (seq 5 came after it)
 
 
 async def test_a_session_joins_its_actor_in_the_attach_step(nursery):

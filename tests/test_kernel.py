@@ -19,9 +19,10 @@ from hypothesis import strategies as st
 from seqactor import _delta as C  # the compiled kernel must be importable
 from seqactor import _delta_py as P
 from seqactor._proto import seqactor_pb2 as pb
-from seqactor.server._view import FIELD_MAX, FIELD_MIN, FIELD_READ, ViewTable
+from seqactor.server._view import FIELD_MAX, FIELD_MEMBERSHIP, FIELD_MIN, FIELD_READ, ViewTable
 
 U64 = (1 << 64) - 1
+U32 = (1 << 32) - 1
 IMPLS = [C, P]
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 MORE = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -42,9 +43,10 @@ ids = st.one_of(
     st.text(alphabet="aé€😀𝄞", min_size=1, max_size=40),
     st.sampled_from(["x" * 128, "é" * 64, "😀" * 32, "", "conv:1"]),
 )
-Row = tuple[str, int, int, int, int, int]
+u32 = st.one_of(st.sampled_from([0, 1, 2, 127, 128, U32]), st.integers(0, U32))
+Row = tuple[str, int, int, int, int, int, bool]  # name, max, read, min, time, pos, frozen
 rows_st = st.lists(
-    st.tuples(ids, u64, u64, u64, i64, st.integers(0, 1000) | u64),
+    st.tuples(ids, u64, u64, u64, i64, st.integers(0, 1000) | u64, st.booleans()),
     max_size=40,
     unique_by=lambda r: r[0],
 )
@@ -59,10 +61,10 @@ class Built:
         self.rows = rows
         self.keys = {C: C.KeyTable(), P: P.KeyTable()}
         self.table = ViewTable()
-        for name, mx, rd, mn, tm, ps in rows:
+        for name, mx, rd, mn, tm, ps, *frozen in rows:
             kid = self.keys[C].intern(name)
             assert self.keys[P].intern(name) == kid
-            self.table.upsert(kid, mx, rd, mn, tm, ps)
+            self.table.upsert(kid, mx, rd, mn, tm, ps, bool(frozen and frozen[0]))
 
 
 def both(fn: Callable[[Any, Any], bytes], b: Built) -> bytes:
@@ -75,16 +77,28 @@ def both(fn: Callable[[Any, Any], bytes], b: Built) -> bytes:
 
 
 def expected(
-    entries: list[tuple[str, int, int, int, int]], token: bytes = b"", full: bool = False,
+    entries: Sequence[tuple[Any, ...]], token: bytes = b"", full: bool = False,
     removed: list[str] | tuple[str, ...] = (),
 ) -> pb.SequenceUpdate:
+    """Entries ``(name, max, read, min, time[, membership])``."""
     msg = pb.SequenceUpdate(sync_token=token, full=full, removed=list(removed))
-    for name, mx, rd, mn, tm in entries:
+    for name, mx, rd, mn, tm, *mb in entries:
         cs = msg.conversations[name]
         cs.Clear()  # a repeated row: the last one wins, as the parser merges maps
         cs.max_sequence, cs.read_sequence, cs.min_sequence = mx, rd, mn
         cs.max_sequence_time_ms = tm
+        cs.membership = mb[0] if mb else 0
     return msg
+
+
+def snap_entry(r: Row) -> tuple[Any, ...]:
+    """What a snapshot writes for a row: membership 2 when frozen, else nothing (= member)."""
+    return (*r[:5], 2 if r[6] else 0)
+
+
+def stated_entry(r: Row) -> tuple[Any, ...]:
+    """What a delta (or rows without masks) writes: membership 1 or 2, always."""
+    return (*r[:5], 2 if r[6] else 1)
 
 
 def parse(data: bytes) -> pb.SequenceUpdate:
@@ -95,7 +109,8 @@ def parse(data: bytes) -> pb.SequenceUpdate:
 
 def as_tuple(msg: pb.SequenceUpdate) -> tuple[Any, ...]:
     conv = {
-        k: (v.max_sequence, v.read_sequence, v.min_sequence, v.max_sequence_time_ms)
+        k: (v.max_sequence, v.read_sequence, v.min_sequence, v.max_sequence_time_ms,
+            v.membership)
         for k, v in msg.conversations.items()
     }
     return conv, msg.sync_token, msg.full, list(msg.removed)
@@ -115,7 +130,7 @@ def check_roundtrip(data: bytes, want: pb.SequenceUpdate) -> None:
 @given(rows_st, token_st, st.booleans(), removed_st)
 def test_snapshot(rows: list[Row], token: bytes, full: bool, removed: list[str]) -> None:
     b = Built(rows)
-    entries = [r[:5] for r in rows]
+    entries = [snap_entry(r) for r in rows]
     data = both(lambda m, k: m.encode_snapshot(k, b.table, token, full, removed), b)
     check_roundtrip(data, expected(entries, token, full, removed))
     data = both(lambda m, k: m.encode_snapshot(k, b.table), b)  # defaults: full, no token
@@ -133,7 +148,7 @@ def test_delta(rows: list[Row], data: st.DataObject, token: bytes, removed: list
     b = Built(rows)
     candidates = [r[5] for r in rows] + [0, -1, U64, U64 + 1, -(1 << 70)]
     since = data.draw(st.sampled_from(candidates) | st.integers(-5, 1005), label="since")
-    entries = [r[:5] for r in rows if r[5] > since]
+    entries = [stated_entry(r) for r in rows if r[5] > since]
     out = both(lambda m, k: m.encode_delta(k, b.table, since, token, removed), b)
     check_roundtrip(out, expected(entries, token, False, removed))
     out = both(lambda m, k: m.encode_delta(k, b.table, since=since), b)
@@ -149,14 +164,14 @@ def test_rows(
     n = len(rows)
     picked = data.draw(st.lists(st.integers(-n, n - 1), max_size=60), label="rows")
     masks = data.draw(st.binary(min_size=len(picked), max_size=len(picked) + 3), label="masks")
-    plain = [rows[i][:5] for i in picked]
+    plain = [stated_entry(rows[i]) for i in picked]
     out = both(lambda m, k: m.encode_rows(k, b.table, picked), b)
     check_roundtrip(out, expected(plain))
     out = both(lambda m, k: m.encode_rows(k, b.table, picked, None, token, full, removed), b)
     check_roundtrip(out, expected(plain, token, full, removed))
     masked = []
     for j, i in enumerate(picked):
-        name, mx, rd, mn, tm, _ = rows[i]
+        name, mx, rd, mn, tm, _, frozen = rows[i]
         mk = masks[j]
         masked.append((
             name,
@@ -164,6 +179,7 @@ def test_rows(
             rd if mk & FIELD_READ else 0,
             mn if mk & FIELD_MIN else 0,
             tm if mk & FIELD_MAX else 0,
+            (2 if frozen else 1) if mk & FIELD_MEMBERSHIP else 0,
         ))
     out = both(lambda m, k: m.encode_rows(k, b.table, picked, masks=masks), b)
     check_roundtrip(out, expected(masked))
@@ -290,13 +306,13 @@ def test_bad_arguments_raise_alike(impl: Any) -> None:
 
 # ------------------------------------------------------------------ decoding
 
-conv_values = st.tuples(u64, u64, u64, i64)
+conv_values = st.tuples(u64, u64, u64, i64, u32)
 updates = st.builds(
     lambda conv, token, full, removed: pb.SequenceUpdate(
         conversations={
             k: pb.ConversationSequence(
                 max_sequence=v[0], read_sequence=v[1], min_sequence=v[2],
-                max_sequence_time_ms=v[3],
+                max_sequence_time_ms=v[3], membership=v[4],
             )
             for k, v in conv.items()
         },
@@ -369,8 +385,8 @@ def test_decode_matches_protobuf(msg: pb.SequenceUpdate, extra: bytes) -> None:
 @given(
     st.lists(
         st.tuples(
-            st.one_of(st.none(), ids), st.lists(st.tuples(st.integers(1, 4), u64), max_size=5),
-            unknown_fields(min_field=3), unknown_fields(min_field=5),
+            st.one_of(st.none(), ids), st.lists(st.tuples(st.integers(1, 5), u64), max_size=5),
+            unknown_fields(min_field=3), unknown_fields(min_field=6),
         ),
         max_size=5,
     ),
@@ -378,7 +394,8 @@ def test_decode_matches_protobuf(msg: pb.SequenceUpdate, extra: bytes) -> None:
 )
 def test_decode_odd_entries(entries: list[Any], repeat_value: bool) -> None:
     """Hand-built map entries: missing key, fields in any order and repeated, unknown fields in
-    the entry and in the value, the value twice (protobuf merges it) — all as protobuf parses."""
+    the entry and in the value, the value twice (protobuf merges it), a membership (uint32)
+    wider than 32 bits (protobuf keeps the low 32) — all as protobuf parses."""
     data = b""
     for key, fields, entry_unknown, value_unknown in entries:
         value = b"".join(_varint(f << 3) + _varint(v) for f, v in fields) + value_unknown
@@ -487,27 +504,38 @@ def test_decode_duplicates_like_protobuf() -> None:
         b"\x0a\x0b\x0a\x01b\x12\x02\x08\x05\x12\x02\x10\x06"
         b"\x18\x01\x18\x00\x12\x01x\x12\x01y"
     )
-    assert decode_all(data) == pb_result(data) == ({"a": (2, 0, 0, 0), "b": (5, 6, 0, 0)},
+    assert decode_all(data) == pb_result(data) == ({"a": (2, 0, 0, 0, 0), "b": (5, 6, 0, 0, 0)},
                                                    b"y", False, [])
+
+
+def test_decode_membership_like_protobuf() -> None:
+    """``membership`` is a uint32: a wider varint keeps its low 32 bits, as protobuf parses."""
+    for v, want in ((2, 2), (U32, U32), (U32 + 1 + 5, 5), (U64, U32)):
+        value = b"\x28" + _varint(v)
+        entry = b"\x0a\x01c\x12" + _varint(len(value)) + value
+        data = b"\x0a" + _varint(len(entry)) + entry
+        assert decode_all(data) == pb_result(data) == ({"c": (0, 0, 0, 0, want)}, b"", False, [])
 
 
 # ------------------------------------------------------------------ ConversationSeqs
 
-SEQS_FIELDS = ("max_sequence", "read_sequence", "min_sequence", "max_sequence_time_ms")
+SEQS_FIELDS = ("max_sequence", "read_sequence", "min_sequence", "max_sequence_time_ms",
+               "membership")
 
 
-def one_entry(mx: int, rd: int, mn: int, tm: int) -> bytes:
+def one_entry(mx: int, rd: int, mn: int, tm: int, mb: int = 0) -> bytes:
     msg = pb.SequenceUpdate()
     cs = msg.conversations["c"]
     cs.max_sequence, cs.read_sequence, cs.min_sequence = mx, rd, mn
     cs.max_sequence_time_ms = tm
+    cs.membership = mb
     return msg.SerializeToString()
 
 
 @MORE
-@given(u64, u64, u64, i64)
-def test_seqs_is_its_tuple(mx: int, rd: int, mn: int, tm: int) -> None:
-    t = (mx, rd, mn, tm)
+@given(u64, u64, u64, i64, u32)
+def test_seqs_is_its_tuple(mx: int, rd: int, mn: int, tm: int, mb: int) -> None:
+    t = (mx, rd, mn, tm, mb)
     records = []
     for impl in IMPLS:
         decoded = impl.decode_update(one_entry(*t))[0]["c"]
@@ -515,11 +543,11 @@ def test_seqs_is_its_tuple(mx: int, rd: int, mn: int, tm: int) -> None:
         for rec in (decoded, built):
             assert type(rec) is impl.ConversationSeqs
             assert (rec.max_sequence, rec.read_sequence, rec.min_sequence,
-                    rec.max_sequence_time_ms) == t
-            a, b, c, d = rec
-            assert (a, b, c, d) == t
-            assert [rec[i] for i in range(4)] == list(t)
-            assert [rec[i] for i in range(-4, 0)] == list(t)
+                    rec.max_sequence_time_ms, rec.membership) == t
+            a, b, c, d, e = rec
+            assert (a, b, c, d, e) == t
+            assert [rec[i] for i in range(5)] == list(t)
+            assert [rec[i] for i in range(-5, 0)] == list(t)
             assert rec.astuple() == t and type(rec.astuple()) is tuple
             assert rec == t and t == rec and not rec != t and not t != rec
             assert hash(rec) == hash(t)
@@ -532,41 +560,42 @@ def test_seqs_is_its_tuple(mx: int, rd: int, mn: int, tm: int) -> None:
 @pytest.mark.parametrize("impl", IMPLS, ids=["compiled", "python"])
 def test_seqs_behaves_as_a_tuple(impl: Any) -> None:
     seqs = impl.ConversationSeqs
-    rec = seqs(7, 5, 2, -3)
-    assert len(rec) == 4
-    assert rec[0] == 7 and rec[-1] == -3 and rec[-4] == 7
-    assert rec[1:3] == (5, 2) and rec[::-1] == (-3, 2, 5, 7) and rec[:] == (7, 5, 2, -3)
-    for bad in (4, -5, 1 << 70):
+    rec = seqs(7, 5, 2, -3, 2)
+    assert len(rec) == 5
+    assert rec[0] == 7 and rec[-1] == 2 and rec[-2] == -3 and rec[-5] == 7
+    assert rec[1:3] == (5, 2) and rec[::-1] == (2, -3, 2, 5, 7) and rec[:] == (7, 5, 2, -3, 2)
+    for bad in (5, -6, 1 << 70):
         with pytest.raises(IndexError):
             rec[bad]
     for wrong in ("max_sequence", 1.0, None):
         with pytest.raises(TypeError):
             rec[wrong]
-    assert list(rec) == [7, 5, 2, -3] and list(reversed(rec)) == [-3, 2, 5, 7]
+    assert list(rec) == [7, 5, 2, -3, 2] and list(reversed(rec)) == [2, -3, 2, 5, 7]
     assert 5 in rec and 6 not in rec
-    assert rec.count(5) == 1 and rec.index(2) == 2
+    assert rec.count(2) == 2 and rec.index(2) == 2 and rec.index(2, 3) == 4
     with pytest.raises(ValueError):
         rec.index(6)
     # equality and order with tuples both ways, and with records
-    assert rec == (7, 5, 2, -3) and (7, 5, 2, -3) == rec
-    assert rec != (7, 5, 2, -4) and (7, 5, 2, -4) != rec
-    assert rec != (7, 5, 2) and (7, 5, 2, -3, 0) != rec
-    assert rec != [7, 5, 2, -3] and rec != "x" and rec != None  # noqa: E711
-    assert rec == seqs(7, 5, 2, -3) and rec != seqs(7, 5, 2, 3)
-    assert rec < (7, 5, 3, 0) and (7, 5, 3, 0) > rec and rec > seqs(7, 5, 2, -4)
-    assert sorted([seqs(2, 0, 0, 0), (1, 9, 9, 9), seqs(1, 0, 0, 0)]) == [
-        (1, 0, 0, 0), (1, 9, 9, 9), (2, 0, 0, 0)]
+    assert rec == (7, 5, 2, -3, 2) and (7, 5, 2, -3, 2) == rec
+    assert rec != (7, 5, 2, -3, 1) and (7, 5, 2, -3, 1) != rec
+    assert rec != (7, 5, 2, -3) and (7, 5, 2, -3, 2, 0) != rec
+    assert rec != [7, 5, 2, -3, 2] and rec != "x" and rec != None  # noqa: E711
+    assert rec == seqs(7, 5, 2, -3, 2) and rec != seqs(7, 5, 2, -3)
+    assert seqs(7, 5, 2, -3) == (7, 5, 2, -3, 0)  # membership defaults to 0 (not sent)
+    assert rec < (7, 5, 3, 0, 0) and (7, 5, 3, 0, 0) > rec and rec > seqs(7, 5, 2, -4, 9)
+    assert sorted([seqs(2, 0, 0, 0), (1, 9, 9, 9, 9), seqs(1, 0, 0, 0)]) == [
+        (1, 0, 0, 0, 0), (1, 9, 9, 9, 9), (2, 0, 0, 0, 0)]
     with pytest.raises(TypeError):
-        _ = rec < [7, 5, 2, -3]
-    assert hash(rec) == hash((7, 5, 2, -3))
-    assert {rec: 1}[(7, 5, 2, -3)] == 1 and {(7, 5, 2, -3): 1}[rec] == 1
+        _ = rec < [7, 5, 2, -3, 2]
+    assert hash(rec) == hash((7, 5, 2, -3, 2))
+    assert {rec: 1}[(7, 5, 2, -3, 2)] == 1 and {(7, 5, 2, -3, 2): 1}[rec] == 1
     assert repr(rec) == (
         "ConversationSeqs(max_sequence=7, read_sequence=5, min_sequence=2, "
-        "max_sequence_time_ms=-3)")
+        "max_sequence_time_ms=-3, membership=2)")
     assert seqs.__match_args__ == SEQS_FIELDS
     match rec:
-        case seqs(mx, rd, mn, tm):
-            assert (mx, rd, mn, tm) == (7, 5, 2, -3)
+        case seqs(mx, rd, mn, tm, mb):
+            assert (mx, rd, mn, tm, mb) == (7, 5, 2, -3, 2)
         case _:
             pytest.fail("no positional match")
     assert isinstance(rec, Sequence)
@@ -575,7 +604,7 @@ def test_seqs_behaves_as_a_tuple(impl: Any) -> None:
 @pytest.mark.parametrize("impl", IMPLS, ids=["compiled", "python"])
 def test_seqs_is_immutable_and_checked(impl: Any) -> None:
     seqs = impl.ConversationSeqs
-    rec = seqs(1, 2, 3, 4)
+    rec = seqs(1, 2, 3, 4, 1)
     for name in SEQS_FIELDS:
         with pytest.raises(AttributeError):
             setattr(rec, name, 9)
@@ -583,25 +612,28 @@ def test_seqs_is_immutable_and_checked(impl: Any) -> None:
         rec.other = 1
     with pytest.raises(TypeError):
         rec[0] = 9
-    assert rec == (1, 2, 3, 4)
-    top = seqs(U64, U64, U64, -(1 << 63))
-    assert top == (U64, U64, U64, -(1 << 63)) and top.max_sequence == U64
+    assert rec == (1, 2, 3, 4, 1)
+    top = seqs(U64, U64, U64, -(1 << 63), U32)
+    assert top == (U64, U64, U64, -(1 << 63), U32) and top.max_sequence == U64
     assert seqs(0, 0, 0, (1 << 63) - 1).max_sequence_time_ms == (1 << 63) - 1
-    assert type(seqs(True, 0, 0, 0)[0]) is int
+    assert type(seqs(True, 0, 0, 0)[0]) is int and type(seqs(0, 0, 0, 0, True)[4]) is int
     for args in ((-1, 0, 0, 0), (0, U64 + 1, 0, 0), (0, 0, -1, 0), (0, 0, 0, 1 << 63),
-                 (0, 0, 0, -(1 << 63) - 1)):
+                 (0, 0, 0, -(1 << 63) - 1), (0, 0, 0, 0, -1), (0, 0, 0, 0, U32 + 1)):
         with pytest.raises(OverflowError):
             seqs(*args)
-    for args in ((1.0, 0, 0, 0), (0, "1", 0, 0), (0, 0, None, 0), (0, 0, 0, 2.5)):
+    for args in ((1.0, 0, 0, 0), (0, "1", 0, 0), (0, 0, None, 0), (0, 0, 0, 2.5),
+                 (0, 0, 0, 0, 1.0)):
         with pytest.raises(TypeError):
             seqs(*args)
     with pytest.raises(TypeError):
         seqs(1, 2, 3)
+    with pytest.raises(TypeError):
+        seqs(1, 2, 3, 4, 5, 6)
 
 
 @pytest.mark.parametrize("impl", IMPLS, ids=["compiled", "python"])
 def test_seqs_extremes_round_trip(impl: Any) -> None:
-    t = (U64, U64 - 1, 1 << 63, -(1 << 63))
+    t = (U64, U64 - 1, 1 << 63, -(1 << 63), U32)
     convs, token, full, removed = impl.decode_update(one_entry(*t))
     rec = convs["c"]
     assert rec == t and rec.astuple() == t and tuple(rec) == t
@@ -610,7 +642,7 @@ def test_seqs_extremes_round_trip(impl: Any) -> None:
     assert type(pickle.loads(pickle.dumps(rec))) is impl.ConversationSeqs
     assert copy.copy(rec) == t and copy.deepcopy(rec) == t
     neg = impl.decode_update(one_entry(0, 0, 0, -1))[0]["c"]
-    assert neg.max_sequence_time_ms == -1 and neg == (0, 0, 0, -1)
+    assert neg.max_sequence_time_ms == -1 and neg == (0, 0, 0, -1, 0)
 
 
 def test_kernel_exports_the_record_type() -> None:

@@ -101,10 +101,11 @@ def store_init(store_url: str, force: bool) -> str:
 
 
 class Cache:
-    """What a client holds: its view as applied from updates, and its last sync token."""
+    """What a client holds: its view as applied from updates, and its last sync token. A row
+    is (max, read, min, time, frozen): membership 2 freezes it, 1 ends that, 0 keeps it."""
 
     def __init__(self) -> None:
-        self.convs: dict[str, tuple[int, int, int, int]] = {}
+        self.convs: dict[str, tuple[int, int, int, int, int]] = {}
         self.token = b""
         self.fulls = 0
 
@@ -114,8 +115,9 @@ class Cache:
             self.convs = {}
             self.fulls += 1
         for cid, values in convs.items():
-            old = self.convs.get(cid, (0, 0, 0, 0))
-            self.convs[cid] = tuple(v or o for v, o in zip(values, old, strict=True))  # type: ignore[assignment]
+            old = self.convs.get(cid, (0, 0, 0, 0, 0))
+            mx, rd, mn, tm = (v or o for v, o in zip(values[:4], old[:4], strict=True))
+            self.convs[cid] = (mx, rd, mn, tm, int(values[4] == 2) if values[4] else old[4])
         for cid in removed:
             self.convs.pop(cid, None)
         if tok:
@@ -127,10 +129,10 @@ class Cache:
         return reply
 
 
-async def truth(store: RedisStore, user: str) -> dict[str, tuple[int, int, int, int]]:
+async def truth(store: RedisStore, user: str) -> dict[str, tuple[int, int, int, int, int]]:
     v = await store.load_view(user)
     return {
-        cid: (v.max_seq[i], v.read_seq[i], v.min_seq[i], v.time_ms[i])
+        cid: (v.max_seq[i], v.read_seq[i], v.min_seq[i], v.time_ms[i], v.frozen[i])
         for i, cid in enumerate(v.conversation_ids)
     }
 

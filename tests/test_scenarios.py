@@ -74,10 +74,11 @@ class ServeProcess:
         return issue_token(SECRET, user, role=role)
 
 
-def plain_view(client: Client) -> dict[str, dict[str, int]]:
+def plain_view(client: Client) -> dict[str, dict[str, int | bool]]:
+    """As a scenario writes a view: ``frozen: true`` only on frozen rows."""
     return {
         cid: {"max": c.max_sequence, "read": c.read_sequence, "min": c.min_sequence,
-              "unread": c.unread}
+              "unread": c.unread, **({"frozen": True} if c.frozen else {})}
         for cid, c in client.view.items()
     }
 

@@ -309,7 +309,7 @@ async def test_mark_read_monotonic_clamped_and_multi_device():
             assert body(r) == "ack" and r.ack.read_sequence == 4
             push = await laptop.next_push()
             conv, _, _, _ = update_of(push)
-            assert conv == {"g": (0, 4, 0, 0)}
+            assert conv == {"g": (0, 4, 0, 0, 0)}
             await phone.no_push()  # the marking session gets the Ack, not a push
             r = await phone.request("mark_read", conversation_id="g", read_sequence=2)
             assert r.ack.read_sequence == 4  # below current: no-op, effective value
@@ -358,7 +358,7 @@ async def test_sender_has_read_i6_and_all_subscription_token(fanout_mode):
             # values the client already holds — never anything different.)
             conv2, _, full, _ = update_of(await bob.request("get_sequences", since=tok))
             assert not full
-            assert all(v == conv["g"] for v in conv2.values())
+            assert all(v[:4] == conv["g"][:4] and v.membership == 1 for v in conv2.values())
             if fanout_mode == "inline":
                 assert conv2 == {}
 
@@ -371,7 +371,7 @@ async def test_add_members_pushes_to_all_sessions_and_remove_pushes_removed():
             async with raw_connect(server, "backend", role="service") as svc:
                 await svc.request("add_members", conversation_id="g", user_ids=["alice"])
                 conv, _, _, _ = update_of(await c.next_push())
-                assert conv == {"g": (5, 5, 0, conv["g"][3])}  # joins with nothing unread
+                assert conv == {"g": (5, 5, 0, conv["g"][3], 0)}  # joins with nothing unread
                 await svc.request("remove_members", conversation_id="g", user_ids=["alice"])
                 conv, _, _, removed = update_of(await c.next_push())
                 assert removed == ["g"] and conv == {}
@@ -390,18 +390,21 @@ async def test_listed_subscription_survives_leave_and_rejoin(keep_history):
             assert body(await c.request("subscribe", conversation_ids=["g"])) == "ack"
             await svc.request("remove_members", conversation_id="g", user_ids=["alice"],
                               keep_history=keep_history)
-            if not keep_history:
-                conv, _, _, removed = update_of(await c.next_push())
+            conv, _, _, removed = update_of(await c.next_push())
+            if keep_history:  # the row freezes: only its membership is pushed
+                assert removed == [] and conv == {"g": (0, 0, 0, 0, 2)}
+            else:
                 assert removed == ["g"] and conv == {}
             # nothing about g while she is outside (or frozen)
             await svc.request("allocate_sequences", conversation_id="g", count=3)
             await svc.request("set_min_sequence", conversation_id="g", min_sequence=2)
             await c.no_push()
-            # rejoin: the full state of g
+            # rejoin: the full state of g (a frozen row: member again)
             await svc.request("add_members", conversation_id="g", user_ids=["alice"])
             conv, _, _, removed = update_of(await c.next_push())
             assert removed == []
             assert conv["g"][:3] == (5, 5, 2) and conv["g"][3] > 0
+            assert conv["g"].membership == (1 if keep_history else 0)
             # then pushes resume
             await svc.request("allocate_sequences", conversation_id="g", count=1,
                               sender_user_id="bob")
@@ -425,6 +428,45 @@ async def test_keep_history_freezes_view():
             assert conv["g"][0] == 5  # frozen at the max when she left
             r = await c.request("mark_read", conversation_id="g", read_sequence=100)
             assert r.ack.read_sequence == 5
+
+
+async def test_keep_history_row_is_marked_frozen_in_pushes_snapshots_and_resumes():
+    """membership: a freeze is pushed (2), a snapshot marks the frozen row (2; member rows
+    send nothing), a resume across the freeze carries it, a re-add is pushed (1)."""
+    async with running_server() as server:
+        await service_setup(server, "g", ["alice", "bob"], allocs=5)
+        await service_setup(server, "h", ["alice"], allocs=1)
+        async with raw_connect(server, "alice") as c, \
+                raw_connect(server, "backend", role="service") as svc:
+            await c.request("subscribe", all=True)
+            conv, before, _, _ = update_of(await c.request("get_sequences"))
+            assert conv["g"].membership == 0 and conv["h"].membership == 0
+            await svc.request("remove_members", conversation_id="g", user_ids=["alice"],
+                              keep_history=True)
+            conv, _, _, removed = update_of(await c.next_push())
+            assert conv == {"g": (0, 0, 0, 0, 2)} and removed == []
+            await svc.request("allocate_sequences", conversation_id="g", count=3)
+            await c.no_push()  # later messages do not reach the frozen row
+            # a snapshot: the frozen row says 2, the member row nothing
+            conv, frozen_tok, full, _ = update_of(await c.request("get_sequences"))
+            assert full and conv["g"][:3] == (5, 0, 0) and conv["g"].membership == 2
+            assert conv["h"].membership == 0
+            # a resume from before the freeze carries it
+            conv, _, full, _ = update_of(await c.request("get_sequences", since=before))
+            assert not full and conv["g"][:3] == (5, 0, 0) and conv["g"].membership == 2
+            # listed ids: the row's membership either way
+            conv, _, _, _ = update_of(await c.request("get_sequences",
+                                                      conversation_ids=["g", "h"]))
+            assert conv["g"].membership == 2 and conv["h"].membership == 1
+            # re-added: member again (1), at the current max, and pushes resume
+            await svc.request("add_members", conversation_id="g", user_ids=["alice"])
+            conv, _, _, _ = update_of(await c.next_push())
+            assert conv["g"][:3] == (8, 8, 0) and conv["g"].membership == 1
+            conv, _, full, _ = update_of(await c.request("get_sequences", since=frozen_tok))
+            assert not full and conv["g"].membership == 1
+            await svc.request("allocate_sequences", conversation_id="g", count=1)
+            conv, _, _, _ = update_of(await c.next_push())
+            assert conv["g"][0] == 9 and conv["g"].membership == 0
 
 
 async def test_set_min_sequence_raises_only():
@@ -622,7 +664,7 @@ async def test_big_group_converges_and_tokens_never_skip_a_change():
                 # Resuming from the last pushed token never misses the final state.
                 conv, _, full, _ = update_of(await c.raw.request("get_sequences", since=c.token))
                 merged = dict(c.view)
-                for cid, (mx, rd, _mn, _tm) in conv.items():
+                for cid, (mx, rd, _mn, _tm, _mb) in conv.items():
                     merged[cid] = (mx or merged[cid][0], rd or merged[cid][1])
                 assert merged["big"][0] == 30
             assert clients[0].view["big"] == (30, 30)  # the sender has read everything (I6)
@@ -646,7 +688,7 @@ async def _hold_session(server, uid, task_status=trio.TASK_STATUS_IGNORED):
         task_status.started(held)
         while held.view.get("big", (0, 0))[0] != 30:
             conv, tok, _, _ = update_of(await raw.next_push(timeout=3600))
-            for cid, (mx, rd, _mn, _tm) in conv.items():
+            for cid, (mx, rd, _mn, _tm, _mb) in conv.items():
                 old = held.view.get(cid, (0, 0))
                 held.view[cid] = (mx or old[0], rd or old[1])
             if tok:

@@ -72,7 +72,7 @@ async def test_stuck_reader_is_bounded_and_does_not_delay_others():
                     seen: dict[str, int] = {}
                     while not all(seen.get(c, 0) == expected for c in convs):
                         conv, _, _, _ = update_of(await live.next_push())
-                        for cid, (mx, _rd, _mn, _tm) in conv.items():
+                        for cid, (mx, _rd, _mn, _tm, _mb) in conv.items():
                             if mx:
                                 seen[cid] = mx
                 # The stuck session's backlog is bounded by what it follows (I5).

@@ -53,34 +53,40 @@ class DecodeError(ValueError):
 @cython.final
 cdef class ConversationSeqs:
     """One decoded ``ConversationSequence``: an immutable record that behaves as the tuple
-    ``(max_sequence, read_sequence, min_sequence, max_sequence_time_ms)``.
+    ``(max_sequence, read_sequence, min_sequence, max_sequence_time_ms, membership)``.
 
     It unpacks, indexes, compares and hashes like that tuple (``record == tuple`` both ways).
-    The four values are C fields, so the decoder builds one small object per entry instead of
-    a tuple and up to four ints, and the cyclic GC never tracks it.
+    The five values are C fields, so the decoder builds one small object per entry instead of
+    a tuple and up to five ints, and the cyclic GC never tracks it.
     """
 
     cdef readonly u64 max_sequence
     cdef readonly u64 read_sequence
     cdef readonly u64 min_sequence
     cdef readonly long long max_sequence_time_ms
+    cdef readonly unsigned int membership  # 0 = not sent, 1 = member, 2 = frozen
 
-    __match_args__ = ("max_sequence", "read_sequence", "min_sequence", "max_sequence_time_ms")
+    __match_args__ = (
+        "max_sequence", "read_sequence", "min_sequence", "max_sequence_time_ms", "membership",
+    )
 
-    def __cinit__(self, max_sequence, read_sequence, min_sequence, max_sequence_time_ms):
+    def __cinit__(self, max_sequence, read_sequence, min_sequence, max_sequence_time_ms,
+                  membership=0):
         # Ints only (floats are refused, as by operator.index); OverflowError out of range.
         # The decoder allocates instances with sa_alloc and does not come through here.
         self.max_sequence = PyNumber_Index(max_sequence)
         self.read_sequence = PyNumber_Index(read_sequence)
         self.min_sequence = PyNumber_Index(min_sequence)
         self.max_sequence_time_ms = PyNumber_Index(max_sequence_time_ms)
+        self.membership = PyNumber_Index(membership)
 
     def astuple(self):
-        """The plain tuple ``(max_sequence, read_sequence, min_sequence, max_sequence_time_ms)``."""
+        """The plain tuple ``(max_sequence, read_sequence, min_sequence, max_sequence_time_ms,
+        membership)``."""
         return _seqs_tuple(self)
 
     def __len__(self):
-        return 4
+        return 5
 
     def __getitem__(self, index):
         cdef Py_ssize_t i
@@ -88,7 +94,7 @@ cdef class ConversationSeqs:
             return _seqs_tuple(self)[index]
         i = PyNumber_AsSsize_t(index, IndexError)  # as tuple: ints only, IndexError past ssize_t
         if i < 0:
-            i += 4
+            i += 5
         if i == 0:
             return sa_u64(self.max_sequence)
         if i == 1:
@@ -97,6 +103,8 @@ cdef class ConversationSeqs:
             return sa_u64(self.min_sequence)
         if i == 3:
             return self.max_sequence_time_ms
+        if i == 4:
+            return self.membership
         raise IndexError("ConversationSeqs index out of range")
 
     def __iter__(self):
@@ -111,7 +119,7 @@ cdef class ConversationSeqs:
     def count(self, value):
         return _seqs_tuple(self).count(value)
 
-    def index(self, value, start=0, stop=4):
+    def index(self, value, start=0, stop=5):
         return _seqs_tuple(self).index(value, start, stop)
 
     def __richcmp__(self, other, int op):
@@ -128,7 +136,7 @@ cdef class ConversationSeqs:
         return (
             f"ConversationSeqs(max_sequence={self.max_sequence}, "
             f"read_sequence={self.read_sequence}, min_sequence={self.min_sequence}, "
-            f"max_sequence_time_ms={self.max_sequence_time_ms})"
+            f"max_sequence_time_ms={self.max_sequence_time_ms}, membership={self.membership})"
         )
 
     def __reduce__(self):
@@ -140,15 +148,16 @@ Sequence.register(ConversationSeqs)
 
 cdef inline tuple _seqs_tuple(ConversationSeqs s):
     return (sa_u64(s.max_sequence), sa_u64(s.read_sequence), sa_u64(s.min_sequence),
-            s.max_sequence_time_ms)
+            s.max_sequence_time_ms, s.membership)
 
 
-cdef inline ConversationSeqs _new_seqs(u64 mx, u64 rd, u64 mn, long long tm):
+cdef inline ConversationSeqs _new_seqs(u64 mx, u64 rd, u64 mn, long long tm, unsigned int mb):
     cdef ConversationSeqs s = <ConversationSeqs>sa_alloc(ConversationSeqs)
     s.max_sequence = mx
     s.read_sequence = rd
     s.min_sequence = mn
     s.max_sequence_time_ms = tm
+    s.membership = mb
     return s
 
 
@@ -193,8 +202,10 @@ cdef bytes _varint(u64 v):
 
 # ---------------------------------------------------------------- encoding
 
-cdef inline Py_ssize_t _value_len(u64 mx, u64 rd, u64 mn, u64 tm) noexcept nogil:
+cdef inline Py_ssize_t _value_len(u64 mx, u64 rd, u64 mn, u64 tm, u64 mb) noexcept nogil:
     cdef Py_ssize_t n = 0
+    if mb:
+        n += 1 + sa_vsize(mb)
     if mx:
         n += 1 + sa_vsize(mx)
     if rd:
@@ -213,9 +224,9 @@ cdef inline Py_ssize_t _entry_size(Py_ssize_t klen, Py_ssize_t vlen) noexcept no
 
 
 cdef inline char *_put_entry(
-    char *p, const char *kp, Py_ssize_t klen, u64 mx, u64 rd, u64 mn, u64 tm
+    char *p, const char *kp, Py_ssize_t klen, u64 mx, u64 rd, u64 mn, u64 tm, u64 mb
 ) noexcept nogil:
-    cdef Py_ssize_t vlen = _value_len(mx, rd, mn, tm)
+    cdef Py_ssize_t vlen = _value_len(mx, rd, mn, tm, mb)
     p[0] = 0x0A
     p = sa_put_varint(p + 1, <u64>(klen + 1 + sa_vsize(<u64>vlen) + vlen))
     memcpy(p, kp, klen)
@@ -234,6 +245,9 @@ cdef inline char *_put_entry(
     if tm:
         p[0] = 0x20
         p = sa_put_varint(p + 1, tm)
+    if mb:
+        p[0] = 0x28
+        p = sa_put_varint(p + 1, mb)
     return p
 
 
@@ -297,17 +311,19 @@ cdef inline void _key_error(Py_ssize_t k) except *:
 
 
 def encode_snapshot(KeyTable keys not None, table, sync_token=b"", full=True, removed=()):
-    """Every row of ``table`` with all its fields."""
+    """Every row of ``table`` with all its fields; ``membership`` 2 on frozen rows only."""
     cdef const unsigned int[::1] kc = table.keys
     cdef const unsigned long long[::1] mxc = table.max_seq
     cdef const unsigned long long[::1] rdc = table.read_seq
     cdef const unsigned long long[::1] mnc = table.min_seq
     cdef const long long[::1] tmc = table.time_ms
+    cdef const unsigned char[::1] fzc = table.frozen
     cdef Py_ssize_t n = kc.shape[0]
     _check_len(n, mxc.shape[0])
     _check_len(n, rdc.shape[0])
     _check_len(n, mnc.shape[0])
     _check_len(n, tmc.shape[0])
+    _check_len(n, fzc.shape[0])
     cdef list enc = keys._encoded
     cdef Py_ssize_t nkeys = PyList_GET_SIZE(enc)
     cdef _Tail tail = _Tail(sync_token, full, removed)
@@ -317,7 +333,7 @@ def encode_snapshot(KeyTable keys not None, table, sync_token=b"", full=True, re
         if k >= nkeys:
             _key_error(k)
         total += _entry_size(
-            sa_key_len(enc, k), _value_len(mxc[i], rdc[i], mnc[i], <u64>tmc[i])
+            sa_key_len(enc, k), _value_len(mxc[i], rdc[i], mnc[i], <u64>tmc[i], 2 if fzc[i] else 0)
         )
     out = PyBytes_FromStringAndSize(NULL, total)
     cdef char *start = PyBytes_AS_STRING(out)
@@ -325,7 +341,7 @@ def encode_snapshot(KeyTable keys not None, table, sync_token=b"", full=True, re
     for i in range(n):
         k = kc[i]
         p = _put_entry(p, sa_key_ptr(enc, k), sa_key_len(enc, k),
-                       mxc[i], rdc[i], mnc[i], <u64>tmc[i])
+                       mxc[i], rdc[i], mnc[i], <u64>tmc[i], 2 if fzc[i] else 0)
     p = tail.write(p)
     assert p - start == total
     return out
@@ -347,19 +363,22 @@ cdef int _since_mode(since, u64 *out) except -1:
 
 
 def encode_delta(KeyTable keys not None, table, since, sync_token=b"", removed=()):
-    """Rows whose change position is after ``since``, with all their fields; ``full`` false."""
+    """Rows whose change position is after ``since``, with all their fields and their
+    ``membership`` (1 or 2: the reader may hold the row with the other state); ``full`` false."""
     cdef const unsigned int[::1] kc = table.keys
     cdef const unsigned long long[::1] mxc = table.max_seq
     cdef const unsigned long long[::1] rdc = table.read_seq
     cdef const unsigned long long[::1] mnc = table.min_seq
     cdef const long long[::1] tmc = table.time_ms
     cdef const unsigned long long[::1] psc = table.pos
+    cdef const unsigned char[::1] fzc = table.frozen
     cdef Py_ssize_t n = kc.shape[0]
     _check_len(n, mxc.shape[0])
     _check_len(n, rdc.shape[0])
     _check_len(n, mnc.shape[0])
     _check_len(n, tmc.shape[0])
     _check_len(n, psc.shape[0])
+    _check_len(n, fzc.shape[0])
     cdef u64 s = 0
     cdef int mode = _since_mode(since, &s)
     cdef list enc = keys._encoded
@@ -396,9 +415,8 @@ def encode_delta(KeyTable keys not None, table, since, sync_token=b"", removed=(
             k = kc[i]
             if k >= nkeys:
                 _key_error(k)
-            total += _entry_size(
-                sa_key_len(enc, k), _value_len(mxc[i], rdc[i], mnc[i], <u64>tmc[i])
-            )
+            total += _entry_size(sa_key_len(enc, k), _value_len(
+                mxc[i], rdc[i], mnc[i], <u64>tmc[i], 2 if fzc[i] else 1))
         out = PyBytes_FromStringAndSize(NULL, total)
         start = PyBytes_AS_STRING(out)
         p = start
@@ -406,7 +424,7 @@ def encode_delta(KeyTable keys not None, table, since, sync_token=b"", removed=(
             i = sel[j]
             k = kc[i]
             p = _put_entry(p, sa_key_ptr(enc, k), sa_key_len(enc, k),
-                           mxc[i], rdc[i], mnc[i], <u64>tmc[i])
+                           mxc[i], rdc[i], mnc[i], <u64>tmc[i], 2 if fzc[i] else 1)
         p = tail.write(p)
         assert p - start == total
         return out
@@ -416,12 +434,14 @@ def encode_delta(KeyTable keys not None, table, since, sync_token=b"", removed=(
 
 def encode_rows(KeyTable keys not None, table, rows, masks=None, sync_token=b"", full=False,
                 removed=()):
-    """The listed rows; with ``masks`` (one byte per listed row) only the selected fields."""
+    """The listed rows; with ``masks`` (one byte per listed row) only the selected fields.
+    Without masks every field, ``membership`` included (1 or 2), as with a mask of 15."""
     cdef const unsigned int[::1] kc = table.keys
     cdef const unsigned long long[::1] mxc = table.max_seq
     cdef const unsigned long long[::1] rdc = table.read_seq
     cdef const unsigned long long[::1] mnc = table.min_seq
     cdef const long long[::1] tmc = table.time_ms
+    cdef const unsigned char[::1] fzc = table.frozen
     cdef Py_ssize_t nrow = kc.shape[0]
     # a row must exist in every column, as indexing each column separately requires
     if mxc.shape[0] < nrow:
@@ -432,6 +452,8 @@ def encode_rows(KeyTable keys not None, table, rows, masks=None, sync_token=b"",
         nrow = mnc.shape[0]
     if tmc.shape[0] < nrow:
         nrow = tmc.shape[0]
+    if fzc.shape[0] < nrow:
+        nrow = fzc.shape[0]
     cdef list rl = rows if type(rows) is list else list(rows)
     cdef Py_ssize_t nsel = len(rl)
     cdef bytes mb
@@ -445,7 +467,7 @@ def encode_rows(KeyTable keys not None, table, rows, masks=None, sync_token=b"",
     cdef Py_ssize_t nkeys = PyList_GET_SIZE(enc)
     cdef Py_ssize_t j, r, k
     cdef Py_ssize_t *sel = <Py_ssize_t *>malloc((nsel if nsel else 1) * sizeof(Py_ssize_t))
-    cdef unsigned char m = 7
+    cdef unsigned char m = 15
     cdef _Tail tail
     cdef Py_ssize_t total
     cdef char *start
@@ -474,7 +496,8 @@ def encode_rows(KeyTable keys not None, table, rows, masks=None, sync_token=b"",
                 m = mp[j]
             total += _entry_size(sa_key_len(enc, k), _value_len(
                 mxc[r] if m & 1 else 0, rdc[r] if m & 2 else 0,
-                mnc[r] if m & 4 else 0, <u64>tmc[r] if m & 1 else 0))
+                mnc[r] if m & 4 else 0, <u64>tmc[r] if m & 1 else 0,
+                (2 if fzc[r] else 1) if m & 8 else 0))
         out = PyBytes_FromStringAndSize(NULL, total)
         start = PyBytes_AS_STRING(out)
         p = start
@@ -485,7 +508,8 @@ def encode_rows(KeyTable keys not None, table, rows, masks=None, sync_token=b"",
                 m = mp[j]
             p = _put_entry(p, sa_key_ptr(enc, k), sa_key_len(enc, k),
                            mxc[r] if m & 1 else 0, rdc[r] if m & 2 else 0,
-                           mnc[r] if m & 4 else 0, <u64>tmc[r] if m & 1 else 0)
+                           mnc[r] if m & 4 else 0, <u64>tmc[r] if m & 1 else 0,
+                           (2 if fzc[r] else 1) if m & 8 else 0)
         p = tail.write(p)
         assert p - start == total
         return out
@@ -511,12 +535,12 @@ def encode_single(KeyTable keys not None, key_id, max_seq, read_seq, min_seq, ti
         if type(sync_token) is not bytes:
             sync_token = bytes(memoryview(sync_token))
         tn = PyBytes_GET_SIZE(sync_token)
-    cdef Py_ssize_t total = _entry_size(klen, _value_len(mx, rd, mn, tm))
+    cdef Py_ssize_t total = _entry_size(klen, _value_len(mx, rd, mn, tm, 0))
     if tn:
         total += 1 + sa_vsize(<u64>tn) + tn
     out = PyBytes_FromStringAndSize(NULL, total)
     cdef char *start = PyBytes_AS_STRING(out)
-    cdef char *p = _put_entry(start, PyBytes_AS_STRING(kb), klen, mx, rd, mn, tm)
+    cdef char *p = _put_entry(start, PyBytes_AS_STRING(kb), klen, mx, rd, mn, tm, 0)
     if tn:
         p[0] = 0x12
         p = sa_put_varint(p + 1, <u64>tn)
@@ -648,7 +672,7 @@ cdef tuple _decode_update(bytes buf):
     cdef const unsigned char *kp
     cdef Py_ssize_t kn
     cdef u64 v
-    cdef u64 vals[4]
+    cdef u64 vals[5]
     cdef dict conversations = _PyDict_NewPresized(sa_count_entries(p, end))
     cdef list removed = []
     token = b""
@@ -667,7 +691,7 @@ cdef tuple _decode_update(bytes buf):
             if p == NULL:
                 _raise(err, "SequenceUpdate")
             eend = p + n
-            vals[0] = vals[1] = vals[2] = vals[3] = 0
+            vals[0] = vals[1] = vals[2] = vals[3] = vals[4] = 0
             kp = NULL
             kn = 0
             nkeys = 0
@@ -679,7 +703,9 @@ cdef tuple _decode_update(bytes buf):
                 _check_keys(p, eend)
             key = sa_str(kp, kn) if nkeys else ""  # checked even when the entry is dropped
             if not unknown:  # upb keeps such an entry as an unknown field, out of the map
-                conversations[key] = _new_seqs(vals[0], vals[1], vals[2], <long long>vals[3])
+                # membership is a uint32: protobuf keeps the low 32 bits of the varint
+                conversations[key] = _new_seqs(vals[0], vals[1], vals[2], <long long>vals[3],
+                                               <unsigned int>(vals[4] & 0xFFFFFFFFULL))
             p = eend
         elif field == 2:
             if wire != 2:

@@ -8,10 +8,14 @@ Wire layout written (field order = field number order, as the protobuf runtime w
 
 * ``conversations`` (1): one map entry per row: ``0a <len> [0a <klen> key] [12 <vlen> value]``;
   ``value`` is a ``ConversationSequence`` whose fields equal to 0 are omitted;
+  ``membership`` (5) is 2 for a frozen row (``table.frozen``) in every encoder; a member row
+  writes 1 where the reader cannot infer it (``encode_delta``, ``encode_rows`` without masks,
+  and masks with ``FIELD_MEMBERSHIP``) and nothing in a snapshot (absent there = member);
 * ``sync_token`` (2) when non-empty, ``full`` (3) when true, ``removed`` (4) per id.
 
-Push masks (``FIELD_MAX``/``FIELD_READ``/``FIELD_MIN`` from :mod:`seqactor.server._view`) select which
-fields of a row a push carries; unselected fields are written as 0 = unchanged.
+Push masks (``FIELD_MAX``/``FIELD_READ``/``FIELD_MIN``/``FIELD_MEMBERSHIP`` from
+:mod:`seqactor.server._view`) select which fields of a row a push carries; unselected fields
+are written as 0 = unchanged.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ _U64_MASK = (1 << 64) - 1
 _U64_MAX = _U64_MASK
 _I64_MIN = -(1 << 63)
 _I64_MAX = (1 << 63) - 1
+_U32_MAX = (1 << 32) - 1
 
 
 class DecodeError(ValueError):
@@ -39,33 +44,39 @@ def _index_in(value: SupportsIndex, lo: int, hi: int) -> int:
     return v
 
 
-class ConversationSeqs(tuple[int, int, int, int]):
+class ConversationSeqs(tuple[int, int, int, int, int]):
     """One decoded ``ConversationSequence``: an immutable record that is (here, literally) the
-    tuple ``(max_sequence, read_sequence, min_sequence, max_sequence_time_ms)``.
+    tuple ``(max_sequence, read_sequence, min_sequence, max_sequence_time_ms, membership)``.
 
     The compiled kernel's class of the same name holds the values as C fields and behaves as
     this tuple: it unpacks, indexes, compares and hashes alike (``record == tuple`` both ways).
     The constructor takes ints only (``TypeError`` otherwise) and raises ``OverflowError``
-    outside uint64 (the seqs) or int64 (the time), as the compiled one does.
+    outside uint64 (the seqs), int64 (the time) or uint32 (``membership``, default 0 = not
+    sent), as the compiled one does.
     """
 
     __slots__ = ()
-    __match_args__ = ("max_sequence", "read_sequence", "min_sequence", "max_sequence_time_ms")
+    __match_args__ = (
+        "max_sequence", "read_sequence", "min_sequence", "max_sequence_time_ms", "membership",
+    )
 
     def __new__(
         cls, max_sequence: SupportsIndex, read_sequence: SupportsIndex,
         min_sequence: SupportsIndex, max_sequence_time_ms: SupportsIndex,
+        membership: SupportsIndex = 0,
     ) -> ConversationSeqs:
         return tuple.__new__(cls, (
             _index_in(max_sequence, 0, _U64_MAX),
             _index_in(read_sequence, 0, _U64_MAX),
             _index_in(min_sequence, 0, _U64_MAX),
             _index_in(max_sequence_time_ms, _I64_MIN, _I64_MAX),
+            _index_in(membership, 0, _U32_MAX),
         ))
 
-    def astuple(self) -> tuple[int, int, int, int]:
-        """The plain tuple ``(max_sequence, read_sequence, min_sequence, max_sequence_time_ms)``."""
-        return (self[0], self[1], self[2], self[3])
+    def astuple(self) -> tuple[int, int, int, int, int]:
+        """The plain tuple ``(max_sequence, read_sequence, min_sequence, max_sequence_time_ms,
+        membership)``."""
+        return (self[0], self[1], self[2], self[3], self[4])
 
     @property
     def max_sequence(self) -> int:
@@ -83,18 +94,24 @@ class ConversationSeqs(tuple[int, int, int, int]):
     def max_sequence_time_ms(self) -> int:
         return self[3]
 
+    @property
+    def membership(self) -> int:
+        """0 = not sent (unchanged), 1 = member, 2 = frozen (left with keep_history)."""
+        return self[4]
+
     def __repr__(self) -> str:
         return (
             f"ConversationSeqs(max_sequence={self[0]}, read_sequence={self[1]}, "
-            f"min_sequence={self[2]}, max_sequence_time_ms={self[3]})"
+            f"min_sequence={self[2]}, max_sequence_time_ms={self[3]}, membership={self[4]})"
         )
 
-    def __reduce__(self) -> tuple[type[ConversationSeqs], tuple[int, int, int, int]]:
-        return ConversationSeqs, (self[0], self[1], self[2], self[3])
+    def __reduce__(self) -> tuple[type[ConversationSeqs], tuple[int, int, int, int, int]]:
+        return ConversationSeqs, (self[0], self[1], self[2], self[3], self[4])
 
 
 # Result of decode_update: (conversations, sync_token, full, removed), where conversations maps
-# id -> ConversationSeqs (max_sequence, read_sequence, min_sequence, max_sequence_time_ms).
+# id -> ConversationSeqs (max_sequence, read_sequence, min_sequence, max_sequence_time_ms,
+# membership).
 DecodedUpdate = tuple[dict[str, ConversationSeqs], bytes, bool, list[str]]
 
 
@@ -148,7 +165,8 @@ class KeyTable:
 
 
 def _put_entry(
-    out: bytearray, enc_key: bytes, max_seq: int, read_seq: int, min_seq: int, time_ms: int
+    out: bytearray, enc_key: bytes, max_seq: int, read_seq: int, min_seq: int, time_ms: int,
+    membership: int = 0,
 ) -> None:
     value = bytearray()
     if max_seq:
@@ -163,6 +181,9 @@ def _put_entry(
     if time_ms:
         value.append(0x20)
         _put_varint(value, time_ms)
+    if membership:
+        value.append(0x28)
+        _put_varint(value, membership)
     entry_len = len(enc_key) + 1 + len(_varint(len(value))) + len(value)
     out.append(0x0A)
     _put_varint(out, entry_len)
@@ -192,13 +213,14 @@ def encode_snapshot(
     keys: KeyTable, table: Any, sync_token: bytes = b"", full: bool = True,
     removed: Sequence[str] = (),
 ) -> bytes:
-    """Every row of ``table`` with all its fields."""
+    """Every row of ``table`` with all its fields; ``membership`` 2 on frozen rows only."""
     enc = keys._encoded
     out = bytearray()
-    for k, mx, rd, mn, tm in zip(
-        table.keys, table.max_seq, table.read_seq, table.min_seq, table.time_ms, strict=True
+    for k, mx, rd, mn, tm, fz in zip(
+        table.keys, table.max_seq, table.read_seq, table.min_seq, table.time_ms, table.frozen,
+        strict=True,
     ):
-        _put_entry(out, enc[k], mx, rd, mn, tm)
+        _put_entry(out, enc[k], mx, rd, mn, tm, 2 if fz else 0)
     _put_tail(out, sync_token, full, removed)
     return bytes(out)
 
@@ -207,15 +229,16 @@ def encode_delta(
     keys: KeyTable, table: Any, since: int, sync_token: bytes = b"",
     removed: Sequence[str] = (),
 ) -> bytes:
-    """Rows whose change position is after ``since``, with all their fields; ``full`` false."""
+    """Rows whose change position is after ``since``, with all their fields and their
+    ``membership`` (1 or 2: the reader may hold the row with the other state); ``full`` false."""
     enc = keys._encoded
     out = bytearray()
-    for k, mx, rd, mn, tm, ps in zip(
+    for k, mx, rd, mn, tm, ps, fz in zip(
         table.keys, table.max_seq, table.read_seq, table.min_seq, table.time_ms, table.pos,
-        strict=True,
+        table.frozen, strict=True,
     ):
         if ps > since:
-            _put_entry(out, enc[k], mx, rd, mn, tm)
+            _put_entry(out, enc[k], mx, rd, mn, tm, 2 if fz else 1)
     _put_tail(out, sync_token, False, removed)
     return bytes(out)
 
@@ -224,22 +247,22 @@ def encode_rows(
     keys: KeyTable, table: Any, rows: Sequence[int], masks: bytes | None = None,
     sync_token: bytes = b"", full: bool = False, removed: Sequence[str] = (),
 ) -> bytes:
-    """The listed rows; with ``masks`` (one byte per listed row) only the selected fields."""
+    """The listed rows; with ``masks`` (one byte per listed row) only the selected fields.
+    Without masks every field, ``membership`` included (1 or 2), as with a mask of 15."""
     enc = keys._encoded
     kc, mxc, rdc, mnc, tmc = table.keys, table.max_seq, table.read_seq, table.min_seq, table.time_ms
+    fzc = table.frozen
     out = bytearray()
     for i, row in enumerate(rows):
-        if masks is None:
-            _put_entry(out, enc[kc[row]], mxc[row], rdc[row], mnc[row], tmc[row])
-        else:
-            m = masks[i]
-            _put_entry(
-                out, enc[kc[row]],
-                mxc[row] if m & 1 else 0,
-                rdc[row] if m & 2 else 0,
-                mnc[row] if m & 4 else 0,
-                tmc[row] if m & 1 else 0,
-            )
+        m = 15 if masks is None else masks[i]
+        _put_entry(
+            out, enc[kc[row]],
+            mxc[row] if m & 1 else 0,
+            rdc[row] if m & 2 else 0,
+            mnc[row] if m & 4 else 0,
+            tmc[row] if m & 1 else 0,
+            (2 if fzc[row] else 1) if m & 8 else 0,
+        )
     _put_tail(out, sync_token, full, removed)
     return bytes(out)
 
@@ -338,13 +361,14 @@ def _signed64(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
-def _decode_value(
-    data: bytes, pos: int, end: int, prev: tuple[int, int, int, int]
-) -> tuple[int, int, int, int]:
-    mx, rd, mn, tm = prev
+_Value = tuple[int, int, int, int, int]
+
+
+def _decode_value(data: bytes, pos: int, end: int, prev: _Value) -> _Value:
+    mx, rd, mn, tm, mb = prev
     while pos < end:
         field, wire, pos = _get_tag(data, pos, end)
-        if wire == 0 and 1 <= field <= 4:
+        if wire == 0 and 1 <= field <= 5:
             v, pos = _get_varint(data, pos, end)
             if field == 1:
                 mx = v
@@ -352,21 +376,21 @@ def _decode_value(
                 rd = v
             elif field == 3:
                 mn = v
-            else:
+            elif field == 4:
                 tm = _signed64(v)
-        elif 1 <= field <= 4:
+            else:
+                mb = v & _U32_MAX  # uint32: protobuf keeps the low 32 bits of the varint
+        elif 1 <= field <= 5:
             raise DecodeError(f"wrong wire type {wire} for ConversationSequence field {field}")
         else:
             pos = _skip(data, pos, end, wire)
-    return mx, rd, mn, tm
+    return mx, rd, mn, tm, mb
 
 
-def _decode_entry(
-    data: bytes, pos: int, end: int
-) -> tuple[str, tuple[int, int, int, int], bool]:
+def _decode_entry(data: bytes, pos: int, end: int) -> tuple[str, _Value, bool]:
     """(key, value, whether the entry held unknown fields)."""
     key = ""
-    value = (0, 0, 0, 0)
+    value = (0, 0, 0, 0, 0)
     unknown = False
     while pos < end:
         field, wire, pos = _get_tag(data, pos, end)

@@ -12,13 +12,13 @@ import warnings
 
 NO_EXTENSIONS_ENV = "SEQACTOR_NO_EXTENSIONS"
 
-if os.environ.get(NO_EXTENSIONS_ENV) == "1":
-    from seqactor import _delta_py as _impl
-
-    COMPILED = False
-else:
+# The compiled modules are imported first, so mypy types every name below from their stubs
+# (_delta.pyi, _readindex.pyi; `make lint` checks those against the built modules). The twins
+# are held to the same API and bytes by tests/test_kernel.py and tests/test_readindex.py.
+COMPILED = READINDEX_COMPILED = False
+if os.environ.get(NO_EXTENSIONS_ENV) != "1":
     try:
-        from seqactor import _delta as _impl  # type: ignore[attr-defined, no-redef, unused-ignore]
+        from seqactor import _delta as _impl
 
         COMPILED = True
     except ImportError as exc:  # pragma: no cover - depends on the build
@@ -27,14 +27,10 @@ else:
             RuntimeWarning,
             stacklevel=2,
         )
-        from seqactor import _delta_py as _impl
-
-        COMPILED = False
-
 # The read-count kernel (group read counts, docs/protocol.md "Group read counts"): same switch, same fallback.
 if COMPILED:
     try:
-        from seqactor import _readindex as _ri  # type: ignore[attr-defined, no-redef, unused-ignore]
+        from seqactor import _readindex as _ri
 
         READINDEX_COMPILED = True
     except ImportError as exc:  # pragma: no cover - depends on the build
@@ -43,13 +39,10 @@ if COMPILED:
             RuntimeWarning,
             stacklevel=2,
         )
-        from seqactor import _readindex_py as _ri
-
-        READINDEX_COMPILED = False
-else:
-    from seqactor import _readindex_py as _ri
-
-    READINDEX_COMPILED = False
+if not COMPILED:
+    from seqactor import _delta_py as _impl  # type: ignore[no-redef]
+if not READINDEX_COMPILED:
+    from seqactor import _readindex_py as _ri  # type: ignore[no-redef]
 
 ReadCounter = _ri.ReadCounter
 

@@ -154,7 +154,7 @@ static inline __attribute__((always_inline)) const unsigned char *sa_len(
     return p;
 }
 
-/* One ConversationSequence, merged into vals[0..3]. */
+/* One ConversationSequence, merged into vals[0..4] (max, read, min, time, membership). */
 static inline int sa_value(
     const unsigned char *p, const unsigned char *end, unsigned long long *vals
 ) {
@@ -163,7 +163,7 @@ static inline int sa_value(
     while (p < end) {
         p = sa_tag(p, end, &field, &wire, &err);
         if (p == NULL) return err;
-        if (field <= 4) {
+        if (field <= 5) {
             if (wire != 0) return SA_EWIRE;
             p = sa_get_varint(p, end, &vals[field - 1]);
             if (p == NULL) return SA_EVARINT;

@@ -31,7 +31,9 @@ function row(c: Conversation, client: Client): HTMLLIElement {
   text.className = "grow";
   text.innerHTML = `<div class="name"></div><div class="meta"></div>`;
   text.querySelector(".name")!.textContent = c.id;
-  text.querySelector(".meta")!.textContent = `seq ${c.maxSequence} · read ${c.readSequence} · ${ago(c.timeMs)}`;
+  // a frozen row (left with keep_history) keeps its max: say so, as `seqactor watch` does
+  const left = c.frozen ? " · ❄ left" : "";
+  text.querySelector(".meta")!.textContent = `seq ${c.maxSequence} · read ${c.readSequence} · ${ago(c.timeMs)}${left}`;
   const badge = document.createElement("span");
   badge.className = "badge";
   badge.textContent = String(c.unread);

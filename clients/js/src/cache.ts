@@ -5,7 +5,7 @@
 import type { Row } from "./wire.js";
 
 export const CACHE_FORMAT = "seqactor-client-cache";
-export const CACHE_VERSION = 1;
+export const CACHE_VERSION = 2; // 2: rows carry `frozen` (version 1 caches are ignored)
 
 export interface CacheData {
   user: string;
@@ -20,14 +20,15 @@ export interface CacheStore {
   save(data: CacheData): Promise<void>;
 }
 
-/** A serialisable form (JSON-safe: the token in base64, rows as [max, read, min, timeMs]). */
+/** A serialisable form (JSON-safe: the token in base64, rows as [max, read, min, timeMs, frozen],
+ * frozen 1 for a row left with keep_history, else 0). */
 export interface CacheRecord {
   format: string;
   version: number;
   user: string;
   url: string;
   token: string;
-  view: Record<string, [number, number, number, number]>;
+  view: Record<string, [number, number, number, number, number]>;
 }
 
 export function toBase64(b: Uint8Array): string {
@@ -45,7 +46,7 @@ export function fromBase64(s: string): Uint8Array {
 
 export function toRecord(d: CacheData): CacheRecord {
   const view: CacheRecord["view"] = {};
-  for (const [cid, r] of d.view) view[cid] = [r.max, r.read, r.min, r.timeMs];
+  for (const [cid, r] of d.view) view[cid] = [r.max, r.read, r.min, r.timeMs, r.membership === 2 ? 1 : 0];
   return { format: CACHE_FORMAT, version: CACHE_VERSION, user: d.user, url: d.url, token: toBase64(d.token), view };
 }
 
@@ -58,10 +59,10 @@ export function fromRecord(obj: unknown): CacheData {
   if (!o.view || typeof o.view !== "object") throw new Error("malformed cache view");
   const view = new Map<string, Row>();
   for (const [cid, row] of Object.entries(o.view)) {
-    if (!Array.isArray(row) || row.length !== 4 || !row.every((v) => Number.isSafeInteger(v) && v >= 0)) {
+    if (!Array.isArray(row) || row.length !== 5 || !row.every((v) => Number.isSafeInteger(v) && v >= 0) || row[4] > 1) {
       throw new Error("malformed cache row");
     }
-    view.set(cid, { max: row[0], read: row[1], min: row[2], timeMs: row[3] });
+    view.set(cid, { max: row[0], read: row[1], min: row[2], timeMs: row[3], membership: row[4] === 1 ? 2 : 0 });
   }
   return { user: o.user, url: o.url, token: fromBase64(o.token), view };
 }

@@ -373,7 +373,7 @@ export class Client extends Endpoint {
     if (meta.what === "markRead" && field === F_ACK) {
       const read = decodeAck(body);
       const row = this.rows.get(meta.id);
-      if (row && read > row.read) this.apply(new Map([[meta.id, { max: 0, read, min: 0, timeMs: 0 }]]), EMPTY, false, []);
+      if (row && read > row.read) this.apply(new Map([[meta.id, { max: 0, read, min: 0, timeMs: 0, membership: 0 }]]), EMPTY, false, []);
     } else if (meta.what === "sync" && field === F_UPDATE) {
       const u = decodeUpdate(body);
       this.resuming = false;

@@ -12,6 +12,9 @@ export interface Conversation {
   readonly timeMs: number;
   /** docs/protocol.md#unread: max − max(read, min − 1) when min > 0, else max − read; never negative */
   readonly unread: number;
+  /** the user left with keep_history: max, min and time stay as they were (it can still be
+   * marked read); a re-add makes it a member again (false) */
+  readonly frozen: boolean;
 }
 
 /** A conversation that changed: `old` is null when it joined the view, `new` when it left. */
@@ -48,18 +51,22 @@ export function toConversation(id: string, row: Row | null | undefined): Convers
     minSequence: row.min,
     timeMs: row.timeMs,
     unread: unreadOf(row.max, row.read, row.min),
+    frozen: row.membership === 2,
   };
 }
 
 function same(a: Row | null, b: Row | null): boolean {
   if (a === null || b === null) return a === b;
-  return a.max === b.max && a.read === b.read && a.min === b.min && a.timeMs === b.timeMs;
+  return a.max === b.max && a.read === b.read && a.min === b.min && a.timeMs === b.timeMs &&
+    a.membership === b.membership;
 }
 
 /** Apply one update to `view` in place; returns what changed (old, new) per conversation.
  *
  * A snapshot (`full`) replaces the view exactly. Otherwise fields equal to 0 leave values as
- * they are, `removed` drops, and seqs only move forward (a late frame cannot roll back). */
+ * they are, `removed` drops, and seqs only move forward (a late frame cannot roll back).
+ * `membership` 2 freezes a row, 1 makes it a member again, 0 keeps what it was (in a snapshot
+ * or for a row new to the view: a member). */
 export function applyUpdate(
   view: Map<string, Row>,
   convs: Map<string, Row>,
@@ -79,7 +86,7 @@ export function applyUpdate(
     const old = view.get(cid) ?? null;
     let next: Row;
     if (old === null || full) {
-      next = { max: seqs.max, read: seqs.read, min: seqs.min, timeMs: seqs.timeMs };
+      next = { max: seqs.max, read: seqs.read, min: seqs.min, timeMs: seqs.timeMs, membership: seqs.membership === 2 ? 2 : 0 };
     } else {
       let max = old.max;
       let timeMs = old.timeMs;
@@ -92,6 +99,7 @@ export function applyUpdate(
         read: seqs.read > old.read ? seqs.read : old.read,
         min: seqs.min > old.min ? seqs.min : old.min,
         timeMs,
+        membership: seqs.membership ? (seqs.membership === 2 ? 2 : 0) : old.membership,
       };
     }
     if (!same(old, next)) {

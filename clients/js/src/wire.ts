@@ -26,6 +26,9 @@ export interface Row {
   read: number;
   min: number;
   timeMs: number;
+  /** docs/protocol.md#messages `membership`: in an update 0 = not sent (unchanged), 1 = member,
+   * 2 = frozen (left with keep_history); in the client's view 0 = member, 2 = frozen */
+  membership: number;
 }
 
 export interface Update {
@@ -228,7 +231,7 @@ export function decodeUpdate(body: Uint8Array): Update {
       // map entry: key = 1 (string), value = 2 (ConversationSequence)
       const entryEnd = r.bytesEnd();
       let key = "";
-      let max = 0, read = 0, min = 0, timeMs = 0;
+      let max = 0, read = 0, min = 0, timeMs = 0, membership = 0;
       while (r.pos < entryEnd) {
         const t = r.varint();
         if (t === 10) {
@@ -243,13 +246,14 @@ export function decodeUpdate(body: Uint8Array): Update {
             else if (f === 16) read = r.varint();
             else if (f === 24) min = r.varint();
             else if (f === 32) timeMs = r.varint();
+            else if (f === 40) membership = r.varint() >>> 0; // uint32: the low 32 bits, as protobuf
             else r.skip(f & 7);
           }
           if (r.pos !== e) throw new DecodeError("malformed ConversationSequence");
         } else r.skip(t & 7);
       }
       if (r.pos !== entryEnd) throw new DecodeError("malformed map entry");
-      conversations.set(key, { max, read, min, timeMs });
+      conversations.set(key, { max, read, min, timeMs, membership });
     } else if (tag === 18) {
       const e = r.bytesEnd();
       syncToken = body.slice(r.pos, e);

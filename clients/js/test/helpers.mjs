@@ -109,9 +109,13 @@ export function until(check, targets, what = "condition") {
   });
 }
 
-/** Plain view {id: {max, read, min, unread}} for comparisons. */
+/** Plain view {id: {max, read, min, unread, frozen?}} for comparisons (`frozen: true` only on
+ * frozen rows, as tests/scenarios/*.json write it). */
 export function plainView(client) {
   const out = {};
-  for (const [id, c] of client.view) out[id] = { max: c.maxSequence, read: c.readSequence, min: c.minSequence, unread: c.unread };
+  for (const [id, c] of client.view) {
+    out[id] = { max: c.maxSequence, read: c.readSequence, min: c.minSequence, unread: c.unread };
+    if (c.frozen) out[id].frozen = true;
+  }
   return out;
 }

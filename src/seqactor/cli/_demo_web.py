@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-DEMO_DIR = Path(__file__).resolve().parents[2] / "clients" / "js" / "demo"
+# src/seqactor/cli/_demo_web.py -> the checkout's root (parents[3]) -> clients/js/demo
+DEMO_DIR = Path(__file__).resolve().parents[3] / "clients" / "js" / "demo"
 BUILT_FILE = DEMO_DIR / "dist" / "demo.js"
 MAX_PORT = 65_535
 

@@ -1,7 +1,9 @@
 """The client's on-disk cache: view + sync token in one msgpack file, written atomically.
 
-Layout (msgpack map): ``{"format": "seqactor-client-cache", "version": 1, "user": str,
-"url": str, "token": bytes, "view": {conversation_id: [max, read, min, time_ms]}}``.
+Layout (msgpack map): ``{"format": "seqactor-client-cache", "version": 2, "user": str,
+"url": str, "token": bytes, "view": {conversation_id: [max, read, min, time_ms, frozen]}}``
+(``frozen``: 1 for a row left with keep_history, else 0; version 1 had no ``frozen`` and is
+ignored like any other version).
 A write goes to a temporary file in the same directory, is fsync'd, then renamed over the
 old file, so a crash leaves either the old or the new cache, never a torn one. A file that is
 missing, unreadable, corrupt or not ours loads as ``None`` (with a warning for the last two):
@@ -21,9 +23,9 @@ import msgpack  # type: ignore[import-untyped, unused-ignore]
 log = logging.getLogger("seqactor.client")
 
 CACHE_FORMAT = "seqactor-client-cache"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
-Row = tuple[int, int, int, int]  # max, read, min, time_ms
+Row = tuple[int, int, int, int, bool]  # max, read, min, time_ms, frozen
 
 
 @dataclass(slots=True)
@@ -39,7 +41,7 @@ def encode(data: CacheData) -> bytes:
         {
             "format": CACHE_FORMAT, "version": CACHE_VERSION, "user": data.user,
             "url": data.url, "token": data.token,
-            "view": {cid: list(row) for cid, row in data.view.items()},
+            "view": {cid: [*row[:4], 1 if row[4] else 0] for cid, row in data.view.items()},
         },
         use_bin_type=True,
     )
@@ -64,11 +66,11 @@ def decode(raw: bytes) -> CacheData:
     rows: dict[str, Row] = {}
     for cid, row in view.items():
         if (
-            not isinstance(cid, str) or not isinstance(row, list) or len(row) != 4
-            or not all(isinstance(v, int) and v >= 0 for v in row)
+            not isinstance(cid, str) or not isinstance(row, list) or len(row) != 5
+            or not all(isinstance(v, int) and v >= 0 for v in row) or row[4] not in (0, 1)
         ):
             raise ValueError("malformed cache row")
-        rows[cid] = (row[0], row[1], row[2], row[3])
+        rows[cid] = (row[0], row[1], row[2], row[3], row[4] == 1)
     return CacheData(user=user, url=url, token=token, view=rows)
 
 

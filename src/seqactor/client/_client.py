@@ -57,7 +57,7 @@ log = logging.getLogger("seqactor.client")
 CACHE_SAVE_INTERVAL_S = 1.0  # a changed view is written at most this often (and on close)
 SERVICE_REQUEST_TIMEOUT_S = 30.0  # waiting for a connection + the reply
 
-Row = tuple[int, int, int, int]  # max, read, min, time_ms
+Row = tuple[int, int, int, int, bool]  # max, read, min, time_ms, frozen
 
 __all__ = [
     "AuthenticationError", "BadRequest", "Allocation", "Change", "ChangeBatch", "ChangeStream",
@@ -80,6 +80,9 @@ class Conversation:
     read_sequence: int
     min_sequence: int
     time_ms: int
+    # True: the user left with keep_history; max, min and time stay as they were when they left
+    # (it can still be marked read). A re-add makes it a member again (False).
+    frozen: bool = False
 
     @property
     def unread(self) -> int:
@@ -128,7 +131,7 @@ class Allocation:
 
 
 def _conv(cid: str, row: Row | None) -> Conversation | None:
-    return None if row is None else Conversation(cid, row[0], row[1], row[2], row[3])
+    return None if row is None else Conversation(cid, *row)
 
 
 def _unread(row: Row | None) -> int:
@@ -277,9 +280,10 @@ class Client(WatchMixin, _Endpoint):
     def sync_token(self) -> bytes:
         return self._token_bytes
 
-    def rows(self) -> dict[str, Row]:
-        """The view as plain tuples ``(max, read, min, time_ms)`` (a copy)."""
-        return dict(self._view)
+    def rows(self) -> dict[str, tuple[int, int, int, int]]:
+        """The view as plain tuples ``(max, read, min, time_ms)`` (a copy; ``get(id).frozen``
+        tells a frozen row)."""
+        return {cid: row[:4] for cid, row in self._view.items()}
 
     def changes(self) -> ChangeStream:
         """A new change stream; it sees every change applied after this call."""
@@ -445,7 +449,9 @@ class Client(WatchMixin, _Endpoint):
     ) -> None:
         """Apply one update. Fields equal to 0 leave values as they are; ``removed`` drops;
         ``full`` replaces. Outside a snapshot, seqs only move forward (a conversation's max,
-        a member's read and min never decrease), so a late frame cannot roll a value back."""
+        a member's read and min never decrease), so a late frame cannot roll a value back.
+        ``membership`` 2 freezes a row, 1 makes it a member again; 0 keeps what it was (in a
+        snapshot, or for a row new to the view: a member)."""
         view = self._view
         changed: dict[str, tuple[Row | None, Row | None]] = {}
         if full:
@@ -453,16 +459,19 @@ class Client(WatchMixin, _Endpoint):
                 changed[cid] = (view.pop(cid), None)
         for cid, seqs in convs.items():
             old = view.get(cid)
+            mx, rd, mn, tm, mb = seqs.astuple()  # the view holds plain tuples
             if old is None or full:
-                new = seqs.astuple()  # the view holds plain tuples
+                new = (mx, rd, mn, tm, mb == 2)
             else:
-                mx, rd, mn, tm = seqs.astuple()
-                omx, ord_, omn, otm = old
+                omx, ord_, omn, otm, ofz = old
                 if mx >= omx and mx:
                     nmx, ntm = mx, (tm or otm)
                 else:
                     nmx, ntm = omx, otm
-                new = (nmx, rd if rd > ord_ else ord_, mn if mn > omn else omn, ntm)
+                new = (
+                    nmx, rd if rd > ord_ else ord_, mn if mn > omn else omn, ntm,
+                    mb == 2 if mb else ofz,
+                )
             if new != old:
                 view[cid] = new
                 changed[cid] = (old, new)

@@ -14,6 +14,7 @@ from seqactor.client._client import Client, Conversation
 
 REFRESH_S = 1.0  # redraw at least this often (connection state, "x s ago")
 DEFAULT_LIMIT = 30
+FROZEN_MARK = "❄ left"  # after the id of a frozen row (left with keep_history): max stays put
 
 
 def _ago(time_ms: int, now_ms: int) -> str:
@@ -52,11 +53,12 @@ def render(client: Client, limit: int, changed: set[str] | frozenset[str] = froz
     table.add_column("unread", justify="right")
     table.add_column("last activity", justify="right")
     for c in convs[:limit]:
-        style = "bold" if c.id in changed else ""
+        name = Text(c.id, style="bold" if c.id in changed else "")
+        if c.frozen:
+            name.append(f" {FROZEN_MARK}", style="cyan")
         unread = Text(str(c.unread), style="bold red" if c.unread else "dim")
         table.add_row(
-            Text(c.id, style=style), str(c.max_sequence), str(c.read_sequence), unread,
-            _ago(c.time_ms, now_ms),
+            name, str(c.max_sequence), str(c.read_sequence), unread, _ago(c.time_ms, now_ms),
         )
     parts: list[Table | Text] = [Text(title, style="bold"), table]
     if len(convs) > limit:

@@ -15,6 +15,8 @@ FIELD_MAX = 1  # max_sequence and max_sequence_time_ms
 FIELD_READ = 2
 FIELD_MIN = 4
 FIELD_ALL = FIELD_MAX | FIELD_READ | FIELD_MIN
+# membership (1 = member, 2 = frozen): set when a row freezes or a frozen row's user rejoins
+FIELD_MEMBERSHIP = 8
 
 
 class ViewTable:

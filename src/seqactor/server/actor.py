@@ -19,7 +19,14 @@ import trio
 
 from seqactor import _kernel as kernel
 from seqactor.server._frames import ws_binary_frame
-from seqactor.server._view import FIELD_ALL, FIELD_MAX, FIELD_MIN, FIELD_READ, ViewTable
+from seqactor.server._view import (
+    FIELD_ALL,
+    FIELD_MAX,
+    FIELD_MEMBERSHIP,
+    FIELD_MIN,
+    FIELD_READ,
+    ViewTable,
+)
 from seqactor.server.metrics import HotCounters
 from seqactor.store import ViewData
 
@@ -364,22 +371,32 @@ class UserActor:
         self, key_id: int, conversation_id: str, max_seq: int, read_seq: int, min_seq: int,
         time_ms: int, pos: int,
     ) -> None:
-        self.table.upsert(key_id, max_seq, read_seq, min_seq, time_ms, pos, False)
+        t = self.table
+        row = t.row_of(key_id)
+        # A frozen row's user re-added: the push says so (membership = 1); a new row needs
+        # no membership (absent = member).
+        mask = FIELD_ALL | FIELD_MEMBERSHIP if row >= 0 and t.frozen[row] else FIELD_ALL
+        t.upsert(key_id, max_seq, read_seq, min_seq, time_ms, pos, False)
         marked = False
         for s in self.sessions:
             s.pending_removed.discard(conversation_id)
             if s.follows(key_id):
-                s.mark(key_id, FIELD_ALL)
+                s.mark(key_id, mask)
                 marked = True
         if marked:
             self.wake()
 
     def on_freeze(self, key_id: int, pos: int) -> None:
+        """The user left with keep_history: the row keeps its values and ignores conversation
+        changes from now on; its sessions get ``membership = 2``."""
         t = self.table
         row = t.row_of(key_id)
-        if row >= 0:
-            t.frozen[row] = 1
+        if row < 0 or t.frozen[row]:
+            return  # a repeated delivery pushes nothing
+        t.frozen[row] = 1
+        if pos > t.pos[row]:
             t.pos[row] = pos
+        self._mark_all(key_id, FIELD_MEMBERSHIP)
 
     def on_leave(self, key_id: int, conversation_id: str) -> None:
         self.table.remove(key_id)

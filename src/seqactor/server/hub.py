@@ -401,6 +401,14 @@ class Hub:
                 members = self.index.get(key_id)
                 if members is not None:
                     members.discard(actor)
+            elif table.frozen[row] and not view.frozen[i] and table.pos[row] <= view.position:
+                # a re-add the actor missed (not a freeze that came after the load)
+                actor.on_join(
+                    key_id, cid, view.max_seq[i], view.read_seq[i], view.min_seq[i],
+                    view.time_ms[i], pos,
+                )
+                self.index.setdefault(key_id, set()).add(actor)
+                continue
             if view.max_seq[i] > table.max_seq[row] and not table.frozen[row]:
                 actor.on_max(key_id, view.max_seq[i], view.time_ms[i], pos, None)
             if view.read_seq[i] > table.read_seq[row]:

@@ -89,6 +89,57 @@ test("markRead returns the effective read seq (clamped, monotonic) and applies i
   }
 });
 
+test("keep_history: the row is frozen (pushed, in a resume, a snapshot and the cache); a re-add ends it", async () => {
+  const path = join(tempDir(), "frozen.json");
+  await svc.addMembers("f-1", ["fritz", "gil"]);
+  await svc.addMembers("f-2", ["fritz"]);
+  await svc.allocate("f-1", 5);
+  const away = await Client.connect(server.url, server.token("fritz"), { cache: new FileCache(path), deviceId: "away" });
+  assert.equal(away.get("f-1").frozen, false);
+  await away.close(); // its cache holds a token from before the freeze
+  const c = await Client.connect(server.url, server.token("fritz"), { deviceId: "live" });
+  try {
+    const stream = c.changes();
+    await svc.removeMembers("f-1", ["fritz"], true);
+    const ch = (await stream.next()).value.changes.find((x) => x.conversationId === "f-1");
+    assert.equal(ch.old.frozen, false);
+    assert.equal(ch.new.frozen, true);
+    assert.equal(c.get("f-1").maxSequence, 5);
+    await svc.allocate("f-1", 3); // does not reach the frozen row
+    await svc.allocate("f-2", 1);
+    await until(() => c.get("f-2").maxSequence === 1, c, "f-2 pushed");
+    assert.equal(c.get("f-1").maxSequence, 5);
+    assert.equal(await c.markRead("f-1"), 5); // a frozen row can still be read
+    assert.equal(c.get("f-1").frozen, true);
+    // a resume across the freeze, then the cache keeps it
+    const back = await Client.connect(server.url, server.token("fritz"), { cache: new FileCache(path), deviceId: "away" });
+    try {
+      assert.equal(back.lastSync.full, false);
+      assert.equal(back.get("f-1").frozen, true);
+      assert.equal(back.get("f-2").frozen, false);
+    } finally {
+      await back.close();
+    }
+    assert.equal((await new FileCache(path).load()).view.get("f-1").membership, 2);
+    // a fresh client's snapshot
+    const fresh = await Client.connect(server.url, server.token("fritz"), { deviceId: "fresh" });
+    try {
+      assert.equal(fresh.lastSync.full, true);
+      assert.deepEqual(plainView(fresh)["f-1"], { max: 5, read: 5, min: 0, unread: 0, frozen: true });
+    } finally {
+      await fresh.close();
+    }
+    // re-added: a member again at the current max, and pushes resume
+    await svc.addMembers("f-1", ["fritz"]);
+    await until(() => !c.get("f-1").frozen, c, "f-1 re-added");
+    assert.equal(c.get("f-1").maxSequence, 8);
+    await svc.allocate("f-1", 1);
+    await until(() => c.get("f-1").maxSequence === 9, c, "f-1 pushed again");
+  } finally {
+    await c.close();
+  }
+});
+
 test("fetch, subscribe and unsubscribe with subscribeAll off", async () => {
   await svc.addMembers("s-1", ["fay"]);
   await svc.addMembers("s-2", ["fay"]);

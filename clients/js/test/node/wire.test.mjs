@@ -39,6 +39,8 @@ test("decodeUpdate reads what the generated schema writes (values, token, full, 
     "dm-ü-1": { maxSequence: 2n ** 52n, readSequence: 7n, minSequence: 3n, maxSequenceTimeMs: 1_700_000_000_123n },
     plain: { maxSequence: 5n },
     [`long-${"x".repeat(100)}`]: { readSequence: 300n },
+    frozen: { maxSequence: 9n, membership: 2 }, // left with keep_history
+    rejoined: { readSequence: 9n, membership: 1 },
   };
   const msg = create(ServerMessageSchema, {
     requestId: 0n,
@@ -57,6 +59,7 @@ test("decodeUpdate reads what the generated schema writes (values, token, full, 
   for (const [id, c] of Object.entries(ref)) {
     assert.deepEqual(u.conversations.get(id), {
       max: Number(c.maxSequence), read: Number(c.readSequence), min: Number(c.minSequence), timeMs: Number(c.maxSequenceTimeMs),
+      membership: c.membership,
     }, id);
   }
 });
