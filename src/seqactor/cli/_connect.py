@@ -89,7 +89,7 @@ def connect_hint(url: str, message: str) -> str:
 
 def run_client(url: str, fn: Any, *args: Any) -> None:
     """trio.run(fn, *args) with every client error turned into one line."""
-    from seqactor.client._client import ConnectError, SeqactorError, ServerError
+    from seqactor.client import ConnectError, SeqactorError, ServerError
 
     try:
         trio.run(fn, *args)

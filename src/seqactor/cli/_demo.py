@@ -14,7 +14,7 @@ import trio
 
 from seqactor.auth import issue_token, load_or_create_secret
 from seqactor.cli import _demo_web
-from seqactor.client._client import Client, ServiceClient
+from seqactor.client import Client, ServiceClient
 from seqactor.client._watch import plural
 from seqactor.server.config import ServerConfig
 from seqactor.server.gateway import Server

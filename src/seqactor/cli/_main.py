@@ -277,7 +277,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_send(args: argparse.Namespace) -> int:
-    from seqactor.client._client import ServiceClient
+    from seqactor.client import ServiceClient
 
     tok = client_token(args, user=False)
 
@@ -297,7 +297,7 @@ def cmd_send(args: argparse.Namespace) -> int:
 async def _in_view(url: str, secret: bytes, user: str, conversation: str) -> bool:
     """Is ``conversation`` in ``user``'s view? (a short user session, no device id)."""
     from seqactor.auth import issue_token
-    from seqactor.client._client import Client
+    from seqactor.client import Client
 
     tok = issue_token(secret, user, ttl_s=CLI_TOKEN_TTL_S)
     async with Client.connect(url, tok, subscribe_all=False,
@@ -306,7 +306,7 @@ async def _in_view(url: str, secret: bytes, user: str, conversation: str) -> boo
 
 
 def cmd_members(args: argparse.Namespace) -> int:
-    from seqactor.client._client import ServiceClient
+    from seqactor.client import ServiceClient
 
     tok = client_token(args, user=False)
     secret = read_secret_file(args.secret_file) if args.secret_file and not args.token else None

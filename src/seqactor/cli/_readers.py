@@ -70,7 +70,7 @@ def cmd_readers(args: argparse.Namespace) -> int:
 def _readers(args: argparse.Namespace) -> int:
     from seqactor.cli._args import CliError
     from seqactor.cli._connect import CLI_CONNECT_TIMEOUT_S, client_token, run_client
-    from seqactor.client._client import Client, ServiceClient
+    from seqactor.client import Client, ServiceClient
 
     tok = client_token(args, user=bool(args.user))
     as_user = _role(tok) != "service"

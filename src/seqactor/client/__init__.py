@@ -3,34 +3,28 @@ read marks, subscriptions, read counts) and :class:`ServiceClient` (an IM backen
 seqs, membership). docs/client.md is the guide; every name here is also in :mod:`seqactor`."""
 
 from seqactor.client._backoff import Backoff
-from seqactor.client._client import (
-    Allocation,
+from seqactor.client._changes import ChangeStream
+from seqactor.client._client import Client
+from seqactor.client._connection import (
     AuthenticationError,
     BadRequest,
-    Change,
-    ChangeBatch,
-    ChangeStream,
-    Client,
     ClientClosed,
     ClientStats,
     ConnectError,
     ConnectionLost,
-    Conversation,
-    ErrorCode,
     Forbidden,
     NotFound,
     RateLimited,
-    ReadCounts,
-    ReadCountsWatch,
     SeqactorError,
     ServerError,
-    ServiceClient,
     SessionReplaced,
-    SyncInfo,
     TooLarge,
     Unavailable,
-    unread_count,
 )
+from seqactor.client._readcounts import ReadCounts, ReadCountsWatch
+from seqactor.client._records import Allocation, Change, ChangeBatch, Conversation, SyncInfo
+from seqactor.client._service import ServiceClient
+from seqactor.protocol import ErrorCode, unread_count
 
 __all__ = [
     "Backoff",

@@ -1,10 +1,10 @@
-"""The Python SDK (Trio): :class:`Client` for apps, :class:`ServiceClient` for backends.
+"""``Client``, the Python SDK for apps (Trio); backends use
+:class:`~seqactor.client.ServiceClient`.
 
 ``Client`` keeps the user's view (conversation -> max, read, min, time; unread and the total),
 the ``sync_token`` and, optionally, an on-disk cache; it reconnects by itself (exponential
 backoff with full jitter, GoAway honoured), re-subscribes and resumes with
-``GetSequences(since=token)``. ``ServiceClient`` allocates seqs and manages membership with
-many requests in flight on one connection. See ``docs/client.md``.
+``GetSequences(since=token)``. See ``docs/client.md``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import ssl
 import weakref
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -24,175 +23,27 @@ from seqactor import _kernel as kernel
 from seqactor._proto import seqactor_pb2 as pb
 from seqactor.client import _cache
 from seqactor.client._backoff import Backoff
+from seqactor.client._changes import ChangeStream
 from seqactor.client._connection import (
     CONNECT_TIMEOUT_S,
     F_ACK,
-    F_ALLOCATED,
     F_UPDATE,
-    AuthenticationError,
-    BadRequest,
-    ClientClosed,
-    ClientStats,
-    ConnectError,
     ConnectionLost,
     Forbidden,
     Link,
-    NotFound,
-    RateLimited,
     SeqactorError,
-    ServerError,
-    SessionReplaced,
     TokenSource,
-    TooLarge,
-    Unavailable,
     _Endpoint,
     _Waiter,
-    unwrap,
+    running,
 )
-from seqactor.client._readcounts import ReadCounts, ReadCountsMixin, ReadCountsWatch, WatchMixin
-from seqactor.protocol import ErrorCode, unread_count
+from seqactor.client._readcounts import ReadCountsWatch, WatchMixin
+from seqactor.client._records import Conversation, Row, SyncInfo, conversation_of, unread_of
 
 log = logging.getLogger("seqactor.client")
 
 CACHE_SAVE_INTERVAL_S = 1.0  # a changed view is written at most this often (and on close)
-SERVICE_REQUEST_TIMEOUT_S = 30.0  # waiting for a connection + the reply
 
-Row = tuple[int, int, int, int, bool]  # max, read, min, time_ms, frozen
-
-__all__ = [
-    "AuthenticationError", "BadRequest", "Allocation", "Change", "ChangeBatch", "ChangeStream",
-    "Client", "ClientClosed", "ClientStats", "ConnectError", "ConnectionLost", "Conversation",
-    "ErrorCode", "Forbidden", "NotFound", "RateLimited", "ReadCounts", "ReadCountsWatch",
-    "SeqactorError", "ServerError",
-    "ServiceClient", "SessionReplaced", "SyncInfo", "TooLarge", "Unavailable", "unread_count",
-]
-
-
-# ---------------------------------------------------------------------------------- types
-
-
-@dataclass(frozen=True, slots=True)
-class Conversation:
-    """One conversation of the view, as the client holds it."""
-
-    id: str
-    max_sequence: int
-    read_sequence: int
-    min_sequence: int
-    time_ms: int
-    # True: the user left with keep_history; max, min and time stay as they were when they left
-    # (it can still be marked read). A re-add makes it a member again (False).
-    frozen: bool = False
-
-    @property
-    def unread(self) -> int:
-        """Messages not yet read, cleared history excluded (see :func:`unread_count`)."""
-        return unread_count(self.max_sequence, self.read_sequence, self.min_sequence)
-
-
-@dataclass(frozen=True, slots=True)
-class Change:
-    """A conversation that changed: ``old`` is None when it joined the view, ``new`` is None
-    when it left."""
-
-    conversation_id: str
-    old: Conversation | None
-    new: Conversation | None
-
-
-@dataclass(frozen=True, slots=True)
-class ChangeBatch:
-    """The changes since the previous batch (coalesced per conversation), and the total."""
-
-    changes: tuple[Change, ...]
-    total_unread: int
-
-    def __len__(self) -> int:
-        return len(self.changes)
-
-
-@dataclass(frozen=True, slots=True)
-class SyncInfo:
-    """What the last resume/snapshot (``GetSequences`` of the whole view) brought."""
-
-    full: bool  # True: a snapshot; False: a delta since our token
-    conversations: int  # conversations in the reply
-    removed: int
-    bytes: int  # the reply frame on the wire (payload + WebSocket header)
-    ms: float  # request sent -> reply applied
-    since_token: bool  # we sent a token
-
-
-@dataclass(frozen=True, slots=True)
-class Allocation:
-    first_sequence: int
-    last_sequence: int
-    time_ms: int
-
-
-def _conv(cid: str, row: Row | None) -> Conversation | None:
-    return None if row is None else Conversation(cid, *row)
-
-
-def _unread(row: Row | None) -> int:
-    return 0 if row is None else unread_count(row[0], row[1], row[2])
-
-
-# ---------------------------------------------------------------------------------- changes
-
-
-class ChangeStream:
-    """Async iterator of :class:`ChangeBatch`. Pending changes coalesce per conversation (first
-    ``old``, latest ``new``), so a slow consumer costs memory bounded by the view's size."""
-
-    def __init__(self, client: Client) -> None:
-        self._client = client
-        self._pending: dict[str, tuple[Row | None, Row | None]] = {}
-        self._event = trio.Event()
-        self._closed = False
-
-    def _add(self, changed: dict[str, tuple[Row | None, Row | None]]) -> None:
-        pending = self._pending
-        for cid, (old, new) in changed.items():
-            prev = pending.get(cid)
-            pending[cid] = (old if prev is None else prev[0], new)
-        self._event.set()
-
-    def _wake(self) -> None:
-        self._event.set()
-
-    def __aiter__(self) -> ChangeStream:
-        return self
-
-    async def __anext__(self) -> ChangeBatch:
-        client = self._client
-        while True:
-            if self._pending:
-                pending, self._pending = self._pending, {}
-                changes = tuple(
-                    Change(cid, _conv(cid, old), _conv(cid, new))
-                    for cid, (old, new) in pending.items() if old != new
-                )
-                if changes:
-                    return ChangeBatch(changes, client.total_unread)
-                continue
-            if client.error is not None:
-                raise client.error
-            if self._closed or client._closing:
-                raise StopAsyncIteration
-            await self._event.wait()
-            self._event = trio.Event()
-
-    def close(self) -> None:
-        self._closed = True
-        self._event.set()
-        self._client._streams.discard(self)
-
-    async def __aenter__(self) -> ChangeStream:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.close()
 
 
 # ---------------------------------------------------------------------------------- Client
@@ -253,7 +104,7 @@ class Client(WatchMixin, _Endpoint):
             platform=platform, client_version=client_version,
         )
         client._fail_first = not offline_ok
-        async with _running(client, wait=not offline_ok):
+        async with running(client, wait=not offline_ok):
             yield client
 
     # ------------------------------------------------------------------ the view
@@ -264,7 +115,7 @@ class Client(WatchMixin, _Endpoint):
 
     def get(self, conversation_id: str) -> Conversation | None:
         """The local state of one conversation (None: not in the view)."""
-        return _conv(conversation_id, self._view.get(conversation_id))
+        return conversation_of(conversation_id, self._view.get(conversation_id))
 
     def __len__(self) -> int:
         return len(self._view)
@@ -284,6 +135,14 @@ class Client(WatchMixin, _Endpoint):
         """The view as plain tuples ``(max, read, min, time_ms)`` (a copy; ``get(id).frozen``
         tells a frozen row)."""
         return {cid: row[:4] for cid, row in self._view.items()}
+
+    def forget_stream(self, stream: ChangeStream) -> None:
+        """A closed change stream stops getting changes."""
+        self._streams.discard(stream)
+
+    def _start_tasks(self, nursery: trio.Nursery) -> None:
+        if self.cache_path is not None:
+            nursery.start_soon(self._cache_loop)
 
     def changes(self) -> ChangeStream:
         """A new change stream; it sees every change applied after this call."""
@@ -490,7 +349,7 @@ class Client(WatchMixin, _Endpoint):
             self._watches_left([cid for cid, (_, after) in changed.items() if after is None])
         total = self._total_unread
         for before, after in changed.values():
-            total += _unread(after) - _unread(before)
+            total += unread_of(after) - unread_of(before)
         self._total_unread = total
         self._dirty = True
         for stream in list(self._streams):
@@ -505,7 +364,7 @@ class Client(WatchMixin, _Endpoint):
         self._view = dict(data.view)
         self._token_bytes = data.token
         self._cache_user = data.user
-        self._total_unread = sum(_unread(r) for r in self._view.values())
+        self._total_unread = sum(unread_of(r) for r in self._view.values())
 
     def _cache_bytes(self) -> bytes:
         return _cache.encode(_cache.CacheData(
@@ -542,109 +401,3 @@ class Client(WatchMixin, _Endpoint):
                     log.warning("seqactor cache %s not written: %s", self.cache_path, exc)
 
 
-# ---------------------------------------------------------------------------------- service
-
-
-class ServiceClient(ReadCountsMixin, _Endpoint):
-    """A backend's connection (service token). Requests run concurrently on one connection.
-
-    A request in flight when the connection drops raises :class:`ConnectionLost` (it may or
-    may not have been applied: allocation is not idempotent, the caller decides). Errors from
-    the server raise :class:`ServerError` subclasses carrying ``code``.
-    """
-
-    def __init__(
-        self, url: str, token: TokenSource, *,
-        request_timeout_s: float = SERVICE_REQUEST_TIMEOUT_S, **kwargs: Any,
-    ) -> None:
-        super().__init__(url, token, **kwargs)
-        self.request_timeout_s = request_timeout_s
-
-    @classmethod
-    @asynccontextmanager
-    async def connect(
-        cls, url: str, token: TokenSource, *, device_id: str = "",
-        request_timeout_s: float = SERVICE_REQUEST_TIMEOUT_S,
-        connect_timeout_s: float = CONNECT_TIMEOUT_S, backoff: Backoff | None = None,
-        ssl_context: ssl.SSLContext | None = None, offline_ok: bool = False,
-    ) -> AsyncIterator[ServiceClient]:
-        client = cls(
-            url, token, device_id=device_id, request_timeout_s=request_timeout_s,
-            connect_timeout_s=connect_timeout_s, backoff=backoff, ssl_context=ssl_context,
-            platform="service",
-        )
-        client._fail_first = not offline_ok
-        async with _running(client, wait=not offline_ok):
-            yield client
-
-    async def _call(self, kind: str, body: Any) -> tuple[int, bytes]:
-        with trio.move_on_after(self.request_timeout_s) as cs:
-            link = await self._wait_link()
-            return await self._request(link, kind, body)
-        assert cs.cancelled_caught
-        raise ConnectionLost(
-            f"no reply within {self.request_timeout_s:.0f}s"
-            + (f" (last error: {self.last_error})" if self.last_error else "")
-        )
-
-    async def allocate(
-        self, conversation_id: str, count: int = 1, sender_user_id: str | None = None
-    ) -> Allocation:
-        """Allocate the next ``count`` seqs (creating the conversation if new)."""
-        field, body = await self._call("allocate_sequences", pb.AllocateSequences(
-            conversation_id=conversation_id, count=count, sender_user_id=sender_user_id or "",
-        ))
-        if field != F_ALLOCATED:
-            raise ServerError(ErrorCode.INTERNAL, f"unexpected reply (field {field})")
-        a = pb.Allocated.FromString(body)
-        return Allocation(a.first_sequence, a.last_sequence, a.time_ms)
-
-    async def add_members(self, conversation_id: str, user_ids: Iterable[str]) -> None:
-        await self._call("add_members", pb.AddMembers(
-            conversation_id=conversation_id, user_ids=list(user_ids)))
-
-    async def remove_members(
-        self, conversation_id: str, user_ids: Iterable[str], keep_history: bool = False
-    ) -> None:
-        await self._call("remove_members", pb.RemoveMembers(
-            conversation_id=conversation_id, user_ids=list(user_ids), keep_history=keep_history))
-
-    async def set_min_sequence(self, conversation_id: str, min_sequence: int) -> None:
-        await self._call("set_min_sequence", pb.SetMinSequence(
-            conversation_id=conversation_id, min_sequence=min_sequence))
-
-    async def _aclose(self) -> None:
-        await self._shutdown()
-
-
-# ---------------------------------------------------------------------------------- running
-
-
-@asynccontextmanager
-async def _running(client: Client | ServiceClient, wait: bool) -> AsyncIterator[None]:
-    """Run the client's tasks around the caller's block; re-raise a fatal error at the end."""
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_supervise, client, nursery.cancel_scope)
-            if isinstance(client, Client) and client.cache_path is not None:
-                nursery.start_soon(client._cache_loop)
-            try:
-                if wait:
-                    await client._wait_link()
-                yield
-            finally:
-                await client._aclose()
-                nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        leaf = unwrap(group)
-        if leaf is group:
-            raise
-        raise leaf from None
-    if client.error is not None and not isinstance(client.error, ClientClosed):
-        raise client.error
-
-
-async def _supervise(client: Client | ServiceClient, scope: trio.CancelScope) -> None:
-    await client._run()
-    if client.error is not None and not client._closing:
-        scope.cancel()  # a fatal error ends the caller's block; raised after it

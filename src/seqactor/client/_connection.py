@@ -15,7 +15,8 @@ import itertools
 import logging
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -390,6 +391,17 @@ class _Endpoint:
         link = self._link
         return link if link is not None and link.ready and link.alive else None
 
+    def _start_tasks(self, nursery: trio.Nursery) -> None:
+        """Start the client's own background tasks beside the connection loop (none here)."""
+
+    async def _aclose(self) -> None:
+        await self._shutdown()
+
+    @property
+    def closing(self) -> bool:
+        """True once the client is being closed."""
+        return self._closing
+
     async def _wait_link(self) -> Link:
         while True:
             if self.error is not None:
@@ -684,3 +696,35 @@ def trio_ms() -> int:
     import time
 
     return time.time_ns() // 1_000_000
+
+
+# ---------------------------------------------------------------------------------- running
+
+
+@asynccontextmanager
+async def running(client: _Endpoint, wait: bool) -> AsyncIterator[None]:
+    """Run the client's tasks around the caller's block; re-raise a fatal error at the end."""
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_supervise, client, nursery.cancel_scope)
+            client._start_tasks(nursery)
+            try:
+                if wait:
+                    await client._wait_link()
+                yield
+            finally:
+                await client._aclose()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        leaf = unwrap(group)
+        if leaf is group:
+            raise
+        raise leaf from None
+    if client.error is not None and not isinstance(client.error, ClientClosed):
+        raise client.error
+
+
+async def _supervise(client: _Endpoint, scope: trio.CancelScope) -> None:
+    await client._run()
+    if client.error is not None and not client._closing:
+        scope.cancel()  # a fatal error ends the caller's block; raised after it

@@ -1,6 +1,6 @@
 """Group read counts in the Python SDK (docs/protocol.md "Group read counts"):
-``read_counts``, ``readers`` and ``watch_read_counts`` for :class:`~seqactor.client._client.Client`
-(and the first two for :class:`~seqactor.client._client.ServiceClient`). See docs/client.md,
+``read_counts``, ``readers`` and ``watch_read_counts`` for :class:`~seqactor.client.Client`
+(and the first two for :class:`~seqactor.client.ServiceClient`). See docs/client.md,
 "Group read counts".
 """
 
@@ -160,7 +160,7 @@ class ReadCountsMixin(_Base):
 
 
 class WatchMixin(ReadCountsMixin):
-    """``watch_read_counts`` for :class:`~seqactor.client._client.Client` (re-watched on reconnect)."""
+    """``watch_read_counts`` for :class:`~seqactor.client.Client` (re-watched on reconnect)."""
 
     _rc_watches: dict[str, list[ReadCountsWatch]]
 

@@ -10,7 +10,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from seqactor.client._client import Client, Conversation
+from seqactor.client._client import Client
+from seqactor.client._records import Conversation
 
 REFRESH_S = 1.0  # redraw at least this often (connection state, "x s ago")
 DEFAULT_LIMIT = 30
