@@ -330,3 +330,21 @@ async def test_no_task_outlives_its_connection(tmp_path):
             with trio.fail_after(3):
                 while server.connections or len(server._conns.child_tasks) != base:
                     await trio.sleep(0.01)
+
+
+async def test_an_accept_woken_just_before_stop_closes_the_listener_ends_quietly():
+    """``stop()`` closes the listeners; an accept task that was already woken for a new
+    connection then calls accept on the closed socket and gets EBADF (seen once when the chaos
+    test restarted its server while clients reconnected). The accept loop must end, not take
+    the server down: here the accept runs on a listener closed before it, and the server goes
+    on serving and stops cleanly."""
+    async with running_server() as server:
+        closed = trio.socket.socket()
+        await closed.bind(("127.0.0.1", 0))
+        closed.listen()
+        closed.close()
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(5):
+                await server._accept(closed, nursery)  # returns: the listener is gone
+        async with raw_connect(server, "alice") as c:  # the real listener still serves
+            assert c.welcome is not None and c.welcome.user_id == "alice"

@@ -58,6 +58,9 @@ IGNORED_ACCEPT_ERRNOS = frozenset(
     ) if hasattr(errno, name)
 )
 ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+# accept on a listener that stop() closed while this task was already woken to accept (trio's
+# SocketListener reads these as "closed" too): the accept loop ends
+CLOSED_LISTENER_ERRNOS = frozenset({errno.EBADF, errno.ENOTSOCK})
 
 
 class WebSocketTransport(ServerWebSocket):
@@ -201,6 +204,8 @@ class Server:
             try:
                 conn, address = await sock.accept()
             except OSError as exc:
+                if exc.errno in CLOSED_LISTENER_ERRNOS:
+                    return
                 if exc.errno in ACCEPT_CAPACITY_ERRNOS:
                     log.error("accept failed (%s); retrying in %s s", exc, ACCEPT_RETRY_S)
                     await trio.sleep(ACCEPT_RETRY_S)
