@@ -57,6 +57,13 @@ def _add(sub: SubParsers, name: str, **kwargs: Any) -> argparse.ArgumentParser:
     return p
 
 
+def _listen_args(p: argparse.ArgumentParser) -> None:
+    """--host and --port of the commands that run a server (serve, demo)."""
+    p.add_argument("--host", default=P.DEFAULT_HOST, help="interface to listen on")
+    p.add_argument("--port", type=port_arg, default=P.DEFAULT_PORT,
+                   help="TCP port, 0-65535 (0: any free port, printed)")
+
+
 def _serve_parser(sub: SubParsers) -> None:
     p = _add(
         sub, "serve", help="run a seqactor server",
@@ -65,9 +72,7 @@ def _serve_parser(sub: SubParsers) -> None:
         epilog="example: seqactor serve --port 8765 --store sqlite:///var/seqactor.db "
         "--secret-file var/secret",
     )
-    p.add_argument("--host", default=P.DEFAULT_HOST, help="interface to listen on")
-    p.add_argument("--port", type=port_arg, default=P.DEFAULT_PORT,
-                   help="TCP port, 0-65535 (0: any free port, printed)")
+    _listen_args(p)
     p.add_argument("--store", default=S.DEFAULT_STORE_URL, metavar="URL",
                    help="memory://, sqlite:///relative/path, sqlite:////absolute/path, "
                    "redis://host:port/db or redis+cluster://host:port,...")
@@ -196,9 +201,7 @@ def _demo_parser(sub: SubParsers) -> None:
         epilog="example: seqactor demo --port 8765 --users 8 --groups 4 --rate 5\n"
         "         then, in another terminal, the printed `seqactor watch ...` command",
     )
-    p.add_argument("--host", default=P.DEFAULT_HOST, help="interface to listen on")
-    p.add_argument("--port", type=port_arg, default=P.DEFAULT_PORT,
-                   help="TCP port, 0-65535 (0: any free port, printed)")
+    _listen_args(p)
     p.add_argument("--users", type=partial(positive_int, minimum=2), default=DEMO_USERS,
                    help="simulated users, at least 2")
     p.add_argument("--groups", type=partial(positive_int, minimum=0), default=DEMO_GROUPS,
