@@ -121,6 +121,10 @@ class ClusterWrites:
 
         async def _check(self, reply: list[Any]) -> list[Any]: ...
 
+        def _take_replies(self, jobs: Sequence[Job], replies: Sequence[list[Any]]) -> None: ...
+
+        def _batch_replies(self, blob: bytes) -> list[list[Any]]: ...
+
     async def _write_slot_epochs(self, epoch: bytes, force: bool) -> None:
         """Cluster: the epoch copy in every slot, one script call per master."""
         tags = slot_tags()
@@ -225,16 +229,18 @@ class ClusterWrites:
                                     addr[0], addr[1], exc)
                 opened.set()
 
-    async def _opx_call(self, client: Any, args: list[Any], wait: int) -> tuple[Any, int]:
+    async def _opx_call(
+        self, client: Any, args: list[Any], wait: int
+    ) -> tuple[list[list[Any]], int]:
         """One OPX call on a master's direct connection: (replies, replicas that confirmed).
         With ``wait``, ``WAIT wait timeout`` follows the script on the same connection (one
         pipeline), so it counts the replicas that have these writes."""
         if not wait:
-            return await client.evalsha(self._opx_sha, keys=[], args=args), 0
+            return self._batch_replies(await client.evalsha(self._opx_sha, keys=[], args=args)), 0
         async with client.pipeline(transaction=False) as pipe:
             req = pipe.evalsha(self._opx_sha, keys=[], args=args)
             waited = pipe.wait(wait, self.wait_timeout_ms)
-        return await req, int(await waited)
+        return self._batch_replies(await req), int(await waited)
 
     async def _slot_calls(
         self, mode: str, pt: int, calls: list[tuple[list[str], str, int, list[Any]]]
@@ -273,7 +279,7 @@ class ClusterWrites:
                     out[i] = [b"FAILED", exc]
                 return
             for i, r in zip(idx, replies, strict=True):
-                out[i] = list(r)
+                out[i] = r
                 if out[i][:2] == [b"RETRY", b"MOVED"]:
                     self._slot_map = None
                 elif out[i][0] == b"OK" and acked < wait:
@@ -319,9 +325,11 @@ class ClusterWrites:
                 first, pt = int(seq[1]), to_int(seq[2])
                 replies = await self._slot_calls(
                     "c", pt, [(j.keys, j.op, first + i, j.argv) for i, j in enumerate(todo)])
+                committed = [(job, r) for job, r in zip(todo, replies, strict=True)
+                             if r[0] == b"OK"]
+                self._take_replies([j for j, _ in committed], [r for _, r in committed])
                 for i, (job, r) in enumerate(zip(todo, replies, strict=True)):
                     if r[0] == b"OK":
-                        job.reply = r
                         continue
                     if r[0] == b"FAILED":  # (too few replicas: committed, Pub/Sub brings it)
                         job.error = (r[1] if isinstance(r[1], Unavailable)

@@ -85,6 +85,7 @@ from seqactor.store._redis_events import (
     SEP,
     ReorderBuffer,
     parse_change,
+    split_replies,
     to_int,
 )
 from seqactor.store._redis_keys import DEFAULT_PREFIX, KeyLayout, RedisURL, parse_url
@@ -173,6 +174,7 @@ class RedisStore(OrderedDelivery, ClusterWrites, Store):
         self._subscribed = trio.Event()
         self._wake = trio.Event()  # for the maintenance task: epoch note or gap
         self._epoch_note = False
+        self._seen_batches: dict[bytes, list[tuple[int, Change]]] = {}  # see _batch_replies
         self._queue: list[Job] = []
         self._batch_wake = trio.Event()
         self._inflight_cids: dict[str, int] = {}  # cluster: conversations in a running batch
@@ -365,11 +367,18 @@ class RedisStore(OrderedDelivery, ClusterWrites, Store):
             raise Retry()
         raise Unavailable(f"unexpected reply from the store script: {reply!r}")
 
-    async def _committed(self, payload: bytes) -> Change:
-        _, pos, change = parse_change(payload)
+    async def _committed(self, reply: list[Any]) -> Change:
+        """The change of a committed op's reply (``[b"OK", payload]``, or with the position
+        and change a batch parsed already), once it was handed to the listeners."""
+        change: Change | None
+        if len(reply) == 4:
+            pos, change = reply[2], reply[3]
+        else:
+            _, pos, change = parse_change(reply[1])
+            self._receive(pos, change)
         assert change is not None
-        self._receive(pos, change)
-        await self._delivered(pos)
+        if pos > self.position:  # (the write awaited its reply: a checkpoint was taken)
+            await self._delivered(pos)
         return change
 
     def _batch_call(
@@ -457,11 +466,13 @@ class RedisStore(OrderedDelivery, ClusterWrites, Store):
                 async with self._client.pipeline(transaction=False) as pipe:
                     req = self._op(keys=keys, args=args, client=pipe)
                     waited = pipe.wait(self.wait_replicas, self.wait_timeout_ms)
-                result, acked = await req, await waited
+                blob, acked = await req, await waited
             else:
-                result, acked = await self._op(keys=keys, args=args), 0
-            for job, reply in zip(batch, result, strict=True):
-                job.reply = list(reply)
+                blob, acked = await self._op(keys=keys, args=args), 0
+            replies = self._batch_replies(blob)
+            if len(replies) != len(batch):
+                raise ValueError(f"{len(replies)} replies to a batch of {len(batch)}")
+            self._take_replies(batch, replies)
             if acked < self.wait_replicas:
                 for job in batch:
                     job.error = Unavailable(
@@ -477,6 +488,29 @@ class RedisStore(OrderedDelivery, ClusterWrites, Store):
                     job.error = Unavailable("the store is closing")
                 job.done.set()
 
+    def _batch_replies(self, blob: bytes) -> list[list[Any]]:
+        """A batch call's reply, one per op. When Pub/Sub brought the same batch first (every
+        op committed: the published message and the reply are the same bytes), its parsed
+        changes are taken instead of parsing them again."""
+        seen = self._seen_batches.pop(blob, None)
+        if seen is not None:
+            return [[b"OK", b"", pos, change] for pos, change in seen]
+        return split_replies(blob)
+
+    def _take_replies(self, jobs: Sequence[Job], replies: Sequence[list[Any]]) -> None:
+        """Give each job its reply; a committed op's change is parsed here, once, and handed
+        to the reorder buffer (``[b"OK", payload, position, change]``), so its caller finds
+        it delivered."""
+        add = self._buf.add
+        for job, reply in zip(jobs, replies, strict=True):
+            if reply[0] == b"OK" and len(reply) == 2:
+                _, pos, change = parse_change(reply[1])
+                reply += (pos, change)
+                add(pos, change)
+            job.reply = reply
+        if not self._held():
+            self._drain()
+
     # ------------------------------------------------------------------ writes
 
     async def allocate(
@@ -490,7 +524,7 @@ class RedisStore(OrderedDelivery, ClusterWrites, Store):
         # store's clock was replaced (tests step it back).
         clock = "" if self.clock_ms is wall_clock_ms else self.clock_ms()
         reply = await self._write("alloc", conversation_id, [conversation_id, n, sender, clock])
-        return await self._committed(reply[1])  # type: ignore[return-value]
+        return await self._committed(reply)  # type: ignore[return-value]
 
     async def mark_read(
         self, conversation_id: str, user_id: str, read_sequence: int
@@ -502,7 +536,7 @@ class RedisStore(OrderedDelivery, ClusterWrites, Store):
         reply = await self._write("read", conversation_id, [conversation_id, user_id, read])
         if reply[0] == b"NOOP":
             return ReadMarked(conversation_id, user_id, to_int(reply[2]), to_int(reply[1]), False)
-        return await self._committed(reply[1])  # type: ignore[return-value]
+        return await self._committed(reply)  # type: ignore[return-value]
 
     async def set_min_sequence(self, conversation_id: str, min_sequence: int) -> MinChanged:
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -511,7 +545,7 @@ class RedisStore(OrderedDelivery, ClusterWrites, Store):
         reply = await self._write("min", conversation_id, [conversation_id, value])
         if reply[0] == b"NOOP":
             return MinChanged(conversation_id, to_int(reply[2]), to_int(reply[1]), False)
-        return await self._committed(reply[1])  # type: ignore[return-value]
+        return await self._committed(reply)  # type: ignore[return-value]
 
     async def add_members(self, conversation_id: str, user_ids: Sequence[str]) -> MembersAdded:
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -527,7 +561,7 @@ class RedisStore(OrderedDelivery, ClusterWrites, Store):
                 conversation_id, (), to_int(reply[2]), to_int(reply[3]), to_int(reply[4]),
                 to_int(reply[1]), False,
             )
-        return await self._committed(reply[1])  # type: ignore[return-value]
+        return await self._committed(reply)  # type: ignore[return-value]
 
     async def remove_members(
         self, conversation_id: str, user_ids: Sequence[str], keep_history: bool
@@ -543,7 +577,7 @@ class RedisStore(OrderedDelivery, ClusterWrites, Store):
             return MembersRemoved(
                 conversation_id, (), bool(keep_history), to_int(reply[1]), False
             )
-        return await self._committed(reply[1])  # type: ignore[return-value]
+        return await self._committed(reply)  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ reads
 
