@@ -27,7 +27,10 @@ post-steps (drop the index entry of a removal unless a later join indexed it aga
 pre-steps of users the op did not change). Readers tolerate the windows between steps: a view
 index entry without a member row is ignored; a tombstone of a conversation still in the view
 is ignored. The user index is written *before* a join commits and cleared *after* a removal
-commits, so a reader never misses a conversation that is in the view.
+commits, so a reader never misses a conversation that is in the view. With ``wait_replicas``
+each writing step runs on its master's direct connection followed by ``WAIT``: a pre-step not
+replicated in time refuses the change before it commits (position skipped, steps undone); a
+commit or post-step not replicated refuses only the acknowledgement (the change stands).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import coredis
 import trio
-from coredis.exceptions import NoScriptError, RedisError
+from coredis.exceptions import MovedError, NoScriptError, RedisError
 from coredis.retry import NoRetryPolicy
 
 from seqactor.store import _redis_lua as lua
@@ -400,11 +403,57 @@ class ClusterWrites:
             log.warning("redis store: could not publish skip of %d: %s", pos, exc)
 
     async def _user_step(
-        self, step: str, uid: str, cid: str, pos: int, extra: Any = ""
+        self, step: str, uid: str, cid: str, pos: int, extra: Any = "",
+        short: list[str] | None = None,
     ) -> list[Any]:
         vk = self.keys.view_key(uid)
         keys = [self.keys.slot_epoch_key(vk), *self.keys.user_keys(uid)]
-        return await self._call(self._user, keys, [step, self.epoch, cid, pos, extra])
+        return await self._waited_call(
+            self._user, keys, [step, self.epoch, cid, pos, extra], short)
+
+    async def _waited_call(
+        self, script: Any, keys: list[str], args: list[Any], short: list[str] | None
+    ) -> list[Any]:
+        """A writing script call of a membership step (every key in one slot). With
+        ``wait_replicas`` (and ``short``, a list: undo steps pass none) it runs on the direct
+        connection to the slot's master, followed by ``WAIT`` in one pipeline; a master whose
+        replicas do not confirm in time is named in ``short`` (the write stands: the caller
+        decides)."""
+        if not self.wait_replicas or short is None:
+            return await self._call(script, keys, args)
+        wait = self.wait_replicas
+        for attempt in range(2):
+            owners = self._slot_map or await self._refresh_slot_map()
+            addr = owners[hash_slot(keys[-1].encode())]
+            try:
+                client = await self._master_client(addr)
+                try:
+                    reply, acked = await self._evalsha_wait(client, script, keys, args, wait)
+                except NoScriptError:  # nothing ran: load it and send again
+                    await client.script_load(script.script)
+                    reply, acked = await self._evalsha_wait(client, script, keys, args, wait)
+            except MovedError:
+                self._slot_map = None  # nothing ran: the slot moved; once more on its master
+                if attempt == 0:
+                    continue
+                raise Unavailable("the cluster's slots keep moving; try again") from None
+            except (RedisError, OSError) as exc:
+                self._slot_map = None
+                raise Unavailable(f"Redis: {exc}") from None
+            if acked < wait and short is not None:
+                short.append(f"only {acked} of {wait} replicas of {addr[0]}:{addr[1]} confirmed "
+                             f"the write within {self.wait_timeout_ms} ms (it may still survive "
+                             "a failover)")
+            return reply
+        raise AssertionError("unreachable")
+
+    async def _evalsha_wait(
+        self, client: Any, script: Any, keys: list[str], args: list[Any], wait: int
+    ) -> tuple[list[Any], int]:
+        async with client.pipeline(transaction=False) as pipe:
+            req = pipe.evalsha(script.sha, keys=keys, args=args)
+            waited = pipe.wait(wait, self.wait_timeout_ms)
+        return list(await req), int(await waited)
 
     async def _cluster_steps(
         self, op: str, cid: str, args: list[Any], users: Sequence[str]
@@ -425,31 +474,37 @@ class ClusterWrites:
             )
             pos, pt = int(seq[1]), to_int(seq[2])
             done: list[tuple[str, str]] = []  # (undo step, user) of pre-steps taken
+            short: list[str] = []  # with wait_replicas: masters whose replicas fell short
             try:
                 if op == "add":
                     for u in need:
                         await self._check(await self._user_step(
-                            "join", u, cid, pos, self.max_view_conversations))
+                            "join", u, cid, pos, self.max_view_conversations, short))
                         done.append(("unjoin", u))
                 elif op == "rm" and args[1] == "0":
                     for u in need:
                         await self._check(await self._user_step(
-                            "tomb", u, cid, pos, self.max_tombstones))
+                            "tomb", u, cid, pos, self.max_tombstones, short))
                         done.append(("untomb", u))
-                reply = await self._call(self._op, keys, self._argv(op, "c", pos, pt) + args)
-                if reply[0] == b"OK":
-                    _, _, change = parse_change(reply[1])
-                    changed = set(getattr(change, "user_ids", ()))
-                    undo = [(s, u) for s, u in done if u not in changed]
-                    await self._undo(undo, cid, pos)
-                    if op == "rm" and args[1] == "0":
-                        for u in changed:
-                            await self._check(await self._user_step("left", u, cid, pos))
-                    return reply
+                if short:  # a pre-step is not replicated: refuse before anything commits
+                    raise Unavailable(short[0])
+                reply = await self._waited_call(
+                    self._op, keys, self._argv(op, "c", pos, pt) + args, short)
             except BaseException:
                 await self._skip(pos)
                 await self._undo(done, cid, pos)
                 raise
+            if reply[0] == b"OK":  # committed: no skip from here on, whatever fails
+                _, _, change = parse_change(reply[1])
+                changed = set(getattr(change, "user_ids", ()))
+                undo = [(s, u) for s, u in done if u not in changed]
+                await self._undo(undo, cid, pos)
+                if op == "rm" and args[1] == "0":
+                    for u in changed:
+                        await self._check(await self._user_step("left", u, cid, pos, "", short))
+                if short:  # committed and published: only the acknowledgement is refused
+                    raise Unavailable(short[0])
+                return reply
             await self._skip(pos)
             await self._undo(done, cid, pos)
             if reply[0] == b"RETRY":

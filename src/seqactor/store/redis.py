@@ -21,8 +21,9 @@ batch reserved in one sequencer call, skips for positions that do not commit.
 connection in the same pipeline, by ``WAIT N timeout``: its writes are acknowledged only once
 N replicas have them (fewer in time: ``Unavailable``; the writes may still survive), so a
 replica promoted after the master died cannot hand out an acknowledged seq again. On a
-cluster the same holds per master for the batched ops (allocations, MarkReads, SetMins), not
-for membership changes.
+cluster the same holds per master: for the batched ops (allocations, MarkReads, SetMins) after
+each master's share, for membership changes after each step that writes (the user-slot steps
+and the commit), each on the direct connection to the step's master.
 
 **Delivery.** See :mod:`._redis_delivery`: every change reaches the listeners once, in
 position order, from the script's reply or Pub/Sub; holes and lost subscriptions end in a
