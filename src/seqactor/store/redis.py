@@ -80,7 +80,7 @@ from seqactor.store._redis_cluster import (
     Job,
     Retry,
 )
-from seqactor.store._redis_delivery import OrderedDelivery
+from seqactor.store._redis_delivery import RECONNECT_MAX_S, RECONNECT_MIN_S, OrderedDelivery
 from seqactor.store._redis_events import (
     EPOCH_NOTE,
     SEP,
@@ -90,6 +90,7 @@ from seqactor.store._redis_events import (
     to_int,
 )
 from seqactor.store._redis_keys import DEFAULT_PREFIX, KeyLayout, RedisURL, parse_url
+from seqactor.store._redis_sub import Pipelined, RespError, SubscriptionLost, connect
 
 log = logging.getLogger("seqactor.store.redis")
 
@@ -99,6 +100,7 @@ DEFAULT_MAX_TOMBSTONES_PER_USER = 10_000
 DEFAULT_OP_DEADLINE_S = 0.5  # cluster: a position must commit this soon after it was handed out
 DEFAULT_GAP_TIMEOUT_S = 1.5  # a hole in the positions open this long: StoreReset
 MAX_INFLIGHT_BATCHES = 4  # standalone: script calls in flight; more ops wait and batch up
+SPLIT_BATCH_OPS = 32  # standalone: a queue of at least twice this goes as two batches
 MASTER_REQUESTS = 64  # cluster: pending requests to open a master connection
 
 # Group read counts (docs/protocol.md "Group read counts"): a conversation's state and all its
@@ -182,6 +184,9 @@ class RedisStore(OrderedDelivery, ClusterWrites, Store):
         self._slot_map: list[tuple[str, int]] | None = None  # cluster: master of each slot
         self._masters: dict[tuple[str, int], Any] = {}  # cluster: direct master connections
         self._opx_sha = hashlib.sha1(lua.OPX.encode()).hexdigest()
+        self._op_sha = hashlib.sha1(lua.OP.encode()).hexdigest()
+        self._pipe: Pipelined | None = None  # standalone: the batch calls' connection
+        self._pipe_ready = trio.Event()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -310,6 +315,8 @@ class RedisStore(OrderedDelivery, ClusterWrites, Store):
                                 nursery.start_soon(
                                     self._cluster_batcher if self.cluster else self._batcher
                                 )
+                                if not self.cluster:
+                                    nursery.start_soon(self._pipe_keeper)
                                 if self.cluster:
                                     send, receive = trio.open_memory_channel[
                                         tuple[tuple[str, int], trio.Event]](MASTER_REQUESTS)
@@ -454,34 +461,87 @@ class RedisStore(OrderedDelivery, ClusterWrites, Store):
                 self._batch_wake = trio.Event()
                 while self._queue:
                     await slots.acquire()
-                    batch = self._queue[:MAX_BATCH_OPS]
-                    del self._queue[:MAX_BATCH_OPS]
+                    # A long queue goes as two batches, back to back on the connection: Redis
+                    # runs the second while this node takes the first one's replies (and
+                    # its callers queue their next ops), so both sides work at once.
+                    n = len(self._queue)
+                    size = min(MAX_BATCH_OPS, n if n < 2 * SPLIT_BATCH_OPS else (n + 1) // 2)
+                    batch = self._queue[:size]
+                    del self._queue[:size]
                     nursery.start_soon(self._run_batch, batch, slots)
+
+    async def _pipe_keeper(self) -> None:
+        """Standalone: keeps the batch calls' connection (:class:`Pipelined`) open, opening it
+        again after a failure (with back-off)."""
+        host, port = self.nodes[0]
+        delay = RECONNECT_MIN_S
+        while True:
+            try:
+                conn = await connect(host, port, self._username, self._password, self.db)
+            except SubscriptionLost as exc:
+                log.log(logging.WARNING if delay == RECONNECT_MIN_S else logging.DEBUG,
+                        "redis store: batch connection to %s:%d: %s", host, port, exc)
+                await trio.sleep(delay)
+                delay = min(RECONNECT_MAX_S, delay * 2)
+                continue
+            delay = RECONNECT_MIN_S
+            pipe = Pipelined(conn, COMMAND_TIMEOUT_S)
+            async with conn.stream:
+                self._pipe = pipe
+                self._pipe_ready.set()
+                try:
+                    await pipe.run()
+                except SubscriptionLost as exc:
+                    log.warning("redis store: batch connection to %s:%d lost (%s); reconnecting",
+                                host, port, exc)
+                finally:
+                    self._pipe = None
+                    self._pipe_ready = trio.Event()
+
+    async def _batch_pipe(self) -> Pipelined:
+        pipe = self._pipe
+        if pipe is None:
+            with trio.move_on_after(CONNECT_TIMEOUT_S):
+                await self._pipe_ready.wait()
+            pipe = self._pipe
+            if pipe is None:
+                raise Unavailable(f"Redis: cannot connect to {self._where()}")
+        return pipe
 
     async def _run_batch(self, batch: list[Job], slots: trio.Semaphore) -> None:
         try:
             keys, args = self._batch_call("s", 0, [(j.keys, j.op, 0, j.argv) for j in batch])
-            if self.wait_replicas:
-                # WAIT counts the replicas that have this connection's writes: it follows the
-                # script on the same connection (one pipeline)
-                async with self._client.pipeline(transaction=False) as pipe:
-                    req = self._op(keys=keys, args=args, client=pipe)
-                    waited = pipe.wait(self.wait_replicas, self.wait_timeout_ms)
-                blob, acked = await req, await waited
-            else:
-                blob, acked = await self._op(keys=keys, args=args), 0
-            replies = self._batch_replies(blob)
-            if len(replies) != len(batch):
-                raise ValueError(f"{len(replies)} replies to a batch of {len(batch)}")
-            self._take_replies(batch, replies)
+            script = ("EVALSHA", self._op_sha, len(keys), *keys, *args)
+            # WAIT counts the replicas that have this connection's writes: it follows the
+            # script on the same connection (one pipeline)
+            waits = [("WAIT", self.wait_replicas, self.wait_timeout_ms)] if self.wait_replicas else []
+            pipe = await self._batch_pipe()
+            replies = await pipe.call(script, *waits)
+            if isinstance(replies[0], RespError) and str(replies[0]).startswith("NOSCRIPT"):
+                await pipe.call(("SCRIPT", "LOAD", lua.OP))  # nothing ran: load it, again
+                replies = await pipe.call(script, *waits)
+            for r in replies:
+                if isinstance(r, RespError):
+                    raise Unavailable(f"Redis: {r}")
+            blob = replies[0]
+            acked = int(replies[1]) if waits else 0  # type: ignore[call-overload]
+            if not isinstance(blob, bytes):
+                raise Unavailable(f"Redis: unexpected reply {blob!r:.200}")
+            ops = self._batch_replies(blob)
+            if len(ops) != len(batch):
+                raise Unavailable(f"Redis: {len(ops)} replies to a batch of {len(batch)}")
+            self._take_replies(batch, ops)
             if acked < self.wait_replicas:
                 for job in batch:
                     job.error = Unavailable(
                         f"only {acked} of {self.wait_replicas} replicas confirmed the write "
                         f"within {self.wait_timeout_ms} ms (it may still survive a failover)")
-        except (RedisError, OSError, trio.BrokenResourceError, ValueError) as exc:
+        except (SubscriptionLost, ValueError) as exc:
             for job in batch:
                 job.error = Unavailable(f"Redis: {exc}")
+        except Unavailable as exc:
+            for job in batch:
+                job.error = exc
         finally:
             slots.release()
             for job in batch:
