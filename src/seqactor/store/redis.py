@@ -182,7 +182,7 @@ class RedisStore(OrderedDelivery, ClusterWrites, Store):
         self._batch_wake = trio.Event()
         self._inflight_cids: dict[str, int] = {}  # cluster: conversations in a running batch
         self._slot_map: list[tuple[str, int]] | None = None  # cluster: master of each slot
-        self._masters: dict[tuple[str, int], Any] = {}  # cluster: direct master connections
+        self._masters: dict[tuple[str, int], Pipelined] = {}  # cluster: direct to masters
         self._opx_sha = hashlib.sha1(lua.OPX.encode()).hexdigest()
         self._op_sha = hashlib.sha1(lua.OP.encode()).hexdigest()
         self._pipe: Pipelined | None = None  # standalone: the batch calls' connection
