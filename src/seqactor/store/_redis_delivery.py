@@ -1,8 +1,9 @@
 """The Redis store's change delivery (a mixin of :class:`~seqactor.store.redis.RedisStore`):
 the Pub/Sub subscriber, the ordered hand-over to the listeners, resynchronization.
 
-Each node receives every change (its own and others') from Pub/Sub, and its own also from
-the script's reply, and hands them to the listeners strictly in position order, each once
+Each node receives every change (its own and others') from Pub/Sub — a batch's changes in
+one message — and its own also from the script's reply, and hands them to the listeners
+strictly in position order, each once
 (:class:`~seqactor.store._redis_events.ReorderBuffer`; skips fill holes). A hole that stays
 open ``gap_timeout`` (longer than the op deadline: the missing position can no longer commit)
 is closed with a ``StoreReset``. When the subscription drops (or the keep-alive gives up on a

@@ -10,9 +10,12 @@ module is the store that joins them: lifecycle, batching, writes, reads, operato
 **Standalone.** One Lua script call per *batch* of operations: while calls are in flight,
 concurrent writes on this node gather (like SQLite's group commit) and go in one call; each
 operation in it is atomic on its own — takes the position (INCR), changes the conversation,
-the members, the users' view indexes and tombstones, and PUBLISHes the change — so positions
-are gap-free and published in position order. Each caller's ``await`` returns with its own
-operation's result.
+the members, the users' view indexes and tombstones — so positions are gap-free; the call
+PUBLISHes the batch's changes in one message, in position order, and answers with one string
+(a record per op). Each caller's ``await`` returns with its own operation's result. The batch
+calls go on the store's own pipelined connection (:class:`~._redis_sub.Pipelined`: hiredis
+packs and parses; a long queue goes as two batches back to back, so Redis runs one while
+this node takes the other's replies); reads and operator actions use coredis.
 
 **Cluster.** See :mod:`._redis_cluster`: batches with per-slot script calls, positions of a
 batch reserved in one sequencer call, skips for positions that do not commit.
