@@ -612,7 +612,7 @@ def plot(res: dict[str, Any]) -> None:
     for i, v in enumerate(values):
         ax.text(i, v, f"{v:.1f}k", ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("operations / s (thousands)")
-    ax.set_title(f"seqactor store writes, one node process ({res['cpus']} shared cores, "
+    ax.set_title(f"seqactor store writes, one node process unless named ({res['cpus']} shared cores, "
                  f"{'quick' if res['quick'] else 'full'} run)")
     fig.tight_layout()
     PLOT.parent.mkdir(parents=True, exist_ok=True)
