@@ -18,6 +18,11 @@ directories, free ports) and ``seqactor serve`` nodes. ``--quick`` measures the 
   on random conversations out of 1 000 through one store: SQLite (group commit, fsync'd),
   Redis with AOF ``appendfsync everysec`` (and ``always``), a local 3-master Redis Cluster
   (``everysec``). One node's store path: the batches, the round trips, this process' CPU.
+* ``alloc_per_s_*_2procs`` — the same allocations from ``PROCS`` node processes at once
+  (256 tasks each, one store each, the same run for one Redis and the Cluster): a single
+  node process can be the limit itself, so this is the comparison of the two Redis kinds.
+  ``*_node_cpu_us_per_alloc`` and ``*_redis_cpu_us_per_alloc``: CPU per allocation of the
+  node processes and of the Redis servers (``INFO cpu``, all masters) in that run.
 * ``markread_per_s_redis`` — 64 tasks, each its own user in 1 000 conversations, mark read
   one seq further each time (every MarkRead a change).
 * ``push`` — two ``seqactor serve`` nodes on one Redis; a user session follows a conversation
@@ -88,6 +93,68 @@ NODE4_KEYS = ("nodes4_frames_per_server_cpu_s", "node1_frames_per_server_cpu_s",
               "foreign_change_cpu_share")
 NODES = 2
 NODE_START_TIMEOUT_S = 30.0
+PROCS = 2  # node processes allocating at once (the *_2procs keys)
+PROCS_START_DELAY_S = 5.0  # children open their stores and warm up before the common start
+
+
+async def alloc_child(url: str, total: int, tasks: int, start_at: float) -> dict[str, float]:
+    """One node process of :func:`bench_alloc_procs`: open a store, warm up, wait for the
+    common start (wall clock), allocate ``total`` with ``tasks`` tasks."""
+    store = RedisStore(url)
+    await store.open()
+    try:
+        per_task = total // tasks
+
+        async def worker(i: int, n: int) -> None:
+            rng = random.Random(i + os.getpid() * 1000)
+            for _ in range(n):
+                await store.allocate(f"c{rng.randrange(CONVERSATIONS)}", 1)
+
+        await worker(-1, 200)
+        await trio.sleep(max(0.0, start_at - time.time()))
+        c0, t0 = time.process_time(), time.time()
+        async with trio.open_nursery() as n:
+            for i in range(tasks):
+                n.start_soon(worker, i, per_task)
+        return {"ops": per_task * tasks, "t0": t0, "t1": time.time(),
+                "cpu_s": time.process_time() - c0}
+    finally:
+        await store.aclose()
+
+
+def redis_cpu_s(ports: list[int]) -> float:
+    """CPU seconds (user + sys) the Redis servers on ``ports`` used so far."""
+    total = 0.0
+    for port in ports:
+        out = subprocess.run(["redis-cli", "-p", str(port), "INFO", "cpu"], capture_output=True,
+                             text=True, check=True, timeout=30).stdout
+        for line in out.splitlines():
+            if line.startswith(("used_cpu_user:", "used_cpu_sys:")):
+                total += float(line.split(":", 1)[1])
+    return total
+
+
+async def bench_alloc_procs(
+    url: str, ports: list[int], total: int, procs: int = PROCS, tasks: int = MANY_TASKS
+) -> dict[str, float]:
+    """Allocations/s of ``procs`` node processes at once (``total`` each), and the CPU per
+    allocation of the nodes and of the Redis servers over the run."""
+    start_at = time.time() + PROCS_START_DELAY_S
+    cmd = [sys.executable, __file__, "--alloc-child", url, str(total), str(tasks), str(start_at)]
+    children = [subprocess.Popen(cmd, stdout=subprocess.PIPE) for _ in range(procs)]
+    await trio.sleep(max(0.0, start_at - time.time() - 0.5))
+    r0 = redis_cpu_s(ports)
+    outs = []
+    for child in children:
+        out, _ = await trio.to_thread.run_sync(child.communicate)
+        if child.returncode != 0:
+            raise RuntimeError(f"allocating child failed ({child.returncode})")
+        outs.append(json.loads(out.decode().strip().splitlines()[-1]))
+    redis_cpu = redis_cpu_s(ports) - r0
+    ops = sum(o["ops"] for o in outs)
+    wall = max(o["t1"] for o in outs) - min(o["t0"] for o in outs)
+    return {"per_s": ops / wall, "node_cpu_us": sum(o["cpu_s"] for o in outs) / ops * 1e6,
+            "redis_cpu_us": redis_cpu / ops * 1e6}
 
 
 async def bench_alloc(make_store: Any, total: int, tasks: int = TASKS) -> float:
@@ -397,6 +464,14 @@ async def main(quick: bool) -> dict[str, Any]:
                 lambda: RedisStore(cluster.url + "?prefix=a64"), total)
             res["alloc_per_s_redis_cluster_256"] = await bench_alloc(
                 lambda: RedisStore(cluster.url + "?prefix=a256"), total, MANY_TASKS)
+            for name, url, ports in (
+                ("redis", every.url + "?prefix=p2", [every.port]),
+                ("redis_cluster", cluster.url + "?prefix=p2", [n.port for n in cluster.nodes]),
+            ):
+                procs = await bench_alloc_procs(url, ports, total)
+                res[f"alloc_per_s_{name}_{PROCS}procs"] = procs["per_s"]
+                res[f"{name}_{PROCS}procs_node_cpu_us_per_alloc"] = procs["node_cpu_us"]
+                res[f"{name}_{PROCS}procs_redis_cpu_us_per_alloc"] = procs["redis_cpu_us"]
             if not quick:
                 res["alloc_per_s_redis_fsync_always"] = await bench_alloc(
                     lambda: RedisStore(always.url), total)
@@ -415,6 +490,8 @@ async def main(quick: bool) -> dict[str, Any]:
     best_cluster = max(res["alloc_per_s_redis_cluster"], res["alloc_per_s_redis_cluster_256"])
     res["redis_vs_ceiling_ratio"] = best_redis / res["redis_evalsha_ceiling_per_s"]
     res["cluster_vs_redis_ratio"] = best_cluster / best_redis
+    res[f"cluster_vs_redis_ratio_{PROCS}procs"] = (
+        res[f"alloc_per_s_redis_cluster_{PROCS}procs"] / res[f"alloc_per_s_redis_{PROCS}procs"])
     res["redis_vs_sqlite_alloc_ratio"] = best_redis / res["alloc_per_s_sqlite"]
     if "cross_node_push_p50_ms" in res:
         res["cross_vs_same_node_push_p50_ratio"] = (
@@ -447,6 +524,10 @@ def table(res: dict[str, Any]) -> str:
         ("alloc/s, Redis Cluster (3 masters), 64 tasks", *per_s("alloc_per_s_redis_cluster")),
         ("alloc/s, Redis Cluster (3 masters), 256 tasks", *per_s(
             "alloc_per_s_redis_cluster_256")),
+        (f"alloc/s, Redis, {PROCS} node processes x 256 tasks",
+         *per_s(f"alloc_per_s_redis_{PROCS}procs")),
+        (f"alloc/s, Redis Cluster, {PROCS} node processes x 256 tasks",
+         *per_s(f"alloc_per_s_redis_cluster_{PROCS}procs")),
         ("MarkRead/s, Redis, 64 tasks", *per_s("markread_per_s_redis")),
         ("alloc/s, SQLite group commit, 64 tasks", *per_s("alloc_per_s_sqlite")),
     ]
@@ -464,7 +545,16 @@ def table(res: dict[str, Any]) -> str:
                  f"{'met' if res['redis_vs_ceiling_ratio'] >= GOAL_CEILING_SHARE else 'NOT met'}); "
                  f"Cluster >= {GOAL_CLUSTER_RATIO}x one Redis "
                  f"({res['cluster_vs_redis_ratio']:.2f}x: "
-                 f"{'met' if res['cluster_vs_redis_ratio'] >= GOAL_CLUSTER_RATIO else 'NOT met'})")
+                 f"{'met' if res['cluster_vs_redis_ratio'] >= GOAL_CLUSTER_RATIO else 'NOT met'}"
+                 f"; {PROCS} node processes: "
+                 f"{res[f'cluster_vs_redis_ratio_{PROCS}procs']:.2f}x)")
+    lines.append(
+        f"CPU per allocation, {PROCS} node processes: Redis "
+        f"{res[f'redis_{PROCS}procs_node_cpu_us_per_alloc']:.1f} us in the nodes + "
+        f"{res[f'redis_{PROCS}procs_redis_cpu_us_per_alloc']:.1f} us in Redis; Cluster "
+        f"{res[f'redis_cluster_{PROCS}procs_node_cpu_us_per_alloc']:.1f} us in the nodes + "
+        f"{res[f'redis_cluster_{PROCS}procs_redis_cpu_us_per_alloc']:.1f} us in the masters "
+        f"({res['cpus']} cores for all)")
     if "cross_node_push_p50_ms" in res:
         lines.append(
             f"push A->B p50 / p99 {res['cross_node_push_p50_ms']:.2f} / "
@@ -504,26 +594,34 @@ def plot(res: dict[str, Any]) -> None:
         ("Redis\n256 tasks", "alloc_per_s_redis_256"),
         ("Cluster\n64 tasks", "alloc_per_s_redis_cluster"),
         ("Cluster\n256 tasks", "alloc_per_s_redis_cluster_256"),
+        (f"Redis\n{PROCS} procs", f"alloc_per_s_redis_{PROCS}procs"),
+        (f"Cluster\n{PROCS} procs", f"alloc_per_s_redis_cluster_{PROCS}procs"),
         ("MarkRead\nRedis", "markread_per_s_redis"),
         ("SQLite\n64 tasks", "alloc_per_s_sqlite"),
     ]
-    with figure(PLOT, figsize=(10, 4.5)) as (fig, ax):
+    with figure(PLOT, figsize=(12, 4.5)) as (fig, ax):
         values = [res[k] / 1000 for _, k in bars]
-        colors = ["#999999", "#bbbbbb", "#d62728", "#ff7f0e", "#1f77b4", "#17becf", "#9467bd",
-                  "#2ca02c"]
+        colors = ["#999999", "#bbbbbb", "#d62728", "#ff7f0e", "#1f77b4", "#17becf", "#e377c2",
+                  "#8c564b", "#9467bd", "#2ca02c"]
         ax.bar([label for label, _ in bars], values, color=colors)
         for i, v in enumerate(values):
             ax.text(i, v, f"{v:.1f}k", ha="center", va="bottom", fontsize=8)
         ax.set_ylabel("operations / s (thousands)")
-        ax.set_title(f"seqactor store writes, one node process ({res['cpus']} shared cores, "
-                     f"{'quick' if res['quick'] else 'full'} run)")
+        ax.set_title(f"seqactor store writes, one node process unless named ({res['cpus']} "
+                     f"shared cores, {'quick' if res['quick'] else 'full'} run)")
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     ap.add_argument("--quick", action="store_true",
                     help="fewer operations, no AOF-always and push runs (< 120 s)")
+    ap.add_argument("--alloc-child", nargs=4, metavar=("URL", "TOTAL", "TASKS", "START_AT"),
+                    help=argparse.SUPPRESS)  # one process of bench_alloc_procs
     args = ap.parse_args()
+    if args.alloc_child:
+        url, n, tasks, start_at = args.alloc_child
+        print(json.dumps(trio.run(alloc_child, url, int(n), int(tasks), float(start_at))))
+        sys.exit(0)
     t0 = time.perf_counter()
     result = trio.run(main, args.quick)
     result["bench_seconds"] = time.perf_counter() - t0

@@ -15,6 +15,15 @@ everysec); a backend service session on node 0 allocates in the group at a fixed
   a sampled member holds the seq), and frames per server CPU-second (the four nodes' CPU
   together: the price of being several nodes). The *sweep* time is members / frames/s: how
   long one change takes to reach every member at that rate.
+* ``nodes4_store_delivery_p50_ms`` / ``_p99_ms``: the store's part of the staleness — a
+  ``RedisStore`` listener in this process (a fifth node without sessions) on the same Redis:
+  the time from the backend sending ``AllocateSequences`` to the change reaching it (node
+  0's batch, the script, Pub/Sub, the reorder buffer), against ``nodes4_ack_p50_ms`` /
+  ``_p99_ms``, the same send to the backend's ``Allocated`` reply (where the staleness is
+  measured from). ``nodes4_store_after_ack_p99_ms``: listener time minus reply time per
+  allocation (<= 0: the store delivered before the staleness clock even started). The rest
+  of the staleness is the nodes' fan-out rounds over their sessions and the client processes
+  reading them.
 * ``failover_converge_s``: node 3 is killed (SIGKILL); its client process connects the same
   users to node 0 (Hello, snapshot, Subscribe{all}); the time from the kill until all of
   them hold the current view.
@@ -60,6 +69,8 @@ from fanout import (  # noqa: E402
     user_ranges,
 )
 
+from seqactor.store import Allocated, Change  # noqa: E402
+from seqactor.store.redis import RedisStore  # noqa: E402
 from tests._redis import RedisServer  # noqa: E402
 
 RESULTS = HERE / "results" / "cluster.json"
@@ -81,6 +92,7 @@ async def serve_nodes(
     """``n`` ``seqactor serve`` children on the store ``url``; stopped on exit."""
     secret_file = tmp / "secret"
     secret_file.write_text(secrets.token_hex(32))
+    secret_file.chmod(0o600)  # serve warns about group/world-readable secrets
     secret = secret_file.read_bytes().strip()
     nodes: list[Child] = []
     ports: list[int] = []
@@ -114,6 +126,15 @@ async def run_phase(
     async with serve_nodes(tmp, url, n) as (nodes, ports, secret, secret_file), \
             client_processes(n) as clients, trio.open_nursery() as nursery:
         backend = await start_backend(nursery, ports[0], secret, members)
+        listener = RedisStore(url)  # the store's part of the staleness (see the docstring)
+        await listener.open()
+        heard: dict[int, float] = {}
+
+        def hear(change: Change) -> None:
+            if isinstance(change, Allocated) and change.conversation_id == GROUP:
+                heard[change.last] = time.monotonic()
+
+        listener.add_listener(hear)
         per_client = -(-members // n)
         sample_every = max(1, per_client * n // SAMPLED_SESSIONS)
         ranges = user_ranges(members, n)
@@ -142,6 +163,11 @@ async def run_phase(
             start_after = max(m["t"] for m in marks0) + 0.05
             allocs = [(s, t) for s, t in backend.allocs if start_after <= t <= t1]
             values, _, missing = staleness_ms(allocs, dumps, horizon)
+            sent = backend.sent_by_seq
+            delivery = sorted((heard[q] - sent[q]) * 1e3 for q, _ in allocs
+                              if q in heard and q in sent)
+            acks = sorted((t - sent[q]) * 1e3 for q, t in allocs if q in sent)
+            after_ack = sorted((heard[q] - t) * 1e3 for q, t in allocs if q in heard)
             frames_per_s = rate_between(marks0, marks1)
             server_cpu = sum(b - a for a, b in zip(cpu0, cpu1, strict=True))
             out.update({
@@ -151,6 +177,12 @@ async def run_phase(
                 "staleness_p50_ms": percentile(values, 0.50),
                 "staleness_p99_ms": percentile(values, 0.99),
                 "staleness_missing": missing,
+                "store_delivery_p50_ms": percentile(delivery, 0.50),
+                "store_delivery_p99_ms": percentile(delivery, 0.99),
+                "ack_p50_ms": percentile(acks, 0.50),
+                "ack_p99_ms": percentile(acks, 0.99),
+                "store_after_ack_p50_ms": percentile(after_ack, 0.50),
+                "store_after_ack_p99_ms": percentile(after_ack, 0.99),
                 "sweep_ms": members / max(1e-9, frames_per_s) * 1000,
                 "window_s": t1 - t0,
             })
@@ -168,6 +200,7 @@ async def run_phase(
                 out["failover_sessions"] = answer["connected"]
             load.cancel_scope.cancel()
         await call_all(clients, [{"cmd": "close"}] * n)
+        await listener.aclose()
         nursery.cancel_scope.cancel()
     return out
 
@@ -193,6 +226,13 @@ async def main(quick: bool) -> dict[str, Any]:
         "nodes4_staleness_p50_ms": four["staleness_p50_ms"],
         "nodes4_staleness_p99_ms": four["staleness_p99_ms"],
         "nodes4_sweep_ms": four["sweep_ms"],
+        "node1_staleness_p50_ms": one["staleness_p50_ms"],
+        "nodes4_store_delivery_p50_ms": four["store_delivery_p50_ms"],
+        "nodes4_store_delivery_p99_ms": four["store_delivery_p99_ms"],
+        "nodes4_ack_p50_ms": four["ack_p50_ms"],
+        "nodes4_ack_p99_ms": four["ack_p99_ms"],
+        "nodes4_store_after_ack_p50_ms": four["store_after_ack_p50_ms"],
+        "nodes4_store_after_ack_p99_ms": four["store_after_ack_p99_ms"],
         "nodes4_vs_node1_frames_per_cpu": (
             four["frames_per_server_cpu_s"] / one["frames_per_server_cpu_s"]),
         "failover_converge_s": four["failover_converge_s"],
@@ -218,6 +258,14 @@ def table(r: dict[str, Any]) -> str:
          f"{'met' if stale <= GOAL_STALENESS_VS_SWEEP else 'NOT met'})"),
         ("sweep ms (members / frames/s): 1 node / 4 nodes",
          f"{r['node1_sweep_ms']:.1f} / {r['nodes4_sweep_ms']:.1f}", ""),
+        ("1 node: staleness p50 / p99 ms",
+         f"{r['node1_staleness_p50_ms']:.1f} / {r['node1_staleness_p99_ms']:.1f}",
+         f"p99 = {r['node1_staleness_p99_ms'] / r['node1_sweep_ms']:.2f}x its sweep"),
+        ("4 nodes: store delivery p50 / p99 ms (send -> listener)",
+         f"{r['nodes4_store_delivery_p50_ms']:.1f} / {r['nodes4_store_delivery_p99_ms']:.1f}",
+         f"send -> Allocated reply {r['nodes4_ack_p50_ms']:.1f} / {r['nodes4_ack_p99_ms']:.1f}; "
+         f"listener - reply p50 / p99 {r['nodes4_store_after_ack_p50_ms']:.1f} / "
+         f"{r['nodes4_store_after_ack_p99_ms']:.1f}"),
         ("node killed: its sessions converged on another after s",
          f"{r['failover_converge_s']:.2f}",
          f"{r['failover_sessions']:,} sessions (goal <= {GOAL_CONVERGE_S:g} s: "

@@ -19,12 +19,16 @@ from seqactor.store._base import (
 )
 from seqactor.store._redis_events import (
     EPOCH_NOTE,
+    RS_BYTE,
     SEP,
     USEP,
     ReorderBuffer,
+    last_position,
     parse_change,
     payload_position,
+    records,
     skip_payload,
+    split_replies,
 )
 from seqactor.store._redis_keys import (
     CLUSTER_SLOTS,
@@ -70,6 +74,20 @@ def test_parse_every_kind_of_change() -> None:
 def test_malformed_payloads_raise_value_error(bad: bytes) -> None:
     with pytest.raises(ValueError):
         parse_change(bad)
+
+
+def test_a_batch_travels_as_records_in_one_string() -> None:
+    a = _payload("A", 7, "c", 1, 1, 5, "", 0)
+    r = _payload("R", 9, "c", "u", 3)
+    message = RS_BYTE.join([a, skip_payload(8), r])
+    assert records(message) == [a, skip_payload(8), r]
+    assert last_position(message) == 9 and last_position(a) == 7
+    assert last_position(EPOCH_NOTE) is None
+    reply = RS_BYTE.join([a, _payload("NOOP", 5, 2), b"NEED", _payload("NEED", "u", "v"),
+                          _payload("RETRY", "STALE"), _payload("ERR", "EPOCH"), r])
+    assert split_replies(reply) == [
+        [b"OK", a], [b"NOOP", b"5", b"2"], [b"NEED"], [b"NEED", b"u", b"v"],
+        [b"RETRY", b"STALE"], [b"ERR", b"EPOCH"], [b"OK", r]]
 
 
 def test_payload_position_reads_only_the_position() -> None:

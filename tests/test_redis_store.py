@@ -438,18 +438,23 @@ async def test_silent_server_is_noticed_by_the_keepalive() -> None:
 
 
 async def test_cluster_wait_replicas_acknowledges_only_replicated_writes() -> None:
-    """``?wait_replicas=1`` on a cluster: with a replica per master, allocations and MarkReads
-    are acknowledged; on the shared cluster without replicas they are refused (Unavailable,
-    naming the replicas) — and, committed anyway, they still reach the other nodes."""
+    """``?wait_replicas=1`` on a cluster: with a replica per master, allocations, MarkReads
+    and membership changes are acknowledged; on the shared cluster without replicas they are
+    refused (Unavailable, naming the replicas) — and, committed anyway (a membership change
+    with its user-slot steps), they still reach the other nodes."""
     cl = RedisCluster(masters=3, replicas=1).start()
     try:
         url = f"{cl.url}?prefix={unique_prefix()}&wait_replicas=1&wait_timeout_ms=2000"
         s = await opened(url)
         try:
-            await s.add_members("c", ["u"])
+            added = await s.add_members("c", ["u", "v", "w"])
+            assert added.user_ids == ("u", "v", "w")
             for cid in ["c", "d", "e", "f"]:
                 assert (await s.allocate(cid, 2)).last == 2
             assert (await s.mark_read("c", "u", 2)).read_sequence == 2
+            assert (await s.remove_members("c", ["v"], keep_history=False)).user_ids == ("v",)
+            assert (await s.remove_members("c", ["w"], keep_history=True)).user_ids == ("w",)
+            assert await s.removed_since("v", 0) == ["c"]
         finally:
             await s.aclose()
     finally:
@@ -463,6 +468,19 @@ async def test_cluster_wait_replicas_acknowledges_only_replicated_writes() -> No
         await wait_for(lambda: b.position == 1)  # committed and published all the same
         st = await b.conversation("c")
         assert st is not None and st.max_sequence == 1
+        # membership changes too. Steps in the users' slots come first: one not replicated
+        # refuses the change before it commits (its position is skipped, the steps undone)
+        with pytest.raises(Unavailable, match="replicas"):
+            await a.add_members("c", ["u", "v"])
+        await wait_for(lambda: b.position == 2)
+        assert not await b.view_contains("u", "c")
+        assert (await b.load_view("u")).conversation_ids == []
+        await b.add_members("c", ["u", "v"])
+        # with none: the commit is refused, yet committed and published
+        with pytest.raises(Unavailable, match="replicas"):
+            await a.remove_members("c", ["v"], keep_history=True)
+        await wait_for(lambda: a.position == 4)
+        assert list((await a.load_view("v")).frozen) == [1]
     finally:
         await a.aclose()
         await b.aclose()

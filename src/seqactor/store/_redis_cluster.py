@@ -27,25 +27,28 @@ post-steps (drop the index entry of a removal unless a later join indexed it aga
 pre-steps of users the op did not change). Readers tolerate the windows between steps: a view
 index entry without a member row is ignored; a tombstone of a conversation still in the view
 is ignored. The user index is written *before* a join commits and cleared *after* a removal
-commits, so a reader never misses a conversation that is in the view.
+commits, so a reader never misses a conversation that is in the view. With ``wait_replicas``
+each writing step runs on its master's direct connection followed by ``WAIT``: a pre-step not
+replicated in time refuses the change before it commits (position skipped, steps undone); a
+commit or post-step not replicated refuses only the acknowledgement (the change stands).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import coredis
 import trio
-from coredis.exceptions import NoScriptError, RedisError
+from coredis.exceptions import RedisError
 from coredis.retry import NoRetryPolicy
 
 from seqactor.store import _redis_lua as lua
 from seqactor.store._base import Change, TooLarge, Unavailable
 from seqactor.store._redis_events import SEP, parse_change, skip_payload, to_int
 from seqactor.store._redis_keys import CLUSTER_SLOTS, KeyLayout, hash_slot, slot_tags
+from seqactor.store._redis_sub import Pipelined, RespError, SubscriptionLost, connect
 
 log = logging.getLogger("seqactor.store.redis")
 
@@ -97,7 +100,7 @@ class ClusterWrites:
     _batch_wake: trio.Event
     _inflight_cids: dict[str, int]
     _slot_map: list[tuple[str, int]] | None
-    _masters: dict[tuple[str, int], Any]
+    _masters: dict[tuple[str, int], Pipelined]
     _master_requests: trio.MemorySendChannel[tuple[tuple[str, int], trio.Event]]
     _opx_sha: str
     op_deadline_s: float
@@ -120,6 +123,10 @@ class ClusterWrites:
         ) -> list[Any]: ...
 
         async def _check(self, reply: list[Any]) -> list[Any]: ...
+
+        def _take_replies(self, jobs: Sequence[Job], replies: Sequence[list[Any]]) -> None: ...
+
+        def _batch_replies(self, blob: bytes) -> list[list[Any]]: ...
 
     async def _write_slot_epochs(self, epoch: bytes, force: bool) -> None:
         """Cluster: the epoch copy in every slot, one script call per master."""
@@ -192,8 +199,8 @@ class ClusterWrites:
         self._slot_map = owners
         return owners
 
-    async def _master_client(self, addr: tuple[str, int]) -> Any:
-        """A direct connection to one master, opened (once) by :meth:`_master_clients`."""
+    async def _master_client(self, addr: tuple[str, int]) -> Pipelined:
+        """The direct connection to one master, opened (once) by :meth:`_master_clients`."""
         client = self._masters.get(addr)
         if client is not None:
             return client
@@ -208,33 +215,53 @@ class ClusterWrites:
     async def _master_clients(
         self, requests: trio.MemoryReceiveChannel[tuple[tuple[str, int], trio.Event]]
     ) -> None:
-        """Owns the direct master connections (opened on request, closed with the store)."""
-        async with contextlib.AsyncExitStack() as stack:
+        """Owns the direct master connections (:class:`Pipelined`, opened on request, closed
+        with the store; one that fails is dropped and opened again on the next request)."""
+        async with trio.open_nursery() as nursery:
             async for addr, opened in requests:
                 if addr not in self._masters:
-                    client = coredis.Redis(
-                        host=addr[0], port=addr[1], username=self._username,
-                        password=self._password, stream_timeout=COMMAND_TIMEOUT_S,
-                        connect_timeout=CONNECT_TIMEOUT_S, retry_policy=NoRetryPolicy(),
-                    )
                     try:
-                        await stack.enter_async_context(client)
-                        self._masters[addr] = client
-                    except (RedisError, OSError) as exc:
+                        conn = await connect(addr[0], addr[1], self._username, self._password)
+                    except SubscriptionLost as exc:
                         log.warning("redis store: cannot connect to master %s:%d: %s",
                                     addr[0], addr[1], exc)
+                    else:
+                        pipe = Pipelined(conn, COMMAND_TIMEOUT_S)
+                        self._masters[addr] = pipe
+                        nursery.start_soon(self._run_master, addr, pipe)
                 opened.set()
 
-    async def _opx_call(self, client: Any, args: list[Any], wait: int) -> tuple[Any, int]:
-        """One OPX call on a master's direct connection: (replies, replicas that confirmed).
+    async def _run_master(self, addr: tuple[str, int], pipe: Pipelined) -> None:
+        async with pipe.conn.stream:
+            try:
+                await pipe.run()
+            except SubscriptionLost as exc:
+                log.warning("redis store: connection to master %s:%d lost: %s",
+                            addr[0], addr[1], exc)
+            finally:
+                if self._masters.get(addr) is pipe:
+                    del self._masters[addr]
+
+    async def _master_eval(
+        self, addr: tuple[str, int], script: str, sha: str, keys: Sequence[str],
+        args: Sequence[Any], wait: int = 0,
+    ) -> tuple[Any, int]:
+        """A script call on one master's direct connection: (reply, replicas that confirmed).
         With ``wait``, ``WAIT wait timeout`` follows the script on the same connection (one
-        pipeline), so it counts the replicas that have these writes."""
-        if not wait:
-            return await client.evalsha(self._opx_sha, keys=[], args=args), 0
-        async with client.pipeline(transaction=False) as pipe:
-            req = pipe.evalsha(self._opx_sha, keys=[], args=args)
-            waited = pipe.wait(wait, self.wait_timeout_ms)
-        return await req, int(await waited)
+        pipeline), so it counts the replicas that have these writes. An error reply raises
+        RespError (``MOVED ...``: the slot is another master's; nothing ran), a failed
+        connection SubscriptionLost."""
+        pipe = await self._master_client(addr)
+        cmd = ("EVALSHA", sha, len(keys), *keys, *args)
+        waits = [("WAIT", wait, self.wait_timeout_ms)] if wait else []
+        replies = await pipe.call(cmd, *waits)
+        if isinstance(replies[0], RespError) and str(replies[0]).startswith("NOSCRIPT"):
+            await pipe.call(("SCRIPT", "LOAD", script))  # nothing ran: load it, send again
+            replies = await pipe.call(cmd, *waits)
+        for r in replies:
+            if isinstance(r, RespError):
+                raise r
+        return replies[0], (int(replies[1]) if wait else 0)  # type: ignore[call-overload]
 
     async def _slot_calls(
         self, mode: str, pt: int, calls: list[tuple[list[str], str, int, list[Any]]]
@@ -259,21 +286,16 @@ class ClusterWrites:
                 keys, op, pos, own = calls[i]
                 args.append(SEP.join([keys[0], keys[2], keys[3], op, str(pos), *map(str, own)]))
             wait = self.wait_replicas if mode == "c" else 0
-            acked = 0
             try:
-                client = await self._master_client(addr)
-                try:
-                    replies, acked = await self._opx_call(client, args, wait)
-                except NoScriptError:  # nothing ran: load it and send again
-                    await client.script_load(lua.OPX)
-                    replies, acked = await self._opx_call(client, args, wait)
-            except (RedisError, OSError, Unavailable) as exc:
+                blob, acked = await self._master_eval(addr, lua.OPX, self._opx_sha, (), args, wait)
+                replies = self._batch_replies(blob)
+            except (RespError, SubscriptionLost, Unavailable, ValueError) as exc:
                 self._slot_map = None
                 for i in idx:
                     out[i] = [b"FAILED", exc]
                 return
             for i, r in zip(idx, replies, strict=True):
-                out[i] = list(r)
+                out[i] = r
                 if out[i][:2] == [b"RETRY", b"MOVED"]:
                     self._slot_map = None
                 elif out[i][0] == b"OK" and acked < wait:
@@ -310,8 +332,7 @@ class ClusterWrites:
             todo = [j for j in batch
                     if j.reply is None and j.error is None and id(j) not in again0]
             if todo:
-                seq = await self._seq(
-                    keys=[self.keys.epoch, self.keys.pos, self.keys.pos_time], args=[self.epoch, len(todo)])
+                seq = await self._sequence(len(todo))
                 if seq[0] != b"OK":
                     for job in todo:
                         job.reply = list(seq)
@@ -319,9 +340,11 @@ class ClusterWrites:
                 first, pt = int(seq[1]), to_int(seq[2])
                 replies = await self._slot_calls(
                     "c", pt, [(j.keys, j.op, first + i, j.argv) for i, j in enumerate(todo)])
+                committed = [(job, r) for job, r in zip(todo, replies, strict=True)
+                             if r[0] == b"OK"]
+                self._take_replies([j for j, _ in committed], [r for _, r in committed])
                 for i, (job, r) in enumerate(zip(todo, replies, strict=True)):
                     if r[0] == b"OK":
-                        job.reply = r
                         continue
                     if r[0] == b"FAILED":  # (too few replicas: committed, Pub/Sub brings it)
                         job.error = (r[1] if isinstance(r[1], Unavailable)
@@ -335,7 +358,7 @@ class ClusterWrites:
                         job.error = Unavailable("too much contention on the conversation")
                     else:
                         job.reply = r
-        except (RedisError, OSError, trio.BrokenResourceError, ValueError) as exc:
+        except (RedisError, OSError, trio.BrokenResourceError, ValueError, Unavailable) as exc:
             again = {id(j) for j in requeue}
             for job in batch:
                 if job.reply is None and id(job) not in again:
@@ -392,11 +415,59 @@ class ClusterWrites:
             log.warning("redis store: could not publish skip of %d: %s", pos, exc)
 
     async def _user_step(
-        self, step: str, uid: str, cid: str, pos: int, extra: Any = ""
+        self, step: str, uid: str, cid: str, pos: int, extra: Any = "",
+        short: list[str] | None = None,
     ) -> list[Any]:
         vk = self.keys.view_key(uid)
         keys = [self.keys.slot_epoch_key(vk), *self.keys.user_keys(uid)]
-        return await self._call(self._user, keys, [step, self.epoch, cid, pos, extra])
+        return await self._waited_call(
+            self._user, keys, [step, self.epoch, cid, pos, extra], short)
+
+    async def _waited_call(
+        self, script: Any, keys: list[str], args: list[Any], short: list[str] | None
+    ) -> list[Any]:
+        """A writing script call of a membership step (every key in one slot). With
+        ``wait_replicas`` (and ``short``, a list: undo steps pass none) it runs on the direct
+        connection to the slot's master, followed by ``WAIT`` in one pipeline; a master whose
+        replicas do not confirm in time is named in ``short`` (the write stands: the caller
+        decides)."""
+        if not self.wait_replicas or short is None:
+            return await self._call(script, keys, args)
+        wait = self.wait_replicas
+        for attempt in range(2):
+            owners = self._slot_map or await self._refresh_slot_map()
+            addr = owners[hash_slot(keys[-1].encode())]
+            try:
+                reply, acked = await self._master_eval(
+                    addr, script.script, script.sha, keys, args, wait)
+            except RespError as exc:
+                self._slot_map = None
+                if str(exc).startswith("MOVED") and attempt == 0:
+                    continue  # nothing ran: the slot moved; once more on its master
+                raise Unavailable(f"Redis: {exc}") from None
+            except SubscriptionLost as exc:
+                self._slot_map = None
+                raise Unavailable(f"Redis: {exc}") from None
+            if acked < wait and short is not None:
+                short.append(f"only {acked} of {wait} replicas of {addr[0]}:{addr[1]} confirmed "
+                             f"the write within {self.wait_timeout_ms} ms (it may still survive "
+                             "a failover)")
+            return list(reply)
+        raise AssertionError("unreachable")
+
+    async def _sequence(self, n: int) -> list[Any]:
+        """Reserve ``n`` positions (the sequencer script) on the meta slot's master directly:
+        ``[b"OK", first, time]`` or an error reply of the script."""
+        keys = [self.keys.epoch, self.keys.pos, self.keys.pos_time]
+        owners = self._slot_map or await self._refresh_slot_map()
+        try:
+            reply, _ = await self._master_eval(
+                owners[hash_slot(self.keys.pos.encode())], self._seq.script, self._seq.sha, keys,
+                [self.epoch, n])
+        except (RespError, SubscriptionLost) as exc:
+            self._slot_map = None
+            raise Unavailable(f"Redis: {exc}") from None
+        return list(reply)
 
     async def _cluster_steps(
         self, op: str, cid: str, args: list[Any], users: Sequence[str]
@@ -417,31 +488,37 @@ class ClusterWrites:
             )
             pos, pt = int(seq[1]), to_int(seq[2])
             done: list[tuple[str, str]] = []  # (undo step, user) of pre-steps taken
+            short: list[str] = []  # with wait_replicas: masters whose replicas fell short
             try:
                 if op == "add":
                     for u in need:
                         await self._check(await self._user_step(
-                            "join", u, cid, pos, self.max_view_conversations))
+                            "join", u, cid, pos, self.max_view_conversations, short))
                         done.append(("unjoin", u))
                 elif op == "rm" and args[1] == "0":
                     for u in need:
                         await self._check(await self._user_step(
-                            "tomb", u, cid, pos, self.max_tombstones))
+                            "tomb", u, cid, pos, self.max_tombstones, short))
                         done.append(("untomb", u))
-                reply = await self._call(self._op, keys, self._argv(op, "c", pos, pt) + args)
-                if reply[0] == b"OK":
-                    _, _, change = parse_change(reply[1])
-                    changed = set(getattr(change, "user_ids", ()))
-                    undo = [(s, u) for s, u in done if u not in changed]
-                    await self._undo(undo, cid, pos)
-                    if op == "rm" and args[1] == "0":
-                        for u in changed:
-                            await self._check(await self._user_step("left", u, cid, pos))
-                    return reply
+                if short:  # a pre-step is not replicated: refuse before anything commits
+                    raise Unavailable(short[0])
+                reply = await self._waited_call(
+                    self._op, keys, self._argv(op, "c", pos, pt) + args, short)
             except BaseException:
                 await self._skip(pos)
                 await self._undo(done, cid, pos)
                 raise
+            if reply[0] == b"OK":  # committed: no skip from here on, whatever fails
+                _, _, change = parse_change(reply[1])
+                changed = set(getattr(change, "user_ids", ()))
+                undo = [(s, u) for s, u in done if u not in changed]
+                await self._undo(undo, cid, pos)
+                if op == "rm" and args[1] == "0":
+                    for u in changed:
+                        await self._check(await self._user_step("left", u, cid, pos, "", short))
+                if short:  # committed and published: only the acknowledgement is refused
+                    raise Unavailable(short[0])
+                return reply
             await self._skip(pos)
             await self._undo(done, cid, pos)
             if reply[0] == b"RETRY":

@@ -1,8 +1,9 @@
 """The Redis store's change delivery (a mixin of :class:`~seqactor.store.redis.RedisStore`):
 the Pub/Sub subscriber, the ordered hand-over to the listeners, resynchronization.
 
-Each node receives every change (its own and others') from Pub/Sub, and its own also from
-the script's reply, and hands them to the listeners strictly in position order, each once
+Each node receives every change (its own and others') from Pub/Sub — a batch's changes in
+one message — and its own also from the script's reply, and hands them to the listeners
+strictly in position order, each once
 (:class:`~seqactor.store._redis_events.ReorderBuffer`; skips fill holes). A hole that stays
 open ``gap_timeout`` (longer than the op deadline: the missing position can no longer commit)
 is closed with a ``StoreReset``. When the subscription drops (or the keep-alive gives up on a
@@ -21,7 +22,7 @@ import trio
 from coredis.exceptions import RedisError
 
 from seqactor.store._base import Change, StoreReset, Unavailable
-from seqactor.store._redis_events import ReorderBuffer, parse_change, payload_position
+from seqactor.store._redis_events import ReorderBuffer, last_position, parse_change, records
 from seqactor.store._redis_keys import KeyLayout
 from seqactor.store._redis_sub import SubscriptionLost, subscribe
 
@@ -29,6 +30,7 @@ log = logging.getLogger("seqactor.store.redis")
 
 RECONNECT_MIN_S = 0.05  # Pub/Sub reconnect back-off: first delay
 RECONNECT_MAX_S = 1.0  # ... and the longest
+SEEN_BATCHES = 16  # the last Pub/Sub messages kept parsed for their batch's reply
 MAINTENANCE_TICK_S = 0.1  # the maintenance task looks at holes and the epoch this often
 LOST_DATA_RECHECK_S = 1.0  # while the epoch is missing, look for it again this often
 
@@ -56,6 +58,7 @@ class OrderedDelivery:
     _epoch_note: bool
     _waiters: list[tuple[int, int, trio.Event]]
     _waiter_ids: int
+    _seen_batches: dict[bytes, list[tuple[int, Change]]]
 
     if TYPE_CHECKING:  # provided by Store / RedisStore (no runtime stubs: they would shadow)
 
@@ -197,20 +200,37 @@ class OrderedDelivery:
 
     # ------------------------------------------------------------------ ordered delivery
 
-    def _on_payload(self, payload: bytes) -> None:
-        pos = payload_position(payload)
+    def _on_payload(self, message: bytes) -> None:
+        pos = last_position(message)
         if pos is not None and pos <= self._buf.position:
-            return  # already delivered (e.g. this node's own change, from the reply)
-        try:
-            kind, pos, change = parse_change(payload)
-        except ValueError:
-            log.error("redis store: malformed event %r", payload[:200])
-            return
-        if kind == "E":
-            self._epoch_note = True
-            self._wake.set()
-            return
-        self._receive(pos, change)
+            return  # already delivered (e.g. this node's own changes, from the reply)
+        add = self._buf.add
+        fresh = False
+        parsed: list[tuple[int, Change]] | None = []
+        for payload in records(message):
+            try:
+                kind, pos, change = parse_change(payload)
+            except ValueError:
+                log.error("redis store: malformed event %r", payload[:200])
+                parsed = None
+                continue
+            if change is None:
+                parsed = None
+                if kind == "E":
+                    self._epoch_note = True
+                    self._wake.set()
+                    continue
+            elif parsed is not None:
+                parsed.append((pos, change))
+            fresh = add(pos, change) or fresh
+        if parsed:
+            # this node's own batch, when Pub/Sub beat the reply: its reply takes these
+            seen = self._seen_batches
+            if len(seen) >= SEEN_BATCHES:
+                del seen[next(iter(seen))]
+            seen[message] = parsed
+        if fresh and not self._held():
+            self._drain()
 
     def _receive(self, pos: int, change: Change | None) -> None:
         if self._buf.add(pos, change) and not self._held():

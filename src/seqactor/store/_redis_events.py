@@ -12,7 +12,10 @@ that hands changes to listeners strictly in position order (pure: no I/O, no Tri
     S pos                                             skip: the position will never commit
     E 0                                               the epoch changed (store init --force)
 
-Numbers are decimal (seqs: uint64, positions: int, times: ms since the Unix epoch).
+Numbers are decimal (seqs: uint64, positions: int, times: ms since the Unix epoch). A batch
+script call publishes its changes in one message: their payloads joined by ``RS``, in
+position order (:func:`records`). Its reply is one string too: a record per op, joined by
+``RS`` (:func:`split_replies`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from seqactor.store._base import (
 SEP = "\x1f"
 USEP = "\x1e"
 SEP_BYTE = b"\x1f"
+RS_BYTE = b"\x1d"  # between the records of a batch (lua/common.lua: RS)
 EPOCH_NOTE = b"E\x1f0"  # published by ``store init --force``: nodes re-read the epoch
 
 
@@ -84,6 +88,31 @@ def payload_position(payload: bytes) -> int | None:
         return int(payload[2:end if end >= 0 else len(payload)])
     except ValueError:
         return None
+
+
+def last_position(message: bytes) -> int | None:
+    """The position of a published message's last record (the highest: records are in
+    position order), without decoding the rest; ``None``: an epoch note or malformed."""
+    return payload_position(message[message.rfind(RS_BYTE) + 1:])
+
+
+def records(message: bytes) -> list[bytes]:
+    """The payloads of one published message (a batch publishes several in one)."""
+    return message.split(RS_BYTE)
+
+
+def split_replies(blob: bytes) -> list[list[Any]]:
+    """A batch call's reply -> one reply per op, as a single call answers it:
+    ``[b"OK", payload]`` for a committed op (its record is the change payload, a one-letter
+    kind), else the record's fields (``[b"NOOP", position, ...]``, ``[b"ERR", kind, msg]``,
+    ``[b"RETRY", why]``, ``[b"NEED", users...]``)."""
+    out: list[list[Any]] = []
+    for rec in blob.split(RS_BYTE):
+        if rec[1:2] == SEP_BYTE:
+            out.append([b"OK", rec])
+        else:
+            out.append(rec.split(SEP_BYTE))
+    return out
 
 
 def skip_payload(pos: int) -> bytes:

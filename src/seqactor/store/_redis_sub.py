@@ -1,4 +1,5 @@
-"""A Redis Pub/Sub subscriber on a raw Trio stream (RESP2, parsed by ``hiredis.Reader``).
+"""The Redis store's own connections on raw Trio streams (RESP2, packed and parsed by
+``hiredis``): the Pub/Sub subscriber, and :class:`Pipelined` for the batch calls.
 
 The store needs to *know* when its subscription was interrupted (messages published meanwhile
 are lost: Pub/Sub is at-most-once), so it owns this connection instead of a client library's
@@ -9,6 +10,7 @@ each message's payload; any failure (EOF, reset, no reply to a keep-alive PING) 
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import cast
@@ -108,6 +110,45 @@ class _Conn:
             self.reader.feed(data)
 
 
+async def connect(
+    host: str, port: int, username: str | None = None, password: str | None = None,
+    db: int = 0,
+) -> _Conn:
+    """A connection, authenticated (``AUTH``) and on database ``db`` (``SELECT``); the caller
+    closes its stream. Raises SubscriptionLost on any failure."""
+    try:
+        with trio.fail_after(CONNECT_TIMEOUT_S):
+            stream = await trio.open_tcp_stream(host, port)
+    except (OSError, trio.TooSlowError) as exc:
+        raise SubscriptionLost(f"cannot connect to {host}:{port}: {exc}") from None
+    conn = _Conn(stream)
+    try:
+        with trio.fail_after(CONNECT_TIMEOUT_S):
+            if password is not None:
+                args = [b"AUTH"]
+                if username:
+                    args.append(username.encode())
+                args.append(password.encode())
+                await conn.send(*args)
+                reply = await conn.read()
+                if isinstance(reply, RespError):
+                    raise SubscriptionLost(f"AUTH failed: {reply}")
+            if db:
+                await conn.send(b"SELECT", str(db).encode())
+                reply = await conn.read()
+                if isinstance(reply, RespError):
+                    raise SubscriptionLost(f"SELECT {db} failed: {reply}")
+    except trio.TooSlowError:
+        await stream.aclose()
+        raise SubscriptionLost(f"no reply from {host}:{port}") from None
+    except (SubscriptionLost, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        await stream.aclose()
+        if isinstance(exc, SubscriptionLost):
+            raise
+        raise SubscriptionLost(f"connection to {host}:{port} failed: {exc!r}") from None
+    return conn
+
+
 @asynccontextmanager
 async def subscribe(
     host: str,
@@ -121,25 +162,11 @@ async def subscribe(
     The subscription is active when the context is entered. Raises SubscriptionLost on any
     failure (also from the iterator).
     """
+    conn = await connect(host, port, username, password)
     try:
-        with trio.fail_after(CONNECT_TIMEOUT_S):
-            stream = await trio.open_tcp_stream(host, port)
-    except (OSError, trio.TooSlowError) as exc:
-        raise SubscriptionLost(f"cannot connect to {host}:{port}: {exc}") from None
-    conn = _Conn(stream)
-    try:
-        async with stream:
+        async with conn.stream:
             try:
                 with trio.fail_after(CONNECT_TIMEOUT_S):
-                    if password is not None:
-                        args = [b"AUTH"]
-                        if username:
-                            args.append(username.encode())
-                        args.append(password.encode())
-                        await conn.send(*args)
-                        reply = await conn.read()
-                        if isinstance(reply, RespError):
-                            raise SubscriptionLost(f"AUTH failed: {reply}")
                     await conn.send(b"SUBSCRIBE", channel)
                     reply = await conn.read()
                     if not (isinstance(reply, list) and reply and reply[0] == b"subscribe"):
@@ -150,3 +177,83 @@ async def subscribe(
             yield conn
     except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         raise SubscriptionLost(f"subscription connection failed: {exc!r}") from None
+
+
+class Pipelined:
+    """Commands on one connection, pipelined: concurrent callers write in turn and their
+    replies come back in the same order (:meth:`run` reads them). The store's batch calls go
+    here instead of through a client library (one packed write, ``hiredis`` parsing, no
+    per-command machinery), and a batch's ``WAIT`` follows its script on the same connection.
+    When the connection fails, every caller waiting gets SubscriptionLost."""
+
+    def __init__(self, conn: _Conn, timeout_s: float) -> None:
+        self.conn = conn
+        self.timeout_s = timeout_s
+        self._send_lock = trio.Lock()
+        self._pending: deque[_Call] = deque()
+        self.error: SubscriptionLost | None = None
+
+    async def call(self, *commands: tuple[bytes | str | int, ...]) -> list[object]:
+        """Send ``commands`` in one write; their replies (error replies as
+        :class:`RespError` values), once all arrived within the timeout."""
+        if self.error is not None:
+            raise self.error
+        data = b"".join(hiredis.pack_command(cast("tuple[bytes]", c)) for c in commands)
+        call = _Call(len(commands))
+        async with self._send_lock:  # the order of _pending is the order on the wire
+            self._pending.append(call)
+            try:
+                await self.conn.stream.send_all(data)
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self._fail(SubscriptionLost(f"sending failed: {exc!r}"))
+        with trio.move_on_after(self.timeout_s):
+            await call.done.wait()
+        if call.error is not None:
+            raise call.error
+        if not call.done.is_set():  # replies would be out of step: drop the connection
+            self._fail(SubscriptionLost(f"no reply within {self.timeout_s:g} s"))
+            await self.conn.stream.aclose()
+            raise SubscriptionLost(f"no reply within {self.timeout_s:g} s")
+        return call.replies
+
+    async def run(self) -> None:
+        """Read replies and hand them to the callers in order, until the connection fails
+        (then raise SubscriptionLost)."""
+        conn = self.conn
+        pending = self._pending
+        try:
+            while True:
+                reply = conn._buffered()
+                if reply is _INCOMPLETE:
+                    reply = await conn.read()
+                if not pending:
+                    raise SubscriptionLost(f"a reply nobody asked for: {reply!r}")
+                call = pending[0]
+                call.replies.append(reply)
+                if len(call.replies) == call.n:
+                    pending.popleft()
+                    call.done.set()
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._fail(SubscriptionLost(f"connection failed: {exc!r}"))
+        except SubscriptionLost as exc:
+            self._fail(exc)
+        assert self.error is not None
+        raise self.error
+
+    def _fail(self, error: SubscriptionLost) -> None:
+        if self.error is None:
+            self.error = error
+        while self._pending:
+            call = self._pending.popleft()
+            call.error = self.error
+            call.done.set()
+
+
+class _Call:
+    __slots__ = ("n", "replies", "error", "done")
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.replies: list[object] = []
+        self.error: SubscriptionLost | None = None
+        self.done = trio.Event()

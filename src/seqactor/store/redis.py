@@ -10,9 +10,12 @@ module is the store that joins them: lifecycle, batching, writes, reads, operato
 **Standalone.** One Lua script call per *batch* of operations: while calls are in flight,
 concurrent writes on this node gather (like SQLite's group commit) and go in one call; each
 operation in it is atomic on its own — takes the position (INCR), changes the conversation,
-the members, the users' view indexes and tombstones, and PUBLISHes the change — so positions
-are gap-free and published in position order. Each caller's ``await`` returns with its own
-operation's result.
+the members, the users' view indexes and tombstones — so positions are gap-free; the call
+PUBLISHes the batch's changes in one message, in position order, and answers with one string
+(a record per op). Each caller's ``await`` returns with its own operation's result. The batch
+calls go on the store's own pipelined connection (:class:`~._redis_sub.Pipelined`: hiredis
+packs and parses; a long queue goes as two batches back to back, so Redis runs one while
+this node takes the other's replies); reads and operator actions use coredis.
 
 **Cluster.** See :mod:`._redis_cluster`: batches with per-slot script calls, positions of a
 batch reserved in one sequencer call, skips for positions that do not commit.
@@ -21,8 +24,9 @@ batch reserved in one sequencer call, skips for positions that do not commit.
 connection in the same pipeline, by ``WAIT N timeout``: its writes are acknowledged only once
 N replicas have them (fewer in time: ``Unavailable``; the writes may still survive), so a
 replica promoted after the master died cannot hand out an acknowledged seq again. On a
-cluster the same holds per master for the batched ops (allocations, MarkReads, SetMins), not
-for membership changes.
+cluster the same holds per master: for the batched ops (allocations, MarkReads, SetMins) after
+each master's share, for membership changes after each step that writes (the user-slot steps
+and the commit), each on the direct connection to the step's master.
 
 **Delivery.** See :mod:`._redis_delivery`: every change reaches the listeners once, in
 position order, from the script's reply or Pub/Sub; holes and lost subscriptions end in a
@@ -79,15 +83,17 @@ from seqactor.store._redis_cluster import (
     Job,
     Retry,
 )
-from seqactor.store._redis_delivery import OrderedDelivery
+from seqactor.store._redis_delivery import RECONNECT_MAX_S, RECONNECT_MIN_S, OrderedDelivery
 from seqactor.store._redis_events import (
     EPOCH_NOTE,
     SEP,
     ReorderBuffer,
     parse_change,
+    split_replies,
     to_int,
 )
 from seqactor.store._redis_keys import DEFAULT_PREFIX, KeyLayout, RedisURL, parse_url
+from seqactor.store._redis_sub import Pipelined, RespError, SubscriptionLost, connect
 
 log = logging.getLogger("seqactor.store.redis")
 
@@ -97,6 +103,7 @@ DEFAULT_MAX_TOMBSTONES_PER_USER = 10_000
 DEFAULT_OP_DEADLINE_S = 0.5  # cluster: a position must commit this soon after it was handed out
 DEFAULT_GAP_TIMEOUT_S = 1.5  # a hole in the positions open this long: StoreReset
 MAX_INFLIGHT_BATCHES = 4  # standalone: script calls in flight; more ops wait and batch up
+SPLIT_BATCH_OPS = 32  # standalone: a queue of at least twice this goes as two batches
 MASTER_REQUESTS = 64  # cluster: pending requests to open a master connection
 
 # Group read counts (docs/protocol.md "Group read counts"): a conversation's state and all its
@@ -173,12 +180,16 @@ class RedisStore(OrderedDelivery, ClusterWrites, Store):
         self._subscribed = trio.Event()
         self._wake = trio.Event()  # for the maintenance task: epoch note or gap
         self._epoch_note = False
+        self._seen_batches: dict[bytes, list[tuple[int, Change]]] = {}  # see _batch_replies
         self._queue: list[Job] = []
         self._batch_wake = trio.Event()
         self._inflight_cids: dict[str, int] = {}  # cluster: conversations in a running batch
         self._slot_map: list[tuple[str, int]] | None = None  # cluster: master of each slot
-        self._masters: dict[tuple[str, int], Any] = {}  # cluster: direct master connections
+        self._masters: dict[tuple[str, int], Pipelined] = {}  # cluster: direct to masters
         self._opx_sha = hashlib.sha1(lua.OPX.encode()).hexdigest()
+        self._op_sha = hashlib.sha1(lua.OP.encode()).hexdigest()
+        self._pipe: Pipelined | None = None  # standalone: the batch calls' connection
+        self._pipe_ready = trio.Event()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -307,6 +318,8 @@ class RedisStore(OrderedDelivery, ClusterWrites, Store):
                                 nursery.start_soon(
                                     self._cluster_batcher if self.cluster else self._batcher
                                 )
+                                if not self.cluster:
+                                    nursery.start_soon(self._pipe_keeper)
                                 if self.cluster:
                                     send, receive = trio.open_memory_channel[
                                         tuple[tuple[str, int], trio.Event]](MASTER_REQUESTS)
@@ -365,11 +378,18 @@ class RedisStore(OrderedDelivery, ClusterWrites, Store):
             raise Retry()
         raise Unavailable(f"unexpected reply from the store script: {reply!r}")
 
-    async def _committed(self, payload: bytes) -> Change:
-        _, pos, change = parse_change(payload)
+    async def _committed(self, reply: list[Any]) -> Change:
+        """The change of a committed op's reply (``[b"OK", payload]``, or with the position
+        and change a batch parsed already), once it was handed to the listeners."""
+        change: Change | None
+        if len(reply) == 4:
+            pos, change = reply[2], reply[3]
+        else:
+            _, pos, change = parse_change(reply[1])
+            self._receive(pos, change)
         assert change is not None
-        self._receive(pos, change)
-        await self._delivered(pos)
+        if pos > self.position:  # (the write awaited its reply: a checkpoint was taken)
+            await self._delivered(pos)
         return change
 
     def _batch_call(
@@ -444,38 +464,116 @@ class RedisStore(OrderedDelivery, ClusterWrites, Store):
                 self._batch_wake = trio.Event()
                 while self._queue:
                     await slots.acquire()
-                    batch = self._queue[:MAX_BATCH_OPS]
-                    del self._queue[:MAX_BATCH_OPS]
+                    # A long queue goes as two batches, back to back on the connection: Redis
+                    # runs the second while this node takes the first one's replies (and
+                    # its callers queue their next ops), so both sides work at once.
+                    n = len(self._queue)
+                    size = min(MAX_BATCH_OPS, n if n < 2 * SPLIT_BATCH_OPS else (n + 1) // 2)
+                    batch = self._queue[:size]
+                    del self._queue[:size]
                     nursery.start_soon(self._run_batch, batch, slots)
+
+    async def _pipe_keeper(self) -> None:
+        """Standalone: keeps the batch calls' connection (:class:`Pipelined`) open, opening it
+        again after a failure (with back-off)."""
+        host, port = self.nodes[0]
+        delay = RECONNECT_MIN_S
+        while True:
+            try:
+                conn = await connect(host, port, self._username, self._password, self.db)
+            except SubscriptionLost as exc:
+                log.log(logging.WARNING if delay == RECONNECT_MIN_S else logging.DEBUG,
+                        "redis store: batch connection to %s:%d: %s", host, port, exc)
+                await trio.sleep(delay)
+                delay = min(RECONNECT_MAX_S, delay * 2)
+                continue
+            delay = RECONNECT_MIN_S
+            pipe = Pipelined(conn, COMMAND_TIMEOUT_S)
+            async with conn.stream:
+                self._pipe = pipe
+                self._pipe_ready.set()
+                try:
+                    await pipe.run()
+                except SubscriptionLost as exc:
+                    log.warning("redis store: batch connection to %s:%d lost (%s); reconnecting",
+                                host, port, exc)
+                finally:
+                    self._pipe = None
+                    self._pipe_ready = trio.Event()
+
+    async def _batch_pipe(self) -> Pipelined:
+        pipe = self._pipe
+        if pipe is None:
+            with trio.move_on_after(CONNECT_TIMEOUT_S):
+                await self._pipe_ready.wait()
+            pipe = self._pipe
+            if pipe is None:
+                raise Unavailable(f"Redis: cannot connect to {self._where()}")
+        return pipe
 
     async def _run_batch(self, batch: list[Job], slots: trio.Semaphore) -> None:
         try:
             keys, args = self._batch_call("s", 0, [(j.keys, j.op, 0, j.argv) for j in batch])
-            if self.wait_replicas:
-                # WAIT counts the replicas that have this connection's writes: it follows the
-                # script on the same connection (one pipeline)
-                async with self._client.pipeline(transaction=False) as pipe:
-                    req = self._op(keys=keys, args=args, client=pipe)
-                    waited = pipe.wait(self.wait_replicas, self.wait_timeout_ms)
-                result, acked = await req, await waited
-            else:
-                result, acked = await self._op(keys=keys, args=args), 0
-            for job, reply in zip(batch, result, strict=True):
-                job.reply = list(reply)
+            script = ("EVALSHA", self._op_sha, len(keys), *keys, *args)
+            # WAIT counts the replicas that have this connection's writes: it follows the
+            # script on the same connection (one pipeline)
+            waits = [("WAIT", self.wait_replicas, self.wait_timeout_ms)] if self.wait_replicas else []
+            pipe = await self._batch_pipe()
+            replies = await pipe.call(script, *waits)
+            if isinstance(replies[0], RespError) and str(replies[0]).startswith("NOSCRIPT"):
+                await pipe.call(("SCRIPT", "LOAD", lua.OP))  # nothing ran: load it, again
+                replies = await pipe.call(script, *waits)
+            for r in replies:
+                if isinstance(r, RespError):
+                    raise Unavailable(f"Redis: {r}")
+            blob = replies[0]
+            acked = int(replies[1]) if waits else 0  # type: ignore[call-overload]
+            if not isinstance(blob, bytes):
+                raise Unavailable(f"Redis: unexpected reply {blob!r:.200}")
+            ops = self._batch_replies(blob)
+            if len(ops) != len(batch):
+                raise Unavailable(f"Redis: {len(ops)} replies to a batch of {len(batch)}")
+            self._take_replies(batch, ops)
             if acked < self.wait_replicas:
                 for job in batch:
                     job.error = Unavailable(
                         f"only {acked} of {self.wait_replicas} replicas confirmed the write "
                         f"within {self.wait_timeout_ms} ms (it may still survive a failover)")
-        except (RedisError, OSError, trio.BrokenResourceError, ValueError) as exc:
+        except (SubscriptionLost, ValueError) as exc:
             for job in batch:
                 job.error = Unavailable(f"Redis: {exc}")
+        except Unavailable as exc:
+            for job in batch:
+                job.error = exc
         finally:
             slots.release()
             for job in batch:
                 if job.reply is None and job.error is None:
                     job.error = Unavailable("the store is closing")
                 job.done.set()
+
+    def _batch_replies(self, blob: bytes) -> list[list[Any]]:
+        """A batch call's reply, one per op. When Pub/Sub brought the same batch first (every
+        op committed: the published message and the reply are the same bytes), its parsed
+        changes are taken instead of parsing them again."""
+        seen = self._seen_batches.pop(blob, None)
+        if seen is not None:
+            return [[b"OK", b"", pos, change] for pos, change in seen]
+        return split_replies(blob)
+
+    def _take_replies(self, jobs: Sequence[Job], replies: Sequence[list[Any]]) -> None:
+        """Give each job its reply; a committed op's change is parsed here, once, and handed
+        to the reorder buffer (``[b"OK", payload, position, change]``), so its caller finds
+        it delivered."""
+        add = self._buf.add
+        for job, reply in zip(jobs, replies, strict=True):
+            if reply[0] == b"OK" and len(reply) == 2:
+                _, pos, change = parse_change(reply[1])
+                reply += (pos, change)
+                add(pos, change)
+            job.reply = reply
+        if not self._held():
+            self._drain()
 
     # ------------------------------------------------------------------ writes
 
@@ -490,7 +588,7 @@ class RedisStore(OrderedDelivery, ClusterWrites, Store):
         # store's clock was replaced (tests step it back).
         clock = "" if self.clock_ms is wall_clock_ms else self.clock_ms()
         reply = await self._write("alloc", conversation_id, [conversation_id, n, sender, clock])
-        return await self._committed(reply[1])  # type: ignore[return-value]
+        return await self._committed(reply)  # type: ignore[return-value]
 
     async def mark_read(
         self, conversation_id: str, user_id: str, read_sequence: int
@@ -502,7 +600,7 @@ class RedisStore(OrderedDelivery, ClusterWrites, Store):
         reply = await self._write("read", conversation_id, [conversation_id, user_id, read])
         if reply[0] == b"NOOP":
             return ReadMarked(conversation_id, user_id, to_int(reply[2]), to_int(reply[1]), False)
-        return await self._committed(reply[1])  # type: ignore[return-value]
+        return await self._committed(reply)  # type: ignore[return-value]
 
     async def set_min_sequence(self, conversation_id: str, min_sequence: int) -> MinChanged:
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -511,7 +609,7 @@ class RedisStore(OrderedDelivery, ClusterWrites, Store):
         reply = await self._write("min", conversation_id, [conversation_id, value])
         if reply[0] == b"NOOP":
             return MinChanged(conversation_id, to_int(reply[2]), to_int(reply[1]), False)
-        return await self._committed(reply[1])  # type: ignore[return-value]
+        return await self._committed(reply)  # type: ignore[return-value]
 
     async def add_members(self, conversation_id: str, user_ids: Sequence[str]) -> MembersAdded:
         await trio.lowlevel.checkpoint_if_cancelled()
@@ -527,7 +625,7 @@ class RedisStore(OrderedDelivery, ClusterWrites, Store):
                 conversation_id, (), to_int(reply[2]), to_int(reply[3]), to_int(reply[4]),
                 to_int(reply[1]), False,
             )
-        return await self._committed(reply[1])  # type: ignore[return-value]
+        return await self._committed(reply)  # type: ignore[return-value]
 
     async def remove_members(
         self, conversation_id: str, user_ids: Sequence[str], keep_history: bool
@@ -543,7 +641,7 @@ class RedisStore(OrderedDelivery, ClusterWrites, Store):
             return MembersRemoved(
                 conversation_id, (), bool(keep_history), to_int(reply[1]), False
             )
-        return await self._committed(reply[1])  # type: ignore[return-value]
+        return await self._committed(reply)  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ reads
 

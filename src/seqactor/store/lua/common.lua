@@ -3,6 +3,7 @@
 -- check, the member row codec, tombstone pruning.
 local SEP = '\31'
 local USEP = '\30'
+local RS = '\29'  -- between the records of a batch (its replies; its published changes)
 local UMAX = '18446744073709551615'  -- 2^64 - 1, the largest sequence
 local function fmt(x) return string.format('%.0f', x) end
 -- uint64 sequences as canonical decimal strings (no sign, no leading zeros)
@@ -61,4 +62,13 @@ local function split(s)
   local t = {}
   for f in string.gmatch(s .. SEP, '([^\31]*)\31') do t[#t + 1] = f end
   return t
+end
+-- A batch's replies and its changes travel as one string each: records joined by RS, a
+-- record's fields by SEP. A committed op's record is its change payload (kind: one letter);
+-- any other reply is its fields ('NOOP', 'NEED', 'RETRY', 'ERR' first). An EPOCH error drops
+-- the epoch value (random bytes, which may hold a separator).
+local function reply_record(r)
+  if r[1] == 'OK' then return r[2] end
+  if r[1] == 'ERR' and r[2] == 'EPOCH' then return 'ERR' .. SEP .. 'EPOCH' end
+  return table.concat(r, SEP)
 end

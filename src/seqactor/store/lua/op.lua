@@ -17,18 +17,31 @@
 --   deadline ago (EXPIRED), so positions of one conversation commit in order and a position
 --   the readers gave up on never commits later.
 --
--- Replies: {'OK', payload} (the payload is also PUBLISHed), {'NOOP', position, ...},
--- {'NEED', users...}, {'RETRY', why}, {'ERR', kind, message}.
+-- Replies: {'OK', payload} (the payload is also PUBLISHed; in a batch the caller publishes
+-- the batch's payloads in one message), {'NOOP', position, ...}, {'NEED', users...},
+-- {'RETRY', why}, {'ERR', kind, message}.
+--
+-- X: nil for a single call, or the batch's shared state: X.ok holds the epoch keys already
+-- checked (a script runs alone: the epoch cannot change between its ops), X.t the server
+-- time (TIME is read once per call).
 -- Sequences are uint64 decimal strings (common.lua: ucmp, uadd); positions and times are
 -- numbers (far below 2^53).
 
-local function run_op(K, V)
+local function run_op(K, V, X)
 
 local op, epoch, mode = V[1], V[2], V[3]
 local cpos, ptime, deadline, channel = tonumber(V[4]), tonumber(V[5]), tonumber(V[6]), V[7]
 local A = 8
-local bad = check_epoch(K[1], epoch)
-if bad then return bad end
+if not (X and X.ok[K[1]]) then
+  local bad = check_epoch(K[1], epoch)
+  if bad then return bad end
+  if X then X.ok[K[1]] = true end
+end
+local function time()
+  if not X then return redis.call('TIME') end
+  if not X.t then X.t = redis.call('TIME') end
+  return X.t
+end
 local ck, mk = K[3], K[4]
 
 local function getconv()
@@ -40,12 +53,15 @@ end
 local function take_pos(c)
   if mode == 's' then return redis.call('INCR', K[2]) end
   if c and c.lp >= cpos then return nil, 'STALE' end
-  if now_us() - ptime > deadline then return nil, 'EXPIRED' end
+  local t = time()
+  if tonumber(t[1]) * 1000000 + tonumber(t[2]) - ptime > deadline then
+    return nil, 'EXPIRED'
+  end
   return cpos
 end
 local function publish(parts)
   local payload = table.concat(parts, SEP)
-  redis.call('PUBLISH', channel, payload)
+  if not X then redis.call('PUBLISH', channel, payload) end
   return {'OK', payload}
 end
 local function ukey(i, j) return K[4 + 3 * (i - 1) + j] end
@@ -73,7 +89,7 @@ if op == 'alloc' then
   if clock and clock ~= '' then
     tm = tonumber(clock)  -- the node's injected clock (tests); else Redis' own
   else
-    local t = redis.call('TIME')
+    local t = time()
     tm = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   end
   -- max_sequence_time_ms never decreases, also when a clock steps back

@@ -6,12 +6,15 @@
 -- keys in order (conversation, members, and standalone membership ops' user keys).
 -- ARGV: 'batch', n, epoch, mode, position time, deadline, channel, then one string per op:
 -- its own key count, op, position (cluster; 0 standalone), its own arguments, joined by SEP.
--- Replies: one per op. In cluster mode ('c') a position that does not commit (NOOP raced,
--- RETRY, ERR) is published as a skip here, so readers need no second call to close the hole.
+-- Reply: one string, a record per op (common.lua, reply_record). The committed ops' changes
+-- are PUBLISHed in one message, their records joined by RS in position order; in cluster
+-- mode ('c') a position that does not commit (NOOP raced, RETRY, ERR) is published in it as
+-- a skip, so readers need no second call to close the hole.
 if ARGV[1] == 'batch' then
   local n = tonumber(ARGV[2])
   local epoch, mode, ptime, deadline, channel = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
-  local out = {}
+  local X = {ok = {}}
+  local out, pub = {}, {}
   local ki = 3
   for i = 1, n do
     local F = split(ARGV[7 + i])
@@ -21,12 +24,15 @@ if ARGV[1] == 'batch' then
     ki = ki + nk
     local V = {F[2], epoch, mode, F[3], ptime, deadline, channel}
     for j = 4, #F do V[j + 4] = F[j] end
-    local r = run_op(K, V)
-    if mode == 'c' and r[1] ~= 'OK' then
-      redis.call('PUBLISH', channel, 'S' .. SEP .. V[4])
+    local r = run_op(K, V, X)
+    if r[1] == 'OK' then
+      pub[#pub + 1] = r[2]
+    elseif mode == 'c' then
+      pub[#pub + 1] = 'S' .. SEP .. V[4]
     end
-    out[i] = r
+    out[i] = reply_record(r)
   end
-  return out
+  if #pub > 0 then redis.call('PUBLISH', channel, table.concat(pub, RS)) end
+  return table.concat(out, RS)
 end
 return run_op(KEYS, ARGV)

@@ -7,21 +7,28 @@
 -- ARGV: 'xbatch', n, epoch, mode, position time, deadline, channel, then one string per op:
 -- its slot's epoch key, conversation hash, members hash, op, position, its own arguments,
 -- joined by SEP.
--- Replies: one per op (as op.lua's); in mode 'c' a position that does not commit is
--- published as a skip.
+-- Reply: one string, a record per op (common.lua, reply_record). In mode 'c' the committed
+-- ops' changes and the skips of positions that do not commit are PUBLISHed in one message
+-- (records joined by RS, in position order).
 local n = tonumber(ARGV[2])
 local epoch, mode, ptime, deadline, channel = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7]
-local out = {}
+local X = {ok = {}}
+local out, pub = {}, {}
 for i = 1, n do
   local F = split(ARGV[7 + i])
   local K = {F[1], F[1], F[2], F[3]}
   local V = {F[4], epoch, mode, F[5], ptime, deadline, channel}
   for j = 6, #F do V[j + 2] = F[j] end
-  local ok, r = pcall(run_op, K, V)
+  local ok, r = pcall(run_op, K, V, X)
   if not ok then r = {'RETRY', 'MOVED'} end
-  if mode == 'c' and r[1] ~= 'OK' then
-    redis.call('PUBLISH', channel, 'S' .. SEP .. V[4])
+  if mode == 'c' then
+    if r[1] == 'OK' then
+      pub[#pub + 1] = r[2]
+    else
+      pub[#pub + 1] = 'S' .. SEP .. V[4]
+    end
   end
-  out[i] = r
+  out[i] = reply_record(r)
 end
-return out
+if #pub > 0 then redis.call('PUBLISH', channel, table.concat(pub, RS)) end
+return table.concat(out, RS)
