@@ -7,11 +7,16 @@ import argparse
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 
 import trio
 
 from seqactor.cli._args import CliError, UsageError, unwrap, warn
 from seqactor.server import config as S
+
+# Set to a file path: run the server under cProfile and write its stats (pstats) there when
+# it stops (what bench/connect.py --cprofile uses; profiling slows the server several-fold).
+CPROFILE_ENV = "SEQACTOR_CPROFILE"
 
 
 def _check_tls(args: argparse.Namespace) -> None:
@@ -96,7 +101,7 @@ def serve_one(args: argparse.Namespace) -> int:
             nursery.cancel_scope.cancel()
 
     try:
-        trio.run(main)
+        _run_profiled(main) if os.environ.get(CPROFILE_ENV) else trio.run(main)
     except BaseException as exc:  # noqa: BLE001 - unwrapped and re-raised below
         log.failed()
         inner = unwrap(exc)
@@ -111,6 +116,17 @@ def serve_one(args: argparse.Namespace) -> int:
         raise
     return 0
 
+
+
+def _run_profiled(main: Callable[[], Awaitable[None]]) -> None:
+    """``trio.run(main)`` under cProfile; the stats go to ``$SEQACTOR_CPROFILE`` at the end."""
+    import cProfile
+
+    profiler = cProfile.Profile()
+    try:
+        profiler.runcall(trio.run, main)
+    finally:
+        profiler.dump_stats(os.environ[CPROFILE_ENV])
 
 
 async def _stop_on_signal(server: object) -> None:
