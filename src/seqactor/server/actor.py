@@ -246,11 +246,11 @@ class UserActor:
     """The actor of one online user. Created and retired by the hub."""
 
     __slots__ = (  # the fan-out reads the first two per member
-        "table", "sessions", "hub", "user_id", "loaded", "ready", "backlog", "_woken", "_parked",
-        "_retired", "failed",
+        "table", "sessions", "hub", "user_id", "loaded", "ready", "backlog", "_woken", "_nursery",
+        "_running", "_retired", "failed",
     )
 
-    def __init__(self, hub: ActorHost, user_id: str) -> None:
+    def __init__(self, hub: ActorHost, user_id: str, nursery: trio.Nursery | None = None) -> None:
         self.hub = hub
         self.user_id = user_id
         self.table = ViewTable()
@@ -260,11 +260,14 @@ class UserActor:
         # user holds no Event for it).
         self.ready: trio.Event | None = trio.Event()
         self.backlog: list[object] = []  # changes that arrived while the view was loading
-        # Wake-ups without a trio.Event (an Event, its set and Event.wait's frame and closure
-        # cost ~0.6 KB per online user): the task parks itself and wake() reschedules it.
+        # The actor's task runs only while it has work: wake() starts it in ``nursery`` (the
+        # server's actor nursery; None: never started, as in kernel tests), and it ends once a
+        # pass found nothing new. A parked task per online user would cost ~1.5 KB and a
+        # spawn and a scheduler pass per session open.
         self._woken = False  # a wake-up is due: the task runs its loop once more
-        self._parked: trio.lowlevel.Task | None = None  # the task, while parked
-        self._retired = False  # the task ends at its next wake-up (no cancel scope per actor)
+        self._nursery = nursery
+        self._running = False  # the task is started and has not ended
+        self._retired = False  # no more passes: the task ends at its next look
         self.failed: BaseException | None = None
 
     # ---------------------------------------------------------------- loading
@@ -283,15 +286,12 @@ class UserActor:
         if self._woken:
             return
         self._woken = True
-        task = self._parked
-        if task is not None:
-            self._parked = None
-            trio.lowlevel.reschedule(task)
-
-    def _unpark(self, raise_cancel: object) -> trio.lowlevel.Abort:
-        """Cancelled while parked (the server is stopping)."""
-        self._parked = None
-        return trio.lowlevel.Abort.SUCCEEDED
+        if (
+            not self._running and not self._retired and self.failed is None
+            and self._nursery is not None
+        ):
+            self._running = True
+            self._nursery.start_soon(self.run)
 
     def _mark_all(self, key_id: int, mask: int, shared: tuple[bytes, bytes] | None = None) -> None:
         marked = False
@@ -450,23 +450,17 @@ class UserActor:
                     self.session_failed(s, exc)
 
     # ---------------------------------------------------------------- task
-    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        # The status object holds the nursery ``start`` used (closed by now, with its cancel
-        # status): keeping it in this frame for the actor's lifetime would cost ~1 KB a user.
-        del task_status
+    async def run(self) -> None:
+        """Flush while woken; end when a pass found no new wake-up (wake() starts it again)."""
         try:
-            while True:
-                if not self._woken:
-                    self._parked = trio.lowlevel.current_task()
-                    await trio.lowlevel.wait_task_rescheduled(self._unpark)
+            while self._woken and not self._retired:
                 self._woken = False
-                if self._retired:
-                    return
                 self.flush()
                 await trio.lowlevel.checkpoint()
         except Exception as exc:  # an actor's failure ends its user's sessions only
             self.fail(exc)
+        finally:
+            self._running = False
 
     def fail(self, exc: BaseException) -> None:
         """Log the failure and end this user's sessions (Error INTERNAL, close 1011)."""
@@ -479,6 +473,5 @@ class UserActor:
             s.on_fatal(1011, "internal error")
 
     def retire(self) -> None:
-        """End the task: it returns at its next wake-up, before flushing anything."""
+        """No more flushes: a running task returns at its next look, before flushing."""
         self._retired = True
-        self.wake()
