@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import trio
@@ -62,10 +62,12 @@ class SessionState:
         self.user_id = user_id
         self.device_id = device_id
         self.subscribed_all = False
-        self.subscribed: set[int] = set()
+        # Both sets start as the shared empty frozenset and become a set on their first
+        # member (an empty set is 216 bytes; most sessions follow all and remove nothing).
+        self.subscribed: set[int] | frozenset[int] = NO_KEYS
         self.background = False
         self.pending: dict[int, int] = {}  # key id -> field mask
-        self.pending_removed: set[str] = set()
+        self.pending_removed: set[str] | frozenset[str] = NO_IDS
         self.shared: tuple[bytes, bytes] | None = None  # (frame with token, without) from the hub
         self.inflight_reads: dict[int, int] = {}
         # Replies waiting for the writer, at most ``reply_queue_frames`` (a short list: popping
@@ -94,6 +96,39 @@ class SessionState:
     def follows(self, key_id: int) -> bool:
         return self.subscribed_all or key_id in self.subscribed
 
+    def follow(self, key_ids: Iterable[int]) -> None:
+        """Subscribe to the listed conversations (key ids) too."""
+        subscribed = self.subscribed
+        if isinstance(subscribed, frozenset):
+            subscribed = set(key_ids)
+            if subscribed:
+                self.subscribed = subscribed
+        else:
+            subscribed.update(key_ids)
+
+    def unfollow(self, key_id: int) -> None:
+        subscribed = self.subscribed
+        if key_id in subscribed:
+            assert isinstance(subscribed, set)
+            subscribed.discard(key_id)
+
+    def unfollow_all(self) -> None:
+        self.subscribed = NO_KEYS
+
+    def mark_removed(self, conversation_id: str) -> None:
+        """The conversation left the view: the next push says so."""
+        removed = self.pending_removed
+        if isinstance(removed, frozenset):
+            self.pending_removed = {conversation_id}
+        else:
+            removed.add(conversation_id)
+
+    def unmark_removed(self, conversation_id: str) -> None:
+        removed = self.pending_removed
+        if conversation_id in removed:
+            assert isinstance(removed, set)
+            removed.discard(conversation_id)
+
     @property
     def pending_count(self) -> int:
         return len(self.pending) + len(self.pending_removed)
@@ -120,7 +155,7 @@ class SessionState:
 
     def clear_pending(self) -> None:
         self.pending.clear()
-        self.pending_removed.clear()
+        self.pending_removed = NO_IDS
         self.shared = None
 
     # ---- outbox
@@ -197,6 +232,10 @@ class SessionState:
             self._reply_space.release()
             return self.replies.pop(0), False
         return None
+
+
+NO_KEYS: frozenset[int] = frozenset()  # a session's subscriptions / removals before the first
+NO_IDS: frozenset[str] = frozenset()
 
 
 def _no_writer() -> None:
@@ -370,7 +409,7 @@ class UserActor:
         self.table.upsert(key_id, max_seq, read_seq, min_seq, time_ms, pos, False)
         marked = False
         for s in self.sessions:
-            s.pending_removed.discard(conversation_id)
+            s.unmark_removed(conversation_id)
             if s.follows(key_id):
                 s.mark(key_id, FIELD_ALL)
                 marked = True
@@ -395,7 +434,7 @@ class UserActor:
             s.pending.pop(key_id, None)
             if was_following:
                 s.shared = None
-                s.pending_removed.add(conversation_id)
+                s.mark_removed(conversation_id)
                 marked = True
         if marked:
             self.wake()
@@ -425,7 +464,7 @@ class UserActor:
         removed = sorted(s.pending_removed)
         s.pending.clear()
         s.pending.update(deferred)
-        s.pending_removed.clear()
+        s.pending_removed = NO_IDS
         s.shared = None
         if not rows and not removed:
             return None

@@ -176,7 +176,12 @@ class Session:
                 if await self._open():
                     self.scope.deadline = math.inf
                     self.host.register(self)
-                    await self._reader()
+                    identity = proto.identity
+                    assert identity is not None
+                    if identity.is_service:
+                        await self._service_reader()
+                    else:  # (called from here: one coroutine frame less per idle session)
+                        await self._read_ops(None, None)
             except TransportClosed as exc:
                 self._peer_closed(exc)
             finally:
@@ -356,14 +361,9 @@ class Session:
         finally:
             s.writer_running = False
 
-    async def _reader(self) -> None:
-        proto = self.protocol
-        assert proto.identity is not None
-        if not proto.identity.is_service:
-            await self._read_ops(None, None)
-            return
-        # Concurrent service ops, in a nursery of their own (a user session runs one op at a
-        # time and needs none).
+    async def _service_reader(self) -> None:
+        """A service session's reader: its ops run concurrently, in a nursery of their own
+        (a user session runs one op at a time and needs none)."""
         async with trio.open_nursery() as ops:
             try:
                 await self._read_ops(ops, trio.Semaphore(SERVICE_INFLIGHT_OPS))
