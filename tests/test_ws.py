@@ -348,3 +348,32 @@ async def test_simple_and_other_frames_keep_their_order() -> None:
     ws = ServerWebSocket(ActivityStream(peer), max_message_bytes=1024)
     assert [await ws.receive() for _ in range(4)] == [b"one", b"two", b"frag", b"three"]
     assert server_events(peer.sent) == [Pong(b"p")]
+
+
+async def test_a_batch_goes_out_in_one_write_before_the_next_read() -> None:
+    """begin_batch: what write_nowait writes meanwhile is held back (no direct write by
+    others: the descriptor reads -1) and written in one go before the connection waits to
+    read; a send through the send path takes it first."""
+    a, b = trio.socket.socketpair()
+    stream = ActivityStream(trio.SocketStream(a))
+    pipelined = client_bytes(BytesMessage(b"q1"), BytesMessage(b"q2"))
+    ws = ServerWebSocket(stream, 1024, trailing=pipelined)
+    peer = trio.SocketStream(b)
+    rests: list[int] = []
+    assert await ws.receive() == b"q1" and ws.buffered
+    ws.begin_batch(lambda: rests.append(1))
+    assert stream.fd == -1  # nobody else writes directly meanwhile
+    assert ws.write_nowait(b"r1") == b""
+    assert await ws.receive() == b"q2" and not ws.buffered
+    assert ws.write_nowait(b"r2") == b""  # still held: the batch ends before the next read
+    with trio.move_on_after(0.1):
+        await ws.receive()  # writes the batch, then waits for bytes that never come
+    assert stream.fd >= 0 and not rests
+    got = await peer.receive_some(1024)
+    assert got == b"\x82\x02r1\x82\x02r2"  # both replies, in one write
+    ws.begin_batch(lambda: rests.append(1))
+    assert ws.write_nowait(b"r3") == b""
+    await ws.flush()  # a send through the send path takes the batch first
+    assert await peer.receive_some(1024) == b"\x82\x02r3" and stream.fd >= 0
+    await peer.aclose()
+    await stream.aclose()

@@ -328,6 +328,13 @@ class Session:
         with trio.CancelScope(shield=True):
             await done.wait()
 
+    def _rest_held(self) -> None:
+        """The transport holds the unsent rest of a batch: a writer sends it."""
+        state = self.state
+        assert state is not None
+        state.rest_held = True
+        state.kick()
+
     def _start_writer(self) -> None:
         # While the session is ending output is dropped, and ``writer_running`` stays set so
         # nothing else tries to write to it either.
@@ -373,16 +380,21 @@ class Session:
                 ops.cancel_scope.cancel()
 
     async def _read_ops(self, ops: trio.Nursery | None, slots: trio.Semaphore | None) -> None:
-        state, proto = self.state, self.protocol
+        state, proto, transport = self.state, self.protocol, self.transport
         assert state is not None
         metrics = self.host.metrics
+        # A user session's replies to pipelined requests (the next one already read) go out
+        # in one write (the transport writes the batch before it next waits to read).
+        batch = None if ops is not None else getattr(transport, "begin_batch", None)
         while True:
-            action = proto.receive(await self.transport.receive(), trio.current_time())
+            action = proto.receive(await transport.receive(), trio.current_time())
             if isinstance(action, RunOp):
                 if ops is not None and slots is not None:
                     await slots.acquire()
                     ops.start_soon(self._run_op, action, slots)
                 else:
+                    if batch is not None and transport.buffered:  # type: ignore[attr-defined]
+                        batch(self._rest_held)
                     await self._run_op(action, None)
             elif isinstance(action, Reply):
                 metrics.op_done(action.kind, action.result)

@@ -35,6 +35,7 @@ close all surface as :class:`ConnectionClosed` (``code``, ``reason``; or the sub
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import ClassVar
 
 import trio
@@ -136,6 +137,7 @@ class ServerWebSocket:
     __slots__ = (
         "stream", "max_message_bytes", "_ws", "_fed", "_used", "_frame_bytes", "_in_message",
         "_reusable", "_parts", "_parts_bytes", "_lock", "close_sent", "closed", "_rx", "_rx_at",
+        "_batch", "_on_rest",
     )
 
     def __init__(self, stream: ActivityStream, max_message_bytes: int, trailing: bytes = b"") -> None:
@@ -159,6 +161,15 @@ class ServerWebSocket:
         # at a frame boundary (simple frames are taken from it; the rest goes to wsproto).
         self._rx = trailing
         self._rx_at = 0
+        # Frames written by write_nowait while a batch is open (begin_batch), and what to
+        # call if the socket does not take them all when the batch is written.
+        self._batch: list[bytes] | None = None
+        self._on_rest: Callable[[], None] | None = None
+
+    @property
+    def buffered(self) -> bool:
+        """Bytes of a further frame are already read and not yet parsed."""
+        return self._ws is None and self._rx_at < len(self._rx)
 
     @property
     def parsing(self) -> bool:
@@ -217,6 +228,8 @@ class ServerWebSocket:
                 continue
             if self.closed is not None:
                 raise self.closed_error(*self.closed)
+            if self._batch is not None:
+                self._end_batch()  # before any wait: what was held back goes out now
             stream = self.stream
             tcp = stream.tcp
             data: bytes | bytearray | None
@@ -321,10 +334,48 @@ class ServerWebSocket:
         raise self.closed_error(code, reason)
 
     # ---------------------------------------------------------------- sending
+    def begin_batch(self, on_rest: Callable[[], None]) -> None:
+        """Hold back what :meth:`write_nowait` writes until this connection next reads from
+        the socket or sends through its send path, then write it in one go (one ``write``
+        for the replies to pipelined requests). Meanwhile nobody else writes directly. If the
+        socket does not take it all, the stream holds the rest (first in line) and
+        ``on_rest`` is called (it must see that a writer flushes it). Nothing happens when a
+        direct write is not possible now."""
+        if self._batch is None and self.stream.fd >= 0:
+            self._batch = []
+            self._on_rest = on_rest
+            self.stream.pause_direct(True)
+
+    def _take_batch(self) -> bytes:
+        batch = self._batch
+        self._batch = self._on_rest = None
+        self.stream.pause_direct(False)
+        return b"".join(batch) if batch else b""
+
+    def _end_batch(self) -> None:
+        on_rest = self._on_rest
+        data = self._take_batch()
+        if not data:
+            return
+        fd = self.stream.fd
+        n = 0
+        if fd >= 0:
+            try:
+                n = os.write(fd, data)
+            except OSError:  # (full, or failed: the writer's locked send meets the error)
+                n = 0
+        if n < len(data):
+            self.stream.hold(data[n:])
+            assert on_rest is not None
+            on_rest()
+
     def write_nowait(self, payload: bytes) -> bytes | None:
         """Write one binary message now if the socket takes it: None = not possible (use
-        :meth:`send_message`), b"" = written, else the framed bytes still to go (held by the
-        stream: :meth:`flush` sends them)."""
+        :meth:`send_message`), b"" = written (or, in a batch, held back to go first), else
+        the framed bytes still to go (held by the stream: :meth:`flush` sends them)."""
+        if self._batch is not None:
+            self._batch.append(ws_binary_frame(payload))
+            return b""
         fd = self.stream.fd
         if fd < 0:
             return None
@@ -342,6 +393,10 @@ class ServerWebSocket:
 
     async def _locked_send(self, data: bytes) -> None:
         """The one send path for anything that may wait: the held rest, then ``data``."""
+        batch = self._batch
+        if batch is not None:  # what a batch held back goes first (no direct write meanwhile)
+            self._batch = self._on_rest = None
+            data = b"".join(batch) + bytes(data)
         lock = self._lock
         if lock is None:
             lock = self._lock = trio.StrictFIFOLock()
@@ -354,6 +409,9 @@ class ServerWebSocket:
             if self.closed is None:
                 self.closed = (Close.ABNORMAL, "connection lost")
             raise self.closed_error(*self.closed) from None
+        finally:
+            if batch is not None:
+                self.stream.pause_direct(False)
 
     async def send_message(self, frame: bytes) -> None:
         """Send one binary message. Raises :class:`ConnectionClosed` once closed."""
