@@ -34,6 +34,8 @@ class ActorHost(Protocol):
 
 log = logging.getLogger("seqactor.actor")
 
+ACTOR_TASK_NAME = "seqactor.server.actor.UserActor.run"  # (shared: not formatted per task)
+
 
 class SessionState:
     """Per-connection state the actor owns: subscriptions, pending changes, outbox.
@@ -330,7 +332,7 @@ class UserActor:
             and self._nursery is not None
         ):
             self._running = True
-            self._nursery.start_soon(self.run)
+            self._nursery.start_soon(self.run, name=ACTOR_TASK_NAME)
 
     def _mark_all(self, key_id: int, mask: int, shared: tuple[bytes, bytes] | None = None) -> None:
         marked = False

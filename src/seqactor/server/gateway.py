@@ -48,6 +48,8 @@ log = logging.getLogger("seqactor.gateway")
 WATCHDOG_TICK_S = 1.0  # how often idle sessions are looked for (at most)
 WATCHDOG_MIN_TICK_S = 0.01
 NOTSENT_LOWAT_BYTES = 16_384  # unsent bytes a connection's socket takes (trio's choice)
+# Every connection handler's task name: one shared string (trio would format one per task).
+HANDLER_TASK_NAME = "seqactor.server.gateway.Server._handle"
 ACCEPT_RETRY_S = 0.1  # accept ran out of descriptors or memory: try again after this long
 # accept errors that concern only the connection being accepted (trio's list): skip it
 IGNORED_ACCEPT_ERRNOS = frozenset(
@@ -209,7 +211,7 @@ class Server:
                 elif exc.errno not in IGNORED_ACCEPT_ERRNOS:
                     raise
                 continue
-            conns.start_soon(self._handle, conn, address)
+            conns.start_soon(self._handle, conn, address, name=HANDLER_TASK_NAME)
 
     async def _watchdog(self) -> None:
         """One task for every session's idle timeout (cheaper than a task per session)."""

@@ -46,6 +46,7 @@ log = logging.getLogger("seqactor.session")
 Code = pb.Error.Code
 
 SESSION_ID_BYTES = 8  # random bytes in a session id (sent hex-encoded in Welcome)
+CHILD_TASK_NAME = "seqactor.server.session.Session._child"  # (shared: not formatted per task)
 SERVICE_INFLIGHT_OPS = 256  # concurrent service ops per connection (reader waits beyond)
 CLOSE_HANDSHAKE_TIMEOUT_S = 2.0
 
@@ -291,7 +292,7 @@ class Session:
         if not self._accepting:
             return False
         self._children += 1
-        self.host.task_nursery.start_soon(self._child, fn)
+        self.host.task_nursery.start_soon(self._child, fn, name=CHILD_TASK_NAME)
         return True
 
     async def _child(self, fn: Callable[[], Awaitable[None]]) -> None:
@@ -385,7 +386,7 @@ class Session:
         metrics = self.host.metrics
         # A user session's replies to pipelined requests (the next one already read) go out
         # in one write (the transport writes the batch before it next waits to read).
-        batch = None if ops is not None else getattr(transport, "begin_batch", None)
+        batching = ops is None and hasattr(transport, "begin_batch")
         while True:
             action = proto.receive(await transport.receive(), trio.current_time())
             if isinstance(action, RunOp):
@@ -393,8 +394,8 @@ class Session:
                     await slots.acquire()
                     ops.start_soon(self._run_op, action, slots)
                 else:
-                    if batch is not None and transport.buffered:  # type: ignore[attr-defined]
-                        batch(self._rest_held)
+                    if batching and transport.buffered:  # type: ignore[attr-defined]
+                        transport.begin_batch(self._rest_held)  # type: ignore[attr-defined]
                     await self._run_op(action, None)
             elif isinstance(action, Reply):
                 metrics.op_done(action.kind, action.result)
