@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from array import array
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import trio
 
@@ -33,6 +33,7 @@ class ActorHost(Protocol):
     def token(self) -> bytes: ...
 
 log = logging.getLogger("seqactor.actor")
+T = TypeVar("T")
 
 ACTOR_TASK_NAME = "seqactor.server.actor.UserActor.run"  # (shared: not formatted per task)
 
@@ -100,36 +101,20 @@ class SessionState:
 
     def follow(self, key_ids: Iterable[int]) -> None:
         """Subscribe to the listed conversations (key ids) too."""
-        subscribed = self.subscribed
-        if isinstance(subscribed, frozenset):
-            subscribed = set(key_ids)
-            if subscribed:
-                self.subscribed = subscribed
-        else:
-            subscribed.update(key_ids)
+        self.subscribed = _added(self.subscribed, key_ids)
 
     def unfollow(self, key_id: int) -> None:
-        subscribed = self.subscribed
-        if key_id in subscribed:
-            assert isinstance(subscribed, set)
-            subscribed.discard(key_id)
+        _discard(self.subscribed, key_id)
 
     def unfollow_all(self) -> None:
         self.subscribed = NO_KEYS
 
     def mark_removed(self, conversation_id: str) -> None:
         """The conversation left the view: the next push says so."""
-        removed = self.pending_removed
-        if isinstance(removed, frozenset):
-            self.pending_removed = {conversation_id}
-        else:
-            removed.add(conversation_id)
+        self.pending_removed = _added(self.pending_removed, (conversation_id,))
 
     def unmark_removed(self, conversation_id: str) -> None:
-        removed = self.pending_removed
-        if conversation_id in removed:
-            assert isinstance(removed, set)
-            removed.discard(conversation_id)
+        _discard(self.pending_removed, conversation_id)
 
     @property
     def pending_count(self) -> int:
@@ -238,6 +223,21 @@ class SessionState:
 
 NO_KEYS: frozenset[int] = frozenset()  # a session's subscriptions / removals before the first
 NO_IDS: frozenset[str] = frozenset()
+
+
+def _added(members: set[T] | frozenset[T], items: Iterable[T]) -> set[T] | frozenset[T]:
+    """``members`` with ``items`` added (a new set when it is a shared empty frozenset)."""
+    if isinstance(members, frozenset):
+        grown = set(items)
+        return grown if grown else members
+    members.update(items)
+    return members
+
+
+def _discard(members: set[T] | frozenset[T], item: T) -> None:
+    if item in members:
+        assert isinstance(members, set)  # (the shared empty frozenset holds nothing)
+        members.discard(item)
 
 
 def _no_writer() -> None:
