@@ -4,6 +4,7 @@ against the WebSocket handshake rate of Bun and of Node + ws on this machine.
 Usage (from the repo root; ``make bench-peers`` installs Bun and ws under bench/peers)::
 
     .venv/bin/python bench/connect.py [--quick] [--sessions N] [--profile OUT.svg|OUT.txt]
+                                      [--cprofile OUT.pstats]
 
 Client load comes from separate processes (``bench/_connect_client.py``: one epoll loop
 each, every frame made before the clock starts), at most ``CONNECT_CONCURRENCY`` opens in
@@ -28,6 +29,7 @@ last reply). Prints a table with the ratios, writes ``bench/results/connect.json
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shutil
 import tempfile
@@ -54,6 +56,7 @@ from _common import client_processes as _common_client_processes  # noqa: E402
 from fanout import finish_profiler, serve_memory, start_backend, start_profiler, user_ranges
 
 from seqactor._kernel import COMPILED
+from seqactor.cli._serve import CPROFILE_ENV
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "connect.json"
@@ -107,6 +110,18 @@ async def open_phase(
 
 async def seqactor_phase(
     clients: list[Child], tmp: Path, n: int, mode: str, profile: str | None,
+    cprofile: str | None = None,
+) -> dict[str, Any]:
+    if cprofile:  # the server (a child process) inherits it: cProfile over its whole run
+        os.environ[CPROFILE_ENV] = str(Path(cprofile).resolve())
+    try:
+        return await _seqactor_phase(clients, tmp, n, mode, profile)
+    finally:
+        os.environ.pop(CPROFILE_ENV, None)
+
+
+async def _seqactor_phase(
+    clients: list[Child], tmp: Path, n: int, mode: str, profile: str | None,
 ) -> dict[str, Any]:
     async with serve_memory(tmp) as served, trio.open_nursery() as nursery:
         backend = await start_backend(nursery, served.port, served.secret, n)
@@ -129,14 +144,15 @@ async def peer_phase(clients: list[Child], name: str, n: int) -> dict[str, Any]:
         return await open_phase(clients, port, child.pid, n, "plain", None)
 
 
-async def run(n: int, profile: str | None) -> dict[str, Any]:
+async def run(n: int, profile: str | None, cprofile: str | None = None) -> dict[str, Any]:
     peer_argv("bun"), peer_argv("ws")  # fail early when the peers are not installed
     tmp = Path(tempfile.mkdtemp(prefix="seqactor-connect-"))
     phases: dict[str, dict[str, Any]] = {}
     try:
         async with client_processes() as clients:
             steps: list[tuple[str, Any]] = [
-                ("seqactor", lambda: seqactor_phase(clients, tmp, n, "seqactor", profile)),
+                ("seqactor",
+                 lambda: seqactor_phase(clients, tmp, n, "seqactor", profile, cprofile)),
                 ("seqactor_handshake", lambda: seqactor_phase(clients, tmp, n, "plain", None)),
                 ("bun", lambda: peer_phase(clients, "bun", n)),
                 ("ws", lambda: peer_phase(clients, "ws", n)),
@@ -226,13 +242,16 @@ def main() -> None:
     ap.add_argument("--profile", default=None,
                     help="py-spy profile of the server during the session-open phase "
                          "(.svg flame graph, .txt raw, .json speedscope)")
+    ap.add_argument("--cprofile", default=None,
+                    help="cProfile the server of the session-open phase over its whole run "
+                         "(pstats file; the figures are then slowed down by the profiler)")
     ap.add_argument("--out", default=str(RESULTS), help="results JSON (default %(default)s)")
     ap.add_argument("--plot", default=str(PLOT), help="plot PNG (default %(default)s)")
     args = ap.parse_args()
     n = args.sessions or (QUICK_SESSIONS if args.quick else FULL_SESSIONS)
     raise_nofile()
     t0 = time.monotonic()
-    result = trio.run(run, n, args.profile)
+    result = trio.run(run, n, args.profile, args.cprofile)
     result["quick"] = args.quick
     result["total_s"] = time.monotonic() - t0
     print()

@@ -63,15 +63,15 @@ def _build(spec: list[Any]) -> list[UserActor]:
             if sub == "all":
                 s.subscribed_all = True
             elif sub == "key":
-                s.subscribed.add(KEY)
+                s.follow([KEY])
             else:
-                s.subscribed.add(OTHER_KEY)
+                s.follow([OTHER_KEY])
             s.writer_running = busy == "writer"
             s.background = busy == "background"
             if busy == "pending":
                 s.pending[OTHER_KEY] = FIELD_READ
             if busy == "removed":
-                s.pending_removed.add("gone")
+                s.mark_removed("gone")
             s.fd = fd
             actor.sessions.append(s)
         members.append(actor)

@@ -307,13 +307,13 @@ async def test_no_task_outlives_its_connection(tmp_path):
     for tls in (False, True):
         overrides = {"tls_cert": str(cert_file), "tls_key": str(key_file)} if tls else {}
         async with running_server(**overrides) as server:
-            base = len(server._conns.child_tasks)  # the accept loop and the watchdog
+            base = len(server.task_nursery.child_tasks)  # the accept loop and the watchdog
             url = f"{'wss' if tls else 'ws'}://127.0.0.1:{server.port}"
             kw = {"ssl_context": ctx} if tls else {}
             async with tws.open_websocket_url(url + "/v1", **kw) as conn:  # client closes
                 r = await RawClient(conn).request("hello", token=token("alice"))
                 assert body(r) == "welcome"
-                assert len(server._conns.child_tasks) == base + 1  # its handler, its only task
+                assert len(server.task_nursery.child_tasks) == base + 1  # its handler, its only task
             async with trio.open_nursery() as n:  # abrupt drop
                 conn = await tws.connect_websocket_url(n, url + "/v1", **kw)
                 r = await RawClient(conn).request("hello", token=token("bob"))
@@ -328,7 +328,7 @@ async def test_no_task_outlives_its_connection(tmp_path):
                 async with tws.open_websocket_url(url + "/nowhere", **kw):
                     pass
             with trio.fail_after(3):
-                while server.connections or len(server._conns.child_tasks) != base:
+                while server.connections or len(server.task_nursery.child_tasks) != base:
                     await trio.sleep(0.01)
 
 

@@ -283,3 +283,97 @@ async def test_a_reader_waiting_for_bytes_keeps_no_parser_alive() -> None:
         nursery.cancel_scope.cancel()
     await peer.aclose()
     await ws.stream.aclose()
+
+
+def test_simple_frames_are_parsed_as_wsproto_parses_them() -> None:
+    """The fast path for simple frames (seqactor.server.ws.simple_frame) takes exactly the
+    frames it names, with wsproto's payload; anything else is left to wsproto."""
+    import os
+    import random
+    import struct
+
+    from seqactor.server.ws import simple_frame
+
+    def frame(first: int, payload: bytes, mask: bytes | None, length_bytes: int = 0) -> bytes:
+        n = len(payload)
+        if length_bytes == 2 or (not length_bytes and 125 < n <= 65_535):
+            head = bytes((first, 126 | (0x80 if mask else 0))) + struct.pack(">H", n)
+        elif length_bytes == 8 or n > 65_535:
+            head = bytes((first, 127 | (0x80 if mask else 0))) + struct.pack(">Q", n)
+        else:
+            head = bytes((first, n | (0x80 if mask else 0)))
+        if mask is None:
+            return head + payload
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        return head + mask + masked
+
+    rng = random.Random(12)
+    for size in (0, 1, 3, 4, 5, 125, 126, 127, 1000, 65_535):
+        payload = os.urandom(size)
+        for mask in (bytes(4), os.urandom(4), bytes((rng.randrange(256),)) * 4):
+            wire = frame(0x82, payload, mask)
+            assert simple_frame(wire + b"rest", 0, 1 << 20) == (payload, len(wire))
+            assert simple_frame(b"xx" + wire, 2, 1 << 20) == (payload, len(wire) + 2)
+            ws = Connection(ConnectionType.SERVER)
+            ws.receive_data(wire)
+            events = list(ws.events())
+            assert len(events) == 1 and bytes(events[0].data) == payload
+            for cut in range(len(wire)):  # incomplete: never taken
+                assert simple_frame(wire[:cut], 0, 1 << 20) is None
+            if size:
+                assert simple_frame(wire, 0, size - 1) is None  # above the limit: wsproto's 1009
+    mask = os.urandom(4)
+    left_to_wsproto = [
+        frame(0x02, b"not final", mask),  # a first fragment
+        frame(0x81, b"text", mask),
+        frame(0x89, b"ping", mask),
+        frame(0x88, b"\x03\xe8", mask),
+        frame(0xC2, b"rsv1", mask),  # a reserved bit
+        frame(0x82, b"unmasked", None),
+        frame(0x82, b"short in 2 bytes", mask, length_bytes=2),  # not minimal
+        frame(0x82, b"x" * 200, mask, length_bytes=8),
+    ]
+    for wire in left_to_wsproto:
+        assert simple_frame(wire, 0, 1 << 20) is None
+
+
+async def test_simple_and_other_frames_keep_their_order() -> None:
+    """Simple frames taken by the fast path, then a ping and a fragmented message (wsproto),
+    then simple frames again, all in one read: delivered in order, the ping answered."""
+    wire = client_bytes(
+        BytesMessage(b"one"), BytesMessage(b"two"), Ping(b"p"),
+        BytesMessage(b"fr", message_finished=False), BytesMessage(b"ag"), BytesMessage(b"three"),
+    )
+    peer = ChunkStream([wire])
+    ws = ServerWebSocket(ActivityStream(peer), max_message_bytes=1024)
+    assert [await ws.receive() for _ in range(4)] == [b"one", b"two", b"frag", b"three"]
+    assert server_events(peer.sent) == [Pong(b"p")]
+
+
+async def test_a_batch_goes_out_in_one_write_before_the_next_read() -> None:
+    """begin_batch: what write_nowait writes meanwhile is held back (no direct write by
+    others: the descriptor reads -1) and written in one go before the connection waits to
+    read; a send through the send path takes it first."""
+    a, b = trio.socket.socketpair()
+    stream = ActivityStream(trio.SocketStream(a))
+    pipelined = client_bytes(BytesMessage(b"q1"), BytesMessage(b"q2"))
+    ws = ServerWebSocket(stream, 1024, trailing=pipelined)
+    peer = trio.SocketStream(b)
+    rests: list[int] = []
+    assert await ws.receive() == b"q1" and ws.buffered
+    ws.begin_batch(lambda: rests.append(1))
+    assert stream.fd == -1  # nobody else writes directly meanwhile
+    assert ws.write_nowait(b"r1") == b""
+    assert await ws.receive() == b"q2" and not ws.buffered
+    assert ws.write_nowait(b"r2") == b""  # still held: the batch ends before the next read
+    with trio.move_on_after(0.1):
+        await ws.receive()  # writes the batch, then waits for bytes that never come
+    assert stream.fd >= 0 and not rests
+    got = await peer.receive_some(1024)
+    assert got == b"\x82\x02r1\x82\x02r2"  # both replies, in one write
+    ws.begin_batch(lambda: rests.append(1))
+    assert ws.write_nowait(b"r3") == b""
+    await ws.flush()  # a send through the send path takes the batch first
+    assert await peer.receive_some(1024) == b"\x82\x02r3" and stream.fd >= 0
+    await peer.aclose()
+    await stream.aclose()

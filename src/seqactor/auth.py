@@ -134,6 +134,22 @@ def _decode(token: str, secret: bytes) -> dict[str, Any]:
     return decoded
 
 
+# Header segments already found plain (a function of the segment alone: every token of one
+# issuer has the same header, so its base64 and JSON are decoded once), at most this many.
+MAX_PLAIN_HEADERS = 16
+_plain_headers: set[str] = set()
+_hmac_key: tuple[bytes, hmac.HMAC] | None = None  # the last secret's keyed HMAC-SHA256
+
+
+def _hmac_for(secret: bytes) -> hmac.HMAC:
+    """HMAC-SHA256 keyed with ``secret``, before any message (copied per token: the key's
+    padding is hashed once, not per token)."""
+    global _hmac_key
+    if _hmac_key is None or _hmac_key[0] != secret:
+        _hmac_key = (secret, hmac.new(secret, digestmod=hashlib.sha256))
+    return _hmac_key[1]
+
+
 def _b64decode(segment: str) -> bytes:
     return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
 
@@ -146,19 +162,26 @@ def _decode_plain(token: str, secret: bytes, now: float) -> dict[str, Any] | Non
     if len(parts) != 3 or not all(_BASE64URL.fullmatch(p) for p in parts):
         return None
     head, body, sig = parts
+    if head not in _plain_headers:
+        try:
+            header = json.loads(_b64decode(head))
+        except (ValueError, binascii.Error):  # (JSON and UTF-8 errors are ValueErrors)
+            return None
+        if (
+            type(header) is not dict or header.get("alg") != ALGORITHM
+            or header.get("typ", "JWT") != "JWT" or not header.keys() <= _PLAIN_HEADER_KEYS
+        ):
+            return None
+        if len(_plain_headers) < MAX_PLAIN_HEADERS:
+            _plain_headers.add(head)
     try:
-        header = json.loads(_b64decode(head))
         claims = json.loads(_b64decode(body))
         signature = _b64decode(sig)
-    except (ValueError, binascii.Error):  # (JSON and UTF-8 errors are ValueErrors)
+    except (ValueError, binascii.Error):
         return None
-    if (
-        type(header) is not dict or header.get("alg") != ALGORITHM
-        or header.get("typ", "JWT") != "JWT" or not header.keys() <= _PLAIN_HEADER_KEYS
-    ):
-        return None
-    expected = hmac.new(secret, f"{head}.{body}".encode("ascii"), hashlib.sha256).digest()
-    if not hmac.compare_digest(expected, signature):
+    mac = _hmac_for(secret).copy()
+    mac.update(f"{head}.{body}".encode("ascii"))
+    if not hmac.compare_digest(mac.digest(), signature):
         return None
     if type(claims) is not dict or not claims.keys() <= _PLAIN_CLAIMS:
         return None

@@ -4,14 +4,32 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 
 import trio
 
 from seqactor.cli._args import CliError, UsageError, unwrap, warn
 from seqactor.server import config as S
+
+# The garbage collector of a `seqactor serve` process. Every open session adds ~25 tracked
+# objects that live as long as it does, and with CPython's default thresholds (700, 10, 10)
+# each is scanned again and again as the heap grows (full collections of 100 ms and more at
+# 10 000 sessions: ~90 us of every session open, bench/connect.py). The young generation is
+# collected after this many allocations (objects, less deallocations), the middle one after
+# this many young collections, the old one after this many middle ones (and, as always, only
+# once it has grown by a quarter); everything alive when the server starts listening is
+# frozen (gc.freeze: never scanned). Cycles are still collected, a little later.
+GC_GEN0_THRESHOLD_OBJECTS = 2_000
+GC_GEN1_THRESHOLD_COLLECTIONS = 20
+GC_GEN2_THRESHOLD_COLLECTIONS = 20
+
+# Set to a file path: run the server under cProfile and write its stats (pstats) there when
+# it stops (what bench/connect.py --cprofile uses; profiling slows the server several-fold).
+CPROFILE_ENV = "SEQACTOR_CPROFILE"
 
 
 def _check_tls(args: argparse.Namespace) -> None:
@@ -81,7 +99,12 @@ def serve_one(args: argparse.Namespace) -> int:
     )
     server = Server(cfg, store, secret)
 
+    gc.set_threshold(
+        GC_GEN0_THRESHOLD_OBJECTS, GC_GEN1_THRESHOLD_COLLECTIONS, GC_GEN2_THRESHOLD_COLLECTIONS
+    )
+
     def listening(url: str) -> None:
+        gc.freeze()  # what the process holds once started (modules, the store) is never scanned
         log.started()
         opened = getattr(store, "path", None)
         if isinstance(opened, str) and opened != ":memory:":  # which file, whatever the URL said
@@ -96,7 +119,7 @@ def serve_one(args: argparse.Namespace) -> int:
             nursery.cancel_scope.cancel()
 
     try:
-        trio.run(main)
+        _run_profiled(main) if os.environ.get(CPROFILE_ENV) else trio.run(main)
     except BaseException as exc:  # noqa: BLE001 - unwrapped and re-raised below
         log.failed()
         inner = unwrap(exc)
@@ -111,6 +134,17 @@ def serve_one(args: argparse.Namespace) -> int:
         raise
     return 0
 
+
+
+def _run_profiled(main: Callable[[], Awaitable[None]]) -> None:
+    """``trio.run(main)`` under cProfile; the stats go to ``$SEQACTOR_CPROFILE`` at the end."""
+    import cProfile
+
+    profiler = cProfile.Profile()
+    try:
+        profiler.runcall(trio.run, main)
+    finally:
+        profiler.dump_stats(os.environ[CPROFILE_ENV])
 
 
 async def _stop_on_signal(server: object) -> None:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import logging
 from array import array
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol, TypeVar
 
 import trio
 
@@ -41,6 +41,9 @@ class ActorHost(Protocol):
     def token(self) -> bytes: ...
 
 log = logging.getLogger("seqactor.actor")
+T = TypeVar("T")
+
+ACTOR_TASK_NAME = "seqactor.server.actor.UserActor.run"  # (shared: not formatted per task)
 
 
 class SessionState:
@@ -70,10 +73,12 @@ class SessionState:
         self.user_id = user_id
         self.device_id = device_id
         self.subscribed_all = False
-        self.subscribed: set[int] = set()
+        # Both sets start as the shared empty frozenset and become a set on their first
+        # member (an empty set is 216 bytes; most sessions follow all and remove nothing).
+        self.subscribed: set[int] | frozenset[int] = NO_KEYS
         self.background = False
         self.pending: dict[int, int] = {}  # key id -> field mask
-        self.pending_removed: set[str] = set()
+        self.pending_removed: set[str] | frozenset[str] = NO_IDS
         self.shared: tuple[bytes, bytes] | None = None  # (frame with token, without) from the hub
         self.inflight_reads: dict[int, int] = {}
         # Replies waiting for the writer, at most ``reply_queue_frames`` (a short list: popping
@@ -102,6 +107,23 @@ class SessionState:
     def follows(self, key_id: int) -> bool:
         return self.subscribed_all or key_id in self.subscribed
 
+    def follow(self, key_ids: Iterable[int]) -> None:
+        """Subscribe to the listed conversations (key ids) too."""
+        self.subscribed = _added(self.subscribed, key_ids)
+
+    def unfollow(self, key_id: int) -> None:
+        _discard(self.subscribed, key_id)
+
+    def unfollow_all(self) -> None:
+        self.subscribed = NO_KEYS
+
+    def mark_removed(self, conversation_id: str) -> None:
+        """The conversation left the view: the next push says so."""
+        self.pending_removed = _added(self.pending_removed, (conversation_id,))
+
+    def unmark_removed(self, conversation_id: str) -> None:
+        _discard(self.pending_removed, conversation_id)
+
     @property
     def pending_count(self) -> int:
         return len(self.pending) + len(self.pending_removed)
@@ -128,7 +150,7 @@ class SessionState:
 
     def clear_pending(self) -> None:
         self.pending.clear()
-        self.pending_removed.clear()
+        self.pending_removed = NO_IDS
         self.shared = None
 
     # ---- outbox
@@ -207,6 +229,25 @@ class SessionState:
         return None
 
 
+NO_KEYS: frozenset[int] = frozenset()  # a session's subscriptions / removals before the first
+NO_IDS: frozenset[str] = frozenset()
+
+
+def _added(members: set[T] | frozenset[T], items: Iterable[T]) -> set[T] | frozenset[T]:
+    """``members`` with ``items`` added (a new set when it is a shared empty frozenset)."""
+    if isinstance(members, frozenset):
+        grown = set(items)
+        return grown if grown else members
+    members.update(items)
+    return members
+
+
+def _discard(members: set[T] | frozenset[T], item: T) -> None:
+    if item in members:
+        assert isinstance(members, set)  # (the shared empty frozenset holds nothing)
+        members.discard(item)
+
+
 def _no_writer() -> None:
     raise RuntimeError("session has no writer attached")
 
@@ -257,11 +298,11 @@ class UserActor:
     """The actor of one online user. Created and retired by the hub."""
 
     __slots__ = (  # the fan-out reads the first two per member
-        "table", "sessions", "hub", "user_id", "loaded", "ready", "backlog", "_woken", "_parked",
-        "_retired", "failed",
+        "table", "sessions", "hub", "user_id", "loaded", "ready", "backlog", "_woken", "_nursery",
+        "_running", "_retired", "failed",
     )
 
-    def __init__(self, hub: ActorHost, user_id: str) -> None:
+    def __init__(self, hub: ActorHost, user_id: str, nursery: trio.Nursery | None = None) -> None:
         self.hub = hub
         self.user_id = user_id
         self.table = ViewTable()
@@ -271,11 +312,14 @@ class UserActor:
         # user holds no Event for it).
         self.ready: trio.Event | None = trio.Event()
         self.backlog: list[object] = []  # changes that arrived while the view was loading
-        # Wake-ups without a trio.Event (an Event, its set and Event.wait's frame and closure
-        # cost ~0.6 KB per online user): the task parks itself and wake() reschedules it.
+        # The actor's task runs only while it has work: wake() starts it in ``nursery`` (the
+        # server's actor nursery; None: never started, as in kernel tests), and it ends once a
+        # pass found nothing new. A parked task per online user would cost ~1.5 KB and a
+        # spawn and a scheduler pass per session open.
         self._woken = False  # a wake-up is due: the task runs its loop once more
-        self._parked: trio.lowlevel.Task | None = None  # the task, while parked
-        self._retired = False  # the task ends at its next wake-up (no cancel scope per actor)
+        self._nursery = nursery
+        self._running = False  # the task is started and has not ended
+        self._retired = False  # no more passes: the task ends at its next look
         self.failed: BaseException | None = None
 
     # ---------------------------------------------------------------- loading
@@ -294,15 +338,12 @@ class UserActor:
         if self._woken:
             return
         self._woken = True
-        task = self._parked
-        if task is not None:
-            self._parked = None
-            trio.lowlevel.reschedule(task)
-
-    def _unpark(self, raise_cancel: object) -> trio.lowlevel.Abort:
-        """Cancelled while parked (the server is stopping)."""
-        self._parked = None
-        return trio.lowlevel.Abort.SUCCEEDED
+        if (
+            not self._running and not self._retired and self.failed is None
+            and self._nursery is not None
+        ):
+            self._running = True
+            self._nursery.start_soon(self.run, name=ACTOR_TASK_NAME)
 
     def _mark_all(self, key_id: int, mask: int, shared: tuple[bytes, bytes] | None = None) -> None:
         """Hand a change to the user's sessions by the kernel's fan-out rule (``kernel.route``,
@@ -379,7 +420,7 @@ class UserActor:
         t.upsert(key_id, max_seq, read_seq, min_seq, time_ms, pos, False)
         marked = False
         for s in self.sessions:
-            s.pending_removed.discard(conversation_id)
+            s.unmark_removed(conversation_id)
             if s.follows(key_id):
                 s.mark(key_id, mask)
                 marked = True
@@ -409,7 +450,7 @@ class UserActor:
             s.pending.pop(key_id, None)
             if was_following:
                 s.shared = None
-                s.pending_removed.add(conversation_id)
+                s.mark_removed(conversation_id)
                 marked = True
         if marked:
             self.wake()
@@ -439,7 +480,7 @@ class UserActor:
         removed = sorted(s.pending_removed)
         s.pending.clear()
         s.pending.update(deferred)
-        s.pending_removed.clear()
+        s.pending_removed = NO_IDS
         s.shared = None
         if not rows and not removed:
             return None
@@ -464,23 +505,17 @@ class UserActor:
                     self.session_failed(s, exc)
 
     # ---------------------------------------------------------------- task
-    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        # The status object holds the nursery ``start`` used (closed by now, with its cancel
-        # status): keeping it in this frame for the actor's lifetime would cost ~1 KB a user.
-        del task_status
+    async def run(self) -> None:
+        """Flush while woken; end when a pass found no new wake-up (wake() starts it again)."""
         try:
-            while True:
-                if not self._woken:
-                    self._parked = trio.lowlevel.current_task()
-                    await trio.lowlevel.wait_task_rescheduled(self._unpark)
+            while self._woken and not self._retired:
                 self._woken = False
-                if self._retired:
-                    return
                 self.flush()
                 await trio.lowlevel.checkpoint()
         except Exception as exc:  # an actor's failure ends its user's sessions only
             self.fail(exc)
+        finally:
+            self._running = False
 
     def fail(self, exc: BaseException) -> None:
         """Log the failure and end this user's sessions (Error INTERNAL, close 1011)."""
@@ -493,6 +528,5 @@ class UserActor:
             s.on_fatal(1011, "internal error")
 
     def retire(self) -> None:
-        """End the task: it returns at its next wake-up, before flushing anything."""
+        """No more flushes: a running task returns at its next look, before flushing."""
         self._retired = True
-        self.wake()

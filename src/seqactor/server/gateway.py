@@ -48,6 +48,8 @@ log = logging.getLogger("seqactor.gateway")
 WATCHDOG_TICK_S = 1.0  # how often idle sessions are looked for (at most)
 WATCHDOG_MIN_TICK_S = 0.01
 NOTSENT_LOWAT_BYTES = 16_384  # unsent bytes a connection's socket takes (trio's choice)
+# Every connection handler's task name: one shared string (trio would format one per task).
+HANDLER_TASK_NAME = "seqactor.server.gateway.Server._handle"
 ACCEPT_RETRY_S = 0.1  # accept ran out of descriptors or memory: try again after this long
 # accept errors that concern only the connection being accepted (trio's list): skip it
 IGNORED_ACCEPT_ERRNOS = frozenset(
@@ -106,7 +108,9 @@ class Server:
         self.stopping = False
         self._stop = trio.Event()
         self._accepting = trio.CancelScope()
-        self._conns: trio.Nursery | None = None  # connection handlers (one task each)
+        # Connection handlers (one task each), and the sessions' children (writers, watch
+        # pushes: each under its session's control, see Session._start_soon).
+        self.task_nursery: trio.Nursery = None  # type: ignore[assignment]  # set in serve()
         self._ssl: ssl.SSLContext | None = None
         self._read_indexes: ReadIndexes | None = None
         if config.tls_cert and config.tls_key:
@@ -165,7 +169,7 @@ class Server:
                 self.hub.nursery = actors
                 actors.start_soon(self.hub.run_fanout)
                 async with trio.open_nursery() as conns:
-                    self._conns = conns
+                    self.task_nursery = conns
                     if self.config.reuse_port:
                         from seqactor.server.listen import reuse_port_listeners
 
@@ -212,7 +216,7 @@ class Server:
                 elif exc.errno not in IGNORED_ACCEPT_ERRNOS:
                     raise
                 continue
-            conns.start_soon(self._handle, conn, address)
+            conns.start_soon(self._handle, conn, address, name=HANDLER_TASK_NAME)
 
     async def _watchdog(self) -> None:
         """One task for every session's idle timeout (cheaper than a task per session)."""
@@ -254,9 +258,12 @@ class Server:
                 )
             else:
                 activity = ActivityStream(sock)
-            transport = await self._upgrade(activity)
-            if transport is not None:
-                await Session(self, transport, peer).run()
+            # One cancel scope for the connection: the handshake's deadline, then the
+            # session's (its Hello deadline; cancelling it ends the session).
+            with trio.CancelScope(deadline=trio.current_time() + HANDSHAKE_TIMEOUT_S) as scope:
+                transport = await self._upgrade(activity)
+                if transport is not None:
+                    await Session(self, transport, peer, scope).serve()
         except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError,
                 TransportClosed) as exc:
             log.debug("connection from %s ended during handshake: %r", peer, exc)
@@ -272,23 +279,22 @@ class Server:
             self.metrics.connections.set(self.connections)
 
     async def _upgrade(self, activity: ActivityStream) -> WebSocketTransport | None:
-        """The WebSocket handshake; None when refused, timed out or abandoned."""
-        with trio.move_on_after(HANDSHAKE_TIMEOUT_S):
-            try:
-                head, rest = await read_request_head(activity)
-                request = parse_upgrade_request(head)
-                self._admit(request.path)
-            except HandshakeRefused as refused:
-                if refused.status is not None:
-                    await activity.send_all(
-                        refusal_response(refused.status, refused.message, refused.headers)
-                    )
-                log.debug("handshake refused: %s", refused)
-                return None
-            transport = WebSocketTransport(activity, self.config.max_frame_bytes, rest)
-            await transport.send_raw(accept_response(request.key))
-            return transport
-        return None
+        """The WebSocket handshake; None when refused or abandoned (the caller's scope holds
+        its deadline)."""
+        try:
+            head, rest = await read_request_head(activity)
+            request = parse_upgrade_request(head)
+            self._admit(request.path)
+        except HandshakeRefused as refused:
+            if refused.status is not None:
+                await activity.send_all(
+                    refusal_response(refused.status, refused.message, refused.headers)
+                )
+            log.debug("handshake refused: %s", refused)
+            return None
+        transport = WebSocketTransport(activity, self.config.max_frame_bytes, rest)
+        await transport.send_raw(accept_response(request.key))
+        return transport
 
     def _admit(self, path: str) -> None:
         """Raise :class:`HandshakeRefused` when this upgrade is not served (404, 503)."""

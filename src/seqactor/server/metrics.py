@@ -69,6 +69,31 @@ class Metrics:
         self.closes = Counter(
             "seqactor_session_closes", "Closed sessions by close code", ["code"], registry=r
         )
+        self._op_counters: dict[tuple[str, str], Counter] = {}
+        self._op_latencies: dict[str, Histogram] = {}
+        self._close_counters: dict[int, Counter] = {}
+
+    # Labelled children, cached: ``labels()`` per call costs a lock and a tuple lookup, and
+    # every op and every session close records one.
+    def op_done(self, kind: str, result: str, latency_s: float | None = None) -> None:
+        """Count one op (``kind``, ``result``: the error code's name or ``"OK"``) and, when
+        it ran, its latency."""
+        counter = self._op_counters.get((kind, result))
+        if counter is None:
+            counter = self._op_counters[(kind, result)] = self.ops.labels(kind, result)
+        counter.inc()
+        if latency_s is not None:
+            histogram = self._op_latencies.get(kind)
+            if histogram is None:
+                histogram = self._op_latencies[kind] = self.op_latency.labels(kind)
+            histogram.observe(latency_s)
+
+    def closed(self, code: int) -> None:
+        """Count one session close with ``code``."""
+        counter = self._close_counters.get(code)
+        if counter is None:
+            counter = self._close_counters[code] = self.closes.labels(str(code))
+        counter.inc()
 
     def serve(self, port: int, host: str = "127.0.0.1") -> None:
         """Expose ``/metrics`` over HTTP on a background thread.

@@ -128,7 +128,7 @@ async def subscribe(ctx: OpContext, rid: int, m: pb.Subscribe) -> bytes:
         keys.append(key_id)
     if m.all:
         ctx.state.subscribed_all = True
-    ctx.state.subscribed.update(keys)
+    ctx.state.follow(keys)
     return frames.ack(rid)
 
 
@@ -137,13 +137,13 @@ async def unsubscribe(ctx: OpContext, rid: int, m: pb.Unsubscribe) -> bytes:
     ids = ctx.check_ids(m.conversation_ids)
     if m.all:
         state.subscribed_all = False
-        state.subscribed.clear()
+        state.unfollow_all()
         state.clear_pending()
         return frames.ack(rid)
     for cid in ids:
         key_id = ctx.hub.keys.lookup(cid)
         if key_id >= 0:
-            state.subscribed.discard(key_id)
+            state.unfollow(key_id)
             if not state.follows(key_id) and state.pending.pop(key_id, None) is not None:
                 state.shared = None
     return frames.ack(rid)

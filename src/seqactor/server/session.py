@@ -12,6 +12,7 @@ in-memory fake.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import time
 from typing import TYPE_CHECKING, Protocol
@@ -44,6 +45,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("seqactor.session")
 Code = pb.Error.Code
 
+SESSION_ID_BYTES = 8  # random bytes in a session id (sent hex-encoded in Welcome)
+CHILD_TASK_NAME = "seqactor.server.session.Session._child"  # (shared: not formatted per task)
 SERVICE_INFLIGHT_OPS = 256  # concurrent service ops per connection (reader waits beyond)
 CLOSE_HANDSHAKE_TIMEOUT_S = 2.0
 
@@ -77,6 +80,7 @@ class SessionHost(Protocol):
     hub: Hub
     metrics: Metrics
     actor_nursery: trio.Nursery
+    task_nursery: trio.Nursery  # where sessions' children run (each under its own scope)
 
     def read_indexes(self) -> ReadIndexes: ...
     def register(self, session: Session) -> None: ...
@@ -84,12 +88,27 @@ class SessionHost(Protocol):
 
 
 class Session:
+    """One client connection's session, run by :meth:`run` (or :meth:`serve`, inside
+    :attr:`scope`) in the connection's task.
+
+    The session has one cancel scope (``scope``: the gateway's handshake deadline, then the
+    Hello deadline, then none) and no nursery: the reader runs in the connection's task, and
+    the few children a session may need (its writer, while output waits; read-count watch
+    pushes) run in the host's ``task_nursery``, each under its own cancel scope, which the
+    session cancels and waits for when it ends. A service session's concurrent ops run in a
+    nursery of their own, opened only on service sessions.
+    """
+
     __slots__ = (
         "host", "cfg", "transport", "peer", "protocol", "state", "actor", "ctx", "session_id",
-        "device_id", "opened", "_peer_gone", "_nursery", "_detached",
+        "device_id", "opened", "scope", "_peer_gone", "_accepting", "_children",
+        "_child_scopes", "_children_done", "_detached",
     )
 
-    def __init__(self, host: SessionHost, transport: Transport, peer: str) -> None:
+    def __init__(
+        self, host: SessionHost, transport: Transport, peer: str,
+        scope: trio.CancelScope | None = None,
+    ) -> None:
         self.host = host
         self.cfg = host.config
         self.transport = transport
@@ -98,13 +117,19 @@ class Session:
         self.state: SessionState | None = None
         self.actor: UserActor | None = None
         self.ctx: OpContext | None = None
-        self.session_id = secrets.token_hex(8)
+        self.session_id = secrets.token_hex(SESSION_ID_BYTES)
         self.device_id = ""
         self.opened = time.monotonic()
+        # The session's cancel scope: cancelling it ends the session (its deadline is the
+        # Hello deadline until the session is open). :meth:`serve` runs inside it.
+        self.scope = trio.CancelScope() if scope is None else scope
         self._peer_gone: tuple[int, str] | None = None
-        # The session's nursery while it runs (writer, service ops); its cancel scope is the
-        # session's: cancelling it ends the session.
-        self._nursery: trio.Nursery | None = None
+        self._accepting = False  # children may start (between serve's start and its end)
+        self._children = 0  # children started and not yet finished
+        # Made on first use (most sessions never start a child): the children's scopes, and
+        # the event the ending session waits on until the last child has finished.
+        self._child_scopes: set[trio.CancelScope] | None = None
+        self._children_done: trio.Event | None = None
         self._detached = False
 
     @property
@@ -118,8 +143,7 @@ class Session:
         self._cancel()
 
     def _cancel(self) -> None:
-        if self._nursery is not None:
-            self._nursery.cancel_scope.cancel()
+        self.scope.cancel()
 
     async def _finish(self, closing: CloseConnection) -> None:
         with trio.move_on_after(CLOSE_HANDSHAKE_TIMEOUT_S) as cs:
@@ -138,58 +162,65 @@ class Session:
 
     # ------------------------------------------------------------------ main
     async def run(self) -> None:
+        """Run the session to its end, in its own cancel scope."""
+        with self.scope:
+            await self.serve()
+
+    async def serve(self) -> None:
+        """The session, in the caller's ``with self.scope`` block: Hello, then ops until the
+        session ends; then its children end, it leaves its actor and closes."""
+        proto = self.protocol
+        self.scope.deadline = proto.hello_deadline
+        self._accepting = True
         try:
-            # The session's one nursery: its body reads (Hello, then ops), the writer and
-            # service ops are its children, and cancelling it ends the session. The peer
-            # going away is handled in the body (and in the writer): out of the nursery it
-            # would come wrapped in an ExceptionGroup, not a quiet end.
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                try:
-                    if await self._open():
-                        self.host.register(self)
-                        await self._reader(nursery)
-                except TransportClosed as exc:
-                    self._peer_closed(exc)
-                finally:
-                    # Still inside the nursery, before it closes: nothing may start work in
-                    # it from here on, and the session leaves its actor, so a change handed
-                    # over while the children finish goes to the user's other sessions only.
-                    self._nursery = None
-                    self._detach()
-                    nursery.cancel_scope.cancel()
+            try:
+                if await self._open():
+                    self.scope.deadline = math.inf
+                    self.host.register(self)
+                    identity = proto.identity
+                    assert identity is not None
+                    if identity.is_service:
+                        await self._service_reader()
+                    else:  # (called from here: one coroutine frame less per idle session)
+                        await self._read_ops(None, None)
+            except TransportClosed as exc:
+                self._peer_closed(exc)
+            finally:
+                # Nothing may start work for the session from here on, and the session leaves
+                # its actor, so a change handed over while the children finish goes to the
+                # user's other sessions only.
+                self._accepting = False
+                self._detach()
+                await self._end_children()
         finally:
-            self._nursery = None
-            self._detach()  # done already, unless the nursery failed before its body ran
-            closing = self.protocol.closing
+            closing = proto.closing
             if self._peer_gone is not None and closing is None:
                 code, reason = self._peer_gone
             else:
-                closing = closing or self.protocol.close(Close.NORMAL, "closed")
+                if closing is None:  # the Hello deadline passed (the scope's), or the server stops
+                    closing = proto.check_hello_timeout(trio.current_time()) or proto.close(
+                        Close.NORMAL, "closed")
                 await self._finish(closing)
                 code, reason = closing.code, closing.reason
-            self.host.metrics.closes.labels(str(code)).inc()
-            identity = self.identity
-            log.info(
-                "session closed",
-                extra={
-                    "event": "session_close", "user": identity.user_id if identity else "",
-                    "device": self.device_id, "session": self.session_id, "peer": self.peer,
-                    "duration_s": round(time.monotonic() - self.opened, 3), "code": code,
-                    "reason": reason,
-                },
-            )
+            self.host.metrics.closed(code)
+            if log.isEnabledFor(logging.INFO):
+                identity = self.identity
+                log.info(
+                    "session closed",
+                    extra={
+                        "event": "session_close", "user": identity.user_id if identity else "",
+                        "device": self.device_id, "session": self.session_id, "peer": self.peer,
+                        "duration_s": round(time.monotonic() - self.opened, 3), "code": code,
+                        "reason": reason,
+                    },
+                )
 
     async def _open(self) -> bool:
         """Hello -> Welcome: authenticate and attach to the user's actor; False when the
         session ends here."""
         proto = self.protocol
-        action: Opened | RunOp | Reply | CloseConnection | None = None
-        with trio.move_on_at(proto.hello_deadline):
-            action = proto.receive(await self.transport.receive(), trio.current_time())
-        if action is None:
-            action = proto.check_hello_timeout(trio.current_time()) or proto.close(
-                Close.HELLO_TIMEOUT, "no Hello within the hello timeout")
+        # (The Hello deadline is the session scope's: serve() turns it into close 4002.)
+        action = proto.receive(await self.transport.receive(), trio.current_time())
         if not isinstance(action, Opened):
             return False
         identity = action.identity
@@ -214,14 +245,15 @@ class Session:
         self.actor = actor
         self.ctx = OpContext(identity, state, actor, host.hub, host.store, self.cfg, host.metrics,
                              host.read_indexes, self._start_soon)
-        log.info(
-            "session open",
-            extra={
-                "event": "session_open", "user": identity.user_id, "device": self.device_id,
-                "session": self.session_id, "peer": self.peer, "role": identity.role,
-                "platform": action.platform, "client_version": action.client_version,
-            },
-        )
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "session open",
+                extra={
+                    "event": "session_open", "user": identity.user_id, "device": self.device_id,
+                    "session": self.session_id, "peer": self.peer, "role": identity.role,
+                    "platform": action.platform, "client_version": action.client_version,
+                },
+            )
         await self.transport.send(proto.welcome(action.request_id, self.session_id))
         return True
 
@@ -254,22 +286,60 @@ class Session:
             self._cancel()
 
     def _start_soon(self, fn: Callable[[], Awaitable[None]]) -> bool:
-        """Start ``fn`` in the session's nursery; False when the session is ending."""
-        if self._nursery is None:
+        """Start ``fn`` as a child of the session (in the host's ``task_nursery``, under a
+        cancel scope of its own that the session cancels when it ends); False when the
+        session is ending."""
+        if not self._accepting:
             return False
-        self._nursery.start_soon(fn)
+        self._children += 1
+        self.host.task_nursery.start_soon(self._child, fn, name=CHILD_TASK_NAME)
         return True
+
+    async def _child(self, fn: Callable[[], Awaitable[None]]) -> None:
+        try:
+            if not self._accepting:
+                return  # the session ended before this child first ran
+            scopes = self._child_scopes
+            if scopes is None:
+                scopes = self._child_scopes = set()
+            with trio.CancelScope() as scope:
+                scopes.add(scope)
+                try:
+                    await fn()
+                except TransportClosed as exc:
+                    self._peer_closed(exc)
+                finally:
+                    scopes.discard(scope)
+        except Exception:  # a child's bug ends its session only (not the host's nursery)
+            log.exception("session %s: a task failed; closing the session", self.session_id)
+            self._on_fatal(Close.INTERNAL, "internal error")
+        finally:
+            self._children -= 1
+            if not self._children and self._children_done is not None:
+                self._children_done.set()
+
+    async def _end_children(self) -> None:
+        """Cancel the session's children and wait until they have finished (shielded: the
+        session's own scope may be cancelled by now)."""
+        if not self._children:
+            return
+        for scope in self._child_scopes or ():
+            scope.cancel()
+        done = self._children_done = trio.Event()
+        with trio.CancelScope(shield=True):
+            await done.wait()
+
+    def _rest_held(self) -> None:
+        """The transport holds the unsent rest of a batch: a writer sends it."""
+        state = self.state
+        assert state is not None
+        state.rest_held = True
+        state.kick()
 
     def _start_writer(self) -> None:
         # While the session is ending output is dropped, and ``writer_running`` stays set so
         # nothing else tries to write to it either.
-        self._start_soon(self._guarded_writer)
-
-    async def _guarded_writer(self) -> None:
-        try:
-            await self._writer()
-        except TransportClosed as exc:
-            self._peer_closed(exc)
+        self._start_soon(self._writer)
 
     async def _writer(self) -> None:
         """Drain the outbox, then end (the session starts a writer again when needed)."""
@@ -299,22 +369,36 @@ class Session:
         finally:
             s.writer_running = False
 
-    async def _reader(self, nursery: trio.Nursery) -> None:
-        state, proto = self.state, self.protocol
-        assert state is not None and proto.identity is not None
-        # Concurrent service ops (a user session runs one op at a time and needs none).
-        slots = trio.Semaphore(SERVICE_INFLIGHT_OPS) if proto.identity.is_service else None
-        ops_metric = self.host.metrics.ops
+    async def _service_reader(self) -> None:
+        """A service session's reader: its ops run concurrently, in a nursery of their own
+        (a user session runs one op at a time and needs none)."""
+        async with trio.open_nursery() as ops:
+            try:
+                await self._read_ops(ops, trio.Semaphore(SERVICE_INFLIGHT_OPS))
+            except TransportClosed as exc:  # (out of the nursery it would come wrapped)
+                self._peer_closed(exc)
+            finally:
+                ops.cancel_scope.cancel()
+
+    async def _read_ops(self, ops: trio.Nursery | None, slots: trio.Semaphore | None) -> None:
+        state, proto, transport = self.state, self.protocol, self.transport
+        assert state is not None
+        metrics = self.host.metrics
+        # A user session's replies to pipelined requests (the next one already read) go out
+        # in one write (the transport writes the batch before it next waits to read).
+        batching = ops is None and hasattr(transport, "begin_batch")
         while True:
-            action = proto.receive(await self.transport.receive(), trio.current_time())
+            action = proto.receive(await transport.receive(), trio.current_time())
             if isinstance(action, RunOp):
-                if slots is not None:
+                if ops is not None and slots is not None:
                     await slots.acquire()
-                    nursery.start_soon(self._run_op, action, slots)
+                    ops.start_soon(self._run_op, action, slots)
                 else:
+                    if batching and transport.buffered:  # type: ignore[attr-defined]
+                        transport.begin_batch(self._rest_held)  # type: ignore[attr-defined]
                     await self._run_op(action, None)
             elif isinstance(action, Reply):
-                ops_metric.labels(action.kind, action.result).inc()
+                metrics.op_done(action.kind, action.result)
                 await state.put_reply(action.frame)
             else:
                 return  # CloseConnection (run() sends it)
@@ -335,8 +419,6 @@ class Session:
         finally:
             if slots is not None:
                 slots.release()
-        m = self.host.metrics
-        m.ops.labels(action.kind, result).inc()
-        m.op_latency.labels(action.kind).observe(time.perf_counter() - started)
+        self.host.metrics.op_done(action.kind, result, time.perf_counter() - started)
         if reply is not None:
             await state.put_reply(reply)

@@ -35,7 +35,7 @@ class ActivityStream(trio.abc.Stream):
     """
 
     __slots__ = (
-        "inner", "last_rx", "held", "_tcp", "_fd_open", "_sending", "_closing", "sink",
+        "inner", "last_rx", "held", "_tcp", "_fd_open", "_sending", "_closing", "sink", "_paused",
     )
 
     def __init__(self, inner: trio.abc.Stream | trio.socket.SocketType) -> None:
@@ -51,6 +51,7 @@ class ActivityStream(trio.abc.Stream):
         # Direct writes need the plain socket (TLS bytes go through the SSL stream).
         self._fd_open = self._tcp.fileno() if self._tcp is not None else -1
         self._sending = False
+        self._paused = False  # the connection holds frames back to write them together
         self._closing = False  # a Close frame is going out (or the stream closed): no more frames
         self.sink: DirectSink | None = None
 
@@ -61,7 +62,9 @@ class ActivityStream(trio.abc.Stream):
 
     @property
     def fd(self) -> int:
-        return -1 if self._sending or self._closing or self.held is not None else self._fd_open
+        if self._sending or self._paused or self._closing or self.held is not None:
+            return -1
+        return self._fd_open
 
     def _publish(self) -> None:
         if self.sink is not None:
@@ -75,6 +78,11 @@ class ActivityStream(trio.abc.Stream):
         """Keep the unsent rest of a direct write; it goes out before anything else."""
         assert self.held is None
         self.held = rest
+        self._publish()
+
+    def pause_direct(self, paused: bool) -> None:
+        """No direct writes by others while ``paused`` (the connection batches its own)."""
+        self._paused = paused
         self._publish()
 
     def stop_direct(self) -> None:

@@ -13,7 +13,12 @@ feeds the protocol, and every byte written goes through one send path).
   connection does not keep one: the connection is dropped whenever it provably holds nothing
   (every byte fed was consumed by complete frames, no message half-received) and a fresh one
   is made when bytes arrive (~4 µs; an idle session saves ~1.7 KB). Pings are answered as
-  they are read; a Close is answered and ends the connection.
+  they are read; a Close is answered and ends the connection. While no parser is held, a
+  read that starts with a *simple frame* — complete, final, binary, masked, no reserved bit,
+  a minimally encoded length of at most 65 535 bytes and at most ``max_message_bytes`` — is
+  taken here without wsproto (:func:`simple_frame`: a session's requests are such frames;
+  wsproto's pure-Python unmasking and event machinery cost ~15 µs a frame, this ~1 µs);
+  anything else, from the first byte that is not such a frame on, goes to wsproto.
 * **Frames out**: one send path. A binary frame (header + payload: no extension is ever
   negotiated) is written straight to the socket when it takes it without waiting
   (:meth:`ServerWebSocket.write_nowait`, the fan-out's direct writes); otherwise, and for
@@ -30,6 +35,7 @@ close all surface as :class:`ConnectionClosed` (``code``, ``reason``; or the sub
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import ClassVar
 
 import trio
@@ -44,6 +50,11 @@ CONTROL_SEND_TIMEOUT_S = 5.0  # a pong or Close reply the socket does not take b
 MASK_BYTES = 4  # every client frame is masked
 SHORT_PAYLOAD_MAX = 125  # payload lengths up to this fit the first header bytes
 MEDIUM_PAYLOAD_MAX = 65_535  # ... up to this take 2 more bytes, beyond 8 (RFC 6455 §5.2)
+SIMPLE_FRAME_FIRST_BYTE = 0x82  # FIN, no reserved bit, opcode 2 (binary)
+MASK_BIT = 0x80  # in the second header byte: the payload is masked
+LENGTH_BITS = 0x7F  # in the second header byte: the payload length (or 126 / 127)
+LENGTH_16 = 126  # the length follows in 2 bytes
+NO_MASK = bytes(MASK_BYTES)  # an all-zero masking key leaves the payload as it is
 
 
 
@@ -57,6 +68,44 @@ class ConnectionClosed(Exception):
         super().__init__(f"connection closed ({code} {reason})")
         self.code = code
         self.reason = reason
+
+
+def simple_frame(buf: bytes, at: int, max_payload: int) -> tuple[bytes, int] | None:
+    """The unmasked payload of the simple frame at ``buf[at:]`` and the index after it, or
+    None when the bytes there are not (or not yet all) one: a complete, final, binary, masked
+    frame without reserved bits, with a minimally encoded length of at most
+    ``min(max_payload, MEDIUM_PAYLOAD_MAX)``. What is not one is left to wsproto, which
+    parses it (and refuses what is invalid) as it always does."""
+    n = len(buf) - at
+    if n < 2 + MASK_BYTES or buf[at] != SIMPLE_FRAME_FIRST_BYTE:
+        return None
+    second = buf[at + 1]
+    if not second & MASK_BIT:
+        return None
+    length = second & LENGTH_BITS
+    start = at + 2
+    if length == LENGTH_16:
+        if n < 4 + MASK_BYTES:
+            return None
+        length = (buf[at + 2] << 8) | buf[at + 3]
+        if length <= SHORT_PAYLOAD_MAX:
+            return None  # not minimal: wsproto refuses it
+        start += 2
+    elif length > LENGTH_16:
+        return None  # 64-bit lengths: left to wsproto
+    if length > max_payload:
+        return None
+    end = start + MASK_BYTES + length
+    if end - at > n:
+        return None
+    mask = buf[start:start + MASK_BYTES]
+    payload = buf[start + MASK_BYTES:end]
+    if mask != NO_MASK:
+        key = (mask * (length // MASK_BYTES + 1))[:length]
+        payload = (
+            int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")
+        ).to_bytes(length, "little")
+    return payload, end
 
 
 def _client_frame_bytes(payload: int) -> int:
@@ -87,7 +136,8 @@ class ServerWebSocket:
 
     __slots__ = (
         "stream", "max_message_bytes", "_ws", "_fed", "_used", "_frame_bytes", "_in_message",
-        "_reusable", "_parts", "_parts_bytes", "_lock", "close_sent", "closed",
+        "_reusable", "_parts", "_parts_bytes", "_lock", "close_sent", "closed", "_rx", "_rx_at",
+        "_batch", "_on_rest",
     )
 
     def __init__(self, stream: ActivityStream, max_message_bytes: int, trailing: bytes = b"") -> None:
@@ -107,14 +157,25 @@ class ServerWebSocket:
         self._lock: trio.StrictFIFOLock | None = None
         self.close_sent = False  # a Close frame has been handed to the send path
         self.closed: tuple[int, str] | None = None  # (code, reason) once closed
-        if trailing:
-            self._feed(trailing)
+        # Bytes read while no parser is held, from ``_rx_at`` on not yet taken: each starts
+        # at a frame boundary (simple frames are taken from it; the rest goes to wsproto).
+        self._rx = trailing
+        self._rx_at = 0
+        # Frames written by write_nowait while a batch is open (begin_batch), and what to
+        # call if the socket does not take them all when the batch is written.
+        self._batch: list[bytes] | None = None
+        self._on_rest: Callable[[], None] | None = None
+
+    @property
+    def buffered(self) -> bool:
+        """Bytes of a further frame are already read and not yet parsed."""
+        return self._ws is None and self._rx_at < len(self._rx)
 
     @property
     def parsing(self) -> bool:
-        """A frame parser is held (bytes of an unfinished frame or message are in flight, or
-        the connection is closing); False while idle."""
-        return self._ws is not None
+        """A frame parser is held or unparsed bytes are (bytes of an unfinished frame or
+        message are in flight, or the connection is closing); False while idle."""
+        return self._ws is not None or self._rx_at < len(self._rx)
 
     # ---------------------------------------------------------------- receiving
     def _parser(self) -> Connection:
@@ -122,6 +183,11 @@ class ServerWebSocket:
         if ws is None:
             ws = self._ws = Connection(ConnectionType.SERVER)
             self._fed = self._used = 0
+            if self._rx_at < len(self._rx):  # unparsed bytes come first
+                rest = self._rx[self._rx_at:]
+                self._rx, self._rx_at = b"", 0
+                self._fed = len(rest)
+                ws.receive_data(rest)
         return ws
 
     def _feed(self, data: bytes) -> None:
@@ -145,8 +211,25 @@ class ServerWebSocket:
                     return message
                 if self._idle():
                     self._ws = None
+            elif self._rx_at < len(self._rx):
+                rx = self._rx
+                frame = (
+                    None if self.close_sent
+                    else simple_frame(rx, self._rx_at, self.max_message_bytes)
+                )
+                if frame is not None:
+                    payload, at = frame
+                    if at < len(rx):
+                        self._rx_at = at
+                    else:
+                        self._rx, self._rx_at = b"", 0
+                    return payload
+                self._parser()  # not a simple frame (or not all of it yet): wsproto takes it
+                continue
             if self.closed is not None:
                 raise self.closed_error(*self.closed)
+            if self._batch is not None:
+                self._end_batch()  # before any wait: what was held back goes out now
             stream = self.stream
             tcp = stream.tcp
             data: bytes | bytearray | None
@@ -169,7 +252,10 @@ class ServerWebSocket:
                 data = b""
             if not data:
                 self._lost("connection lost")
-            self._feed(bytes(data))
+            if self._ws is None:
+                self._rx, self._rx_at = bytes(data), 0  # taken at the top of the loop
+            else:
+                self._feed(bytes(data))
 
     async def _next_message(self, ws: Connection) -> bytes | str | None:
         """Handle the parsed events up to the next complete message (None: none yet)."""
@@ -248,10 +334,48 @@ class ServerWebSocket:
         raise self.closed_error(code, reason)
 
     # ---------------------------------------------------------------- sending
+    def begin_batch(self, on_rest: Callable[[], None]) -> None:
+        """Hold back what :meth:`write_nowait` writes until this connection next reads from
+        the socket or sends through its send path, then write it in one go (one ``write``
+        for the replies to pipelined requests). Meanwhile nobody else writes directly. If the
+        socket does not take it all, the stream holds the rest (first in line) and
+        ``on_rest`` is called (it must see that a writer flushes it). Nothing happens when a
+        direct write is not possible now."""
+        if self._batch is None and self.stream.fd >= 0:
+            self._batch = []
+            self._on_rest = on_rest
+            self.stream.pause_direct(True)
+
+    def _take_batch(self) -> bytes:
+        batch = self._batch
+        self._batch = self._on_rest = None
+        self.stream.pause_direct(False)
+        return b"".join(batch) if batch else b""
+
+    def _end_batch(self) -> None:
+        on_rest = self._on_rest
+        data = self._take_batch()
+        if not data:
+            return
+        fd = self.stream.fd
+        n = 0
+        if fd >= 0:
+            try:
+                n = os.write(fd, data)
+            except OSError:  # (full, or failed: the writer's locked send meets the error)
+                n = 0
+        if n < len(data):
+            self.stream.hold(data[n:])
+            assert on_rest is not None
+            on_rest()
+
     def write_nowait(self, payload: bytes) -> bytes | None:
         """Write one binary message now if the socket takes it: None = not possible (use
-        :meth:`send_message`), b"" = written, else the framed bytes still to go (held by the
-        stream: :meth:`flush` sends them)."""
+        :meth:`send_message`), b"" = written (or, in a batch, held back to go first), else
+        the framed bytes still to go (held by the stream: :meth:`flush` sends them)."""
+        if self._batch is not None:
+            self._batch.append(ws_binary_frame(payload))
+            return b""
         fd = self.stream.fd
         if fd < 0:
             return None
@@ -269,6 +393,10 @@ class ServerWebSocket:
 
     async def _locked_send(self, data: bytes) -> None:
         """The one send path for anything that may wait: the held rest, then ``data``."""
+        batch = self._batch
+        if batch is not None:  # what a batch held back goes first (no direct write meanwhile)
+            self._batch = self._on_rest = None
+            data = b"".join(batch) + bytes(data)
         lock = self._lock
         if lock is None:
             lock = self._lock = trio.StrictFIFOLock()
@@ -281,6 +409,9 @@ class ServerWebSocket:
             if self.closed is None:
                 self.closed = (Close.ABNORMAL, "connection lost")
             raise self.closed_error(*self.closed) from None
+        finally:
+            if batch is not None:
+                self.stream.pause_direct(False)
 
     async def send_message(self, frame: bytes) -> None:
         """Send one binary message. Raises :class:`ConnectionClosed` once closed."""
