@@ -568,6 +568,24 @@ def test_members_names_users_who_were_not_or_already_members(server):
     assert res.stdout.strip() == "club: removed nobody; not members: zed yul"
 
 
+def test_members_counts_a_frozen_row_as_not_a_member(server):
+    """A user who left with --keep-history keeps the row, frozen, but is no longer a member:
+    adding them again is an addition, removing them with --keep-history again changes nothing,
+    and removing them without it ends the row."""
+    url, secret = server
+    base = ["--url", url, "--secret-file", secret, "attic"]
+    run("members", "add", *base, "ida", "jon")
+    res = run("members", "remove", *base, "ida", "jon", "--keep-history")
+    assert res.stdout.strip() == "attic: removed ida jon (history kept)"
+    res = run("members", "remove", *base, "ida", "--keep-history")
+    assert res.stdout.strip() == "attic: removed nobody; not a member: ida"
+    assert run("members", "add", *base, "ida").stdout.strip() == "attic: added ida"
+    res = run("members", "remove", *base, "jon")
+    assert res.stdout.strip() == "attic: removed jon"
+    res = run("members", "remove", *base, "jon")
+    assert res.stdout.strip() == "attic: removed nobody; not a member: jon"
+
+
 def test_demo_counts_one_conversation_in_the_singular():
     res = run("demo", "--port", "0", "--users", "2", "--groups", "0", "--duration", "0.5")
     assert res.returncode == 0, res.stderr

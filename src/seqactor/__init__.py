@@ -4,7 +4,6 @@ The Python SDK's names (:mod:`seqactor.client`) are importable from here: ``from
 import Client, ServiceClient``.
 """
 
-from __future__ import annotations
 
 __version__ = "0.1.0"
 

@@ -297,15 +297,22 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _in_view(url: str, secret: bytes, user: str, conversation: str) -> bool:
-    """Is ``conversation`` in ``user``'s view? (a short user session, no device id)."""
+ROW_MEMBER, ROW_FROZEN, ROW_NONE = "member", "frozen", "none"  # a user's row of a conversation
+
+
+async def _row_of(url: str, secret: bytes, user: str, conversation: str) -> str:
+    """``user``'s row of ``conversation``: a member's, a frozen one (left with keep_history:
+    still in the view, no longer a member) or none (a short user session, no device id)."""
     from seqactor.auth import issue_token
     from seqactor.client import Client
 
     tok = issue_token(secret, user, ttl_s=CLI_TOKEN_TTL_S)
     async with Client.connect(url, tok, subscribe_all=False,
                               connect_timeout_s=CLI_CONNECT_TIMEOUT_S) as client:
-        return conversation in await client.fetch([conversation])
+        row = (await client.fetch([conversation])).get(conversation)
+    if row is None:
+        return ROW_NONE
+    return ROW_FROZEN if row.frozen else ROW_MEMBER
 
 
 def cmd_members(args: argparse.Namespace) -> int:
@@ -316,10 +323,10 @@ def cmd_members(args: argparse.Namespace) -> int:
     users: list[str] = list(dict.fromkeys(args.users))
 
     async def members() -> None:
-        before: dict[str, bool] = {}
+        before: dict[str, str] = {}
         if secret is not None:
             for u in users:
-                before[u] = await _in_view(args.url, secret, u, args.conversation)
+                before[u] = await _row_of(args.url, secret, u, args.conversation)
         async with ServiceClient.connect(
             args.url, tok, connect_timeout_s=CLI_CONNECT_TIMEOUT_S
         ) as svc:
@@ -334,24 +341,27 @@ def cmd_members(args: argparse.Namespace) -> int:
 
 
 def _members_report(
-    action: str, conversation: str, users: list[str], before: dict[str, bool], keep: bool
+    action: str, conversation: str, users: list[str], before: dict[str, str], keep: bool
 ) -> str:
     """``group-1: added alice bob`` / ``... removed bob (history kept); carol was not a
-    member``; without knowing who was a member before (no --secret-file), it says so."""
+    member``; without knowing who was a member before (no --secret-file), it says so. A
+    frozen row (left with keep_history) is not a member's: adding makes it one again;
+    removing it without --keep-history ends it (with it, nothing changes)."""
     if not before:
         verb = "added" if action == "add" else "removed"
         kept = " (history kept)" if keep and action == "remove" else ""
         unchanged = "already members" if action == "add" else "not members"
         return f"{conversation}: {verb} {' '.join(users)}{kept} (any who were {unchanged}: unchanged)"
     if action == "add":
-        done = [u for u in users if not before[u]]
-        skipped = [u for u in users if before[u]]
+        done = [u for u in users if before[u] != ROW_MEMBER]
+        skipped = [u for u in users if before[u] == ROW_MEMBER]
         text = f"{conversation}: added {' '.join(done)}" if done else f"{conversation}: added nobody"
         if skipped:
             text += f"; already {_members_word(skipped)}: {' '.join(skipped)}"
         return text
-    done = [u for u in users if before[u]]
-    skipped = [u for u in users if not before[u]]
+    done = [u for u in users
+            if before[u] == ROW_MEMBER or (before[u] == ROW_FROZEN and not keep)]
+    skipped = [u for u in users if u not in done]
     kept = " (history kept)" if keep and done else ""
     text = (f"{conversation}: removed {' '.join(done)}{kept}" if done
             else f"{conversation}: removed nobody")

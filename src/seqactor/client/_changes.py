@@ -18,7 +18,7 @@ class ChangeSource(Protocol):
     def error(self) -> BaseException | None: ...
     @property
     def closing(self) -> bool: ...
-    def forget_stream(self, stream: ChangeStream) -> None: ...
+    def _forget_stream(self, stream: ChangeStream) -> None: ...
 
 
 class ChangeStream:
@@ -66,7 +66,7 @@ class ChangeStream:
     def close(self) -> None:
         self._closed = True
         self._event.set()
-        self._client.forget_stream(self)
+        self._client._forget_stream(self)
 
     async def __aenter__(self) -> ChangeStream:
         return self

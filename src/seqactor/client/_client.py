@@ -136,7 +136,7 @@ class Client(WatchMixin, _Endpoint):
         tells a frozen row)."""
         return {cid: row[:4] for cid, row in self._view.items()}
 
-    def forget_stream(self, stream: ChangeStream) -> None:
+    def _forget_stream(self, stream: ChangeStream) -> None:
         """A closed change stream stops getting changes."""
         self._streams.discard(stream)
 
