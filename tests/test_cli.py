@@ -590,6 +590,7 @@ def test_demo_counts_one_conversation_in_the_singular():
     res = run("demo", "--port", "0", "--users", "2", "--groups", "0", "--duration", "0.5")
     assert res.returncode == 0, res.stderr
     assert "2 users, 1 conversation, " in res.stdout
+    assert "Ctrl-C stops the demo (it stops by itself after 0.5 s)." in res.stdout
 
 
 def test_watch_title_counts_one_conversation_in_the_singular(server):

@@ -91,7 +91,8 @@ async def _run_demo(
             print(f"  {me} send --url {url} --secret-file {secret_arg} group-1 --sender user2",
                   flush=True)
             page = _demo_web.start(host, port + 1 if port else 0, url, issue_token(secret, "user1"))
-            print("Ctrl-C stops the demo.", flush=True)
+            ends = "" if duration is None else f" (it stops by itself after {duration:g} s)"
+            print(f"Ctrl-C stops the demo{ends}.", flush=True)
             async with trio.open_nursery() as traffic:
                 for i in range(2, users + 1):
                     user = f"user{i}"
