@@ -125,10 +125,13 @@ class Client(WatchMixin, _Endpoint):
 
     @property
     def total_unread(self) -> int:
+        """Unread messages over the whole view (the sum of every conversation's ``unread``)."""
         return self._total_unread
 
     @property
     def sync_token(self) -> bytes:
+        """The resume point of the view held (opaque bytes; empty before the first sync): a
+        reconnect sends it as ``GetSequences.since`` and gets only what changed since."""
         return self._token_bytes
 
     def rows(self) -> dict[str, tuple[int, int, int, int]]:
@@ -180,6 +183,8 @@ class Client(WatchMixin, _Endpoint):
         self._sub_all = self._sub_all or all
 
     async def unsubscribe(self, conversation_ids: Iterable[str] = (), *, all: bool = False) -> None:
+        """Stop following these conversations (or, with ``all``, everything); kept across
+        reconnects."""
         ids = list(conversation_ids)
         if all:
             self._sub_all = False
