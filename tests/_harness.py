@@ -26,9 +26,14 @@ SECRET = b"test-secret-0123456789abcdef0123456789"
 REPLY_TIMEOUT_S = 5.0
 
 
+# Settings every running_server() takes unless its caller names them (test modules that run
+# on both connection paths set park_idle_sessions through the ``connection_path`` fixture).
+SERVER_DEFAULTS: dict[str, Any] = {}
+
+
 @asynccontextmanager
 async def running_server(store_url: str = "memory://", **overrides: Any) -> AsyncIterator[Server]:
-    cfg = ServerConfig(host="127.0.0.1", port=0, **overrides)
+    cfg = ServerConfig(host="127.0.0.1", port=0, **{**SERVER_DEFAULTS, **overrides})
     server = Server(cfg, open_store(store_url), SECRET)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve)
@@ -36,6 +41,16 @@ async def running_server(store_url: str = "memory://", **overrides: Any) -> Asyn
             yield server
         finally:
             server.stop()
+
+
+def set_connection_path(monkeypatch: Any, path: str) -> None:
+    """Run the test's servers on connection path ``path``: "parked" (idle user sessions on
+    plain TCP hold no task: the default on Linux) or "task" (a task per connection, as where
+    epoll is missing)."""
+    assert path in ("parked", "task")
+    monkeypatch.setattr(
+        "tests._harness.SERVER_DEFAULTS", {"park_idle_sessions": path == "parked"}
+    )
 
 
 def token(user: str, role: str = "user", ttl: float = 3600) -> str:

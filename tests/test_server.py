@@ -18,6 +18,7 @@ from tests._harness import (
     body,
     raw_connect,
     running_server,
+    set_connection_path,
     token,
     update_of,
 )
@@ -25,9 +26,12 @@ from tests._harness import (
 Code = pb.Error.Code
 
 
-@pytest.fixture(autouse=True, params=["inline", "rounds"])
+@pytest.fixture(autouse=True, params=["inline", "rounds", "inline-task"])
 def fanout_mode(request, monkeypatch):
-    """Every server test runs with group pushes inline and with fan-out rounds (big groups)."""
+    """Every server test runs with group pushes inline and with fan-out rounds (big groups),
+    idle sessions parked (no task: server/parking.py); and once more inline with a task per
+    connection (the path where epoll is missing, and TLS's)."""
+    set_connection_path(monkeypatch, "task" if request.param == "inline-task" else "parked")
     if request.param == "rounds":
         import seqactor.server.hub
 
@@ -359,7 +363,7 @@ async def test_sender_has_read_i6_and_all_subscription_token(fanout_mode):
             conv2, _, full, _ = update_of(await bob.request("get_sequences", since=tok))
             assert not full
             assert all(v[:4] == conv["g"][:4] and v.membership == 1 for v in conv2.values())
-            if fanout_mode == "inline":
+            if fanout_mode != "rounds":
                 assert conv2 == {}
 
 

@@ -15,8 +15,24 @@ import trustme
 
 from seqactor._proto import seqactor_pb2 as pb
 from seqactor.server.actor import UserActor
-from tests._harness import RawClient, body, raw_connect, running_server, token, update_of
+from tests._harness import (
+    RawClient,
+    body,
+    raw_connect,
+    running_server,
+    set_connection_path,
+    token,
+    update_of,
+)
 from tests.test_server import service_setup
+
+
+@pytest.fixture(autouse=True, params=["parked", "task"])
+def connection_path(request, monkeypatch):
+    """Every fault test runs with idle sessions parked (no task: server/parking.py) and with
+    a task per connection (where epoll is missing, and TLS)."""
+    set_connection_path(monkeypatch, request.param)
+    return request.param
 
 Code = pb.Error.Code
 FOLLOWED = 5
@@ -293,10 +309,11 @@ async def test_activity_stream_reads_like_trio_socket_stream():
     await ours.aclose()
 
 
-async def test_no_task_outlives_its_connection(tmp_path):
-    """A connection has one task in the server's connection nursery (its handler, which also
-    reads): however the connection ends (client close, abrupt drop, server close, refused
-    handshake; plain and TLS), it ends with it."""
+async def test_no_task_outlives_its_connection(tmp_path, connection_path):
+    """A connection has at most one task in the server's connection nursery (its handler,
+    which also reads; an idle user session on plain TCP, parked, none): however the
+    connection ends (client close, abrupt drop, server close, refused handshake; plain and
+    TLS), it ends with it."""
     ca = trustme.CA()
     cert = ca.issue_cert("127.0.0.1")
     cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
@@ -307,13 +324,21 @@ async def test_no_task_outlives_its_connection(tmp_path):
     for tls in (False, True):
         overrides = {"tls_cert": str(cert_file), "tls_key": str(key_file)} if tls else {}
         async with running_server(**overrides) as server:
-            base = len(server.task_nursery.child_tasks)  # the accept loop and the watchdog
+            # the accept loop, the watchdog (and the parking's watcher)
+            base = len(server.task_nursery.child_tasks)
+            parks = connection_path == "parked" and not tls  # (TLS sessions keep their task)
             url = f"{'wss' if tls else 'ws'}://127.0.0.1:{server.port}"
             kw = {"ssl_context": ctx} if tls else {}
             async with tws.open_websocket_url(url + "/v1", **kw) as conn:  # client closes
                 r = await RawClient(conn).request("hello", token=token("alice"))
                 assert body(r) == "welcome"
-                assert len(server.task_nursery.child_tasks) == base + 1  # its handler, its only task
+                # its handler, its only task (none once parked: it has nothing to read)
+                with trio.fail_after(3):
+                    while len(server.task_nursery.child_tasks) != base + (0 if parks else 1):
+                        await trio.sleep(0.01)
+                assert len(server.parking or ()) == (1 if parks else 0)
+                r = await RawClient(conn).request("ping")  # (woken: a task until it parks)
+                assert body(r) == "pong"
             async with trio.open_nursery() as n:  # abrupt drop
                 conn = await tws.connect_websocket_url(n, url + "/v1", **kw)
                 r = await RawClient(conn).request("hello", token=token("bob"))

@@ -65,6 +65,9 @@ class ServerConfig:
     metrics_port: int | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
+    # Idle user sessions on plain TCP hold no task: their sockets wait in one epoll set
+    # (Linux; server/parking.py). False: every connection keeps its task (as elsewhere).
+    park_idle_sessions: bool = True
     reuse_port: bool = False  # a worker of `serve --workers N`: share the port (SO_REUSEPORT)
 
     @property

@@ -35,6 +35,8 @@ from seqactor.server.handshake import (
 )
 from seqactor.server.hub import Hub
 from seqactor.server.metrics import Metrics
+from seqactor.server.parking import AVAILABLE as PARKING_AVAILABLE
+from seqactor.server.parking import Parking
 from seqactor.server.readcounts import ReadIndexes
 from seqactor.server.session import Session, TransportClosed
 from seqactor.server.stream import ActivityStream, DirectSink
@@ -50,6 +52,7 @@ WATCHDOG_MIN_TICK_S = 0.01
 NOTSENT_LOWAT_BYTES = 16_384  # unsent bytes a connection's socket takes (trio's choice)
 # Every connection handler's task name: one shared string (trio would format one per task).
 HANDLER_TASK_NAME = "seqactor.server.gateway.Server._handle"
+RESUME_TASK_NAME = "seqactor.server.gateway.Server._resume"
 ACCEPT_RETRY_S = 0.1  # accept ran out of descriptors or memory: try again after this long
 # accept errors that concern only the connection being accepted (trio's list): skip it
 IGNORED_ACCEPT_ERRNOS = frozenset(
@@ -87,6 +90,12 @@ class WebSocketTransport(ServerWebSocket):
         """Keep the unsent rest of a direct write; it goes out before anything else."""
         self.stream.hold(rest)
 
+    def park_fd(self) -> int:
+        """The descriptor an idle session may park (plain TCP), else -1 (TLS: the SSL
+        stream may hold decrypted bytes the socket no longer shows)."""
+        tcp = self.stream.tcp
+        return -1 if tcp is None else tcp.fileno()
+
 
 class Server:
     """One seqactor node: gateway + hub + actors over a store."""
@@ -113,6 +122,10 @@ class Server:
         self.task_nursery: trio.Nursery = None  # type: ignore[assignment]  # set in serve()
         self._ssl: ssl.SSLContext | None = None
         self._read_indexes: ReadIndexes | None = None
+        # Idle user sessions' sockets (plain TCP) wait here, without a task each (Linux).
+        self.parking: Parking[Session] | None = (
+            Parking(self._wake) if config.park_idle_sessions and PARKING_AVAILABLE else None
+        )
         if config.tls_cert and config.tls_key:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ctx.load_cert_chain(config.tls_cert, config.tls_key)
@@ -153,6 +166,21 @@ class Server:
             if self.devices.get(key) is session:
                 del self.devices[key]
 
+    def park(self, session: Session, fd: int) -> bool:
+        parking = self.parking
+        # (Not once stopping: every session open then was asked to end; one that opens
+        # later keeps its task, which the end of the grace period cancels.)
+        return parking is not None and not self.stopping and parking.park(fd, session)
+
+    def unpark(self, session: Session, fd: int) -> None:
+        if self.parking is not None and self.parking.unpark(fd) is session:
+            self._wake(session)
+
+    def _wake(self, session: Session) -> None:
+        """A parked session's socket is readable (or it is asked to end): a task for it."""
+        session.unparked()
+        self.task_nursery.start_soon(self._resume, session, name=RESUME_TASK_NAME)
+
     # ------------------------------------------------------------------ serving
     async def serve(
         self, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
@@ -183,6 +211,8 @@ class Server:
                         _tune_listener(listener.socket)
                     conns.start_soon(self._accept_loop, conns)
                     conns.start_soon(self._watchdog)
+                    if self.parking is not None:
+                        conns.start_soon(self.parking.run)
                     if on_listening is not None:
                         on_listening(self.url)
                     task_status.started(self)
@@ -242,6 +272,10 @@ class Server:
         with trio.move_on_after(self.config.shutdown_grace_s):
             while self.connections:
                 await trio.sleep(0.01)
+        if self.parking is not None:  # (none should be left: each was woken to end)
+            for session in self.parking.close():
+                session.unparked()
+                self._close_connection(session.transport)
         conns.cancel_scope.cancel()
 
     async def _handle(self, sock: trio.socket.SocketType, address: Any) -> None:
@@ -251,6 +285,7 @@ class Server:
         self.metrics.connections.set(self.connections)
         peer = _peer_name(address)
         activity: ActivityStream | None = None
+        parked = False
         try:
             if self._ssl is not None:
                 activity = ActivityStream(
@@ -263,20 +298,45 @@ class Server:
             with trio.CancelScope(deadline=trio.current_time() + HANDSHAKE_TIMEOUT_S) as scope:
                 transport = await self._upgrade(activity)
                 if transport is not None:
-                    await Session(self, transport, peer, scope).serve()
+                    parked = await Session(self, transport, peer, scope).serve()
         except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError,
                 TransportClosed) as exc:
             log.debug("connection from %s ended during handshake: %r", peer, exc)
         except Exception:  # last resort: one connection's bug must not end the server
             log.exception("connection handler failed; the connection is dropped")
         finally:
-            with trio.CancelScope(shield=True):
-                if activity is not None:
-                    await trio.aclose_forcefully(activity)
-                else:
-                    sock.close()
-            self.connections -= 1
-            self.metrics.connections.set(self.connections)
+            if not parked:  # (parked: the session goes on without a task, see _resume)
+                with trio.CancelScope(shield=True):
+                    if activity is not None:
+                        await trio.aclose_forcefully(activity)
+                    else:
+                        sock.close()
+                self.connections -= 1
+                self.metrics.connections.set(self.connections)
+
+    async def _resume(self, session: Session) -> None:
+        """A parked session's task: it reads until it parks again or ends; the connection
+        closes with it (as at the end of :meth:`_handle`)."""
+        parked = False
+        try:
+            parked = await session.resume()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, TransportClosed) as exc:
+            log.debug("connection from %s ended: %r", session.peer, exc)
+        except Exception:  # last resort: one connection's bug must not end the server
+            log.exception("connection handler failed; the connection is dropped")
+        finally:
+            if not parked:
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(session.transport.stream)  # type: ignore[attr-defined]
+                self.connections -= 1
+                self.metrics.connections.set(self.connections)
+
+    def _close_connection(self, transport: object) -> None:
+        """Close a parked session's connection without its task (the server stops)."""
+        assert isinstance(transport, WebSocketTransport)
+        transport.stream.close_now()
+        self.connections -= 1
+        self.metrics.connections.set(self.connections)
 
     async def _upgrade(self, activity: ActivityStream) -> WebSocketTransport | None:
         """The WebSocket handshake; None when refused or abandoned (the caller's scope holds

@@ -85,6 +85,12 @@ class SessionHost(Protocol):
     def read_indexes(self) -> ReadIndexes: ...
     def register(self, session: Session) -> None: ...
     def unregister(self, session: Session) -> None: ...
+    def park(self, session: Session, fd: int) -> bool:
+        """Watch ``fd`` (the session's socket, nothing to read now) and resume the session
+        in a new task (:meth:`Session.resume`) once it is readable; False: not possible
+        (the session's task waits for it itself)."""
+    def unpark(self, session: Session, fd: int) -> None:
+        """Resume the parked session now (it is asked to end)."""
 
 
 class Session:
@@ -97,12 +103,18 @@ class Session:
     pushes) run in the host's ``task_nursery``, each under its own cancel scope, which the
     session cancels and waits for when it ends. A service session's concurrent ops run in a
     nursery of their own, opened only on service sessions.
+
+    An open user session whose transport can park (plain TCP, ``park_fd``) holds no task
+    while it has nothing to read: :meth:`serve` (and :meth:`resume`) return True once the
+    socket is drained and handed to the host (:meth:`SessionHost.park`); the host calls
+    :meth:`resume` in a new task when the socket is readable or the session is asked to end
+    (then with a fresh ``scope``).
     """
 
     __slots__ = (
         "host", "cfg", "transport", "peer", "protocol", "state", "actor", "ctx", "session_id",
         "device_id", "opened", "scope", "_peer_gone", "_accepting", "_children",
-        "_child_scopes", "_children_done", "_detached",
+        "_child_scopes", "_children_done", "_detached", "_ending", "_parked",
     )
 
     def __init__(
@@ -131,6 +143,8 @@ class Session:
         self._child_scopes: set[trio.CancelScope] | None = None
         self._children_done: trio.Event | None = None
         self._detached = False
+        self._ending = False  # the session was asked to end (its scope cancelled)
+        self._parked = -1  # the parked socket's descriptor (no task meanwhile), else -1
 
     @property
     def identity(self) -> Identity | None:
@@ -143,7 +157,12 @@ class Session:
         self._cancel()
 
     def _cancel(self) -> None:
+        self._ending = True
         self.scope.cancel()
+        fd = self._parked
+        if fd >= 0:  # no task to cancel: a new one runs the session's end
+            self._parked = -1
+            self.host.unpark(self, fd)
 
     async def _finish(self, closing: CloseConnection) -> None:
         with trio.move_on_after(CLOSE_HANDSHAKE_TIMEOUT_S) as cs:
@@ -160,18 +179,24 @@ class Session:
         self._peer_gone = (exc.code or Close.ABNORMAL, exc.reason or "peer closed")
         self._cancel()
 
+    def unparked(self) -> None:
+        """The host took the session's socket out of its parking (a task resumes it)."""
+        self._parked = -1
+
     # ------------------------------------------------------------------ main
     async def run(self) -> None:
-        """Run the session to its end, in its own cancel scope."""
+        """Run the session to its end, in its own cancel scope (its task never parks)."""
         with self.scope:
-            await self.serve()
+            await self.serve(park=False)
 
-    async def serve(self) -> None:
+    async def serve(self, park: bool = True) -> bool:
         """The session, in the caller's ``with self.scope`` block: Hello, then ops until the
-        session ends; then its children end, it leaves its actor and closes."""
+        session ends; then its children end, it leaves its actor and closes. True: the
+        session parked instead (``park``; see the class), it has not ended."""
         proto = self.protocol
         self.scope.deadline = proto.hello_deadline
         self._accepting = True
+        parked = False
         try:
             try:
                 if await self._open():
@@ -182,16 +207,42 @@ class Session:
                     if identity.is_service:
                         await self._service_reader()
                     else:  # (called from here: one coroutine frame less per idle session)
-                        await self._read_ops(None, None)
+                        parked = await self._read_ops(None, None, park)
             except TransportClosed as exc:
                 self._peer_closed(exc)
+        finally:
+            if not parked:
+                await self._end()
+        return parked
+
+    async def resume(self) -> bool:
+        """Go on reading after the session parked (in a new task, under a new ``scope``):
+        until it parks again (True) or ends."""
+        scope = self.scope = trio.CancelScope()
+        if self._ending:
+            scope.cancel()
+        parked = False
+        with scope:
+            try:
+                try:
+                    parked = await self._read_ops(None, None, True)
+                except TransportClosed as exc:
+                    self._peer_closed(exc)
             finally:
-                # Nothing may start work for the session from here on, and the session leaves
-                # its actor, so a change handed over while the children finish goes to the
-                # user's other sessions only.
-                self._accepting = False
-                self._detach()
-                await self._end_children()
+                if not parked:
+                    await self._end()
+        return parked
+
+    async def _end(self) -> None:
+        """The session's end: its children end, it leaves its actor, closes, logs."""
+        proto = self.protocol
+        try:
+            # Nothing may start work for the session from here on, and the session leaves
+            # its actor, so a change handed over while the children finish goes to the
+            # user's other sessions only.
+            self._accepting = False
+            self._detach()
+            await self._end_children()
         finally:
             closing = proto.closing
             if self._peer_gone is not None and closing is None:
@@ -380,15 +431,32 @@ class Session:
             finally:
                 ops.cancel_scope.cancel()
 
-    async def _read_ops(self, ops: trio.Nursery | None, slots: trio.Semaphore | None) -> None:
+    async def _read_ops(
+        self, ops: trio.Nursery | None, slots: trio.Semaphore | None, park: bool = False,
+    ) -> bool:
+        """Read and carry out ops until the session ends (False) or, with ``park`` (a user
+        session), it parked its drained socket (True)."""
         state, proto, transport = self.state, self.protocol, self.transport
         assert state is not None
         metrics = self.host.metrics
         # A user session's replies to pipelined requests (the next one already read) go out
         # in one write (the transport writes the batch before it next waits to read).
         batching = ops is None and hasattr(transport, "begin_batch")
+        # The socket a drained session parks (-1: its task waits; TLS, fakes, service ops).
+        park_fd = transport.park_fd() if park and hasattr(transport, "park_fd") else -1  # type: ignore[attr-defined]
         while True:
-            action = proto.receive(await transport.receive(), trio.current_time())
+            if park_fd >= 0:
+                message = await transport.receive(False)  # type: ignore[call-arg]
+                if message is None:  # nothing to read now: no task until there is
+                    if self.host.park(self, park_fd):
+                        self._parked = park_fd
+                        return True
+                    park_fd = -1
+                    continue
+            else:
+                message = await transport.receive()
+            action = proto.receive(message, trio.current_time())
+            del message
             if isinstance(action, RunOp):
                 if ops is not None and slots is not None:
                     await slots.acquire()
@@ -401,7 +469,7 @@ class Session:
                 metrics.op_done(action.kind, action.result)
                 await state.put_reply(action.frame)
             else:
-                return  # CloseConnection (run() sends it)
+                return False  # CloseConnection (_end() sends it)
             del action  # the last message is not kept while waiting for the next one
 
     async def _run_op(self, action: RunOp, slots: trio.Semaphore | None) -> None:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import ClassVar
+from typing import ClassVar, overload
 
 import trio
 from wsproto.connection import Connection, ConnectionState, ConnectionType
@@ -202,8 +202,18 @@ class ServerWebSocket:
             and self._used == self._fed
         )
 
-    async def receive(self) -> bytes | str:
-        """The next message. Raises :class:`ConnectionClosed` when the connection closes."""
+    @overload
+    async def receive(self) -> bytes | str: ...
+    @overload
+    async def receive(self, wait: bool) -> bytes | str | None: ...
+
+    async def receive(self, wait: bool = True) -> bytes | str | None:
+        """The next message. Raises :class:`ConnectionClosed` when the connection closes.
+
+        ``wait=False`` (plain TCP): None instead of waiting when nothing is left to take and
+        the socket has nothing to read now — the caller may park the connection
+        (:mod:`seqactor.server.parking`) and call again once the socket is readable. The
+        parser's state lives in this object, so nothing is lost in between."""
         while True:
             if self._ws is not None:  # (no local name for it: it would outlive the drop)
                 message = await self._next_message(self._ws)
@@ -242,6 +252,8 @@ class ServerWebSocket:
                     await trio.lowlevel.checkpoint_if_cancelled()
                     data = read_fd(tcp.fileno(), RECEIVE_BYTES)
                     if data is None:
+                        if not wait:
+                            return None
                         while data is None:
                             await trio.lowlevel.wait_readable(tcp.fileno())
                             data = read_fd(tcp.fileno(), RECEIVE_BYTES)
