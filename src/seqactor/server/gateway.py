@@ -5,10 +5,12 @@ Each accepted TCP socket (wrapped in TLS when configured) becomes an
 :class:`~seqactor.server.stream.ActivityStream` (every byte received, WebSocket pings included,
 counts as traffic for the idle timeout), is upgraded at ``/v1`` by the server's own handshake
 (:mod:`seqactor.server.handshake`), and handed as a :class:`WebSocketTransport`
-(:mod:`seqactor.server.ws`) to a :class:`~seqactor.server.session.Session`. One task per connection:
-the handler, which reads (the session's reader calls ``receive``, which answers pings as it
-reads). Pushes are written as ready WebSocket frames, directly when the socket takes them,
-else under the connection's send lock.
+(:mod:`seqactor.server.ws`) to a :class:`~seqactor.server.session.Session`. At most one task per
+connection: the handler, which reads (the session's reader calls ``receive``, which answers
+pings as it reads). An open user session on plain TCP with nothing to read parks instead
+(:mod:`seqactor.server.parking`: no task until its socket is readable or it is asked to end;
+then :meth:`Server._resume`). Pushes are written as ready WebSocket frames, directly when the
+socket takes them, else under the connection's send lock.
 """
 
 from __future__ import annotations

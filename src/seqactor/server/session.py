@@ -443,7 +443,7 @@ class Session:
         # in one write (the transport writes the batch before it next waits to read).
         batching = ops is None and hasattr(transport, "begin_batch")
         # The socket a drained session parks (-1: its task waits; TLS, fakes, service ops).
-        park_fd = transport.park_fd() if park and hasattr(transport, "park_fd") else -1  # type: ignore[attr-defined]
+        park_fd = transport.park_fd() if park and hasattr(transport, "park_fd") else -1
         while True:
             if park_fd >= 0:
                 message = await transport.receive(False)  # type: ignore[call-arg]
