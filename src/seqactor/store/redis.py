@@ -87,7 +87,6 @@ from seqactor.store._redis_cluster import (
 from seqactor.store._redis_delivery import RECONNECT_MAX_S, RECONNECT_MIN_S, OrderedDelivery
 from seqactor.store._redis_events import (
     EPOCH_NOTE,
-    SEP,
     ReorderBuffer,
     parse_change,
     split_replies,
