@@ -30,6 +30,7 @@ from tests._redis import (
     cli,
     redis_url,
     shared_cluster,
+    shared_redis,
     unique_prefix,
 )
 
@@ -152,6 +153,54 @@ async def test_lost_subscription_publishes_store_reset() -> None:
     finally:
         await a.aclose()
         await b.aclose()
+
+
+
+async def test_a_broken_key_fails_its_own_op_not_the_batch() -> None:
+    """Ops batched together, one of them on a key of the wrong type (a hand-edited Redis): it
+    fails alone with the Redis error; the others commit and reach the listeners at once; a
+    position the failed op had taken is skipped, not reused and not a hole to wait out."""
+    s = await opened(redis_url(unique_prefix()), gap_timeout_s=60.0)
+    seen: list[Change] = []
+    s.add_listener(seen.append)
+    port = shared_redis().port
+    try:
+        await s.allocate("good", 1)
+        await s.add_members("half", ["u"])
+        cli(port, "SET", s.keys.conv_key("bad"), "not a hash")  # fails before a position
+        cli(port, "DEL", s.keys.members_key("half"))
+        cli(port, "SET", s.keys.members_key("half"), "not a hash")  # fails after one
+        start = s.position
+        results: dict[str, Allocated | Unavailable] = {}
+
+        async def alloc(cid: str, sender: str | None = None) -> None:
+            try:
+                results[cid] = await s.allocate(cid, 1, sender_user_id=sender)
+            except Unavailable as exc:
+                results[cid] = exc
+
+        with trio.fail_after(5):  # far below the gap timeout: nothing waits for a hole
+            async with trio.open_nursery() as n:  # started together: one batch
+                for cid, sender in [("good", None), ("bad", None), ("half", "u"), ("g2", None)]:
+                    n.start_soon(alloc, cid, sender)
+            good, g2 = results["good"], results["g2"]
+            assert isinstance(good, Allocated) and isinstance(g2, Allocated)
+            assert (good.first, g2.first) == (2, 1)
+            for cid in ("bad", "half"):
+                assert isinstance(results[cid], Unavailable)
+                assert "WRONGTYPE" in str(results[cid]), results[cid]
+            # three positions went: good's, g2's and the one "half" took before it failed
+            # (the batch runs its ops in whatever order the tasks queued them)
+            assert {good.position, g2.position} < {start + 1, start + 2, start + 3}
+            after = await s.allocate("good", 1)
+            assert after.first == 3 and after.position == start + 4
+            await wait_for(lambda: s.position >= after.position)
+        got = [c for c in seen if getattr(c, "position", 0) > start]
+        assert [c.position for c in got] == sorted(c.position for c in got)
+        assert [c.position for c in got] == sorted([good.position, g2.position, after.position])
+        assert all(isinstance(c, Allocated) for c in got)
+    finally:
+        await s.aclose()
 
 
 # ------------------------------------------------------------------ durability and data loss

@@ -46,7 +46,7 @@ from coredis.retry import NoRetryPolicy
 
 from seqactor.store import _redis_lua as lua
 from seqactor.store._base import Change, TooLarge, Unavailable
-from seqactor.store._redis_events import SEP, parse_change, skip_payload, to_int
+from seqactor.store._redis_events import parse_change, skip_payload, to_int
 from seqactor.store._redis_keys import CLUSTER_SLOTS, KeyLayout, hash_slot, slot_tags
 from seqactor.store._redis_sub import Pipelined, RespError, SubscriptionLost, connect
 
@@ -284,7 +284,7 @@ class ClusterWrites:
                                self.keys.channel]
             for i in idx:
                 keys, op, pos, own = calls[i]
-                args.append(SEP.join([keys[0], keys[2], keys[3], op, str(pos), *map(str, own)]))
+                args += (len(own) + 5, keys[0], keys[2], keys[3], op, pos, *own)
             wait = self.wait_replicas if mode == "c" else 0
             try:
                 blob, acked = await self._master_eval(addr, lua.OPX, self._opx_sha, (), args, wait)

@@ -9,7 +9,8 @@ module is the store that joins them: lifecycle, batching, writes, reads, operato
 
 **Standalone.** One Lua script call per *batch* of operations: while calls are in flight,
 concurrent writes on this node gather (like SQLite's group commit) and go in one call; each
-operation in it is atomic on its own — takes the position (INCR), changes the conversation,
+operation in it is atomic on its own — takes the position (the counter is read and written
+once per call), changes the conversation,
 the members, the users' view indexes and tombstones — so positions are gap-free; the call
 PUBLISHes the batch's changes in one message, in position order, and answers with one string
 (a record per op). Each caller's ``await`` returns with its own operation's result. The batch
@@ -86,7 +87,6 @@ from seqactor.store._redis_cluster import (
 from seqactor.store._redis_delivery import RECONNECT_MAX_S, RECONNECT_MIN_S, OrderedDelivery
 from seqactor.store._redis_events import (
     EPOCH_NOTE,
-    SEP,
     ReorderBuffer,
     parse_change,
     split_replies,
@@ -370,6 +370,8 @@ class RedisStore(OrderedDelivery, ClusterWrites, Store):
             raise NotMember(msg)
         if kind == "TOOLARGE":
             raise TooLarge(msg)
+        if kind == "FAILED":  # a Redis error inside the op (a key of the wrong type, say)
+            raise Unavailable(f"Redis: {msg}")
         if kind == "NOEPOCH":
             self._report_lost()
             raise Unavailable("Redis lost its data; run `seqactor store init --force`")
@@ -402,7 +404,7 @@ class RedisStore(OrderedDelivery, ClusterWrites, Store):
                            int(self.op_deadline_s * 1e6), self.channel]
         for op_keys, op, pos, own in ops:
             keys += op_keys[2:]
-            args.append(SEP.join([str(len(op_keys) - 2), op, str(pos), *map(str, own)]))
+            args += (len(own) + 3, len(op_keys) - 2, op, pos, *own)
         return keys, args
 
     def _argv(self, op: str, mode: str, pos: int = 0, pt: int = 0) -> list[Any]:

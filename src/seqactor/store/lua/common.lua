@@ -57,12 +57,6 @@ local function prune_tombs(tk, hk, max_tombs)
   if tonumber(last[2]) > h then redis.call('SET', hk, last[2]) end
   redis.call('ZREMRANGEBYRANK', tk, 0, drop - 1)
 end
--- the fields of a packed argument (joined by SEP; ids never hold control characters)
-local function split(s)
-  local t = {}
-  for f in string.gmatch(s .. SEP, '([^\31]*)\31') do t[#t + 1] = f end
-  return t
-end
 -- A batch's replies and its changes travel as one string each: records joined by RS, a
 -- record's fields by SEP. A committed op's record is its change payload (kind: one letter);
 -- any other reply is its fields ('NOOP', 'NEED', 'RETRY', 'ERR' first). An EPOCH error drops
