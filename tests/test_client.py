@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import pydoc
 import random
 import statistics
 import time
@@ -57,6 +58,15 @@ def rows_of(view) -> dict[str, tuple[int, int, int, int]]:
 
 
 # ---------------------------------------------------------------------------- backoff
+
+
+def test_help_shows_connect_as_an_async_context_manager():
+    """``help(Client.connect)`` tells a newcomer what ``connect`` returns: something for
+    ``async with``, not an async iterator (what a decorated generator's signature said)."""
+    for cls in (Client, ServiceClient):
+        text = pydoc.render_doc(cls.connect, renderer=pydoc.plaintext)
+        assert f"AbstractAsyncContextManager[{cls.__name__}]" in text, text
+        assert "AsyncIterator" not in text and f"async with {cls.__name__}.connect(" in text
 
 
 def test_backoff_full_jitter_bounded_spread_and_reset():

@@ -13,8 +13,8 @@ import logging
 import os
 import ssl
 import weakref
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Iterable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import trio
@@ -35,7 +35,7 @@ from seqactor.client._connection import (
     TokenSource,
     _Endpoint,
     _Waiter,
-    running,
+    connected,
 )
 from seqactor.client._readcounts import ReadCountsWatch, WatchMixin
 from seqactor.client._records import Conversation, Row, SyncInfo, conversation_of, unread_of
@@ -82,15 +82,15 @@ class Client(WatchMixin, _Endpoint):
 
     # ------------------------------------------------------------------ connect
     @classmethod
-    @asynccontextmanager
-    async def connect(
+    def connect(
         cls, url: str, token: TokenSource, *, device_id: str = "",
         cache_path: str | os.PathLike[str] | None = None, subscribe_all: bool = True,
         offline_ok: bool = False, connect_timeout_s: float = CONNECT_TIMEOUT_S,
         backoff: Backoff | None = None, ssl_context: ssl.SSLContext | None = None,
         platform: str = "python", client_version: str = "",
-    ) -> AsyncIterator[Client]:
-        """Connect and sync; on exit close the connection and save the cache.
+    ) -> AbstractAsyncContextManager[Client]:
+        """``async with Client.connect(url, token) as client:`` — connect and sync; on exit
+        close the connection and save the cache.
 
         The first connection must succeed (else :class:`ConnectError` /
         :class:`AuthenticationError`) unless ``offline_ok``: then the block is entered at once
@@ -103,9 +103,7 @@ class Client(WatchMixin, _Endpoint):
             connect_timeout_s=connect_timeout_s, backoff=backoff, ssl_context=ssl_context,
             platform=platform, client_version=client_version,
         )
-        client._fail_first = not offline_ok
-        async with running(client, wait=not offline_ok):
-            yield client
+        return connected(client, offline_ok)
 
     # ------------------------------------------------------------------ the view
     @property

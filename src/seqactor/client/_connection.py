@@ -18,7 +18,7 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import trio
@@ -699,6 +699,18 @@ def trio_ms() -> int:
 
 
 # ---------------------------------------------------------------------------------- running
+
+
+E = TypeVar("E", bound="_Endpoint")
+
+
+@asynccontextmanager
+async def connected(client: E, offline_ok: bool) -> AsyncIterator[E]:
+    """``Client.connect`` / ``ServiceClient.connect``: run ``client`` around the caller's
+    block, after its first connection unless ``offline_ok``."""
+    client._fail_first = not offline_ok
+    async with running(client, wait=not offline_ok):
+        yield client
 
 
 @asynccontextmanager

@@ -4,8 +4,8 @@ read counts — with many requests in flight on one connection. See ``docs/clien
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Iterable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import trio
@@ -19,7 +19,7 @@ from seqactor.client._connection import (
     ServerError,
     TokenSource,
     _Endpoint,
-    running,
+    connected,
 )
 from seqactor.client._readcounts import ReadCountsMixin
 from seqactor.client._records import Allocation
@@ -44,21 +44,25 @@ class ServiceClient(ReadCountsMixin, _Endpoint):
         self.request_timeout_s = request_timeout_s
 
     @classmethod
-    @asynccontextmanager
-    async def connect(
+    def connect(
         cls, url: str, token: TokenSource, *, device_id: str = "",
         request_timeout_s: float = SERVICE_REQUEST_TIMEOUT_S,
         connect_timeout_s: float = CONNECT_TIMEOUT_S, backoff: Backoff | None = None,
         ssl_context: ssl.SSLContext | None = None, offline_ok: bool = False,
-    ) -> AsyncIterator[ServiceClient]:
+    ) -> AbstractAsyncContextManager[ServiceClient]:
+        """``async with ServiceClient.connect(url, token) as svc:`` — connect with a
+        service token; on exit close the session.
+
+        The first connection must succeed (else :class:`ConnectError` /
+        :class:`AuthenticationError`) unless ``offline_ok``. Calls wait for a connection up
+        to ``request_timeout_s`` (s) and raise :class:`ConnectionLost` after it.
+        """
         client = cls(
             url, token, device_id=device_id, request_timeout_s=request_timeout_s,
             connect_timeout_s=connect_timeout_s, backoff=backoff, ssl_context=ssl_context,
             platform="service",
         )
-        client._fail_first = not offline_ok
-        async with running(client, wait=not offline_ok):
-            yield client
+        return connected(client, offline_ok)
 
     async def _call(self, kind: str, body: Any) -> tuple[int, bytes]:
         with trio.move_on_after(self.request_timeout_s) as cs:
