@@ -39,8 +39,10 @@ FANOUT_INLINE_MEMBERS = 64  # groups up to this many online members are pushed i
 FANOUT_SLICE_S = 0.002  # a fan-out slice (its members' rows, then their writes) lasts about this
 FANOUT_CLOCK_EVERY = 16  # members between looks at the clock
 FANOUT_FIRST_SLICE_MEMBERS = 256  # a hub's first slice, before it has timed one
+FANOUT_MIN_SLICE_MEMBERS = 16  # a slice takes at least this many
 FANOUT_YIELD_PASSES = 4  # scheduler passes given to other tasks per FANOUT_SLICE_S of a slice
 FANOUT_MAX_YIELD_PASSES = 64  # at most this many after one slice
+cpu_time = time.thread_time  # what a slice costs (the tests put a counted clock here)
 
 
 def slice_members(members: int, elapsed: float, current: int) -> int:
@@ -51,10 +53,10 @@ def slice_members(members: int, elapsed: float, current: int) -> int:
     receiver's TCP path, ~8 µs), which ``kernel.fan_slice``'s clock does not see: it only
     bounds the row updates, which take a fraction of a microsecond per member. So the round
     bounds the members per slice itself, from the last slice's whole time, to fit
-    ``FANOUT_SLICE_S`` (growing at most 2x a slice, never below ``FANOUT_CLOCK_EVERY``).
+    ``FANOUT_SLICE_S`` (growing at most 2x a slice, never below ``FANOUT_MIN_SLICE_MEMBERS``).
     """
     fit = int(members * FANOUT_SLICE_S / elapsed) if elapsed > 0 else 2 * current
-    return max(FANOUT_CLOCK_EVERY, min(2 * current, fit))
+    return max(FANOUT_MIN_SLICE_MEMBERS, min(2 * current, fit))
 
 
 def yield_passes(elapsed: float) -> int:
@@ -306,13 +308,16 @@ class Hub:
         members = list(self.index.get(key_id, ()))
         batch = FanoutBatch()
         counters = self.counters
-        clock = time.thread_time  # the slice's CPU: a preempted node's wall time would shrink it
+        clock = cpu_time  # the slice's CPU: a preempted node's wall time would shrink it
+        framed: Allocated | None = None
         i, n = 0, len(members)
         while i < n:
             change = self._latest[key_id]  # newer max arrived meanwhile: the rest get it
             began = clock()
-            shared = self._shared_frames(key_id, change)
-            raw = (frames.ws_binary_frame(shared[0]), frames.ws_binary_frame(shared[1]))
+            if change is not framed:  # (a token from earlier in the round stays valid)
+                shared = self._shared_frames(key_id, change)
+                raw = (frames.ws_binary_frame(shared[0]), frames.ws_binary_frame(shared[1]))
+                framed = change
             cap = self._slice_members
             part = members if i == 0 and n <= cap else members[i:i + cap]
             done, failures = kernel.fan_slice(
