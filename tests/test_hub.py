@@ -303,3 +303,61 @@ async def test_one_sessions_failure_never_stops_the_change_reaching_the_users_ot
         _, _, body = split_server_message(s.push_frame)
         conversations, _, _, _ = decode_update(body)
         assert conversations["g"][field] == value
+
+
+def test_slices_fit_their_budget_and_yield_passes_per_cpu_taken():
+    hub_mod = seqactor.server.hub
+    budget = hub_mod.FANOUT_SLICE_S
+    # 256 members took 10x the budget (their writes): the next slice takes a tenth of them
+    assert hub_mod.slice_members(256, 10 * budget, 256) == 25
+    # a cheap slice grows the next one at most 2x; never below the clock's stride
+    assert hub_mod.slice_members(256, budget / 100, 256) == 512
+    assert hub_mod.slice_members(256, 0.0, 256) == 512
+    assert hub_mod.slice_members(16, 1000 * budget, 16) == hub_mod.FANOUT_MIN_SLICE_MEMBERS
+    passes = hub_mod.FANOUT_YIELD_PASSES
+    assert hub_mod.yield_passes(budget / 2) == passes
+    assert hub_mod.yield_passes(2.5 * budget) == 3 * passes
+    assert hub_mod.yield_passes(1000 * budget) == hub_mod.FANOUT_MAX_YIELD_PASSES
+
+
+async def test_a_task_that_needs_a_pass_per_item_progresses_during_a_long_round(
+    hub_with_rounds, nursery, monkeypatch
+):
+    """A session open on Redis needs scheduler passes, not CPU (coredis's connection writer
+    takes one queued command per pass). A round whose writes take far longer than a slice's
+    budget still lets such a task through: slices are capped to the budget and each is
+    followed by passes. Counted, not timed: the slice's CPU is a fake clock advanced by 7 µs
+    per member (a write on loopback), and ``fan_slice`` never reads its own clock."""
+    hub = hub_with_rounds
+    cpu = [0.0]
+    served: list[int] = []
+    real_fan_slice = seqactor.server.hub.kernel.fan_slice
+
+    def fan_slice(members, start, *args):
+        *args, _slice_s, _clock_every = args  # never cut by the real clock
+        end, failures = real_fan_slice(members, start, *args, 1.0, 1 << 30)
+        cpu[0] += (end - start) * 7e-6
+        served.append(end - start)
+        return end, failures
+
+    monkeypatch.setattr(seqactor.server.hub.kernel, "fan_slice", fan_slice)
+    monkeypatch.setattr(seqactor.server.hub, "cpu_time", lambda: cpu[0])
+    users = [f"u{i}" for i in range(2000)]
+    await hub.store.add_members("g", users)
+    for user in users:
+        await hub.attach(user, nursery)
+    await hub.store.allocate("g", 1)
+    finished_after: list[int] = []
+
+    async def one_item_per_pass(items: int) -> None:
+        for _ in range(items):
+            await trio.sleep(0)
+        finished_after.append(sum(served))
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(one_item_per_pass, 20)
+        await hub._fanout_round(hub.keys.lookup("g"))
+    assert finished_after and finished_after[0] < len(users)  # done before the round was
+    assert all(row_values(hub, user, "g")[0] == 1 for user in users)  # and it reached everyone
+    assert served[0] == seqactor.server.hub.FANOUT_FIRST_SLICE_MEMBERS
+    assert max(served[1:]) * 7e-6 <= seqactor.server.hub.FANOUT_SLICE_S

@@ -11,6 +11,7 @@ nothing else.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 
 import trio
@@ -35,19 +36,49 @@ from seqactor.store import (
 log = logging.getLogger("seqactor.hub")
 
 FANOUT_INLINE_MEMBERS = 64  # groups up to this many online members are pushed inline
-FANOUT_SLICE_S = 0.002  # a fan-out round yields to other tasks after this long
+FANOUT_SLICE_S = 0.002  # a fan-out slice (its members' rows, then their writes) lasts about this
 FANOUT_CLOCK_EVERY = 16  # members between looks at the clock
-FANOUT_YIELD_PASSES = 4  # scheduler passes given to other tasks between slices
+FANOUT_FIRST_SLICE_MEMBERS = 256  # a hub's first slice, before it has timed one
+FANOUT_MIN_SLICE_MEMBERS = 16  # a slice takes at least this many
+FANOUT_YIELD_PASSES = 4  # scheduler passes given to other tasks per FANOUT_SLICE_S of a slice
+FANOUT_MAX_YIELD_PASSES = 64  # at most this many after one slice
+cpu_time = time.thread_time  # what a slice costs (the tests put a counted clock here)
 
 
-async def _yield_to_others() -> None:
-    """Give other tasks ``FANOUT_YIELD_PASSES`` scheduler passes before the next slice.
+def slice_members(members: int, elapsed: float, current: int) -> int:
+    """How many members the next slice takes, after one of ``members`` took ``elapsed`` s
+    (of the thread's CPU time: preemption by other processes is not the slice's cost).
+
+    A slice's time is mostly its writes (``write_many``: on loopback each write runs the
+    receiver's TCP path, ~8 µs), which ``kernel.fan_slice``'s clock does not see: it only
+    bounds the row updates, which take a fraction of a microsecond per member. So the round
+    bounds the members per slice itself, from the last slice's whole time, to fit
+    ``FANOUT_SLICE_S`` (growing at most 2x a slice, never below ``FANOUT_MIN_SLICE_MEMBERS``).
+    """
+    fit = int(members * FANOUT_SLICE_S / elapsed) if elapsed > 0 else 2 * current
+    return max(FANOUT_MIN_SLICE_MEMBERS, min(2 * current, fit))
+
+
+def yield_passes(elapsed: float) -> int:
+    """Scheduler passes to give other tasks after a slice of ``elapsed`` s of CPU:
+    ``FANOUT_YIELD_PASSES`` per ``FANOUT_SLICE_S`` begun, at most ``FANOUT_MAX_YIELD_PASSES``
+    (a slice can outlast its budget: the first one before the round has timed any, or one
+    whose members' sockets all took their writes slowly)."""
+    slices = int(elapsed / FANOUT_SLICE_S) + 1 if FANOUT_SLICE_S > 0 else 1
+    return min(FANOUT_MAX_YIELD_PASSES, FANOUT_YIELD_PASSES * slices)
+
+
+async def _yield_to_others(passes: int) -> None:
+    """Give other tasks ``passes`` scheduler passes before the next slice.
 
     One pass is not enough: a request goes through several tasks (the WebSocket reader, the
     session reader, the op) and each hop needs a pass, so a round that took back the CPU after
-    a single pass would let a backend's requests through at one hop per slice.
+    a single pass would let a backend's requests through at one hop per slice. Some tasks
+    need a pass per item of work: the Redis client's writer takes one queued command per pass
+    (``coredis``' connection writer checkpoints between the requests it gathers), so a
+    session's ``load_view`` (two commands) needs passes, not CPU time.
     """
-    for _ in range(FANOUT_YIELD_PASSES):
+    for _ in range(passes):
         await trio.sleep(0)
 
 
@@ -69,6 +100,7 @@ class Hub:
         self._hot_queue: dict[int, None] = {}
         self._hot_floor: dict[int, int] = {}
         self._fanout_wake = trio.Event()
+        self._slice_members = FANOUT_FIRST_SLICE_MEMBERS  # adapted by every slice
         self.nursery: trio.Nursery | None = None  # for resyncs; set by the server
         self._resyncing = False
         self._resync_again = False
@@ -264,31 +296,43 @@ class Hub:
     async def _fanout_round(self, key_id: int) -> None:
         """One pass over the conversation's online members with its newest max.
 
-        Work is done in time slices of ``FANOUT_SLICE_S`` (``kernel.fan_slice``: the
+        Work is done in time slices of about ``FANOUT_SLICE_S`` (``kernel.fan_slice``: the
         per-member loop in C): the members of a slice get their row updated, idle sockets
         are collected and then written together (``write_many``: one C loop of non-blocking
-        writes of the same ready bytes), busy sessions get the change pending. Between
-        slices the round yields, so ops keep flowing.
+        writes of the same ready bytes), busy sessions get the change pending. A slice takes
+        at most ``slice_members`` members, so that its writes fit the budget too. Between
+        slices the round yields (``yield_passes``), so ops and session opens keep flowing.
         """
         change = self._latest[key_id]
         start = change.position
         members = list(self.index.get(key_id, ()))
         batch = FanoutBatch()
         counters = self.counters
+        clock = cpu_time  # the slice's CPU: a preempted node's wall time would shrink it
+        framed: Allocated | None = None
         i, n = 0, len(members)
         while i < n:
             change = self._latest[key_id]  # newer max arrived meanwhile: the rest get it
-            shared = self._shared_frames(key_id, change)
-            raw = (frames.ws_binary_frame(shared[0]), frames.ws_binary_frame(shared[1]))
-            i, failures = kernel.fan_slice(
-                members, i, key_id, change.last, change.time_ms, change.position, FIELD_MAX,
+            began = clock()
+            if change is not framed:  # (a token from earlier in the round stays valid)
+                shared = self._shared_frames(key_id, change)
+                raw = (frames.ws_binary_frame(shared[0]), frames.ws_binary_frame(shared[1]))
+                framed = change
+            cap = self._slice_members
+            part = members if i == 0 and n <= cap else members[i:i + cap]
+            done, failures = kernel.fan_slice(
+                part, 0, key_id, change.last, change.time_ms, change.position, FIELD_MAX,
                 shared, batch.fds, batch.sessions, FANOUT_SLICE_S, FANOUT_CLOCK_EVERY,
             )
+            i += done
             counters.pushes += batch.write(raw)
             if failures:
                 for actor, exc in failures:  # one user's failure never stops the others
                     actor.fail(exc)
-            await _yield_to_others()
+            elapsed = clock() - began
+            if done == cap or elapsed > FANOUT_SLICE_S:  # (not a short last slice: its
+                self._slice_members = slice_members(done, elapsed, cap)  # fixed cost weighs)
+            await _yield_to_others(yield_passes(elapsed))
         if self._latest[key_id].position == start:
             del self._latest[key_id]
             del self._hot_floor[key_id]
