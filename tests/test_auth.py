@@ -91,6 +91,18 @@ def _signed_plus(suffix: str) -> str:
     return _token({"alg": "HS256"}, {"sub": "u", "exp": int(time.time()) + 60}) + suffix
 
 
+def _signed_body(raw: bytes) -> str:
+    """A token signed with SECRET whose claims segment is ``raw``, byte for byte."""
+    head = _b64(b'{"alg": "HS256"}')
+    body = _b64(raw)
+    sig = hmac.new(SECRET, f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{_b64(sig)}"
+
+
+def _claims_json() -> str:
+    return json.dumps({"sub": "u", "exp": int(time.time()) + 60})
+
+
 def _signed_bad_segment() -> str:
     return _token({"alg": "HS256"}, {"sub": "u", "exp": int(time.time()) + 60}).replace(".", ".A", 1)
 
@@ -100,6 +112,14 @@ def _signed_bad_segment() -> str:
     lambda: "eyJhbGciOiJIUzI1NiJ9.e30", lambda: "e30.e30.e30",
     lambda: _signed_plus("="),  # PyJWT takes a padded signature
     _signed_bad_segment,
+    # claims that json.loads takes from bytes but a plain token never has, and broken ones
+    lambda: _signed_body(f" {_claims_json()}\n".encode()),
+    lambda: _signed_body(b"\xef\xbb\xbf" + _claims_json().encode()),  # UTF-8 BOM
+    lambda: _signed_body(_claims_json().encode("utf-16")),
+    lambda: _signed_body(_claims_json().encode() + b" {}"),
+    lambda: _signed_body(b'{"sub": "\xff", "exp": 1}'),
+    lambda: _signed_body(b"[1, 2]"),
+    lambda: _signed_body(b""),
 ])
 def test_malformed_tokens_get_pyjwts_answer(make: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     token = make()

@@ -109,7 +109,8 @@ def verify_token(
     return Identity(user_id=user_id, role=role)
 
 
-_BASE64URL = re.compile(r"[A-Za-z0-9_-]*")  # unpadded base64url, as JWT segments are
+# Three segments of unpadded base64url, as a JWT's are.
+_SEGMENTS = re.compile(r"[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*")
 _PLAIN_HEADER_KEYS = frozenset({"alg", "typ"})
 _PLAIN_CLAIMS = frozenset({"sub", "exp", "iat", "role"})
 
@@ -121,7 +122,7 @@ def _decode(token: str, secret: bytes) -> dict[str, Any]:
     A session open pays for this (PyJWT: ~33 µs a token on the development machine). The
     common case — a header of ``alg`` (and ``typ: JWT``), a valid signature, claims among
     ``sub`` (a string), ``exp`` (an integer, in the future), ``iat`` (an integer, not in the
-    future), ``role`` — is checked with the standard library (~12 µs); every other token goes
+    future), ``role`` — is checked with the standard library (~9 µs); every other token goes
     to PyJWT, which accepts or refuses it and says why. So what is accepted is exactly what
     PyJWT accepts (tests/test_auth.py compares the two).
     """
@@ -154,14 +155,27 @@ def _b64decode(segment: str) -> bytes:
     return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
 
 
+_raw_decode = json.JSONDecoder().raw_decode
+
+
+def _json_text(data: bytes) -> Any:
+    """The JSON value ``data`` (UTF-8) holds and nothing else; ValueError otherwise (also for
+    what ``json.loads`` would take but a plain token never has: other encodings, a BOM,
+    surrounding whitespace). ~1.5 µs less than ``json.loads`` on bytes."""
+    text = data.decode()
+    value, end = _raw_decode(text)
+    if end != len(text):
+        raise ValueError("data after the JSON value")
+    return value
+
+
 def _decode_plain(token: str, secret: bytes, now: float) -> dict[str, Any] | None:
     """The claims of a plain valid token, or None: anything else (left to PyJWT)."""
     if b"-----BEGIN" in secret or secret.startswith(b"ssh-"):
         return None  # PyJWT refuses asymmetric-looking keys as HMAC secrets: let it say so
-    parts = token.split(".")
-    if len(parts) != 3 or not all(_BASE64URL.fullmatch(p) for p in parts):
+    if _SEGMENTS.fullmatch(token) is None:
         return None
-    head, body, sig = parts
+    head, body, sig = token.split(".")
     if head not in _plain_headers:
         try:
             header = json.loads(_b64decode(head))
@@ -175,7 +189,7 @@ def _decode_plain(token: str, secret: bytes, now: float) -> dict[str, Any] | Non
         if len(_plain_headers) < MAX_PLAIN_HEADERS:
             _plain_headers.add(head)
     try:
-        claims = json.loads(_b64decode(body))
+        claims = _json_text(_b64decode(body))
         signature = _b64decode(sig)
     except (ValueError, binascii.Error):
         return None
