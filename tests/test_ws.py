@@ -94,6 +94,10 @@ def test_accept_token_is_rfc6455s_example() -> None:
     (GOOD.replace(KEY, b"c2hvcnQ="), 400),  # decodes to 5 bytes, not 16
     (GOOD.replace(b"Host: example", b"Host example"), 400),
     (GOOD.replace(b"Host: example", b" folded: header"), 400),
+    (GOOD.replace(b"Host: example", b"\tfolded: header"), 400),
+    (GOOD.replace(b"Host: example", b"Host : example"), 400),  # space before the colon
+    (GOOD.replace(b"Host: example", b"Host\t: example"), 400),
+    (GOOD.replace(b"Host: example", b": example"), 400),  # no name
 ])
 def test_bad_upgrade_requests_get_the_http_answer(head: bytes, status: int) -> None:
     with pytest.raises(HandshakeRefused) as info:

@@ -25,6 +25,7 @@ MAX_REQUEST_HEAD_BYTES = 8_192  # request line + headers; beyond: 431
 TLS_HANDSHAKE_RECORD = b"\x16"  # first byte of a TLS record carrying a ClientHello (RFC 8446 §5.1)
 WEBSOCKET_VERSION = b"13"  # RFC 6455; other versions get 426 naming this one
 WEBSOCKET_KEY_BYTES = 16  # Sec-WebSocket-Key decodes to this many bytes
+_SPACE_OR_TAB = frozenset(b" \t")  # (byte values: comparing ints allocates nothing)
 
 
 class HandshakeRefused(Exception):
@@ -78,7 +79,7 @@ def parse_upgrade_request(head: bytes) -> UpgradeRequest:
     ws_version: bytes | None = None
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
-        if not colon or not name or name[-1:] in b" \t" or line[:1] in b" \t":
+        if not colon or not name or name[-1] in _SPACE_OR_TAB or line[0] in _SPACE_OR_TAB:
             raise HandshakeRefused(400, "malformed header line")
         name = name.lower()
         if name == b"connection":
