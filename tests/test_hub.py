@@ -361,3 +361,46 @@ async def test_a_task_that_needs_a_pass_per_item_progresses_during_a_long_round(
     assert all(row_values(hub, user, "g")[0] == 1 for user in users)  # and it reached everyone
     assert served[0] == seqactor.server.hub.FANOUT_FIRST_SLICE_MEMBERS
     assert max(served[1:]) * 7e-6 <= seqactor.server.hub.FANOUT_SLICE_S
+
+
+class HeldViewLoads(MemoryStore):
+    """A memory store whose view loads finish only when the test says (as a remote store's
+    take a round trip): changes can land while a view is loading."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = trio.Event()
+
+    async def load_view(self, user_id: str):  # type: ignore[no-untyped-def]
+        view = await super().load_view(user_id)
+        await self.release.wait()
+        return view
+
+
+async def test_sessions_that_attach_while_the_view_loads_share_it_with_the_changes_meanwhile(
+    nursery,
+):
+    store = HeldViewLoads()
+    await store.open()
+    hub = Hub(store, Metrics())
+    hub.nursery = nursery
+    await store.add_members("g", ["alice"])
+    await store.allocate("g", 2)
+    phone = SessionState("s1", "alice", "phone", 8, lambda code, reason: None, hub.counters)
+    laptop = SessionState("s2", "alice", "laptop", 8, lambda code, reason: None, hub.counters)
+    attached = []
+
+    async def attach(state: SessionState) -> None:
+        attached.append(await hub.attach("alice", nursery, state))
+
+    nursery.start_soon(attach, phone)
+    await trio.testing.wait_all_tasks_blocked()
+    nursery.start_soon(attach, laptop)  # the view is still loading: it waits for that load
+    await trio.testing.wait_all_tasks_blocked()
+    await store.allocate("g", 3)  # lands after the view was read, before it is ready
+    assert attached == []
+    store.release.set()
+    await trio.testing.wait_all_tasks_blocked()
+    assert len(attached) == 2 and attached[0] is attached[1] is hub.actors["alice"]
+    assert attached[0].sessions == [phone, laptop]
+    assert row_values(hub, "alice", "g")[0] == 5

@@ -308,9 +308,10 @@ class UserActor:
         self.table = ViewTable()
         self.sessions: list[SessionState] = []
         self.loaded = False
-        # Set when loading finished (or failed), then dropped: None = ready (an idle online
-        # user holds no Event for it).
-        self.ready: trio.Event | None = trio.Event()
+        # Set when loading finished (or failed), then dropped. Made only when a session
+        # waits for the load (the hub's ``_loading`` says whether it runs): most opens never
+        # need one, and an idle online user holds none.
+        self.ready: trio.Event | None = None
         self.backlog: list[object] = []  # changes that arrived while the view was loading
         # The actor's task runs only while it has work: wake() starts it in ``nursery`` (the
         # server's actor nursery; None: never started, as in kernel tests), and it ends once a

@@ -118,7 +118,9 @@ class Hub:
         """
         actor = self.actors.get(user_id)
         if actor is not None:
-            if actor.ready is not None:
+            if actor in self._loading:  # another session is loading the view: wait for it
+                if actor.ready is None:
+                    actor.ready = trio.Event()
                 await actor.ready.wait()
             else:
                 await trio.lowlevel.checkpoint()
@@ -144,8 +146,8 @@ class Hub:
         finally:
             self._loading.discard(actor)
             ready, actor.ready = actor.ready, None
-            assert ready is not None
-            ready.set()
+            if ready is not None:
+                ready.set()
         for key_id, frozen in zip(actor.table.keys, actor.table.frozen, strict=True):
             if not frozen:
                 self.index.setdefault(key_id, set()).add(actor)
