@@ -13,6 +13,7 @@ import trio.testing
 import trio_websocket as tws
 import trustme
 
+import seqactor.server.gateway
 from seqactor._proto import seqactor_pb2 as pb
 from seqactor.server.actor import UserActor
 from tests._harness import (
@@ -357,12 +358,30 @@ async def test_no_task_outlives_its_connection(tmp_path, connection_path):
                     await trio.sleep(0.01)
 
 
+async def test_a_burst_of_connections_beyond_one_accept_pass_is_all_served(monkeypatch):
+    """The accept loop takes at most ACCEPT_BATCH connections a pass, lets other tasks run,
+    then takes the rest of the backlog: every client of a burst is welcomed."""
+    monkeypatch.setattr(seqactor.server.gateway, "ACCEPT_BATCH", 2)
+    async with running_server() as server:
+        welcomed: list[str] = []
+
+        async def client(user: str) -> None:
+            async with raw_connect(server, user) as c:
+                assert c.welcome is not None
+                welcomed.append(c.welcome.user_id)
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                for i in range(7):
+                    nursery.start_soon(client, f"u{i}")
+    assert sorted(welcomed) == [f"u{i}" for i in range(7)]
+
+
 async def test_an_accept_woken_just_before_stop_closes_the_listener_ends_quietly():
-    """``stop()`` closes the listeners; an accept task that was already woken for a new
-    connection then calls accept on the closed socket and gets EBADF (seen once when the chaos
-    test restarted its server while clients reconnected). The accept loop must end, not take
-    the server down: here the accept runs on a listener closed before it, and the server goes
-    on serving and stops cleanly."""
+    """``stop()`` closes the listeners; an accept loop that meets a closed listener (seen
+    once as EBADF when the chaos test restarted its server while clients reconnected) must
+    end, not take the server down: here the loop starts on a listener closed before it, and
+    the server goes on serving and stops cleanly."""
     async with running_server() as server:
         closed = trio.socket.socket()
         await closed.bind(("127.0.0.1", 0))
