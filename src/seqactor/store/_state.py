@@ -548,21 +548,27 @@ class State:
 
     def load_view(self, uid: str) -> ViewData:
         view = self.views.get(uid)
-        data = ViewData(self.position)
         if not view:
-            return data
-        ms = list(view.values())
-        data.conversation_ids = list(view)
-        data.max_seq = array("Q", [m.fmax if m.frozen else m.conv.max for m in ms])
-        data.read_seq = array("Q", [m.read for m in ms])
-        data.min_seq = array("Q", [m.fmin if m.frozen else m.conv.min for m in ms])
-        data.time_ms = array("q", [m.ftime if m.frozen else m.conv.time for m in ms])
-        data.pos = array(
-            "Q",
-            [m.pos if m.frozen or m.pos >= m.conv.pos else m.conv.pos for m in ms],
-        )
-        data.frozen = bytearray([m.frozen for m in ms])
-        return data
+            return ViewData(self.position)
+        # One pass filling the columns (a comprehension per column and ViewData's default
+        # columns, replaced at once, cost a session open ~1.4 µs for a one-row view).
+        max_seq, read_seq, min_seq, pos = array("Q"), array("Q"), array("Q"), array("Q")
+        time_ms, frozen = array("q"), bytearray()
+        for m in view.values():
+            if m.frozen:
+                max_seq.append(m.fmax)
+                min_seq.append(m.fmin)
+                time_ms.append(m.ftime)
+                pos.append(m.pos)
+            else:
+                conv = m.conv
+                max_seq.append(conv.max)
+                min_seq.append(conv.min)
+                time_ms.append(conv.time)
+                pos.append(m.pos if m.pos >= conv.pos else conv.pos)
+            read_seq.append(m.read)
+            frozen.append(m.frozen)
+        return ViewData(self.position, list(view), max_seq, read_seq, min_seq, time_ms, pos, frozen)
 
     def removed_since(self, uid: str, position: int) -> list[str] | None:
         if position < self.tomb_horizon or position > self.position:
