@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from prometheus_client import generate_latest
+from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from seqactor.server.metrics import OP_LATENCY_BUCKETS_S, Metrics
@@ -64,3 +68,18 @@ def test_latency_buckets_are_cumulative_and_bounds_inclusive():
     assert got[("seqactor_store_commit_seconds_bucket", (("le", "0.0025"),))] == 0
     assert got[("seqactor_store_commit_seconds_bucket", (("le", "0.005"),))] == 1
     assert got[("seqactor_store_commit_seconds_count", ())] == 1
+
+
+def test_openmetrics_exposition_parses_with_several_ops():
+    # Prometheus asks for OpenMetrics first; it requires one label set's samples (buckets,
+    # count, sum, created) to be contiguous, also with a histogram per op.
+    m = Metrics()
+    for kind in ("mark_read", "subscribe", "get_sequences"):
+        m.op_done(kind, "OK", 0.001)
+    m.commit_latency.observe(0.002)
+    m.closed(1000)
+    families = {f.name: f for f in openmetrics_families(openmetrics_latest(m.registry).decode())}
+    latency = families["seqactor_op_latency_seconds"]
+    assert {s.labels["op"] for s in latency.samples if s.name.endswith("_count")} == {
+        "mark_read", "subscribe", "get_sequences"
+    }

@@ -164,10 +164,10 @@ class _Collector(Collector):
         yield ops
         latency = HistogramMetricFamily("seqactor_op_latency_seconds", "Operation latency",
                                         labels=["op"])
-        histograms = list(m.op_latency.items())
-        for kind, histogram in histograms:
+        # (each op's _created right after its buckets: OpenMetrics, which Prometheus asks for,
+        # requires one label set's samples to be contiguous)
+        for kind, histogram in list(m.op_latency.items()):
             latency.add_metric([kind], *histogram.buckets())
-        for kind, histogram in histograms:
             latency.add_sample("seqactor_op_latency_seconds_created", {"op": kind},
                                histogram.created)
         yield latency
