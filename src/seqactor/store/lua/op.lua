@@ -73,6 +73,9 @@ local function noop(c, ...)
   return {'NOOP', fmt(p), ...}
 end
 
+-- Reads first: Redis does not undo a script's writes when a command fails, and a command
+-- fails on a key of the wrong type (a hand-edited Redis) at its first access. So each op
+-- reads every key it will write before its first write: an op that fails, fails whole.
 local function run_op(K_, V_, X_)
 
 K, V, X = K_, V_, X_
@@ -96,6 +99,8 @@ if op == 'alloc' then
     return {'ERR', 'TOOLARGE', "the conversation's sequence space is exhausted"}
   end
   if mode == 'd' then return {'NEED'} end
+  local m = nil  -- the sender's row (read before any write: see "Reads first" above)
+  if sender ~= '' then m = mdecode(redis.call('HGET', mk, sender)) end
   local pos, why = take_pos(c)
   if not pos then return {'RETRY', why} end
   local tm
@@ -114,14 +119,11 @@ if op == 'alloc' then
     redis.call('HSET', ck, 'mx', last, 'mn', '0', 'tm', ts, 'ps', ps, 'ac', '0', 'lp', ps)
   end
   local s, sread = '', '0'
-  if sender ~= '' then
-    local m = mdecode(redis.call('HGET', mk, sender))
-    if m and not m.frozen then
-      m.read = last
-      m.pos = pos
-      redis.call('HSET', mk, sender, mencode(m))
-      s, sread = sender, last
-    end
+  if m and not m.frozen then
+    m.read = last
+    m.pos = pos
+    redis.call('HSET', mk, sender, mencode(m))
+    s, sread = sender, last
   end
   return publish({'A', ps, cid, uadd(mx, 1), last, ts, s, sread})
 end
@@ -178,7 +180,7 @@ if op == 'add' then
   end
   if mode == 's' then
     for _, j in ipairs(joiners) do
-      if not j[2] and redis.call('HLEN', ukey(j[3], 1)) + 1 > max_view then
+      if redis.call('HLEN', ukey(j[3], 1)) + 1 > max_view and not j[2] then
         return {'ERR', 'TOOLARGE', string.format(
           'the view of %s would exceed %d conversations', j[1], max_view)}
       end
@@ -220,6 +222,13 @@ if op == 'rm' then
     if m and (not m.frozen or not keep) then leavers[#leavers + 1] = {uid, m, i - A - 2} end
   end
   if #leavers == 0 then return noop(c) end
+  if mode == 's' and not keep then
+    for _, l in ipairs(leavers) do  -- (reads first: their types are checked here)
+      redis.call('HLEN', ukey(l[3], 1))
+      redis.call('ZCARD', ukey(l[3], 2))
+      redis.call('GET', ukey(l[3], 3))
+    end
+  end
   if mode == 'd' then
     local out = {'NEED'}
     for _, l in ipairs(leavers) do out[#out + 1] = l[1] end
