@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import resource
 import socket
 import ssl
 import struct
@@ -375,6 +377,36 @@ async def test_a_burst_of_connections_beyond_one_accept_pass_is_all_served(monke
                 for i in range(7):
                     nursery.start_soon(client, f"u{i}")
     assert sorted(welcomed) == [f"u{i}" for i in range(7)]
+
+
+async def test_an_accept_loop_out_of_descriptors_at_its_start_waits_and_then_serves(caplog):
+    """The accept loop duplicates its listener's descriptor first; out of descriptors there
+    (EMFILE), it logs one line and tries again after ACCEPT_RETRY_S instead of taking the
+    server down, then accepts once descriptors are free again."""
+    async with running_server() as server:
+        listener = trio.socket.socket()
+        await listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        async with trio.open_nursery() as nursery:
+            lowest_free = os.dup(0)  # the limit bounds descriptor numbers: none is free below
+            os.close(lowest_free)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+            try:
+                nursery.start_soon(server._accept, listener, nursery)
+                with trio.fail_after(10):
+                    while "cannot duplicate its descriptor" not in caplog.text:
+                        await trio.sleep(0.01)
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            before = server.connections
+            with trio.fail_after(10):
+                client = await trio.open_tcp_stream(*listener.getsockname())
+                while server.connections == before:  # accepted and handed to a handler
+                    await trio.sleep(0.01)
+            await client.aclose()
+            nursery.cancel_scope.cancel()
+        listener.close()
 
 
 async def test_an_accept_woken_just_before_stop_closes_the_listener_ends_quietly():

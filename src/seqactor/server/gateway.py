@@ -246,12 +246,18 @@ class Server:
         connection: ~4 µs of each session open.) Closing the listener never closes the
         duplicate under this loop, so an accept cannot reach a reused descriptor number;
         the server cancels the loop before it closes its listeners."""
-        try:
-            listening = socket.socket(fileno=os.dup(sock.fileno()))
-        except OSError as exc:
-            if exc.errno in CLOSED_LISTENER_ERRNOS:
-                return  # the listener is closed already
-            raise
+        while True:
+            try:
+                listening = socket.socket(fileno=os.dup(sock.fileno()))
+                break
+            except OSError as exc:
+                if exc.errno in CLOSED_LISTENER_ERRNOS:
+                    return  # the listener is closed already
+                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                log.error("listener: cannot duplicate its descriptor (%s); retrying in %s s",
+                          exc, ACCEPT_RETRY_S)
+                await trio.sleep(ACCEPT_RETRY_S)
         with listening:
             listening.setblocking(False)
             accepted = 0
