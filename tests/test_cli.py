@@ -634,3 +634,16 @@ def test_demo_finds_the_web_page_of_the_checkout():
     repo = Path(__file__).resolve().parents[1]
     assert _demo_web.DEMO_DIR == repo / "clients" / "js" / "demo"
     assert (_demo_web.DEMO_DIR / "index.html").is_file()
+
+
+def test_serve_no_parking_keeps_a_task_per_connection(tmp_path: Path) -> None:
+    """`serve --no-parking` turns the idle sessions' parking off (an operator's way around
+    it); by default it is on."""
+    from seqactor.cli._main import build_parser
+    from seqactor.cli._serve import server_config
+
+    argv = ["serve", "--port", "0", "--secret-file", str(tmp_path / "s")]
+    assert server_config(build_parser().parse_args(argv)).park_idle_sessions is True
+    off = server_config(build_parser().parse_args([*argv, "--no-parking"]))
+    assert off.park_idle_sessions is False
+    assert "--no-parking" in run("serve", "--help").stdout

@@ -94,6 +94,9 @@ def _serve_parser(sub: SubParsers) -> None:
                    help="PEM private key for --tls-cert (default: none)")
     p.add_argument("--log-level", type=log_level, default="INFO", metavar="LEVEL",
                    help=f"one of {', '.join(LOG_LEVELS)} (any case)")
+    p.add_argument("--no-parking", dest="park_idle_sessions", action="store_false",
+                   help="every connection keeps its own task (default: an idle session on "
+                   "plain TCP holds none, its socket waits in one epoll set: ~4 KB less each)")
     p.add_argument("--workers", type=positive_int, default=1, metavar="N",
                    help="server processes sharing the port (SO_REUSEPORT, one per core); above 1 "
                    "needs a redis:// or redis+cluster:// store")

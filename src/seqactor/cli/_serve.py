@@ -64,6 +64,23 @@ def _check_readable_file(flag: str, path: str) -> None:
 
 
 
+def server_config(args: argparse.Namespace) -> S.ServerConfig:
+    """The server settings ``seqactor serve``'s flags ask for."""
+    return S.ServerConfig(
+        host=args.host, port=args.port,
+        hello_timeout_s=args.hello_timeout, heartbeat_interval_s=args.heartbeat_interval,
+        max_frame_bytes=args.max_frame_bytes, metrics_port=args.metrics_port,
+        tls_cert=args.tls_cert, tls_key=args.tls_key,
+        max_ids_per_request=args.max_ids_per_request,
+        max_view_conversations=args.max_view_conversations,
+        max_conversation_members=args.max_conversation_members,
+        rate_limit_ops_per_s=args.rate_limit, max_connections=args.max_connections,
+        write_timeout_s=args.write_timeout,
+        park_idle_sessions=getattr(args, "park_idle_sessions", True),
+        reuse_port=getattr(args, "reuse_port", False),
+    )
+
+
 def serve_one(args: argparse.Namespace) -> int:
     from seqactor._logging import StartupLog
     from seqactor.auth import SecretError, load_or_create_secret, secret_file_warning
@@ -85,19 +102,7 @@ def serve_one(args: argparse.Namespace) -> int:
     elif (warning := secret_file_warning(args.secret_file)) is not None:
         warn("serve", warning)
     log = StartupLog(args.log_level)  # a start that fails is one line, not logs + the error
-    cfg = S.ServerConfig(
-        host=args.host, port=args.port,
-        hello_timeout_s=args.hello_timeout, heartbeat_interval_s=args.heartbeat_interval,
-        max_frame_bytes=args.max_frame_bytes, metrics_port=args.metrics_port,
-        tls_cert=args.tls_cert, tls_key=args.tls_key,
-        max_ids_per_request=args.max_ids_per_request,
-        max_view_conversations=args.max_view_conversations,
-        max_conversation_members=args.max_conversation_members,
-        rate_limit_ops_per_s=args.rate_limit, max_connections=args.max_connections,
-        write_timeout_s=args.write_timeout,
-        reuse_port=getattr(args, "reuse_port", False),
-    )
-    server = Server(cfg, store, secret)
+    server = Server(server_config(args), store, secret)
 
     gc.set_threshold(
         GC_GEN0_THRESHOLD_OBJECTS, GC_GEN1_THRESHOLD_COLLECTIONS, GC_GEN2_THRESHOLD_COLLECTIONS

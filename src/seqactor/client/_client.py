@@ -97,6 +97,7 @@ class Client(WatchMixin, _Endpoint):
         with the cached view and the client keeps trying in the background. After the first
         success, drops are retried forever; 4001 and 4009 stop the client and are raised
         (from pending calls, the change stream, and at the end of the ``async with``).
+        A malformed ``url`` raises :class:`ConnectError` at this call, before ``async with``.
         """
         client = cls(
             url, token, device_id=device_id, cache_path=cache_path, subscribe_all=subscribe_all,

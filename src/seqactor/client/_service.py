@@ -54,8 +54,10 @@ class ServiceClient(ReadCountsMixin, _Endpoint):
         service token; on exit close the session.
 
         The first connection must succeed (else :class:`ConnectError` /
-        :class:`AuthenticationError`) unless ``offline_ok``. Calls wait for a connection up
-        to ``request_timeout_s`` (s) and raise :class:`ConnectionLost` after it.
+        :class:`AuthenticationError`) unless ``offline_ok``. Each call waits for a
+        connection and its reply, together at most ``request_timeout_s`` (s), then raises
+        :class:`ConnectionLost`. A malformed ``url`` raises :class:`ConnectError` at this call,
+        before ``async with``.
         """
         client = cls(
             url, token, device_id=device_id, request_timeout_s=request_timeout_s,
@@ -87,15 +89,31 @@ class ServiceClient(ReadCountsMixin, _Endpoint):
         return Allocation(a.first_sequence, a.last_sequence, a.time_ms)
 
     async def add_members(self, conversation_id: str, user_ids: Iterable[str]) -> None:
+        """Add ``user_ids`` to the conversation (created if new); users already members are
+        left as they are, a frozen (``keep_history``) row becomes a member again.
+
+        Raises :class:`TooLarge` past the view or group size limits (nothing is added),
+        another :class:`ServerError` for bad ids, :class:`ConnectionLost` as above."""
         await self._call("add_members", pb.AddMembers(
             conversation_id=conversation_id, user_ids=list(user_ids)))
 
     async def remove_members(
         self, conversation_id: str, user_ids: Iterable[str], keep_history: bool = False
     ) -> None:
+        """Remove ``user_ids`` from the conversation: its row leaves their views (their
+        sessions get ``removed``), or with ``keep_history`` stays frozen at its current
+        values. Users who are not members are ignored.
+
+        Raises :class:`NotFound` for an unknown conversation, another :class:`ServerError`
+        for bad ids, :class:`ConnectionLost` as above."""
         await self._call("remove_members", pb.RemoveMembers(
             conversation_id=conversation_id, user_ids=list(user_ids), keep_history=keep_history))
 
     async def set_min_sequence(self, conversation_id: str, min_sequence: int) -> None:
+        """Clear history: seqs below ``min_sequence`` are no longer readable (clamped to
+        the conversation's max; it never goes back).
+
+        Raises :class:`NotFound` for an unknown conversation, another :class:`ServerError`
+        for a bad value, :class:`ConnectionLost` as above."""
         await self._call("set_min_sequence", pb.SetMinSequence(
             conversation_id=conversation_id, min_sequence=min_sequence))
