@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import socket
 
-import pytest
 import trio
 
 from seqactor._proto import seqactor_pb2 as pb
 from seqactor.server import gateway
-from seqactor.server.parking import AVAILABLE, Parking
+from seqactor.server.parking import Parking
 from tests._harness import body, raw_connect, running_server, update_of
 from tests.test_server import service_setup
 from tests.test_server_faults import _stuck_session
-
-pytestmark = pytest.mark.skipif(not AVAILABLE, reason="epoll (Linux) only")
 
 
 async def parked(server, n: int = 1) -> None:

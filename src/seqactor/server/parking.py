@@ -17,6 +17,7 @@ epoll item. Linux only (:data:`AVAILABLE`); elsewhere sessions keep their task.
 
 from __future__ import annotations
 
+import errno
 import select
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -26,6 +27,8 @@ import trio
 T = TypeVar("T")
 
 AVAILABLE = hasattr(select, "epoll")
+# what epoll's unregister says of a descriptor it does not watch (any more)
+NOT_REGISTERED_ERRNOS = frozenset({errno.ENOENT, errno.EBADF})
 MAX_EVENTS = 1024  # ready sockets taken per pass (more: the next pass, at once)
 # EPOLLIN: bytes to read; the peer's FIN and errors (EPOLLHUP / EPOLLERR, always reported)
 # wake the session too, whose read then meets them.
@@ -63,8 +66,10 @@ class Parking(Generic[T]):
         if item is not None and not self._epoll.closed:
             try:
                 self._epoll.unregister(fd)
-            except OSError:  # (not registered: nothing to undo)
-                pass
+            except OSError as exc:
+                if exc.errno not in NOT_REGISTERED_ERRNOS:
+                    raise
+                # (not registered, or already closed: nothing to undo)
         return item
 
     async def run(self) -> None:
