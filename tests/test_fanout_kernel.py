@@ -1,5 +1,6 @@
-"""The fan-out kernel: ``fan_slice`` (compiled and pure Python against each other, on the
-server's real actor and session-state objects) and ``write_many`` on real sockets."""
+"""The fan-out kernel: ``fan_slice`` and ``settle`` (compiled and pure Python against each
+other, on the server's real actor, view and session-state objects) and ``write_many`` on real
+sockets."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 
 from seqactor import _delta as C
 from seqactor import _delta_py as P
-from seqactor.server._view import FIELD_MAX, FIELD_READ
+from seqactor.server._view import FIELD_MAX, FIELD_READ, SharedMax, ViewTable
 from seqactor.server.actor import SessionState, UserActor
 from seqactor.server.metrics import HotCounters
 
@@ -30,6 +31,7 @@ class _Hub:
 
     def __init__(self) -> None:
         self.counters = HotCounters()
+        self.shared = SharedMax()
 
 
 def _fatal(code: int, reason: str) -> None:
@@ -43,9 +45,11 @@ session_st = st.tuples(
     st.sampled_from(["", "", "", "writer", "background", "pending", "removed"]),
     st.sampled_from([-1, 3, 40, 1000, 65_000]),
 )
-# One member: (row: None | (max, frozen), sessions)
+CHANGE = object()  # the change a round hands out (fan_slice compares it by identity)
+EARLIER = object()
+# One member: (what an earlier round handed it: None | "this" | "earlier", sessions)
 member_st = st.tuples(
-    st.none() | st.tuples(st.integers(0, 30), st.booleans()),
+    st.sampled_from([None, "this", "earlier"]),
     st.lists(session_st, max_size=3),
 )
 
@@ -53,11 +57,11 @@ member_st = st.tuples(
 def _build(spec: list[Any]) -> list[UserActor]:
     hub = _Hub()
     members = []
-    for n, (row, sessions) in enumerate(spec):
+    for n, (fanned, sessions) in enumerate(spec):
         actor = UserActor(hub, f"u{n}")  # type: ignore[arg-type]
         actor.table.upsert(OTHER_KEY, 5, 5, 0, 1, 1)
-        if row is not None:
-            actor.table.upsert(KEY, row[0], 0, 0, 100, 10, row[1])
+        actor.table.upsert(KEY, 10, 0, 0, 100, 10)
+        actor.fanned = {None: None, "this": CHANGE, "earlier": EARLIER}[fanned]
         for m, (sub, busy, fd) in enumerate(sessions):
             s = SessionState(f"s{n}.{m}", actor.user_id, "", 4, _fatal, hub.counters)
             if sub == "all":
@@ -87,7 +91,7 @@ def _observe(members: list[UserActor], out: tuple[Any, ...]) -> Any:
         t = a.table
         row = t.row_of(KEY)
         state.append((
-            None if row < 0 else (t.max_seq[row], t.time_ms[row], t.pos[row]),
+            (t.max_seq[row], t.time_ms[row], t.pos[row], a.fanned is CHANGE),
             a._woken,
             [(dict(s.pending), s.shared) for s in a.sessions],
         ))
@@ -105,7 +109,7 @@ def _run(impl: Any, spec: list[Any], start: int, slice_s: float, every: int) -> 
     fds = (array("i"), array("i"))
     sessions: tuple[list[SessionState], list[SessionState]] = ([], [])
     i, failures = impl.fan_slice(
-        members, start, KEY, 20, 777, 50, FIELD_MAX, SHARED, fds, sessions, slice_s, every,
+        members, start, KEY, CHANGE, FIELD_MAX, SHARED, fds, sessions, slice_s, every,
     )
     return _observe(members, (i, failures, fds, sessions))
 
@@ -123,28 +127,27 @@ def test_fan_slice_compiled_equals_python(spec: list[Any], data: st.DataObject) 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_fan_slice_what_each_member_gets(impl: Any) -> None:
     spec = [
-        ((10, False), [("all", "", 40), ("key", "", 41), ("other", "", 42)]),  # idle: batch
-        ((10, False), [("all", "writer", 43)]),  # busy: pending, actor woken
-        ((10, True), [("all", "", 44)]),  # frozen: nothing
-        ((25, False), [("all", "", 45)]),  # already newer: nothing
-        (None, [("all", "", 46)]),  # not in the view: nothing
-        ((10, False), [("key", "", -1)]),  # no direct write now: pending
+        (None, [("all", "", 40), ("key", "", 41), ("other", "", 42)]),  # idle: batch
+        (None, [("all", "writer", 43)]),  # busy: pending, actor woken
+        ("this", [("all", "", 44)]),  # an earlier round handed it this change: nothing
+        ("earlier", [("all", "", 45)]),  # it had an older one: batch
+        (None, [("key", "", -1)]),  # no direct write now: pending
     ]
     i, failures, fds, sessions, state = _run(impl, spec, 0, 60.0, 16)
     assert i == len(spec) and failures is None
-    assert fds == [[40], [41]]
-    assert sessions == [["s0.0"], ["s0.1"]]
-    assert state[0] == ((20, 777, 50), False, [({}, None), ({}, None), ({}, None)])
-    assert state[1] == ((20, 777, 50), True, [({KEY: FIELD_MAX}, SHARED)])
-    assert state[2] == ((10, 100, 10), False, [({}, None)])
-    assert state[3] == ((25, 100, 10), False, [({}, None)])
-    assert state[4] == (None, False, [({}, None)])
-    assert state[5] == ((20, 777, 50), True, [({KEY: FIELD_MAX}, SHARED)])
+    assert fds == [[40, 45], [41]]
+    assert sessions == [["s0.0", "s3.0"], ["s0.1"]]
+    row = (10, 100, 10, True)  # no row is touched: reads settle it from the shared max
+    assert state[0] == (row, False, [({}, None), ({}, None), ({}, None)])
+    assert state[1] == (row, True, [({KEY: FIELD_MAX}, SHARED)])
+    assert state[2] == (row, False, [({}, None)])
+    assert state[3] == (row, False, [({}, None)])
+    assert state[4] == (row, True, [({KEY: FIELD_MAX}, SHARED)])
 
 
 def _route(impl: Any, spec: list[Any], shared: Any) -> Any:
     """``route`` over the sessions of one member built from ``spec`` (its row is not touched)."""
-    (actor,) = _build([((10, False), spec)])
+    (actor,) = _build([(None, spec)])
     fds = (array("i"), array("i"))
     out: tuple[list[SessionState], list[SessionState]] = ([], [])
     marked = impl.route(actor.sessions, KEY, FIELD_READ, shared, fds, out)
@@ -175,39 +178,91 @@ def test_route_compiled_equals_python(spec: list[Any], shared: Any) -> None:
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_fan_slice_stops_at_the_deadline(impl: Any) -> None:
-    spec = [((1, False), [("all", "", 10 + n)]) for n in range(10)]
+    spec = [(None, [("all", "", 10 + n)]) for n in range(10)]
     i, _, fds, _, state = _run(impl, spec, 2, -1.0, 3)  # deadline already passed
     assert i == 3  # the clock is read when i % 3 == 0
     assert fds == [[12], []]
-    assert [s[0] is not None and s[0][0] == 20 for s in state] == [False, False, True] + [False] * 7
+    assert [s[0][3] for s in state] == [False, False, True] + [False] * 7
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_fan_slice_reports_a_failing_member_and_goes_on(impl: Any) -> None:
-    members = _build([((1, False), [("all", "", 10)]), ((1, False), [("all", "", 11)])])
-    members.insert(1, object())  # type: ignore[arg-type]  # no table: raises AttributeError
+    members = _build([(None, [("all", "", 10)]), (None, [("all", "", 11)])])
+    members.insert(1, object())  # type: ignore[arg-type]  # no ``fanned``: AttributeError
     fds = (array("i"), array("i"))
     sessions: tuple[list[Any], list[Any]] = ([], [])
     i, failures = impl.fan_slice(
-        members, 0, KEY, 20, 777, 50, FIELD_MAX, SHARED, fds, sessions, 60.0, 16)
+        members, 0, KEY, CHANGE, FIELD_MAX, SHARED, fds, sessions, 60.0, 16)
     assert i == 3
     assert [(a is members[1], type(e)) for a, e in failures] == [(True, AttributeError)]
     assert list(fds[0]) == [10, 11]
 
 
 def test_fan_slice_rejects_bad_arguments() -> None:
-    members = _build([((1, False), [("all", "", 10)])])
+    members = _build([(None, [("all", "", 10)])])
     with pytest.raises(TypeError):
-        C.fan_slice(members, 0, KEY, 20, 1, 1, FIELD_MAX, SHARED, (array("q"), array("i")),
+        C.fan_slice(members, 0, KEY, CHANGE, FIELD_MAX, SHARED, (array("q"), array("i")),
                     ([], []), 1.0, 16)
     with pytest.raises(ValueError):
-        C.fan_slice(members, 0, KEY, 20, 1, 1, FIELD_MAX, SHARED, (array("i"), array("i")),
+        C.fan_slice(members, 0, KEY, CHANGE, FIELD_MAX, SHARED, (array("i"), array("i")),
                     ([], []), 1.0, 0)
-    # a view column of the wrong type is an error for that member, not a wrong write
-    members[0].table.max_seq = array("d", [1.0, 1.0])  # type: ignore[assignment]
-    _, failures = C.fan_slice(members, 0, KEY, 20, 1, 1, FIELD_MAX, SHARED,
+    # a session whose descriptor is not an int is an error for that member, not a wrong write
+    members[0].sessions[0].fd = "10"  # type: ignore[assignment]
+    _, failures = C.fan_slice(members, 0, KEY, CHANGE, FIELD_MAX, SHARED,
                               (array("i"), array("i")), ([], []), 1.0, 16)
     assert failures is not None and isinstance(failures[0][1], TypeError)
+
+
+# ------------------------------------------------------------------ settle
+
+# One row: (max, time, pos, frozen); the shared column: (max, time, pos) per key id 0..3
+row_st = st.tuples(st.integers(0, 9), st.integers(0, 99), st.integers(0, 9), st.booleans())
+shared_st = st.lists(st.tuples(st.integers(0, 9), st.integers(0, 99), st.integers(0, 9)),
+                     max_size=4)
+
+
+def _settle(impl: Any, rows: list[Any], shared: list[Any], which: Any, upto: Any) -> Any:
+    sm = SharedMax()
+    for k, (mx, tm, pos) in enumerate(shared):
+        sm.advance(k, mx, tm, pos)
+    t = ViewTable(sm)
+    for k, (mx, tm, pos, frozen) in enumerate(rows):
+        t.upsert(k, mx, 0, 0, tm, pos, frozen)
+    changed = impl.settle(t, which, upto)
+    return changed, list(t.max_seq), list(t.time_ms), list(t.pos)
+
+
+@SETTINGS
+@given(st.lists(row_st, max_size=6), shared_st, st.data())
+def test_settle_compiled_equals_python(rows: list[Any], shared: list[Any],
+                                       data: st.DataObject) -> None:
+    which = data.draw(st.none() | st.lists(st.integers(0, max(0, len(rows) - 1)),
+                                           max_size=len(rows)))
+    upto = data.draw(st.none() | st.integers(0, 10))
+    got = _settle(C, rows, shared, which, upto)
+    assert got == _settle(P, rows, shared, which, upto)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_settle_what_each_row_takes(impl: Any) -> None:
+    rows = [
+        (3, 30, 3, False),  # behind the shared max: takes max, time and the later position
+        (3, 30, 3, True),  # frozen: keeps its values
+        (9, 90, 1, False),  # ahead of the shared max: unchanged
+        (1, 10, 9, False),  # behind, but its own position is later: keeps it
+        (0, 0, 0, False),  # key 4: nothing shared recorded for it
+    ]
+    shared = [(5, 50, 6), (5, 50, 6), (5, 50, 6), (5, 50, 6)]
+    assert _settle(impl, rows, shared, None, None) == (
+        2, [5, 3, 9, 5, 0], [50, 30, 90, 50, 0], [6, 3, 1, 9, 0])
+    # only the listed rows; with ``upto`` only what was recorded at or before that position
+    assert _settle(impl, rows, shared, [3], None)[1] == [3, 3, 9, 5, 0]
+    assert _settle(impl, rows, shared, None, 5)[0] == 0
+    assert _settle(impl, rows, shared, None, 6)[0] == 2
+    with pytest.raises(IndexError):
+        _settle(impl, rows, shared, [5], None)
+    # a view without a shared column is always exact: nothing to do
+    assert impl.settle(ViewTable(), None, None) == 0
 
 
 # ------------------------------------------------------------------ write_many

@@ -11,7 +11,7 @@ import trio
 import trio.testing
 
 import seqactor.server.hub
-from seqactor._kernel import decode_update, split_server_message
+from seqactor._kernel import decode_update, settle, split_server_message
 from seqactor.server.actor import SessionState, UserActor
 from seqactor.server.hub import Hub
 from seqactor.server.metrics import Metrics
@@ -30,9 +30,11 @@ async def hub_with_rounds(monkeypatch, nursery):
 
 
 def row_values(hub: Hub, user: str, cid: str) -> tuple[int, int, int]:
+    """The row as a reader of the view gets it (settled from the shared max first)."""
     actor = hub.actors[user]
     row = actor.table.row_of(hub.keys.lookup(cid))
     t = actor.table
+    settle(t, [row])
     return t.max_seq[row], t.read_seq[row], int(t.frozen[row])
 
 
@@ -46,8 +48,9 @@ async def test_freeze_during_a_pending_round_keeps_the_max_at_leaving(hub_with_r
     hub = hub_with_rounds
     await hub.store.add_members("g", ["alice", "bob"])
     await hub.attach("alice", nursery)
-    await hub.store.allocate("g", 3)  # round queued, not run: alice's row still says 0
-    assert row_values(hub, "alice", "g")[0] == 0
+    await hub.store.allocate("g", 3)  # round queued, not run: no push yet ...
+    assert not hub.actors["alice"].table.max_seq[0]  # ... and alice's own row not updated,
+    assert row_values(hub, "alice", "g")[0] == 3  # but a read of her view has the new max
     await hub.store.remove_members("g", ["alice"], keep_history=True)
     await hub.store.allocate("g", 2)
     assert row_values(hub, "alice", "g") == await store_values(hub, "alice", "g") == (3, 0, 1)
@@ -89,6 +92,75 @@ async def test_round_delivers_the_newest_max_once(hub_with_rounds, nursery):
     assert not hub._hot_queue and not hub._latest
     for i in range(5):
         assert row_values(hub, f"u{i}", "g")[0] == 10
+
+
+def one_member_slices(monkeypatch, hub: Hub, between_slices) -> None:
+    """Rounds take one member per slice and call ``between_slices(n)`` (n = slices done)
+    where they would yield to other tasks."""
+    monkeypatch.setattr(seqactor.server.hub, "slice_members", lambda *args: 1)
+    hub._slice_members = 1
+    done = 0
+
+    async def yield_to_others(passes: int) -> None:
+        nonlocal done
+        done += 1
+        await between_slices(done)
+
+    monkeypatch.setattr(seqactor.server.hub, "_yield_to_others", yield_to_others)
+
+
+async def test_a_second_round_hands_the_newest_change_only_to_members_without_it(
+    hub_with_rounds, nursery, monkeypatch
+):
+    hub = hub_with_rounds
+    users = [f"u{i}" for i in range(6)]
+    await hub.store.add_members("g", users)
+    states = {u: (await background_session(hub, u, nursery))[1] for u in users}
+    key = hub.keys.lookup("g")
+    order = [a.user_id for a in hub.index[key]]  # the order a round takes them in
+
+    async def allocate_after_two(n: int) -> None:
+        if n == 2:
+            await hub.store.allocate("g", 1)
+
+    one_member_slices(monkeypatch, hub, allocate_after_two)
+    await hub.store.allocate("g", 1)
+    await hub._fanout_round(key)  # the first two get seq 1, the rest seq 2 (and keep it)
+    assert list(hub._hot_queue) == [key]  # the first two need another round
+    for s in states.values():
+        assert s.pending == {key: 1}
+        s.clear_pending()
+    await hub._fanout_round(key)
+    assert [u for u in order if states[u].pending] == order[:2]
+    assert not hub._hot_queue and not hub._latest
+
+
+async def test_a_member_who_leaves_during_a_round_gets_nothing_more_from_it(
+    hub_with_rounds, nursery, monkeypatch
+):
+    hub = hub_with_rounds
+    users = [f"u{i}" for i in range(5)]
+    await hub.store.add_members("g", users)
+    states = {u: (await background_session(hub, u, nursery))[1] for u in users}
+    key = hub.keys.lookup("g")
+    order = [a.user_id for a in hub.index[key]]
+    leaver, stays_frozen = order[-1], order[-2]
+
+    async def leave_after_one(n: int) -> None:
+        if n == 1:
+            await hub.store.remove_members("g", [leaver], keep_history=False)
+            await hub.store.remove_members("g", [stays_frozen], keep_history=True)
+
+    one_member_slices(monkeypatch, hub, leave_after_one)
+    await hub.store.allocate("g", 7)
+    await hub._fanout_round(key)
+    for u in order[:-2]:
+        assert states[u].pending == {key: 1}
+    assert states[leaver].pending == {} and states[leaver].pending_removed == {"g"}
+    assert states[stays_frozen].pending == {key: 8}  # only "you left" (membership 2)
+    # what the frozen row holds is the max at leaving, as the store has it
+    assert row_values(hub, stays_frozen, "g") == await store_values(hub, stays_frozen, "g")
+    assert row_values(hub, stays_frozen, "g") == (7, 0, 1)
 
 
 async def background_session(hub: Hub, user: str, nursery) -> tuple[UserActor, SessionState]:

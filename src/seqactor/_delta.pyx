@@ -886,44 +886,26 @@ def route(list sessions not None, key_id, mask, shared, tuple fds not None,
 
 
 cdef int _fan_one(
-    object actor, object key_id, u64 max_seq, long long time_ms, u64 pos, object mask,
-    object shared, _carray fd0, list s0, _carray fd1, list s1,
+    object actor, object change, object key_id, object mask, object shared, _carray fd0,
+    list s0, _carray fd1, list s1,
 ) except -1:
-    t = actor.table
-    cdef PyObject *ro = PyDict_GetItemWithError(t.rows, key_id)
-    if ro == NULL:
-        return 0
-    cdef Py_ssize_t row = <object>ro
-    cdef bytearray frozen = t.frozen
-    if row < 0 or row >= PyByteArray_GET_SIZE(frozen):
-        raise IndexError("view row out of range")
-    if PyByteArray_AS_STRING(frozen)[row]:
-        return 0
-    cdef _carray mx = _column(t.max_seq, c'Q', row)
-    if max_seq <= mx.data.as_ulonglongs[row]:
-        return 0
-    cdef _carray tm = _column(t.time_ms, c'q', row)
-    cdef _carray ps = _column(t.pos, c'Q', row)
-    mx.data.as_ulonglongs[row] = max_seq
-    tm.data.as_longlongs[row] = time_ms
-    if pos > ps.data.as_ulonglongs[row]:
-        ps.data.as_ulonglongs[row] = pos
+    if actor.fanned is change:
+        return 0  # an earlier round of this conversation handed it this change already
+    actor.fanned = change
     if _route(actor.sessions, key_id, mask, shared, fd0, s0, fd1, s1):
         actor.wake()
     return 0
 
 
-def fan_slice(list members not None, Py_ssize_t start, key_id, max_seq, time_ms, pos, mask,
-              shared, tuple fds not None, tuple sessions not None, double slice_s,
+def fan_slice(list members not None, Py_ssize_t start, key_id, change, mask, shared,
+              tuple fds not None, tuple sessions not None, double slice_s,
               Py_ssize_t clock_every):
     """One time slice of a fan-out round (see the pure-Python twin for the contract).
 
-    The per-member loop runs in C: the row update goes straight into the view's typed
-    columns, and the only Python calls left are for sessions that are not idle."""
+    The per-member loop runs in C; the only Python calls left are for sessions that are not
+    idle."""
     cdef Py_ssize_t i = start, n = len(members)
     cdef double deadline = _monotonic() + slice_s
-    cdef u64 mxv = _u64(max_seq), psv = _u64(pos)
-    cdef long long tmv = time_ms
     cdef _carray fd0 = <_carray?>fds[0]
     cdef _carray fd1 = <_carray?>fds[1]
     cdef list s0 = sessions[0]
@@ -937,7 +919,7 @@ def fan_slice(list members not None, Py_ssize_t start, key_id, max_seq, time_ms,
         actor = members[i]
         i += 1
         try:
-            _fan_one(actor, key_id, mxv, tmv, psv, mask, shared, fd0, s0, fd1, s1)
+            _fan_one(actor, change, key_id, mask, shared, fd0, s0, fd1, s1)
         except Exception as exc:  # one member's failure never stops the others' pushes
             if failures is None:
                 failures = []
@@ -945,3 +927,52 @@ def fan_slice(list members not None, Py_ssize_t start, key_id, max_seq, time_ms,
         if i % clock_every == 0 and _monotonic() > deadline:
             break
     return i, failures
+
+
+def settle(table, rows=None, upto=None):
+    """Bring active rows up to ``table.shared`` (see the pure-Python twin for the contract)."""
+    shared = table.shared
+    if shared is None:
+        return 0
+    cdef const unsigned int[::1] kc = table.keys
+    cdef unsigned long long[::1] mxc = table.max_seq
+    cdef long long[::1] tmc = table.time_ms
+    cdef unsigned long long[::1] psc = table.pos
+    cdef const unsigned char[::1] fzc = table.frozen
+    cdef const unsigned long long[::1] smx = shared.max_seq
+    cdef const long long[::1] stm = shared.time_ms
+    cdef const unsigned long long[::1] sps = shared.pos
+    cdef Py_ssize_t n = kc.shape[0]
+    cdef Py_ssize_t m = smx.shape[0]
+    _check_len(n, mxc.shape[0])
+    _check_len(n, tmc.shape[0])
+    _check_len(n, psc.shape[0])
+    _check_len(n, fzc.shape[0])
+    _check_len(m, stm.shape[0])
+    _check_len(m, sps.shape[0])
+    cdef u64 limit = 0xFFFFFFFFFFFFFFFF if upto is None else _u64(upto)
+    cdef Py_ssize_t r, k, j, changed = 0
+    cdef list rl
+    if rows is None:
+        for r in range(n):
+            k = kc[r]
+            if k < m and not fzc[r] and smx[k] > mxc[r] and sps[k] <= limit:
+                mxc[r] = smx[k]
+                tmc[r] = stm[k]
+                if sps[k] > psc[r]:
+                    psc[r] = sps[k]
+                changed += 1
+        return changed
+    rl = rows if type(rows) is list else list(rows)
+    for j in range(len(rl)):
+        r = rl[j]
+        if r < 0 or r >= n:
+            raise IndexError("row index out of range")
+        k = kc[r]
+        if k < m and not fzc[r] and smx[k] > mxc[r] and sps[k] <= limit:
+            mxc[r] = smx[k]
+            tmc[r] = stm[k]
+            if sps[k] > psc[r]:
+                psc[r] = sps[k]
+            changed += 1
+    return changed

@@ -552,18 +552,20 @@ def route(
 
 
 def fan_slice(
-    members: Sequence[Any], start: int, key_id: int, max_seq: int, time_ms: int, pos: int,
-    mask: int, shared: Any, fds: tuple[Any, Any], sessions: tuple[list[Any], list[Any]],
-    slice_s: float, clock_every: int,
+    members: Sequence[Any], start: int, key_id: int, change: Any, mask: int, shared: Any,
+    fds: tuple[Any, Any], sessions: tuple[list[Any], list[Any]], slice_s: float,
+    clock_every: int,
 ) -> tuple[int, list[tuple[Any, Exception]] | None]:
     """One time slice of a fan-out round: a conversation's new max for ``members[start:]``.
 
-    Duck-typed over the server's actors (``table``: a ViewTable, ``sessions``, ``wake()``) and
-    session states (``subscribed_all``, ``subscribed``, ``writer_running``, ``background``,
-    ``pending``, ``pending_removed``, ``fd``, ``mark()``). Per member whose row moves forward
-    (not frozen, max greater): the row takes ``max_seq``/``time_ms``/``pos`` and its sessions
-    are routed by :func:`route` into ``fds``/``sessions`` or pending (then its actor is
-    woken). Stops after ``slice_s`` seconds (the clock is read every ``clock_every`` members).
+    Duck-typed over the server's actors (``fanned``, ``sessions``, ``wake()``) and session
+    states (``subscribed_all``, ``subscribed``, ``writer_running``, ``background``,
+    ``pending``, ``pending_removed``, ``fd``, ``mark()``). No view row is touched: the
+    conversation's max is kept once, in the hub's ``SharedMax`` (see :func:`settle`). Per
+    member whose ``fanned`` is not ``change`` (an object naming the change; an earlier round
+    may have handed it already): ``fanned`` becomes ``change`` and its sessions are routed by
+    :func:`route` into ``fds``/``sessions`` or pending (then its actor is woken). Stops after
+    ``slice_s`` seconds (the clock is read every ``clock_every`` members).
     Returns (index of the next member, failures): a member whose handling raised is reported
     as (actor, exception) and the slice goes on.
     """
@@ -574,13 +576,8 @@ def fan_slice(
         actor = members[i]
         i += 1
         try:
-            t = actor.table
-            row = t.rows.get(key_id, -1)
-            if row >= 0 and not t.frozen[row] and max_seq > t.max_seq[row]:
-                t.max_seq[row] = max_seq
-                t.time_ms[row] = time_ms
-                if pos > t.pos[row]:
-                    t.pos[row] = pos
+            if actor.fanned is not change:
+                actor.fanned = change
                 if route(actor.sessions, key_id, mask, shared, fds, sessions):
                     actor.wake()
         except Exception as exc:  # one member's failure never stops the others' pushes
@@ -590,3 +587,41 @@ def fan_slice(
         if not i % clock_every and time.perf_counter() > deadline:
             break
     return i, failures
+
+
+def settle(table: Any, rows: Iterable[int] | None = None, upto: int | None = None) -> int:
+    """Bring a view's active rows up to the conversation-wide max (``table.shared``, a
+    ``SharedMax``: max, time ms and position by key id). A fan-out round does not touch
+    members' rows, so whoever reads rows settles them first.
+
+    For each row in ``rows`` (row indices; all rows when None) that is not frozen and whose
+    key's shared max is greater than the row's (and, with ``upto``, recorded at a position
+    <= ``upto``: replaying an older change must not take a newer max): the row takes the
+    shared max and time, and the shared position when it is later. Returns how many rows
+    changed; 0 when ``table.shared`` is None. Raises IndexError for a row out of range and
+    ValueError when columns differ in length.
+    """
+    shared = table.shared
+    if shared is None:
+        return 0
+    keys, mx, tm, ps, fz = table.keys, table.max_seq, table.time_ms, table.pos, table.frozen
+    smx, stm, sps = shared.max_seq, shared.time_ms, shared.pos
+    n, m = len(keys), len(smx)
+    for col in (mx, tm, ps, fz):
+        if len(col) != n:
+            raise ValueError(f"table columns differ in length ({n} != {len(col)})")
+    for col in (stm, sps):
+        if len(col) != m:
+            raise ValueError(f"table columns differ in length ({m} != {len(col)})")
+    changed = 0
+    for r in range(n) if rows is None else rows:
+        if not 0 <= r < n:
+            raise IndexError("row index out of range")
+        k = keys[r]
+        if k < m and not fz[r] and smx[k] > mx[r] and (upto is None or sps[k] <= upto):
+            mx[r] = smx[k]
+            tm[r] = stm[k]
+            if sps[k] > ps[r]:
+                ps[r] = sps[k]
+            changed += 1
+    return changed

@@ -59,6 +59,7 @@ split_server_message = _impl.split_server_message
 write_many = _impl.write_many
 fan_slice = _impl.fan_slice
 route = _impl.route
+settle = _impl.settle
 
 __all__ = [
     "COMPILED",
@@ -74,6 +75,7 @@ __all__ = [
     "encode_snapshot",
     "fan_slice",
     "route",
+    "settle",
     "frame_update",
     "split_server_message",
     "write_many",

@@ -4,6 +4,13 @@ Rows are stored in typed ``array.array`` columns (no per-entry Python objects be
 row index); conversation ids are interned once in a process-wide :class:`KeyTable` (from the
 kernel), so a group's id is one object however many members are online.
 Rows are removed by swapping the last row into the hole (order is not meaningful).
+
+A conversation's max is the same for every member, so the node keeps it once: a
+:class:`SharedMax` (one per hub) holds each conversation's newest max, and a member's
+active row may lag behind it. A fan-out round then costs no row update per member (only the
+routing of the ready frame). Whoever reads rows settles them first (``kernel.settle``:
+max, time and position taken from the shared column where it is ahead; frozen rows keep
+their own values).
 """
 
 from __future__ import annotations
@@ -19,13 +26,50 @@ FIELD_ALL = FIELD_MAX | FIELD_READ | FIELD_MIN
 FIELD_MEMBERSHIP = 8
 
 
-class ViewTable:
-    """Columnar rows: key id, max, read, min, time (ms), change position."""
+class SharedMax:
+    """Each conversation's newest max, time (ms) and change position, by key id: the value
+    every active member row is at least at (``kernel.settle`` copies it into rows)."""
 
-    # The first five are what a fan-out round reads per member: kept together.
-    __slots__ = ("rows", "frozen", "max_seq", "time_ms", "pos", "keys", "read_seq", "min_seq")
+    __slots__ = ("max_seq", "time_ms", "pos")
 
     def __init__(self) -> None:
+        self.max_seq = array("Q")
+        self.time_ms = array("q")
+        self.pos = array("Q")
+
+    def advance(self, key_id: int, max_seq: int, time_ms: int, pos: int) -> None:
+        """A committed allocation: ``max_seq`` at change position ``pos`` (values only move
+        forward: a smaller or equal max changes nothing)."""
+        n = len(self.max_seq)
+        if key_id >= n:
+            zeros = bytes(8 * (key_id + 1 - n))
+            self.max_seq.frombytes(zeros)
+            self.time_ms.frombytes(zeros)
+            self.pos.frombytes(zeros)
+        if max_seq > self.max_seq[key_id]:
+            self.max_seq[key_id] = max_seq
+            self.time_ms[key_id] = time_ms
+            if pos > self.pos[key_id]:
+                self.pos[key_id] = pos
+
+    def get(self, key_id: int) -> tuple[int, int, int]:
+        """(max, time ms, position) of ``key_id``; zeros when none was recorded."""
+        if 0 <= key_id < len(self.max_seq):
+            return self.max_seq[key_id], self.time_ms[key_id], self.pos[key_id]
+        return 0, 0, 0
+
+
+class ViewTable:
+    """Columnar rows: key id, max, read, min, time (ms), change position.
+
+    ``shared``: the node's :class:`SharedMax` that active rows may lag behind (None: rows are
+    always exact)."""
+
+    __slots__ = ("rows", "frozen", "max_seq", "time_ms", "pos", "keys", "read_seq", "min_seq",
+                 "shared")
+
+    def __init__(self, shared: SharedMax | None = None) -> None:
+        self.shared = shared
         self.keys = array("I")
         self.max_seq = array("Q")
         self.read_seq = array("Q")

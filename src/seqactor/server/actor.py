@@ -25,6 +25,7 @@ from seqactor.server._view import (
     FIELD_MEMBERSHIP,
     FIELD_MIN,
     FIELD_READ,
+    SharedMax,
     ViewTable,
 )
 from seqactor.server.metrics import HotCounters
@@ -36,8 +37,8 @@ class ActorHost(Protocol):
 
     keys: Any  # the node's kernel KeyTable: conversation id <-> key id
     counters: HotCounters
+    shared: SharedMax  # each conversation's newest max, which active rows may lag behind
 
-    def latest_max(self, key_id: int) -> tuple[int, int] | None: ...
     def token(self) -> bytes: ...
 
 log = logging.getLogger("seqactor.actor")
@@ -297,16 +298,19 @@ _ACTOR_BATCH = FanoutBatch()  # an actor's own changes: filled and written in on
 class UserActor:
     """The actor of one online user. Created and retired by the hub."""
 
-    __slots__ = (  # the fan-out reads the first two per member
-        "table", "sessions", "hub", "user_id", "loaded", "ready", "backlog", "_woken", "_nursery",
+    __slots__ = (  # a fan-out round reads the first two per member
+        "fanned", "sessions", "table", "hub", "user_id", "loaded", "ready", "backlog", "_woken", "_nursery",
         "_running", "_retired", "failed",
     )
 
     def __init__(self, hub: ActorHost, user_id: str, nursery: trio.Nursery | None = None) -> None:
         self.hub = hub
         self.user_id = user_id
-        self.table = ViewTable()
+        self.table = ViewTable(hub.shared)
         self.sessions: list[SessionState] = []
+        # The change a fan-out round last handed this user (``kernel.fan_slice``): the next
+        # round of the same conversation skips the user when it is still the newest.
+        self.fanned: object | None = None
         self.loaded = False
         # Set when loading finished (or failed), then dropped. Made only when a session
         # waits for the load (the hub's ``_loading`` says whether it runs): most opens never
@@ -390,13 +394,10 @@ class UserActor:
         if pos > t.pos[row]:
             t.pos[row] = pos
         mask = FIELD_READ
-        if read_seq > t.max_seq[row] and not t.frozen[row]:
-            # The read committed after an allocation whose fan-out has not reached this
-            # actor yet: take the conversation's newest max now so read never exceeds max.
-            latest = self.hub.latest_max(key_id)
-            if latest is not None and latest[0] > t.max_seq[row]:
-                t.max_seq[row], t.time_ms[row] = latest
-                mask |= FIELD_MAX
+        # The read committed after an allocation this row has not taken yet (a fan-out round
+        # updates only the shared max): take it now, so read never exceeds max.
+        if read_seq > t.max_seq[row] and kernel.settle(t, [row], pos):
+            mask |= FIELD_MAX
         self._mark_all(key_id, mask)
 
     def on_min(self, key_id: int, min_seq: int, pos: int) -> None:
@@ -428,13 +429,17 @@ class UserActor:
         if marked:
             self.wake()
 
-    def on_freeze(self, key_id: int, pos: int) -> None:
-        """The user left with keep_history: the row keeps its values and ignores conversation
-        changes from now on; its sessions get ``membership = 2``."""
+    def on_freeze(self, key_id: int, pos: int, settle: bool = True) -> None:
+        """The user left with keep_history (at change position ``pos``): the row keeps its
+        values and ignores conversation changes from now on; its sessions get
+        ``membership = 2``. With ``settle`` the row first takes the shared max recorded up to
+        ``pos`` (without: the caller has set the row to the store's values)."""
         t = self.table
         row = t.row_of(key_id)
         if row < 0 or t.frozen[row]:
             return  # a repeated delivery pushes nothing
+        if settle:  # the row keeps the max the conversation had when the user left
+            kernel.settle(t, [row], pos)
         t.frozen[row] = 1
         if pos > t.pos[row]:
             t.pos[row] = pos
@@ -485,6 +490,7 @@ class UserActor:
         s.shared = None
         if not rows and not removed:
             return None
+        kernel.settle(t, rows)
         # A read held back for the marking session's Ack is not in this frame: a token here
         # would cover it, and a resume from the token would never bring the read back.
         token = self.token() if s.subscribed_all and not deferred else b""

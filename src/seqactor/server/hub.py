@@ -19,7 +19,7 @@ import trio
 from seqactor import _kernel as kernel
 from seqactor._synctoken import make_token
 from seqactor.server import _frames as frames
-from seqactor.server._view import FIELD_MAX
+from seqactor.server._view import FIELD_MAX, SharedMax
 from seqactor.server.actor import FanoutBatch, SessionState, UserActor
 from seqactor.server.metrics import Metrics
 from seqactor.store import (
@@ -87,6 +87,7 @@ class Hub:
         self.store = store
         self.metrics = metrics
         self.keys = kernel.KeyTable()
+        self.shared = SharedMax()  # each conversation's newest max (rows settle from it)
         self.actors: dict[str, UserActor] = {}
         self.index: dict[int, set[UserActor]] = {}
         self._loading: set[UserActor] = set()
@@ -99,6 +100,9 @@ class Hub:
         self._latest: dict[int, Allocated] = {}
         self._hot_queue: dict[int, None] = {}
         self._hot_floor: dict[int, int] = {}
+        # Per conversation in a round: the members that left its index meanwhile (the round
+        # drops them from the rest of its member list before the next slice).
+        self._round_gone: dict[int, set[UserActor]] = {}
         self._fanout_wake = trio.Event()
         self._slice_members = FANOUT_FIRST_SLICE_MEMBERS  # adapted by every slice
         self.nursery: trio.Nursery | None = None  # for resyncs; set by the server
@@ -164,11 +168,7 @@ class Hub:
         if self.actors.get(actor.user_id) is actor:
             del self.actors[actor.user_id]
         for key_id in actor.table.keys:
-            members = self.index.get(key_id)
-            if members is not None:
-                members.discard(actor)
-                if not members:
-                    del self.index[key_id]
+            self._unindex(key_id, actor)
         actor.retire()
         self.metrics.actors.set(len(self.actors))
 
@@ -210,6 +210,18 @@ class Hub:
                 except Exception as exc:
                     actor.fail(exc)
 
+    def _unindex(self, key_id: int, actor: UserActor) -> None:
+        """``actor`` no longer follows the conversation's changes (it left, froze or went
+        offline); a round in progress skips it from now on."""
+        members = self.index.get(key_id)
+        if members is not None:
+            members.discard(actor)
+            if not members:
+                del self.index[key_id]
+        gone = self._round_gone.get(key_id)
+        if gone is not None:
+            gone.add(actor)
+
     def _online(self, user_ids: Iterable[str]) -> list[UserActor]:
         found = []
         for uid in user_ids:
@@ -232,11 +244,6 @@ class Hub:
     def token(self) -> bytes:
         return make_token(self.epoch, self.synced_position)
 
-    def latest_max(self, key_id: int) -> tuple[int, int] | None:
-        """(max, time) of an allocation still being fanned out, if any."""
-        change = self._latest.get(key_id)
-        return None if change is None else (change.last, change.time_ms)
-
     # ---------------------------------------------------------------- allocations
     def _shared_frames(self, key_id: int, change: Allocated) -> tuple[bytes, bytes]:
         """The push of a new max, the same for every member: (with token, without)."""
@@ -251,6 +258,7 @@ class Hub:
         key_id = self.keys.lookup(change.conversation_id)
         if key_id < 0:
             return  # no online user has ever had this conversation in view
+        self.shared.advance(key_id, change.last, change.time_ms, change.position)
         sender = None
         if change.sender_user_id is not None and change.sender_read:
             sender = self.actors.get(change.sender_user_id)
@@ -275,6 +283,8 @@ class Hub:
         # A big group: the allocation costs O(1) here; a fan-out round delivers the newest
         # max to every member, so allocations that arrive during a round coalesce.
         self._latest[key_id] = change
+        if sender is not None and sender.loaded and sender.failed is None:
+            sender.fanned = change  # it has this max already: a round skips it
         self._hot_floor.setdefault(key_id, change.position)
         self._hot_queue[key_id] = None
         self._fanout_wake.set()
@@ -299,7 +309,8 @@ class Hub:
         """One pass over the conversation's online members with its newest max.
 
         Work is done in time slices of about ``FANOUT_SLICE_S`` (``kernel.fan_slice``: the
-        per-member loop in C): the members of a slice get their row updated, idle sockets
+        per-member loop in C): no member's row is touched (the hub's ``shared`` max holds the
+        conversation's max for every view; reads settle rows from it), idle sockets
         are collected and then written together (``write_many``: one C loop of non-blocking
         writes of the same ready bytes), busy sessions get the change pending. A slice takes
         at most ``slice_members`` members, so that its writes fit the budget too. Between
@@ -308,12 +319,36 @@ class Hub:
         change = self._latest[key_id]
         start = change.position
         members = list(self.index.get(key_id, ()))
+        gone = self._round_gone[key_id] = set()
+        try:
+            await self._fan_members(key_id, members, gone)
+        finally:
+            del self._round_gone[key_id]
+        if self._latest[key_id].position == start:
+            del self._latest[key_id]
+            del self._hot_floor[key_id]
+            self._hot_queue.pop(key_id, None)
+        else:  # members early in this round missed what came later: another round
+            self._hot_floor[key_id] = start + 1
+            self._hot_queue[key_id] = None
+
+    async def _fan_members(
+        self, key_id: int, members: list[UserActor], gone: set[UserActor]
+    ) -> None:
+        """The slices of one round over ``members`` (``gone``: members that left the
+        conversation's index since, dropped before the next slice)."""
         batch = FanoutBatch()
         counters = self.counters
         clock = cpu_time  # the slice's CPU: a preempted node's wall time would shrink it
         framed: Allocated | None = None
         i, n = 0, len(members)
         while i < n:
+            if gone:
+                members = [a for a in members[i:] if a not in gone]
+                gone.clear()
+                i, n = 0, len(members)
+                if not n:
+                    break
             change = self._latest[key_id]  # newer max arrived meanwhile: the rest get it
             began = clock()
             if change is not framed:  # (a token from earlier in the round stays valid)
@@ -323,8 +358,8 @@ class Hub:
             cap = self._slice_members
             part = members if i == 0 and n <= cap else members[i:i + cap]
             done, failures = kernel.fan_slice(
-                part, 0, key_id, change.last, change.time_ms, change.position, FIELD_MAX,
-                shared, batch.fds, batch.sessions, FANOUT_SLICE_S, FANOUT_CLOCK_EVERY,
+                part, 0, key_id, change, FIELD_MAX, shared, batch.fds, batch.sessions,
+                FANOUT_SLICE_S, FANOUT_CLOCK_EVERY,
             )
             i += done
             counters.pushes += batch.write(raw)
@@ -335,13 +370,6 @@ class Hub:
             if done == cap or elapsed > FANOUT_SLICE_S:  # (not a short last slice: its
                 self._slice_members = slice_members(done, elapsed, cap)  # fixed cost weighs)
             await _yield_to_others(yield_passes(elapsed))
-        if self._latest[key_id].position == start:
-            del self._latest[key_id]
-            del self._hot_floor[key_id]
-            self._hot_queue.pop(key_id, None)
-        else:  # members early in this round missed what came later: another round
-            self._hot_floor[key_id] = start + 1
-            self._hot_queue[key_id] = None
 
     def _apply_to(self, actor: UserActor, change: Change, targeted: bool = False) -> None:
         """A change for one actor (also used to replay the backlog after loading).
@@ -375,17 +403,10 @@ class Hub:
             key_id = self.keys.lookup(cid)
             if key_id < 0:
                 return
-            members = self.index.get(key_id)
-            if members is not None:
-                members.discard(actor)
-                if not members:
-                    del self.index[key_id]
+            self._unindex(key_id, actor)
             if change.keep_history:
-                latest = self._latest.get(key_id)
-                if latest is not None:
-                    # A fan-out round has not reached this member yet: the frozen row must
-                    # hold the max at the moment of leaving, as the store does.
-                    actor.on_max(key_id, latest.last, latest.time_ms, latest.position, None)
+                # (the frozen row takes the shared max recorded up to the leave: the max at
+                # the moment of leaving, as the store holds it)
                 actor.on_freeze(key_id, change.position)
             else:
                 actor.on_leave(key_id, cid)
@@ -423,6 +444,7 @@ class Hub:
         """
         view = await self.store.load_view(actor.user_id)
         table = actor.table
+        kernel.settle(table)  # compare the store's rows with what the actor holds now
         keys = self.keys
         seen: set[int] = set()
         for i, cid in enumerate(view.conversation_ids):
@@ -436,15 +458,16 @@ class Hub:
                     view.time_ms[i], pos,
                 )
                 if view.frozen[i]:
-                    actor.on_freeze(key_id, pos)
+                    actor.on_freeze(key_id, pos, settle=False)
                 else:
                     self.index.setdefault(key_id, set()).add(actor)
                 continue
             if view.frozen[i] and not table.frozen[row]:
-                actor.on_freeze(key_id, pos)
-                members = self.index.get(key_id)
-                if members is not None:
-                    members.discard(actor)
+                # a leave the actor missed: the row freezes at the store's values
+                if view.max_seq[i] > table.max_seq[row]:
+                    actor.on_max(key_id, view.max_seq[i], view.time_ms[i], pos, None)
+                actor.on_freeze(key_id, pos, settle=False)
+                self._unindex(key_id, actor)
             elif table.frozen[row] and not view.frozen[i] and table.pos[row] <= view.position:
                 # a re-add the actor missed (not a freeze that came after the load)
                 actor.on_join(
@@ -462,7 +485,5 @@ class Hub:
         for key_id in [k for k in table.keys if k not in seen]:
             row = table.row_of(key_id)
             if table.pos[row] <= view.position:  # not a join that happened after the load
-                members = self.index.get(key_id)
-                if members is not None:
-                    members.discard(actor)
+                self._unindex(key_id, actor)
                 actor.on_leave(key_id, keys.key(key_id))

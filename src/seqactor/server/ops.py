@@ -104,12 +104,14 @@ async def get_sequences(ctx: OpContext, rid: int, m: pb.GetSequences) -> bytes:
             if key_id >= 0 and key_id not in seen:
                 seen.add(key_id)
                 rows.append(table.row_of(key_id))
+        kernel.settle(table, rows)  # (rows may lag behind the conversations' shared max)
         return kernel.frame_update(rid, kernel.encode_rows(hub.keys, table, rows))
     token = make_token(hub.epoch, hub.synced_position)
     since = token_position(m.since, hub.epoch, hub.position) if m.since else None
     removed: list[str] | None = None
     if since is not None:
         removed = await ctx.store.removed_since(ctx.actor.user_id, since)
+    kernel.settle(table)
     if since is None or removed is None:
         payload = kernel.encode_snapshot(hub.keys, table, token, True)
     else:
