@@ -822,28 +822,12 @@ def write_many(fds, data, results):
 # ---------------------------------------------------------------- fan-out rounds
 
 from cpython.array cimport array as _carray, resize_smart as _resize_smart
-from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
-from cpython.ref cimport PyObject
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
-
-cdef extern from "Python.h":
-    PyObject *PyDict_GetItemWithError(object d, object key) except? NULL
-
 
 cdef inline double _monotonic() noexcept:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return <double>ts.tv_sec + <double>ts.tv_nsec * 1e-9
-
-
-cdef inline _carray _column(object col, char typecode, Py_ssize_t row):
-    """A view-table column as a C array, checked: its type code and that ``row`` is inside."""
-    cdef _carray a = <_carray?>col
-    if a.ob_descr.typecode != typecode:
-        raise TypeError(f"view column has type code {chr(a.ob_descr.typecode)!r}")
-    if row >= len(a):
-        raise IndexError("view row out of range")
-    return a
 
 
 cdef inline void _push_fd(_carray fds, int fd) except *:
