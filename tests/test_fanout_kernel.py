@@ -238,7 +238,7 @@ def test_settle_compiled_equals_python(rows: list[Any], shared: list[Any],
                                        data: st.DataObject) -> None:
     which = data.draw(st.none() | st.lists(st.integers(0, max(0, len(rows) - 1)),
                                            max_size=len(rows)))
-    upto = data.draw(st.none() | st.integers(0, 10))
+    upto = data.draw(st.none() | st.integers(-3, 12) | st.sampled_from([2**64 - 1, 2**64, 2**70]))
     got = _settle(C, rows, shared, which, upto)
     assert got == _settle(P, rows, shared, which, upto)
 

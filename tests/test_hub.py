@@ -157,7 +157,8 @@ async def test_a_member_who_leaves_during_a_round_gets_nothing_more_from_it(
     for u in order[:-2]:
         assert states[u].pending == {key: 1}
     assert states[leaver].pending == {} and states[leaver].pending_removed == {"g"}
-    assert states[stays_frozen].pending == {key: 8}  # only "you left" (membership 2)
+    # "you left" (membership 2) with the max it left at: the round never reached it
+    assert states[stays_frozen].pending == {key: 8 | 1}
     # what the frozen row holds is the max at leaving, as the store has it
     assert row_values(hub, stays_frozen, "g") == await store_values(hub, stays_frozen, "g")
     assert row_values(hub, stays_frozen, "g") == (7, 0, 1)
@@ -476,3 +477,60 @@ async def test_sessions_that_attach_while_the_view_loads_share_it_with_the_chang
     assert len(attached) == 2 and attached[0] is attached[1] is hub.actors["alice"]
     assert attached[0].sessions == [phone, laptop]
     assert row_values(hub, "alice", "g")[0] == 5
+
+
+# ---- what users' sessions are pushed when a round does not reach them (a round updates no
+# row: a view read may settle a row without pushing, so a row's max is not what was pushed)
+
+
+def pushed_max(actor: UserActor, s: SessionState) -> tuple[int, int] | None:
+    """(max, read) of "g" in the push pending on ``s``, or None when nothing is pending."""
+    frame = actor.encode_push(s)
+    if frame is None:
+        return None
+    conversations = decode_update(split_server_message(frame)[2])[0]
+    mx, rd = conversations["g"][:2]
+    return mx, rd
+
+
+async def test_a_member_who_leaves_before_the_round_reaches_it_is_pushed_the_max_at_leaving(
+    hub_with_rounds, nursery
+):
+    hub = hub_with_rounds
+    await hub.store.add_members("g", ["alice", "bob"])
+    actor, s = await background_session(hub, "alice", nursery)
+    await hub.store.allocate("g", 7)  # round queued, not run
+    settle(actor.table)  # a view read (GetSequences) meanwhile: the row takes 7, nothing pushed
+    await hub.store.remove_members("g", ["alice"], keep_history=True)
+    await hub._fanout_round(hub.keys.lookup("g"))  # alice is out of it
+    assert pushed_max(actor, s) == (7, 0)
+    assert row_values(hub, "alice", "g") == await store_values(hub, "alice", "g") == (7, 0, 1)
+
+
+async def test_a_failed_round_leaves_the_max_pending_on_the_members_it_did_not_reach(
+    hub_with_rounds, nursery, monkeypatch
+):
+    hub = hub_with_rounds
+    users = ["u0", "u1", "u2"]
+    await hub.store.add_members("g", users)
+    states = {u: await background_session(hub, u, nursery) for u in users}
+
+    async def fail(n: int) -> None:
+        raise RuntimeError("the round fails after its first slice")
+
+    one_member_slices(monkeypatch, hub, fail)
+    nursery.start_soon(hub.run_fanout)
+    await hub.store.allocate("g", 5)
+    await trio.testing.wait_all_tasks_blocked()  # the round failed; the resync ran
+    assert not hub._hot_queue and not hub._latest
+    assert {u: pushed_max(a, s) for u, (a, s) in states.items()} == {u: (5, 0) for u in users}
+
+
+async def test_a_read_pushed_during_a_round_carries_the_max_it_needs(hub_with_rounds, nursery):
+    hub = hub_with_rounds
+    await hub.store.add_members("g", ["alice", "bob"])
+    actor, s = await background_session(hub, "alice", nursery)
+    await hub.store.allocate("g", 4)  # round queued, not run: s has not been pushed 4
+    settle(actor.table)  # another session's GetSequences settled the row
+    await hub.store.mark_read("g", "alice", 4)
+    assert pushed_max(actor, s) == (4, 4)  # never read 4 with max 0

@@ -942,13 +942,17 @@ def settle(table, rows=None, upto=None):
     _check_len(n, fzc.shape[0])
     _check_len(m, stm.shape[0])
     _check_len(m, sps.shape[0])
-    cdef u64 limit = 0xFFFFFFFFFFFFFFFF if upto is None else _u64(upto)
+    # (upto < 0: nothing was recorded that early; upto >= 2**64: no limit)
+    cdef bint none = upto is not None and upto < 0
+    cdef u64 limit = 0xFFFFFFFFFFFFFFFF
+    if upto is not None and 0 <= upto < 0xFFFFFFFFFFFFFFFF:
+        limit = upto
     cdef Py_ssize_t r, k, j, changed = 0
     cdef list rl
     if rows is None:
         for r in range(n):
             k = kc[r]
-            if k < m and not fzc[r] and smx[k] > mxc[r] and sps[k] <= limit:
+            if not none and k < m and not fzc[r] and smx[k] > mxc[r] and sps[k] <= limit:
                 mxc[r] = smx[k]
                 tmc[r] = stm[k]
                 if sps[k] > psc[r]:
@@ -961,7 +965,7 @@ def settle(table, rows=None, upto=None):
         if r < 0 or r >= n:
             raise IndexError("row index out of range")
         k = kc[r]
-        if k < m and not fzc[r] and smx[k] > mxc[r] and sps[k] <= limit:
+        if not none and k < m and not fzc[r] and smx[k] > mxc[r] and sps[k] <= limit:
             mxc[r] = smx[k]
             tmc[r] = stm[k]
             if sps[k] > psc[r]:

@@ -40,6 +40,7 @@ class ActorHost(Protocol):
     shared: SharedMax  # each conversation's newest max, which active rows may lag behind
 
     def token(self) -> bytes: ...
+    def owes_max(self, actor: UserActor, key_id: int) -> bool: ...
 
 log = logging.getLogger("seqactor.actor")
 T = TypeVar("T")
@@ -394,9 +395,12 @@ class UserActor:
         if pos > t.pos[row]:
             t.pos[row] = pos
         mask = FIELD_READ
-        # The read committed after an allocation this row has not taken yet (a fan-out round
-        # updates only the shared max): take it now, so read never exceeds max.
+        # The read committed after an allocation whose max this user's sessions may not have
+        # been pushed yet (a fan-out round has not reached it, or the row has not taken it):
+        # the push carries the max too, so read never exceeds max on any session.
         if read_seq > t.max_seq[row] and kernel.settle(t, [row], pos):
+            mask |= FIELD_MAX
+        elif self.hub.owes_max(self, key_id):
             mask |= FIELD_MAX
         self._mark_all(key_id, mask)
 
@@ -429,11 +433,20 @@ class UserActor:
         if marked:
             self.wake()
 
-    def on_freeze(self, key_id: int, pos: int, settle: bool = True) -> None:
+    def push_max(self, key_id: int) -> None:
+        """The conversation's max is pending on the sessions that follow it (a fan-out round
+        that would have pushed it ended early)."""
+        if self.table.row_of(key_id) >= 0:
+            self._mark_all(key_id, FIELD_MAX)
+
+    def on_freeze(
+        self, key_id: int, pos: int, settle: bool = True, with_max: bool = False
+    ) -> None:
         """The user left with keep_history (at change position ``pos``): the row keeps its
         values and ignores conversation changes from now on; its sessions get
         ``membership = 2``. With ``settle`` the row first takes the shared max recorded up to
-        ``pos`` (without: the caller has set the row to the store's values)."""
+        ``pos`` (without: the caller has set the row to the store's values). ``with_max``: the
+        push carries the row's max too (a fan-out round had not given it to the user)."""
         t = self.table
         row = t.row_of(key_id)
         if row < 0 or t.frozen[row]:
@@ -443,7 +456,7 @@ class UserActor:
         t.frozen[row] = 1
         if pos > t.pos[row]:
             t.pos[row] = pos
-        self._mark_all(key_id, FIELD_MEMBERSHIP)
+        self._mark_all(key_id, FIELD_MEMBERSHIP | FIELD_MAX if with_max else FIELD_MEMBERSHIP)
 
     def on_leave(self, key_id: int, conversation_id: str) -> None:
         self.table.remove(key_id)

@@ -210,6 +210,13 @@ class Hub:
                 except Exception as exc:
                     actor.fail(exc)
 
+    def owes_max(self, actor: UserActor, key_id: int) -> bool:
+        """A fan-out round of the conversation has a newer max than the one it last handed
+        ``actor`` (a view read may have settled the row already: the row's max is not what the
+        user's sessions were pushed)."""
+        latest = self._latest.get(key_id)
+        return latest is not None and actor.fanned is not latest
+
     def _unindex(self, key_id: int, actor: UserActor) -> None:
         """``actor`` no longer follows the conversation's changes (it left, froze or went
         offline); a round in progress skips it from now on."""
@@ -301,9 +308,22 @@ class Hub:
                     await self._fanout_round(key_id)
                 except Exception:  # keep serving other conversations; resync this one's members
                     log.exception("fan-out round failed; resyncing online views")
-                    self._latest.pop(key_id, None)
-                    self._hot_floor.pop(key_id, None)
+                    self._round_failed(key_id)
                     self.request_resync()
+
+    def _round_failed(self, key_id: int) -> None:
+        """A round that raised: the members it had not reached get the max pending (the
+        resync compares settled rows with the store, so it would not push it), and the
+        conversation leaves the fan-out queue."""
+        for actor in list(self.index.get(key_id, ())):
+            if self.owes_max(actor, key_id):
+                try:
+                    actor.push_max(key_id)
+                except Exception as exc:  # that user's sessions end; the others still get it
+                    actor.fail(exc)
+        self._latest.pop(key_id, None)
+        self._hot_floor.pop(key_id, None)
+        self._hot_queue.pop(key_id, None)
 
     async def _fanout_round(self, key_id: int) -> None:
         """One pass over the conversation's online members with its newest max.
@@ -403,11 +423,12 @@ class Hub:
             key_id = self.keys.lookup(cid)
             if key_id < 0:
                 return
+            owed = self.owes_max(actor, key_id)  # (the round will not reach it now)
             self._unindex(key_id, actor)
             if change.keep_history:
                 # (the frozen row takes the shared max recorded up to the leave: the max at
                 # the moment of leaving, as the store holds it)
-                actor.on_freeze(key_id, change.position)
+                actor.on_freeze(key_id, change.position, with_max=owed)
             else:
                 actor.on_leave(key_id, cid)
 
@@ -463,7 +484,8 @@ class Hub:
                     self.index.setdefault(key_id, set()).add(actor)
                 continue
             if view.frozen[i] and not table.frozen[row]:
-                # a leave the actor missed: the row freezes at the store's values
+                # a leave the actor missed: the row freezes (with the store's max if higher:
+                # values never move back)
                 if view.max_seq[i] > table.max_seq[row]:
                     actor.on_max(key_id, view.max_seq[i], view.time_ms[i], pos, None)
                 actor.on_freeze(key_id, pos, settle=False)
