@@ -109,15 +109,23 @@ def one_member_slices(monkeypatch, hub: Hub, between_slices) -> None:
     monkeypatch.setattr(seqactor.server.hub, "_yield_to_others", yield_to_others)
 
 
+async def group_online(
+    hub: Hub, nursery, members: int
+) -> tuple[dict[str, SessionState], int, list[str]]:
+    """Group "g" of ``members`` users, each online with one background session: (session
+    state per user, the group's key id, the users in the order a round takes them)."""
+    users = [f"u{i}" for i in range(members)]
+    await hub.store.add_members("g", users)
+    states = {u: (await background_session(hub, u, nursery))[1] for u in users}
+    key = hub.keys.lookup("g")
+    return states, key, [a.user_id for a in hub.index[key]]
+
+
 async def test_a_second_round_hands_the_newest_change_only_to_members_without_it(
     hub_with_rounds, nursery, monkeypatch
 ):
     hub = hub_with_rounds
-    users = [f"u{i}" for i in range(6)]
-    await hub.store.add_members("g", users)
-    states = {u: (await background_session(hub, u, nursery))[1] for u in users}
-    key = hub.keys.lookup("g")
-    order = [a.user_id for a in hub.index[key]]  # the order a round takes them in
+    states, key, order = await group_online(hub, nursery, 6)
 
     async def allocate_after_two(n: int) -> None:
         if n == 2:
@@ -139,11 +147,7 @@ async def test_a_member_who_leaves_during_a_round_gets_nothing_more_from_it(
     hub_with_rounds, nursery, monkeypatch
 ):
     hub = hub_with_rounds
-    users = [f"u{i}" for i in range(5)]
-    await hub.store.add_members("g", users)
-    states = {u: (await background_session(hub, u, nursery))[1] for u in users}
-    key = hub.keys.lookup("g")
-    order = [a.user_id for a in hub.index[key]]
+    states, key, order = await group_online(hub, nursery, 5)
     leaver, stays_frozen = order[-1], order[-2]
 
     async def leave_after_one(n: int) -> None:

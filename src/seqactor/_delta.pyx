@@ -948,22 +948,14 @@ def settle(table, rows=None, upto=None):
     if upto is not None and 0 <= upto < 0xFFFFFFFFFFFFFFFF:
         limit = upto
     cdef Py_ssize_t r, k, j, changed = 0
-    cdef list rl
-    if rows is None:
-        for r in range(n):
-            k = kc[r]
-            if not none and k < m and not fzc[r] and smx[k] > mxc[r] and sps[k] <= limit:
-                mxc[r] = smx[k]
-                tmc[r] = stm[k]
-                if sps[k] > psc[r]:
-                    psc[r] = sps[k]
-                changed += 1
-        return changed
-    rl = rows if type(rows) is list else list(rows)
-    for j in range(len(rl)):
-        r = rl[j]
-        if r < 0 or r >= n:
-            raise IndexError("row index out of range")
+    cdef list rl = None if rows is None else rows if type(rows) is list else list(rows)
+    cdef Py_ssize_t count = n if rl is None else len(rl)
+    for j in range(count):
+        r = j
+        if rl is not None:
+            r = rl[j]
+            if r < 0 or r >= n:
+                raise IndexError("row index out of range")
         k = kc[r]
         if not none and k < m and not fzc[r] and smx[k] > mxc[r] and sps[k] <= limit:
             mxc[r] = smx[k]
