@@ -98,6 +98,27 @@ def cpu_s(pid: int) -> float:
     return sum(cpu_user_system_s(pid))
 
 
+def runqueue_wait_s(pid: int) -> float:
+    """Seconds the threads of process ``pid`` have spent runnable but waiting for a CPU (the
+    run queue), summed over its threads: the second field of Linux's
+    ``/proc/<pid>/task/<tid>/schedstat`` (nanoseconds; ``Documentation/scheduler/sched-stats``).
+    0.0 when the kernel does not keep it. Sampled at both ends of a window, it says how long
+    a process that had work could not get a core: on this 2-core machine that wait is in a
+    push's staleness, not in the sweep time."""
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[1])
+        except (OSError, ValueError, IndexError):  # (a thread that ended meanwhile)
+            continue
+    return total / 1e9
+
+
 def system_busy_s() -> float:
     """CPU seconds all CPUs spent busy (not idle/iowait) since boot, from /proc/stat."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]

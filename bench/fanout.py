@@ -86,6 +86,7 @@ from _common import (
     plot_path,
     raise_nofile,
     rss_kb,
+    runqueue_wait_s,
     stop_process,
     system_busy_s,
 )
@@ -409,6 +410,7 @@ async def seqactor_phase(
                 marks0 = await call_all(clients, [{"cmd": "reset"}] * len(clients))
                 cpu_start, t_start, sent_start = cpu_s(pid), time.monotonic(), backend.sent
                 ccpu_start = [cpu_s(c.pid) for c in clients]
+                wait_start = [runqueue_wait_s(p) for p in [pid, *(c.pid for c in clients)]]
                 busy_start, own_start = system_busy_s(), own_cpu_s()
                 spy = None
                 if profile:
@@ -416,6 +418,7 @@ async def seqactor_phase(
                 await trio.sleep(cfg.duration_s)
                 cpu_end, t_end, sent_end = cpu_s(pid), time.monotonic(), backend.sent
                 ccpu_end = [cpu_s(c.pid) for c in clients]
+                wait_end = [runqueue_wait_s(p) for p in [pid, *(c.pid for c in clients)]]
                 busy_end, own_end = system_busy_s(), own_cpu_s()
                 marks1 = await call_all(clients, [{"cmd": "mark"}] * len(clients))
                 rss_load = rss_kb(pid)
@@ -446,6 +449,10 @@ async def seqactor_phase(
                 "server_cpu_util": (cpu_end - cpu_start) / window,
                 "client_cpu_util": [(b - a) / window for a, b in zip(ccpu_start, ccpu_end, strict=True)],
                 "driver_cpu_util": (own_end - own_start) / window,
+                # run-queue wait per second of the window: the server, then each client process
+                "server_runqueue_wait_s_per_s": (wait_end[0] - wait_start[0]) / window,
+                "client_runqueue_wait_s_per_s": [
+                    (b - a) / window for a, b in zip(wait_start[1:], wait_end[1:], strict=True)],
                 "other_processes_cpu_util": (
                     (busy_end - busy_start) - (cpu_end - cpu_start) - (own_end - own_start)
                     - sum(b - a for a, b in zip(ccpu_start, ccpu_end, strict=True))
@@ -709,6 +716,10 @@ def table(r: dict[str, Any]) -> str:
         ("cpu util: server / clients / others",
          f"{s['server_cpu_util']:.2f} / {sum(s['client_cpu_util']):.2f} / "
          f"{s['other_processes_cpu_util']:.2f}", "others: processes outside the bench"),
+        ("run-queue wait s/s: server / clients",
+         f"{s.get('server_runqueue_wait_s_per_s', 0.0):.2f} / "
+         + " ".join(f"{w:.2f}" for w in s.get("client_runqueue_wait_s_per_s", [])),
+         "runnable, waiting for a core (schedstat)"),
         ("server cpu s (window)", f"{s['server_cpu_s']:.1f}", ""),
         ("Allocated reply p50 / p99 ms", f"{s['alloc_reply_p50_ms']:.0f} / {s['alloc_reply_p99_ms']:.0f}",
          f"{s['allocs_unanswered_at_end']} unanswered at the window's end"),

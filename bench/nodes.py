@@ -63,6 +63,7 @@ from fanout import (  # noqa: E402
     cpu_s,
     percentile,
     rate_between,
+    runqueue_wait_s,
     staleness_ms,
     start_backend,
     stop_process,
@@ -151,9 +152,11 @@ async def run_phase(
             await trio.sleep(cfg["warmup_s"])
             marks0 = await call_all(clients, [{"cmd": "reset"}] * n)
             cpu0 = [cpu_s(node.pid) for node in nodes]
+            waits0 = [runqueue_wait_s(p.pid) for p in (*nodes, *clients)]
             t0 = time.monotonic()
             await trio.sleep(cfg["window_s"])
             cpu1 = [cpu_s(node.pid) for node in nodes]
+            waits1 = [runqueue_wait_s(p.pid) for p in (*nodes, *clients)]
             t1 = time.monotonic()
             marks1 = await call_all(clients, [{"cmd": "mark"}] * n)
             await trio.sleep(DRAIN_S)
@@ -184,6 +187,12 @@ async def run_phase(
                 "store_after_ack_p50_ms": percentile(after_ack, 0.50),
                 "store_after_ack_p99_ms": percentile(after_ack, 0.99),
                 "sweep_ms": members / max(1e-9, frames_per_s) * 1000,
+                # per process, seconds per second runnable but waiting for a core
+                "node_runqueue_wait_s_per_s": sum(
+                    b - a for a, b in zip(waits0[:n], waits1[:n], strict=True)) / n / (t1 - t0),
+                "client_runqueue_wait_s_per_s": sum(
+                    b - a for a, b in zip(waits0[n:], waits1[n:], strict=True)
+                ) / len(clients) / (t1 - t0),
                 "window_s": t1 - t0,
             })
             if kill_last:
@@ -233,6 +242,10 @@ async def main(quick: bool) -> dict[str, Any]:
         "nodes4_ack_p99_ms": four["ack_p99_ms"],
         "nodes4_store_after_ack_p50_ms": four["store_after_ack_p50_ms"],
         "nodes4_store_after_ack_p99_ms": four["store_after_ack_p99_ms"],
+        "node1_runqueue_wait_s_per_s": [one["node_runqueue_wait_s_per_s"],
+                                        one["client_runqueue_wait_s_per_s"]],
+        "nodes4_runqueue_wait_s_per_s": [four["node_runqueue_wait_s_per_s"],
+                                         four["client_runqueue_wait_s_per_s"]],
         "nodes4_vs_node1_frames_per_cpu": (
             four["frames_per_server_cpu_s"] / one["frames_per_server_cpu_s"]),
         "failover_converge_s": four["failover_converge_s"],
@@ -266,6 +279,10 @@ def table(r: dict[str, Any]) -> str:
          f"send -> Allocated reply {r['nodes4_ack_p50_ms']:.1f} / {r['nodes4_ack_p99_ms']:.1f}; "
          f"listener - reply p50 / p99 {r['nodes4_store_after_ack_p50_ms']:.1f} / "
          f"{r['nodes4_store_after_ack_p99_ms']:.1f}"),
+        ("run-queue wait s/s per process, node / client: 1 node; 4 nodes",
+         "{:.2f} / {:.2f}; {:.2f} / {:.2f}".format(
+             *r["node1_runqueue_wait_s_per_s"], *r["nodes4_runqueue_wait_s_per_s"]),
+         "runnable, waiting for one of the cores (schedstat)"),
         ("node killed: its sessions converged on another after s",
          f"{r['failover_converge_s']:.2f}",
          f"{r['failover_sessions']:,} sessions (goal <= {GOAL_CONVERGE_S:g} s: "
