@@ -488,7 +488,8 @@ class Hub:
                 # values never move back)
                 if view.max_seq[i] > table.max_seq[row]:
                     actor.on_max(key_id, view.max_seq[i], view.time_ms[i], pos, None)
-                actor.on_freeze(key_id, pos, settle=False)
+                owed = self.owes_max(actor, key_id)  # (a round pending will not reach it now)
+                actor.on_freeze(key_id, pos, settle=False, with_max=owed)
                 self._unindex(key_id, actor)
             elif table.frozen[row] and not view.frozen[i] and table.pos[row] <= view.position:
                 # a re-add the actor missed (not a freeze that came after the load)
