@@ -2,7 +2,8 @@
 
 It is the store's listener (called synchronously after each commit, in position order). It
 keeps an index conversation -> online actors (active rows only; frozen rows ignore
-conversation changes) and never awaits: handing over is a row update plus a wake-up.
+conversation changes) and never awaits: handing over is a row update (a big group's max:
+one ``SharedMax`` entry, whatever its size) plus a wake-up.
 A new max in a group is the same for every recipient (read seq unchanged, so omitted): its
 frame is encoded once, lazily, and the same bytes go to every session whose pending set holds
 nothing else.
@@ -51,7 +52,7 @@ def slice_members(members: int, elapsed: float, current: int) -> int:
 
     A slice's time is mostly its writes (``write_many``: on loopback each write runs the
     receiver's TCP path, ~8 µs), which ``kernel.fan_slice``'s clock does not see: it only
-    bounds the row updates, which take a fraction of a microsecond per member. So the round
+    bounds the member loop, which takes a fraction of a microsecond per member. So the round
     bounds the members per slice itself, from the last slice's whole time, to fit
     ``FANOUT_SLICE_S`` (growing at most 2x a slice, never below ``FANOUT_MIN_SLICE_MEMBERS``).
     """
