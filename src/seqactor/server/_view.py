@@ -52,12 +52,6 @@ class SharedMax:
             if pos > self.pos[key_id]:
                 self.pos[key_id] = pos
 
-    def get(self, key_id: int) -> tuple[int, int, int]:
-        """(max, time ms, position) of ``key_id``; zeros when none was recorded."""
-        if 0 <= key_id < len(self.max_seq):
-            return self.max_seq[key_id], self.time_ms[key_id], self.pos[key_id]
-        return 0, 0, 0
-
 
 class ViewTable:
     """Columnar rows: key id, max, read, min, time (ms), change position.

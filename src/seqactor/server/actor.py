@@ -398,9 +398,9 @@ class UserActor:
         # The read committed after an allocation whose max this user's sessions may not have
         # been pushed yet (a fan-out round has not reached it, or the row has not taken it):
         # the push carries the max too, so read never exceeds max on any session.
-        if read_seq > t.max_seq[row] and kernel.settle(t, [row], pos):
-            mask |= FIELD_MAX
-        elif self.hub.owes_max(self, key_id):
+        if (read_seq > t.max_seq[row] and kernel.settle(t, [row], pos)) or self.hub.owes_max(
+            self, key_id
+        ):
             mask |= FIELD_MAX
         self._mark_all(key_id, mask)
 
@@ -439,14 +439,13 @@ class UserActor:
         if self.table.row_of(key_id) >= 0:
             self._mark_all(key_id, FIELD_MAX)
 
-    def on_freeze(
-        self, key_id: int, pos: int, settle: bool = True, with_max: bool = False
-    ) -> None:
+    def on_freeze(self, key_id: int, pos: int, settle: bool = True) -> None:
         """The user left with keep_history (at change position ``pos``): the row keeps its
         values and ignores conversation changes from now on; its sessions get
         ``membership = 2``. With ``settle`` the row first takes the shared max recorded up to
-        ``pos`` (without: the caller has set the row to the store's values). ``with_max``: the
-        push carries the row's max too (a fan-out round had not given it to the user)."""
+        ``pos`` (without: the caller has set the row to the store's values). When a fan-out
+        round owes the user the conversation's max (it leaves the round now), the push carries
+        the row's max too."""
         t = self.table
         row = t.row_of(key_id)
         if row < 0 or t.frozen[row]:
@@ -456,7 +455,8 @@ class UserActor:
         t.frozen[row] = 1
         if pos > t.pos[row]:
             t.pos[row] = pos
-        self._mark_all(key_id, FIELD_MEMBERSHIP | FIELD_MAX if with_max else FIELD_MEMBERSHIP)
+        owed = self.hub.owes_max(self, key_id)
+        self._mark_all(key_id, FIELD_MEMBERSHIP | FIELD_MAX if owed else FIELD_MEMBERSHIP)
 
     def on_leave(self, key_id: int, conversation_id: str) -> None:
         self.table.remove(key_id)

@@ -424,12 +424,11 @@ class Hub:
             key_id = self.keys.lookup(cid)
             if key_id < 0:
                 return
-            owed = self.owes_max(actor, key_id)  # (the round will not reach it now)
             self._unindex(key_id, actor)
             if change.keep_history:
                 # (the frozen row takes the shared max recorded up to the leave: the max at
                 # the moment of leaving, as the store holds it)
-                actor.on_freeze(key_id, change.position, with_max=owed)
+                actor.on_freeze(key_id, change.position)
             else:
                 actor.on_leave(key_id, cid)
 
@@ -489,8 +488,7 @@ class Hub:
                 # values never move back)
                 if view.max_seq[i] > table.max_seq[row]:
                     actor.on_max(key_id, view.max_seq[i], view.time_ms[i], pos, None)
-                owed = self.owes_max(actor, key_id)  # (a round pending will not reach it now)
-                actor.on_freeze(key_id, pos, settle=False, with_max=owed)
+                actor.on_freeze(key_id, pos, settle=False)
                 self._unindex(key_id, actor)
             elif table.frozen[row] and not view.frozen[i] and table.pos[row] <= view.position:
                 # a re-add the actor missed (not a freeze that came after the load)
