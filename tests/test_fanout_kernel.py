@@ -54,16 +54,32 @@ member_st = st.tuples(
 )
 
 
-def _build(spec: list[Any]) -> list[UserActor]:
+def _on_base(cls: type, base: type) -> Any:
+    """``cls`` (the server's ``UserActor`` or ``SessionState``) on ``base``, the other
+    kernel's fan-out class: the same methods and slots. The server's classes extend the
+    selected kernel's (``FanoutActor``, ``FanoutSession``), and the compiled kernel reads
+    its own classes' C fields, so comparing both kernels on the same server objects takes
+    both bases."""
+    if issubclass(cls, base):
+        return cls
+    own = set(cls.__slots__)  # type: ignore[attr-defined]
+    namespace = {k: v for k, v in vars(cls).items() if k not in own and k != "__weakref__"}
+    return type(cls.__name__, (base,), namespace)
+
+
+def _build(spec: list[Any], impl: Any = C) -> list[UserActor]:
+    """Actors with sessions from ``spec``, on ``impl``'s fan-out base classes."""
+    actor_cls = _on_base(UserActor, impl.FanoutActor)
+    session_cls = _on_base(SessionState, impl.FanoutSession)
     hub = _Hub()
     members = []
     for n, (fanned, sessions) in enumerate(spec):
-        actor = UserActor(hub, f"u{n}")  # type: ignore[arg-type]
+        actor = actor_cls(hub, f"u{n}")
         actor.table.upsert(OTHER_KEY, 5, 5, 0, 1, 1)
         actor.table.upsert(KEY, 10, 0, 0, 100, 10)
         actor.fanned = {None: None, "this": CHANGE, "earlier": EARLIER}[fanned]
         for m, (sub, busy, fd) in enumerate(sessions):
-            s = SessionState(f"s{n}.{m}", actor.user_id, "", 4, _fatal, hub.counters)
+            s = session_cls(f"s{n}.{m}", actor.user_id, "", 4, _fatal, hub.counters)
             if sub == "all":
                 s.subscribed_all = True
             elif sub == "key":
@@ -105,7 +121,7 @@ def _observe(members: list[UserActor], out: tuple[Any, ...]) -> Any:
 
 
 def _run(impl: Any, spec: list[Any], start: int, slice_s: float, every: int) -> Any:
-    members = _build(spec)
+    members = _build(spec, impl)
     fds = (array("i"), array("i"))
     sessions: tuple[list[SessionState], list[SessionState]] = ([], [])
     i, failures = impl.fan_slice(
@@ -147,7 +163,7 @@ def test_fan_slice_what_each_member_gets(impl: Any) -> None:
 
 def _route(impl: Any, spec: list[Any], shared: Any) -> Any:
     """``route`` over the sessions of one member built from ``spec`` (its row is not touched)."""
-    (actor,) = _build([(None, spec)])
+    (actor,) = _build([(None, spec)], impl)
     fds = (array("i"), array("i"))
     out: tuple[list[SessionState], list[SessionState]] = ([], [])
     marked = impl.route(actor.sessions, KEY, FIELD_READ, shared, fds, out)
@@ -187,14 +203,16 @@ def test_fan_slice_stops_at_the_deadline(impl: Any) -> None:
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_fan_slice_reports_a_failing_member_and_goes_on(impl: Any) -> None:
-    members = _build([(None, [("all", "", 10)]), (None, [("all", "", 11)])])
-    members.insert(1, object())  # type: ignore[arg-type]  # no ``fanned``: AttributeError
+    members = _build([(None, [("all", "", 10)]), (None, [("all", "", 11)])], impl)
+    members.insert(1, object())  # type: ignore[arg-type]  # not an actor
     fds = (array("i"), array("i"))
     sessions: tuple[list[Any], list[Any]] = ([], [])
     i, failures = impl.fan_slice(
         members, 0, KEY, CHANGE, FIELD_MAX, SHARED, fds, sessions, 60.0, 16)
     assert i == 3
-    assert [(a is members[1], type(e)) for a, e in failures] == [(True, AttributeError)]
+    # the compiled kernel checks the class (it reads C fields), the twin finds no ``fanned``
+    error = TypeError if impl is C else AttributeError
+    assert [(a is members[1], type(e)) for a, e in failures] == [(True, error)]
     assert list(fds[0]) == [10, 11]
 
 
@@ -206,8 +224,12 @@ def test_fan_slice_rejects_bad_arguments() -> None:
     with pytest.raises(ValueError):
         C.fan_slice(members, 0, KEY, CHANGE, FIELD_MAX, SHARED, (array("i"), array("i")),
                     ([], []), 1.0, 0)
-    # a session whose descriptor is not an int is an error for that member, not a wrong write
-    members[0].sessions[0].fd = "10"  # type: ignore[assignment]
+    # a session's descriptor is a C int: anything else is refused when it is set
+    with pytest.raises(TypeError):
+        members[0].sessions[0].fd = "10"  # type: ignore[assignment]
+    assert members[0].sessions[0].fd == 10
+    # a member that is not an actor is an error for that member, not a wrong write
+    members.append(object())  # type: ignore[arg-type]
     _, failures = C.fan_slice(members, 0, KEY, CHANGE, FIELD_MAX, SHARED,
                               (array("i"), array("i")), ([], []), 1.0, 16)
     assert failures is not None and isinstance(failures[0][1], TypeError)

@@ -85,6 +85,23 @@ def encode_single(
 def frame_update(request_id: int, update: _Bytes) -> bytes: ...
 def decode_update(data: _Bytes) -> _DecodedUpdate: ...
 def split_server_message(data: _Bytes) -> tuple[int, int, bytes]: ...
+@disjoint_base
+class FanoutSession:
+    subscribed_all: bool
+    writer_running: bool
+    background: bool
+    fd: int
+    subscribed: Any
+    pending: Any
+    pending_removed: Any
+    def __init__(self) -> None: ...
+
+@disjoint_base
+class FanoutActor:
+    fanned: Any
+    sessions: list[Any]
+    def __init__(self) -> None: ...
+
 def write_many(fds: array[int], data: _Bytes, results: array[int]) -> None: ...
 def fan_slice(
     members: list[Any], start: int, key_id: int, change: Any, mask: int, shared: Any,

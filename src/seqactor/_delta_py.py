@@ -509,6 +509,43 @@ def write_many(fds: Any, data: bytes, results: Any) -> None:
             results[i] = -(exc.errno or 1)
 
 
+class FanoutSession:
+    """What the fan-out rule (:func:`route`) reads of one session; the server's
+    ``SessionState`` extends it.
+
+    ``subscribed_all`` (bool), ``subscribed`` (a set of key ids), ``writer_running`` and
+    ``background`` (bool), ``pending`` (key id -> field mask) and ``pending_removed`` (a set
+    of conversation ids): a session with anything of the last four is busy and gets a change
+    pending; ``fd`` (the socket's descriptor while a direct write is possible, else -1).
+    The compiled kernel keeps them as C fields, read at fixed offsets by a round."""
+
+    __slots__ = (
+        "subscribed_all", "writer_running", "background", "fd", "subscribed", "pending",
+        "pending_removed",
+    )
+
+    def __init__(self) -> None:
+        self.subscribed_all = False
+        self.writer_running = False
+        self.background = False
+        self.fd = -1
+        self.subscribed: Any = None
+        self.pending: Any = None
+        self.pending_removed: Any = None
+
+
+class FanoutActor:
+    """What a fan-out round (:func:`fan_slice`) reads of a user's actor: ``fanned`` (the
+    change a round last handed the user) and ``sessions`` (its :class:`FanoutSession` list);
+    the server's ``UserActor`` extends it."""
+
+    __slots__ = ("fanned", "sessions")
+
+    def __init__(self) -> None:
+        self.fanned: Any = None
+        self.sessions: list[Any] = []
+
+
 def route(
     sessions: Sequence[Any], key_id: int, mask: int, shared: Any, fds: tuple[Any, Any],
     out: tuple[list[Any], list[Any]],

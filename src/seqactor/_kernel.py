@@ -57,6 +57,8 @@ frame_update = _impl.frame_update
 decode_update = _impl.decode_update
 split_server_message = _impl.split_server_message
 write_many = _impl.write_many
+FanoutSession = _impl.FanoutSession
+FanoutActor = _impl.FanoutActor
 fan_slice = _impl.fan_slice
 route = _impl.route
 settle = _impl.settle
@@ -65,6 +67,8 @@ __all__ = [
     "COMPILED",
     "ConversationSeqs",
     "DecodeError",
+    "FanoutActor",
+    "FanoutSession",
     "KeyTable",
     "READINDEX_COMPILED",
     "ReadCounter",

@@ -48,7 +48,7 @@ T = TypeVar("T")
 ACTOR_TASK_NAME = "seqactor.server.actor.UserActor.run"  # (shared: not formatted per task)
 
 
-class SessionState:
+class SessionState(kernel.FanoutSession):
     """Per-connection state the actor owns: subscriptions, pending changes, outbox.
 
     Output goes straight to the socket when nothing else is queued and the socket takes it
@@ -58,11 +58,11 @@ class SessionState:
     outbox is empty, so an idle session holds no writer task.
     """
 
-    # Slots: no per-instance dict. The first seven are what the fan-out reads per recipient:
-    # kept together, they share the object's first cache lines.
+    # Slots: no per-instance dict. What the fan-out reads per recipient (``subscribed_all``,
+    # ``fd``, ``writer_running``, ``background``, ``pending``, ``pending_removed``,
+    # ``subscribed``) is the kernel's ``FanoutSession``: C fields in the compiled kernel.
     __slots__ = (
-        "subscribed_all", "fd", "writer_running", "background", "pending", "pending_removed",
-        "subscribed", "session_id", "user_id", "device_id", "shared", "inflight_reads",
+        "session_id", "user_id", "device_id", "shared", "inflight_reads",
         "replies", "reply_queue_frames", "_reply_space", "push_frame", "rest_held", "direct",
         "wire", "hold", "start_writer", "counters", "on_fatal",
     )
@@ -296,11 +296,11 @@ class FanoutBatch:
 _ACTOR_BATCH = FanoutBatch()  # an actor's own changes: filled and written in one call, never nested
 
 
-class UserActor:
+class UserActor(kernel.FanoutActor):
     """The actor of one online user. Created and retired by the hub."""
 
-    __slots__ = (  # a fan-out round reads the first two per member
-        "fanned", "sessions", "table", "hub", "user_id", "loaded", "ready", "backlog", "_woken", "_nursery",
+    __slots__ = (  # (``fanned`` and ``sessions``, what a round reads: the kernel's FanoutActor)
+        "table", "hub", "user_id", "loaded", "ready", "backlog", "_woken", "_nursery",
         "_running", "_retired", "failed",
     )
 
