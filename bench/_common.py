@@ -119,6 +119,27 @@ def runqueue_wait_s(pid: int) -> float:
     return total / 1e9
 
 
+def preemptions(pid: int) -> int:
+    """Times the threads of process ``pid`` were switched out while still runnable (taken off
+    a core by the scheduler, not waiting for anything), summed over its threads:
+    ``nonvoluntary_ctxt_switches`` of Linux's ``/proc/<pid>/task/<tid>/status``. Sampled at
+    both ends of a window; 0 when unreadable."""
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith("nonvoluntary_ctxt_switches:"):
+                        total += int(line.split()[1])
+        except (OSError, ValueError, IndexError):  # (a thread that ended meanwhile)
+            continue
+    return total
+
+
 def system_busy_s() -> float:
     """CPU seconds all CPUs spent busy (not idle/iowait) since boot, from /proc/stat."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]

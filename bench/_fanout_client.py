@@ -4,11 +4,14 @@ Run by ``bench/fanout.py`` as a subprocess; it is driven by JSON lines on stdin 
 with one JSON line per command on stdout. Kept lean on purpose: on a 2-core machine its CPU
 competes with the server's. Sessions are set up with trio (handshake, Hello, GetSequences,
 Subscribe) over a minimal WebSocket client (``RawConn``); then one plain epoll thread reads
-all of them: one ``os.read`` per readiness, every complete frame counted, and for the sampled
-sessions the compiled kernel's ``split_server_message`` / ``decode_update`` and an append of
-``(max, time.monotonic())``. ``transport: "tws"`` instead reads with a trio-websocket
-``get_message`` loop per session (about 5x the client CPU per frame: wsproto parsing and a
-memory-channel hop per frame), kept for comparison.
+all of them: one ``os.read`` per readiness, every complete frame counted (not copied), and
+for the sampled sessions the compiled kernel's ``split_server_message`` / ``decode_update``
+and an append of ``(max, time.monotonic(), socket time)``. The socket time is the kernel's
+receive timestamp of the read's newest byte (``SO_TIMESTAMPNS``, one ``recvmsg`` per readiness
+on the sampled sessions): when the frame reached the member's socket, before this process,
+which shares the machine's cores with the server, got a core to read it. ``transport: "tws"``
+instead reads with a trio-websocket ``get_message`` loop per session (about 5x the client CPU
+per frame: wsproto parsing and a memory-channel hop per frame), kept for comparison.
 
 Commands (one JSON object per line):
 
@@ -16,10 +19,19 @@ Commands (one JSON object per line):
   "concurrency": C, "sample_every": K, "group": G, "secret_file": F}`` — open one session per
   user (``seqactor``: Hello, GetSequences snapshot, Subscribe{all}; ``plain``: handshake only,
   for the baseline servers) with at most C handshakes in flight. Every K-th session records
-  its pushes for the staleness figures.
+  its pushes for the staleness figures (in every mode, so that each server under test leaves
+  the clients the same work per frame). With ``"probe_every": K`` instead, the process holds
+  only the users whose number is a multiple of K and records all of them (``"probe": true``:
+  the probe process, lightly loaded, so that a push is read soon after it reached the
+  socket) or only the others, recording none (a load process). ``"nice": N`` sets the
+  process's nice value first (the load processes': see ``LOAD_NICE`` in bench/fanout.py).
+  ``"poll_interval_s": T`` makes the reader sleep T between polls (the probe's: a timer
+  wakes it, not every push, so its wake-ups do not preempt the server; the socket times are
+  the kernel's, and a read may come up to T after the push reached the socket).
 * ``{"cmd": "mark"}`` — ``{"t": monotonic, "frames": pushes received so far}``.
 * ``{"cmd": "reset"}`` — drop the sampled records, then as ``mark``.
-* ``{"cmd": "dump", "path": F}`` — pickle the sampled records ``[(maxes, times), ...]`` to F.
+* ``{"cmd": "dump", "path": F}`` — pickle the sampled records ``[(maxes, times,
+  socket_times), ...]`` (array bytes: Q, d, d; times on ``time.monotonic``'s clock) to F.
 * ``{"cmd": "close"}`` — drop every connection (forcefully), ready for the next phase.
 * ``{"cmd": "exit"}``.
 """
@@ -31,6 +43,7 @@ import json
 import os
 import pickle
 import select
+import socket
 import struct
 import sys
 import threading
@@ -50,6 +63,12 @@ UPDATE_FIELD = 3  # ServerMessage.update
 SETUP_TIMEOUT_S = 60.0
 TOKEN_TTL_S = 3600.0
 RECEIVE_BYTES = 262_144
+# Linux <asm-generic/socket.h> (the socket module has no name for them): a receive timestamp,
+# CLOCK_REALTIME as a struct timespec, with every recvmsg
+SO_TIMESTAMPNS = 35
+SCM_TIMESTAMPNS = SO_TIMESTAMPNS
+TIMESPEC = struct.Struct("@qq")  # tv_sec, tv_nsec
+ANCILLARY_BYTES = socket.CMSG_SPACE(TIMESPEC.size)
 
 
 class Phase:
@@ -57,7 +76,7 @@ class Phase:
 
     def __init__(self) -> None:
         self.frames = 0
-        self.records: list[tuple[array, array]] = []
+        self.records: list[tuple[array, array, array]] = []  # (maxes, times, socket times)
         self.conns: list[RawConn | TwsConn] = []
         self.errors: list[str] = []
         self.nursery: trio.Nursery | None = None
@@ -67,6 +86,7 @@ class Phase:
         self.stop = threading.Event()
         self.thread: threading.Thread | None = None
         self.group = ""
+        self.poll_interval_s = 0.0  # the probe's pause between polls (see "connect")
 
     def start_reader(self) -> None:
         if self.pollable:
@@ -77,23 +97,38 @@ class Phase:
         """Read every session's socket: one ``os.read`` per readiness, every complete frame
         counted, sampled sessions' group max recorded with the read time."""
         ep = select.epoll()
-        conns: dict[int, tuple[RawConn, tuple[array, array] | None, list[int]]] = {}
+        conns: dict[int, tuple[RawConn, tuple[array, array, array] | None, list[int]]] = {}
+        timed: dict[int, socket.socket] = {}  # sampled sessions: read with recvmsg
         for conn, record in self.pollable:
             fd = conn.stream.socket.fileno()
             rec = None
             if record:
-                rec = (array("Q"), array("d"))
+                rec = (array("Q"), array("d"), array("d"))
                 self.records.append(rec)
+                sock = timed[fd] = socket.socket(fileno=os.dup(fd))
+                sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             conns[fd] = (conn, rec, [0])
             ep.register(fd, select.EPOLLIN)
-            self._consume(conn, conn.frames(), rec, [0], time.monotonic())
-        read, mono, stop = os.read, time.monotonic, self.stop
+            t = time.monotonic()
+            self._consume(conn, conn.frames(), rec, [0], t, t)
+        read, mono, wall, stop = os.read, time.monotonic, time.time, self.stop
         try:
+            pause = self.poll_interval_s
             while not stop.is_set():
+                if pause:  # at most one wake-up per pause, however many pushes came
+                    time.sleep(pause)
                 for fd, _ in ep.poll(0.1):
                     conn, rec, top = conns[fd]
+                    ts = 0.0
                     try:
-                        data = read(fd, RECEIVE_BYTES)
+                        if rec is None:
+                            data = read(fd, RECEIVE_BYTES)
+                        else:
+                            data, ancillary, _, _ = timed[fd].recvmsg(RECEIVE_BYTES, ANCILLARY_BYTES)
+                            for level, kind, value in ancillary:
+                                if level == socket.SOL_SOCKET and kind == SCM_TIMESTAMPNS:
+                                    sec, nsec = TIMESPEC.unpack(value[:TIMESPEC.size])
+                                    ts = sec + nsec * 1e-9
                     except BlockingIOError:
                         continue
                     except OSError:
@@ -102,7 +137,17 @@ class Phase:
                         ep.unregister(fd)
                         self.errors.append("connection lost")
                         continue
+                    if rec is None:  # counted, not copied: most sessions only count
+                        conn.buf += data
+                        try:
+                            self.frames += conn.count_frames()
+                        except ConnectionError as exc:
+                            ep.unregister(fd)
+                            self.errors.append(str(exc))
+                        continue
                     t = mono()
+                    # the socket time on the monotonic clock (the wall clock's offset now)
+                    ts = ts - (wall() - t) if ts else t
                     conn.buf += data
                     try:
                         frames = conn.frames()
@@ -110,16 +155,15 @@ class Phase:
                         ep.unregister(fd)
                         self.errors.append(str(exc))
                         continue
-                    if rec is None:
-                        self.frames += len(frames)
-                    else:
-                        self._consume(conn, frames, rec, top, t)
+                    self._consume(conn, frames, rec, top, t, min(ts, t))
         finally:
             ep.close()
+            for sock in timed.values():
+                sock.close()
 
     def _consume(
-        self, conn: RawConn, frames: list[bytes], rec: tuple[array, array] | None, top: list[int],
-        t: float,
+        self, conn: RawConn, frames: list[bytes], rec: tuple[array, array, array] | None,
+        top: list[int], t: float, ts: float,
     ) -> None:
         self.frames += len(frames)
         if rec is None:
@@ -134,6 +178,7 @@ class Phase:
                     top[0] = entry[0]
                     rec[0].append(top[0])
                     rec[1].append(t)
+                    rec[2].append(ts)
 
 
 class RawConn:
@@ -208,6 +253,30 @@ class RawConn:
             del buf[:i]
         return out
 
+    def count_frames(self) -> int:
+        """How many complete frames the buffer holds (consumed without copying them); raises
+        on a close frame. The server's pushes are binary frames under 126 bytes (a 2-byte
+        header), read here without building a bytes object per frame."""
+        buf = self.buf
+        i, n, count = 0, len(buf), 0
+        while n - i >= 2:
+            length = buf[i + 1] & 0x7F
+            if length >= 126:  # a longer frame: the general parser
+                if i:
+                    del buf[:i]
+                return count + len(self.frames())
+            if n < i + 2 + length:
+                break
+            opcode = buf[i] & 0x0F
+            if opcode == 2:
+                count += 1
+            elif opcode == 8:
+                raise ConnectionError("server closed the WebSocket")
+            i += 2 + length
+        if i:
+            del buf[:i]
+        return count
+
     async def receive(self) -> list[bytes]:
         while True:
             data = await self.stream.receive_some(RECEIVE_BYTES)
@@ -275,7 +344,9 @@ async def _open_session(
                 raise RuntimeError(f"{user}: Subscribe -> {r}")
     task_status.started()
     if isinstance(conn, RawConn):
-        phase.pollable.append((conn, mode == "seqactor" and record))
+        # every phase's sampled sessions are read and decoded alike (the baselines' records
+        # are not used): each server under test leaves the clients the same work per frame
+        phase.pollable.append((conn, record))
         return  # read by the phase's epoll thread
     if mode == "seqactor" and record:
         await _record_pushes(phase, conn, group)
@@ -294,7 +365,7 @@ async def _record_pushes(phase: Phase, conn: RawConn | TwsConn, group: str) -> N
     """Every push's group max with the time its bytes were read (only when the max grows)."""
     maxes = array("Q")
     times = array("d")
-    phase.records.append((maxes, times))
+    phase.records.append((maxes, times, times))  # (no socket time through trio-websocket)
     mono = time.monotonic
     top = 0
     while True:
@@ -335,11 +406,19 @@ async def connect(phase: Phase, cmd: dict[str, Any], nursery: trio.Nursery) -> d
     secret = open(cmd["secret_file"], "rb").read().strip() if cmd.get("secret_file") else b""
     limiter = trio.CapacityLimiter(cmd.get("concurrency", 100))
     sample_every = max(1, int(cmd.get("sample_every", 1)))
+    probe_every = int(cmd.get("probe_every", 0))
+    if "nice" in cmd:  # this thread's, inherited by the reader thread started after the setup
+        os.setpriority(os.PRIO_PROCESS, 0, int(cmd["nice"]))
     t0 = time.monotonic()
     with trio.fail_after(cmd.get("timeout_s", 600)):
         async with trio.open_nursery() as setup:
             for i in range(first, last):
-                record = (i - first) % sample_every == 0
+                if probe_every:  # the probe process holds (and records) every K-th user only
+                    record = i % probe_every == 0
+                    if record != bool(cmd.get("probe")):
+                        continue
+                else:
+                    record = (i - first) % sample_every == 0
                 setup.start_soon(
                     _start, nursery, _guarded, phase, _open_session, nursery, limiter, cmd["port"],
                     cmd["mode"], cmd.get("transport", "raw"), f"u{i:06d}", secret,
@@ -393,6 +472,7 @@ async def main() -> None:
                     await root.start(_hold, phase)
                     assert phase.nursery is not None
                     phase.group = cmd.get("group", "")
+                    phase.poll_interval_s = float(cmd.get("poll_interval_s", 0.0))
                     answer = await connect(phase, cmd, phase.nursery)
                     phase.start_reader()
                     reply(answer)
@@ -400,13 +480,13 @@ async def main() -> None:
                     reply({"t": time.monotonic(), "frames": phase.frames})
                 elif name == "reset":
                     with phase.lock:
-                        for maxes, times in phase.records:
-                            del maxes[:]
-                            del times[:]
+                        for record in phase.records:
+                            for column in record:
+                                del column[:]
                     reply({"t": time.monotonic(), "frames": phase.frames})
                 elif name == "dump":
                     with phase.lock, open(cmd["path"], "wb") as f:
-                        pickle.dump([(m.tobytes(), t.tobytes()) for m, t in phase.records], f)
+                        pickle.dump([tuple(c.tobytes() for c in r) for r in phase.records], f)
                     reply({"sessions": len(phase.records), "errors": phase.errors[:5],
                            "closed": len(phase.errors)})
                 elif name == "close":

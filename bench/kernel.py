@@ -14,6 +14,10 @@ best-of-N wall times (``time.perf_counter``) of one call.
 * decode 10k: bytes -> dict id -> (max, read, min, time, membership): ``decode_update`` returns
   ``ConversationSeqs`` records, which compare equal to those tuples (checked); the protobuf
   baseline is ``ParseFromString`` plus the conversion of the map into a dict of tuples.
+* fan-out member loop: ``fan_slice`` over 10 000 of the server's actors (one idle session
+  each, in random order, other objects allocated between them), collecting every descriptor
+  (no write), per member; "cold" after writing 64 MB to push them out of the caches, "warm"
+  right after another pass. The twin (``_delta_py``) on the same objects is the baseline.
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ from google.protobuf.internal import api_implementation
 from seqactor import _delta as C
 from seqactor import _delta_py as P
 from seqactor._proto import seqactor_pb2 as pb
-from seqactor.server._view import ViewTable
+from seqactor.server._view import FIELD_MAX, SharedMax, ViewTable
+from seqactor.server.actor import SessionState, UserActor
+from seqactor.server.metrics import HotCounters
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kernel.json"
 TOKEN = b"\x01" * 24
@@ -89,6 +95,61 @@ def build(impl: Any, rows: list[tuple[str, int, int, int, int, int]]) -> tuple[A
     table.pos = array("Q", [r[5] for r in rows])
     table.frozen = bytearray(len(rows))  # every row a member
     return keys, table
+
+
+FANOUT_MEMBERS = 10_000
+CACHE_FLUSH_BYTES = 64 << 20  # more than this machine's caches (L2 2 x 1 MB, L3 32 MB)
+
+
+class _Host:
+    """What an actor asks of its hub when it is made (counters, the shared max)."""
+
+    def __init__(self) -> None:
+        self.counters = HotCounters()
+        self.shared = SharedMax()
+
+
+def _no_close(code: int, reason: str) -> None:
+    raise AssertionError(f"closed: {code} {reason}")
+
+
+def fanout_members(n: int, seed: int = 3) -> list[Any]:
+    """``n`` actors with one idle session each (subscribed to all, a descriptor published),
+    other objects allocated between them as in a server, in random order (a group's index
+    is a set: no allocation order)."""
+    host, spread, members = _Host(), [], []
+    for i in range(n):
+        actor = UserActor(host, f"u{i}")  # type: ignore[arg-type]
+        spread.append([bytearray(200) for _ in range(4)])
+        session = SessionState(f"s{i}", actor.user_id, "", 4, _no_close, host.counters)
+        session.subscribed_all = True
+        session.fd = 100 + i
+        spread.append([bytearray(200) for _ in range(4)])
+        actor.sessions.append(session)
+        members.append(actor)
+    random.Random(seed).shuffle(members)
+    members.append(spread)  # (kept alive with the members; not an actor: the loop stops before)
+    return members
+
+
+def member_loop_ns(impl: Any, members: list[Any], cold: bool, repeat: int) -> float:
+    """Median ns per member of one ``fan_slice`` over ``members[:-1]`` (see the docstring)."""
+    actors = members[:-1]
+    flush = bytearray(CACHE_FLUSH_BYTES)
+    times = []
+    for _ in range(repeat):
+        fds: tuple[array[int], array[int]] = (array("i"), array("i"))
+        out: tuple[list[Any], list[Any]] = ([], [])
+        change = object()  # a new change each time: no member is skipped
+        if cold:
+            flush[:] = bytes(len(flush))
+        t = time.perf_counter()
+        done, failures = impl.fan_slice(
+            actors, 0, 7, change, FIELD_MAX, (b"a", b"b"), fds, out, 60.0, 16)
+        times.append((time.perf_counter() - t) / len(actors) * 1e9)
+        assert done == len(actors) and failures is None and len(fds[0]) == len(actors)
+    times.sort()
+    return times[len(times) // 2]
 
 
 def protobuf_snapshot(conv: dict[str, tuple[int, int, int, int]]) -> bytes:
@@ -197,6 +258,13 @@ def main(argv: list[str] | None = None) -> int:
         r["delta_1m_1pct_fallback_ms"] = best(
             lambda: P.encode_delta(kbp, tbp, since, TOKEN), 2, 0.1) * 1e3
 
+    # ---- fan-out member loop
+    members = fanout_members(FANOUT_MEMBERS)
+    loops = max(5, rep // 2)
+    r["fanout_member_loop_cold_ns"] = member_loop_ns(C, members, True, loops)
+    r["fanout_member_loop_warm_ns"] = member_loop_ns(C, members, False, loops)
+    r["fanout_member_loop_fallback_ns"] = member_loop_ns(P, members, False, max(3, loops // 3))
+
     # ---- ratios and goals
     snap_us = r["snapshot_10k_compiled_us"]
     r["snapshot_speedup_vs_protobuf"] = r["snapshot_10k_protobuf_us"] / snap_us
@@ -246,6 +314,11 @@ def print_table(r: dict[str, Any]) -> None:
     row("push 10 rows masked, pure Python", f"{r['rows_10_masked_fallback_us']:.2f} us")
     row("single, compiled", f"{r['single_compiled_us']:.2f} us")
     row("single, pure Python", f"{r['single_fallback_us']:.2f} us")
+    row("fan-out loop, compiled, cold", f"{r['fanout_member_loop_cold_ns']:.0f} ns",
+        f"per member, {FANOUT_MEMBERS} members, caches flushed")
+    row("fan-out loop, compiled, warm", f"{r['fanout_member_loop_warm_ns']:.0f} ns")
+    row("fan-out loop, pure Python, warm", f"{r['fanout_member_loop_fallback_ns']:.0f} ns",
+        f"{r['fanout_member_loop_fallback_ns'] / r['fanout_member_loop_warm_ns']:.0f}x compiled")
     print("-" * 72)
     print("all goals met" if r["goals_met"] else "SOME GOALS MISSED")
 

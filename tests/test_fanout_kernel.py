@@ -216,6 +216,63 @@ def test_fan_slice_reports_a_failing_member_and_goes_on(impl: Any) -> None:
     assert list(fds[0]) == [10, 11]
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fan_slice_over_odd_members_well_past_the_prefetch(impl: Any) -> None:
+    """The compiled loop reads ahead of itself (up to 8 members: actor, sessions list, items,
+    first session, its pending dict). Whatever it meets ahead — not an actor, an actor without
+    sessions or whose sessions are not a list of session states — the slice hands out the
+    same as the twin: every idle session written, every odd member reported."""
+    spec = [(None, [("all", "", 100 + n)]) for n in range(40)]
+    members: list[Any] = _build(spec, impl)
+    members[3] = object()  # not an actor
+    members[9].sessions.clear()  # no session
+    members[12].sessions = None  # compiled: a typed list field also takes None
+    members[20].sessions.insert(0, object())  # not a session state, before a real one
+    members[25].sessions[0].pending = None  # (the rule reads it as "nothing pending")
+    del members[-1].sessions[:]
+    fds = (array("i"), array("i"))
+    sessions: tuple[list[Any], list[Any]] = ([], [])
+    i, failures = impl.fan_slice(
+        members, 0, KEY, CHANGE, FIELD_MAX, SHARED, fds, sessions, 60.0, 16)
+    assert i == len(members)
+    assert sorted(members.index(a) for a, _ in failures) == [3, 12, 20]
+    written = [100 + n for n in range(39) if n not in (3, 9, 12, 20)]
+    assert list(fds[0]) == written and not fds[1]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fan_slice_stops_when_a_callee_empties_the_member_list(impl: Any) -> None:
+    """A busy session's ``mark()`` runs Python code inside the loop; if that shortens the
+    member list the slice ends there (no read past the list: the compiled loop would crash)."""
+    members: list[Any] = _build([(None, [("all", "", 10 + n)]) for n in range(12)], impl)
+    session_cls = _on_base(SessionState, impl.FanoutSession)
+
+    class Shrinking(session_cls):  # type: ignore[misc, valid-type]
+        __slots__ = ()
+
+        def mark(self, *args: Any) -> None:
+            super().mark(*args)
+            members.clear()
+
+    busy = Shrinking("busy", "u2", "", 4, _fatal, HotCounters())
+    busy.subscribed_all = True
+    busy.writer_running = True  # busy: the change is marked pending
+    members[2].sessions[0] = busy
+    fds = (array("i"), array("i"))
+    i, failures = impl.fan_slice(
+        members, 0, KEY, CHANGE, FIELD_MAX, SHARED, fds, ([], []), 60.0, 16)
+    assert (i, failures, list(fds[0])) == (3, None, [10, 11])
+    assert busy.pending == {KEY: FIELD_MAX}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fan_slice_refuses_a_negative_start(impl: Any) -> None:
+    members = _build([(None, [("all", "", 10)])], impl)
+    with pytest.raises(ValueError):
+        impl.fan_slice(members, -1, KEY, CHANGE, FIELD_MAX, SHARED, (array("i"), array("i")),
+                       ([], []), 1.0, 16)
+
+
 def test_fan_slice_rejects_bad_arguments() -> None:
     members = _build([(None, [("all", "", 10)])])
     with pytest.raises(TypeError):

@@ -9,7 +9,8 @@ directly.
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
-from cpython.list cimport PyList_GET_SIZE
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.object cimport PyObject
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy
 from cpython.number cimport PyNumber_AsSsize_t, PyNumber_Index
@@ -21,6 +22,8 @@ import math
 from collections.abc import Sequence
 
 from seqactor._wire cimport (
+    sa_prefetch,
+    sa_list_items,
     sa_vsize,
     sa_put_varint,
     sa_key_len,
@@ -921,6 +924,56 @@ cdef int _fan_one(
     return 0
 
 
+# How far ahead of the member loop each object it reads is prefetched: the actor, its sessions
+# list, the list's item array, the first session, that session's pending dict. Each stage
+# reads only what an earlier stage asked for, one or two members before.
+DEF AHEAD_ACTOR = 8
+DEF AHEAD_LIST = 6
+DEF AHEAD_ITEMS = 4
+DEF AHEAD_SESSION = 2
+DEF AHEAD_PENDING = 1
+
+
+cdef inline list _sessions_at(list members, Py_ssize_t j):
+    """The sessions list of ``members[j]`` when it is an actor that has one, else None."""
+    cdef object o = <object>PyList_GET_ITEM(members, j)
+    if isinstance(o, FanoutActor):
+        return (<FanoutActor>o).sessions
+    return None
+
+
+cdef inline void _prefetch_ahead(list members, Py_ssize_t i) noexcept:
+    """Prefetch, for the members after ``i``, the objects the loop will read (at 10 000
+    members they are spread over megabytes: each would be a cache miss). A hint only: what
+    it reads it type-checks, and a wrong guess costs a wasted prefetch."""
+    cdef Py_ssize_t n = PyList_GET_SIZE(members)  # (read again: a callee may change the list)
+    cdef list sl
+    cdef PyObject **items
+    cdef object s
+    if i + AHEAD_ACTOR < n:
+        sa_prefetch(PyList_GET_ITEM(members, i + AHEAD_ACTOR))
+    if i + AHEAD_LIST < n:
+        sl = _sessions_at(members, i + AHEAD_LIST)
+        if sl is not None:
+            sa_prefetch(<PyObject *>sl)
+    if i + AHEAD_ITEMS < n:
+        sl = _sessions_at(members, i + AHEAD_ITEMS)
+        if sl is not None:
+            items = sa_list_items(<PyObject *>sl)
+            if items != NULL:
+                sa_prefetch(items)
+    if i + AHEAD_SESSION < n:
+        sl = _sessions_at(members, i + AHEAD_SESSION)
+        if sl is not None and PyList_GET_SIZE(sl) > 0:
+            sa_prefetch(PyList_GET_ITEM(sl, 0))
+    if i + AHEAD_PENDING < n:
+        sl = _sessions_at(members, i + AHEAD_PENDING)
+        if sl is not None and PyList_GET_SIZE(sl) > 0:
+            s = <object>PyList_GET_ITEM(sl, 0)
+            if isinstance(s, FanoutSession):
+                sa_prefetch(<PyObject *>(<FanoutSession>s).pending)
+
+
 def fan_slice(list members not None, Py_ssize_t start, key_id, change, mask, shared,
               tuple fds not None, tuple sessions not None, double slice_s,
               Py_ssize_t clock_every):
@@ -938,8 +991,13 @@ def fan_slice(list members not None, Py_ssize_t start, key_id, change, mask, sha
         raise TypeError("fds must be array('i')")
     if clock_every < 1:
         raise ValueError("clock_every must be >= 1")
+    if start < 0:
+        raise ValueError("start must be >= 0")
     failures = None
     while i < n:
+        if i >= PyList_GET_SIZE(members):  # a callee shortened the list: what is left is done
+            break
+        _prefetch_ahead(members, i)
         actor = members[i]
         i += 1
         try:

@@ -595,9 +595,12 @@ def fan_slice(
 ) -> tuple[int, list[tuple[Any, Exception]] | None]:
     """One time slice of a fan-out round: a conversation's new max for ``members[start:]``.
 
-    Duck-typed over the server's actors (``fanned``, ``sessions``, ``wake()``) and session
-    states (``subscribed_all``, ``subscribed``, ``writer_running``, ``background``,
-    ``pending``, ``pending_removed``, ``fd``, ``mark()``). No view row is touched: the
+    ``members`` are :class:`FanoutActor` objects (the server's actors: ``fanned``, ``sessions``,
+    ``wake()``) whose sessions are :class:`FanoutSession` objects (``subscribed_all``,
+    ``subscribed``, ``writer_running``, ``background``, ``pending``, ``pending_removed``,
+    ``fd``, ``mark()``); a member that is not, or has a session that is not, is reported as a
+    failure (the compiled kernel, which reads C fields, checks the classes and reports a
+    ``TypeError``; this twin reads attributes by name). No view row is touched: the
     conversation's max is kept once, in the hub's ``SharedMax`` (see :func:`settle`). Per
     member whose ``fanned`` is not ``change`` (an object naming the change; an earlier round
     may have handed it already): ``fanned`` becomes ``change`` and its sessions are routed by
@@ -606,10 +609,14 @@ def fan_slice(
     Returns (index of the next member, failures): a member whose handling raised is reported
     as (actor, exception) and the slice goes on.
     """
+    if start < 0:
+        raise ValueError("start must be >= 0")
     i, n = start, len(members)
     deadline = time.perf_counter() + slice_s
     failures: list[tuple[Any, Exception]] | None = None
     while i < n:
+        if i >= len(members):  # a callee shortened the list: what is left is done
+            break
         actor = members[i]
         i += 1
         try:

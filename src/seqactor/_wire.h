@@ -7,6 +7,14 @@
 #include <Python.h>
 #include <limits.h>
 
+/* Ask for the cache line at p ahead of its use (a hint: never faults, even on a bad address). */
+static inline void sa_prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
+
+/* The address of a list's item array (NULL for an empty list): to prefetch it. */
+static inline PyObject **sa_list_items(PyObject *list) {
+    return PyList_GET_SIZE(list) > 0 ? PySequence_Fast_ITEMS(list) : NULL;
+}
+
 static inline int sa_vsize(unsigned long long v) {
     /* bytes of the varint of v: ceil(bits / 7), 1 for 0 */
     return v < 128 ? 1 : (int)((((63 - __builtin_clzll(v)) * 9) + 73) >> 6);

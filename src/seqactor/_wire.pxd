@@ -1,7 +1,11 @@
 # cython: language_level=3
 """Cython declarations of the C helpers in ``_wire.h`` (shared by the compiled kernels)."""
 
+from cpython.object cimport PyObject
+
 cdef extern from "_wire.h":
+    void sa_prefetch(const void *p) noexcept nogil
+    PyObject **sa_list_items(PyObject *lst) noexcept
     int sa_vsize(unsigned long long v) noexcept nogil
     char *sa_put_varint(char *p, unsigned long long v) noexcept nogil
     Py_ssize_t sa_key_len(list lst, Py_ssize_t i) noexcept
