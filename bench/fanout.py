@@ -124,6 +124,10 @@ LOAD_NICE = 5
 # (its wake-ups would preempt the server too); staleness is judged at the socket (the kernel's
 # receive time), so the pause only delays the reads, by at most this much.
 PROBE_POLL_S = 0.005
+# The probe holds at most every 10th user: below 10 000 members it would otherwise hold up to
+# half of them, and a probe that takes longer to read its sessions than a round takes reads
+# two pushes at once (both timed at the later: an overstatement at the small sweep points).
+PROBE_EVERY_MIN = 10
 SAMPLED_SESSIONS = 1_000  # sessions recording every push (the probe process's)
 HEARTBEAT_INTERVAL_S = 600  # the bench's sessions send nothing; keep them from idling out
 SERVER_START_TIMEOUT_S = 30.0
@@ -181,7 +185,7 @@ def connect_commands(cfg: Config, clients: list[Any], **common: Any) -> list[dic
     share the rest in ranges and only count frames. The probe reads few sessions, so a push
     it records was read soon after it reached the socket; a load process, 5 000 sessions on a
     shared core, may read it tens of milliseconds later (its run-queue wait is printed)."""
-    every = max(2, cfg.members // SAMPLED_SESSIONS)  # (at least half the users: load)
+    every = max(PROBE_EVERY_MIN, cfg.members // SAMPLED_SESSIONS)
     load = clients[:-1]
     base = {"cmd": "connect", "transport": cfg.client_transport, "group": GROUP,
             "probe_every": every, **common}
