@@ -19,7 +19,7 @@ import signal
 import statistics
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
@@ -98,32 +98,9 @@ def cpu_s(pid: int) -> float:
     return sum(cpu_user_system_s(pid))
 
 
-def runqueue_wait_s(pid: int) -> float:
-    """Seconds the threads of process ``pid`` have spent runnable but waiting for a CPU (the
-    run queue), summed over its threads: the second field of Linux's
-    ``/proc/<pid>/task/<tid>/schedstat`` (nanoseconds; ``Documentation/scheduler/sched-stats``).
-    0.0 when the kernel does not keep it. Sampled at both ends of a window, it says how long
-    a process that had work could not get a core: on this 2-core machine that wait is in a
-    push's staleness, not in the sweep time."""
-    total = 0
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return 0.0
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[1])
-        except (OSError, ValueError, IndexError):  # (a thread that ended meanwhile)
-            continue
-    return total / 1e9
-
-
-def preemptions(pid: int) -> int:
-    """Times the threads of process ``pid`` were switched out while still runnable (taken off
-    a core by the scheduler, not waiting for anything), summed over its threads:
-    ``nonvoluntary_ctxt_switches`` of Linux's ``/proc/<pid>/task/<tid>/status``. Sampled at
-    both ends of a window; 0 when unreadable."""
+def _sum_over_threads(pid: int, name: str, value: Callable[[str], int]) -> int:
+    """``value`` of each thread's ``/proc/<pid>/task/<tid>/<name>`` text, summed (0 when the
+    process is gone; a thread that ended meanwhile, or a file that does not parse, adds 0)."""
     total = 0
     try:
         tids = os.listdir(f"/proc/{pid}/task")
@@ -131,13 +108,36 @@ def preemptions(pid: int) -> int:
         return 0
     for tid in tids:
         try:
-            with open(f"/proc/{pid}/task/{tid}/status") as f:
-                for line in f:
-                    if line.startswith("nonvoluntary_ctxt_switches:"):
-                        total += int(line.split()[1])
-        except (OSError, ValueError, IndexError):  # (a thread that ended meanwhile)
+            with open(f"/proc/{pid}/task/{tid}/{name}") as f:
+                total += value(f.read())
+        except (OSError, ValueError, IndexError):
             continue
     return total
+
+
+def runqueue_wait_s(pid: int) -> float:
+    """Seconds the threads of process ``pid`` have spent runnable but waiting for a CPU (the
+    run queue), summed over its threads: the second field of Linux's
+    ``/proc/<pid>/task/<tid>/schedstat`` (nanoseconds; ``Documentation/scheduler/sched-stats``).
+    0.0 when the kernel does not keep it. Sampled at both ends of a window, it says how long
+    a process that had work could not get a core: on this 2-core machine that wait is in a
+    push's staleness, not in the sweep time."""
+    return _sum_over_threads(pid, "schedstat", lambda text: int(text.split()[1])) / 1e9
+
+
+def _nonvoluntary_switches(status: str) -> int:
+    for line in status.splitlines():
+        if line.startswith("nonvoluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    return 0
+
+
+def preemptions(pid: int) -> int:
+    """Times the threads of process ``pid`` were switched out while still runnable (taken off
+    a core by the scheduler, not waiting for anything), summed over its threads:
+    ``nonvoluntary_ctxt_switches`` of Linux's ``/proc/<pid>/task/<tid>/status``. Sampled at
+    both ends of a window; 0 when unreadable."""
+    return _sum_over_threads(pid, "status", _nonvoluntary_switches)
 
 
 def system_busy_s() -> float:
