@@ -122,7 +122,7 @@ CONNECT_CONCURRENCY = 200  # handshakes in flight, all client processes together
 LOAD_NICE = 5
 # The probe process polls its sessions every this many seconds instead of waking for each push
 # (its wake-ups would preempt the server too); staleness is judged at the socket (the kernel's
-# receive time), so the pause only delays the reads, by at most this much.
+# receive time), so the pause only delays the reads (by about this much).
 PROBE_POLL_S = 0.005
 # The probe holds at most every 10th user: below 10 000 members it would otherwise hold up to
 # half of them, and a probe that takes longer to read its sessions than a round takes reads
@@ -183,7 +183,7 @@ def connect_commands(cfg: Config, clients: list[Any], **common: Any) -> list[dic
     """One ``connect`` per client process for ``cfg.members`` users: the last process is the
     probe (every K-th user, about ``SAMPLED_SESSIONS``, each recording its pushes), the others
     share the rest in ranges and only count frames. The probe reads few sessions, so a push
-    it records was read soon after it reached the socket; a load process, 5 000 sessions on a
+    it records was read soon after it reached the socket; a load process, 4 500 sessions on a
     shared core, may read it tens of milliseconds later (its run-queue wait is printed)."""
     every = max(PROBE_EVERY_MIN, cfg.members // SAMPLED_SESSIONS)
     load = clients[:-1]

@@ -37,7 +37,7 @@ from seqactor.store import (
 log = logging.getLogger("seqactor.hub")
 
 FANOUT_INLINE_MEMBERS = 64  # groups up to this many online members are pushed inline
-FANOUT_SLICE_S = 0.002  # a fan-out slice (its members' rows, then their writes) lasts about this
+FANOUT_SLICE_S = 0.002  # a fan-out slice (its member loop, then its writes) lasts about this
 FANOUT_CLOCK_EVERY = 16  # members between looks at the clock
 FANOUT_FIRST_SLICE_MEMBERS = 256  # a hub's first slice, before it has timed one
 FANOUT_MIN_SLICE_MEMBERS = 16  # a slice takes at least this many
