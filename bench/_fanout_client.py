@@ -221,11 +221,12 @@ class RawConn:
             header = bytes((0x82, 0xFF)) + struct.pack(">Q", n)
         await self.stream.send_all(header + b"\0\0\0\0" + payload)
 
-    def frames(self) -> list[bytes]:
-        """Complete binary frames in the buffer (consumed); raises on a close frame."""
+    def _take(self, out: list[bytes] | None) -> int:
+        """Consume the complete frames in the buffer; count the binary ones, and append
+        their payloads to ``out`` when given (a load process only counts: no bytes object
+        per frame). Raises on a close frame."""
         buf = self.buf
-        out = []
-        i = 0
+        count = i = 0
         n = len(buf)
         while n - i >= 2:
             length = buf[i + 1] & 0x7F
@@ -245,37 +246,25 @@ class RawConn:
                 break
             opcode = buf[i] & 0x0F
             if opcode == 2:
-                out.append(bytes(buf[start:start + length]))
+                count += 1
+                if out is not None:
+                    out.append(bytes(buf[start:start + length]))
             elif opcode == 8:
                 raise ConnectionError("server closed the WebSocket")
             i = start + length
         if i:
             del buf[:i]
+        return count
+
+    def frames(self) -> list[bytes]:
+        """Complete binary frames in the buffer (consumed); raises on a close frame."""
+        out: list[bytes] = []
+        self._take(out)
         return out
 
     def count_frames(self) -> int:
-        """How many complete frames the buffer holds (consumed without copying them); raises
-        on a close frame. The server's pushes are binary frames under 126 bytes (a 2-byte
-        header), read here without building a bytes object per frame."""
-        buf = self.buf
-        i, n, count = 0, len(buf), 0
-        while n - i >= 2:
-            length = buf[i + 1] & 0x7F
-            if length >= 126:  # a longer frame: the general parser
-                if i:
-                    del buf[:i]
-                return count + len(self.frames())
-            if n < i + 2 + length:
-                break
-            opcode = buf[i] & 0x0F
-            if opcode == 2:
-                count += 1
-            elif opcode == 8:
-                raise ConnectionError("server closed the WebSocket")
-            i += 2 + length
-        if i:
-            del buf[:i]
-        return count
+        """How many complete binary frames the buffer held (consumed, not copied)."""
+        return self._take(None)
 
     async def receive(self) -> list[bytes]:
         while True:

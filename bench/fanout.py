@@ -277,43 +277,59 @@ class Backend:
 # --------------------------------------------------------------------------- staleness
 
 
-def staleness_ms(
-    allocs: list[tuple[int, float]], dumps: list[Path], horizon: float, at_socket: bool = False,
-) -> tuple[list[float], int, int]:
-    """Per (sampled member, seq): first push time with max >= seq, minus the alloc time.
+Record = tuple[list[int], array, array]  # (running max, read times, socket times) of a session
 
-    The push time is when the client process read it, or with ``at_socket`` when it reached
-    the member's socket (the kernel's receive timestamp, see ``_fanout_client.py``).
-    Returns (sorted staleness in ms, sessions, points never reached by ``horizon``; those are
-    counted at ``horizon - t_alloc``, a lower bound).
-    """
-    values: list[float] = []
-    missing = 0
-    sessions = 0
+
+def load_records(dumps: list[Path]) -> list[Record]:
+    """The sampled sessions' records from the client processes' dumps (``dump`` command):
+    per session the running max of its pushes (non-decreasing), with the read time and the
+    socket time of each."""
+    out: list[Record] = []
     for path in dumps:
         with open(path, "rb") as f:
-            records = pickle.load(f)
-        for record in records:
-            sessions += 1
+            raw = pickle.load(f)
+        for record in raw:
             maxes = array("Q")
             maxes.frombytes(record[0])
-            times = array("d")
-            times.frombytes(record[2 if at_socket else 1])
+            columns = []
+            for column in record[1:3]:
+                times = array("d")
+                times.frombytes(column)
+                columns.append(times)
             running: list[int] = []
             top = 0
             for m in maxes:
                 top = max(top, m)
                 running.append(top)
-            n = len(running)
-            for seq, t_alloc in allocs:
-                i = bisect.bisect_left(running, seq)
-                if i < n:
-                    values.append(max(0.0, times[i] - t_alloc) * 1000.0)
-                else:
-                    missing += 1
-                    values.append((horizon - t_alloc) * 1000.0)
+            out.append((running, columns[0], columns[1]))
+    return out
+
+
+def staleness_ms(
+    allocs: list[tuple[int, float]], records: list[Record], horizon: float,
+    at_socket: bool = False,
+) -> tuple[list[float], int]:
+    """Per (sampled member, seq): first push time with max >= seq, minus the alloc time.
+
+    ``records``: :func:`load_records`. The push time is when the client process read it, or
+    with ``at_socket`` when it reached the member's socket (the kernel's receive timestamp,
+    see ``_fanout_client.py``). Returns (sorted staleness in ms, points never reached by
+    ``horizon``; those are counted at ``horizon - t_alloc``, a lower bound).
+    """
+    values: list[float] = []
+    missing = 0
+    for running, read, socket_times in records:
+        times = socket_times if at_socket else read
+        n = len(running)
+        for seq, t_alloc in allocs:
+            i = bisect.bisect_left(running, seq)
+            if i < n:
+                values.append(max(0.0, times[i] - t_alloc) * 1000.0)
+            else:
+                missing += 1
+                values.append((horizon - t_alloc) * 1000.0)
     values.sort()
-    return values, sessions, missing
+    return values, missing
 
 
 # --------------------------------------------------------------------------- phases
@@ -463,11 +479,13 @@ async def seqactor_phase(
             window = t_end - t_start
             start_after = max(m["t"] for m in marks0) + 0.05
             allocs = [(s, t) for s, t in backend.allocs if start_after <= t <= t_end]
-            values, sessions, missing = staleness_ms(allocs, dumps, horizon)
-            at_socket, _, _ = staleness_ms(allocs, dumps, horizon, at_socket=True)
-            e2e, _, _ = staleness_ms(
+            records = load_records(dumps)
+            sessions = len(records)
+            values, missing = staleness_ms(allocs, records, horizon)
+            at_socket, _ = staleness_ms(allocs, records, horizon, at_socket=True)
+            e2e, _ = staleness_ms(
                 [(seq, backend.sent_by_seq[seq]) for seq, _ in allocs if seq in backend.sent_by_seq],
-                dumps, horizon,
+                records, horizon,
             )
             frames_per_s = rate_between(marks0, marks1)
             lat = sorted(x * 1000 for t, x in backend.latency if t_start <= t <= t_end)

@@ -61,6 +61,7 @@ from fanout import (  # noqa: E402
     call_all,
     client_processes,
     cpu_s,
+    load_records,
     percentile,
     rate_between,
     runqueue_wait_s,
@@ -165,7 +166,7 @@ async def run_phase(
             await call_all(clients, [{"cmd": "dump", "path": str(p)} for p in dumps])
             start_after = max(m["t"] for m in marks0) + 0.05
             allocs = [(s, t) for s, t in backend.allocs if start_after <= t <= t1]
-            values, _, missing = staleness_ms(allocs, dumps, horizon)
+            values, missing = staleness_ms(allocs, load_records(dumps), horizon)
             sent = backend.sent_by_seq
             delivery = sorted((heard[q] - sent[q]) * 1e3 for q, _ in allocs
                               if q in heard and q in sent)

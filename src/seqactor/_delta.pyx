@@ -934,8 +934,9 @@ DEF AHEAD_SESSION = 2
 DEF AHEAD_PENDING = 1
 
 
-cdef inline list _sessions_at(list members, Py_ssize_t j):
-    """The sessions list of ``members[j]`` when it is an actor that has one, else None."""
+cdef inline list _sessions_at(list members, Py_ssize_t j) noexcept:
+    """The sessions list of ``members[j]`` when it is an actor that has one, else None
+    (``j`` is in range: the caller checked; a type check and a field read, nothing raises)."""
     cdef object o = <object>PyList_GET_ITEM(members, j)
     if isinstance(o, FanoutActor):
         return (<FanoutActor>o).sessions
@@ -945,7 +946,8 @@ cdef inline list _sessions_at(list members, Py_ssize_t j):
 cdef inline void _prefetch_ahead(list members, Py_ssize_t i) noexcept:
     """Prefetch, for the members after ``i``, the objects the loop will read (at 10 000
     members they are spread over megabytes: each would be a cache miss). A hint only: what
-    it reads it type-checks, and a wrong guess costs a wasted prefetch."""
+    it reads it type-checks, and a wrong guess costs a wasted prefetch. Nothing in it can
+    raise (index checks, type checks, field reads, prefetch hints), hence ``noexcept``."""
     cdef Py_ssize_t n = PyList_GET_SIZE(members)  # (read again: a callee may change the list)
     cdef list sl
     cdef PyObject **items
